@@ -1,0 +1,3 @@
+from spingen.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,76 @@
+"""Checks of param.json against the data it points to (run before anything is submitted)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from spingen.schema import Param
+
+
+def system_symbols(system: Path, type_map: tuple[str, ...]) -> list[str]:
+    """Chemical symbol of every atom of a deepmd/npy system, checked against type_map."""
+    from spingen.schema import InputError
+
+    types = np.loadtxt(system / "type.raw", dtype=int, ndmin=1)
+    names_file = system / "type_map.raw"
+    names = names_file.read_text().split() if names_file.is_file() else list(type_map)
+    if types.size and types.max() >= len(names):
+        raise InputError(f"data '{system}': type.raw has type {types.max()} but only {len(names)} types are named")
+    symbols = [names[t] for t in types]
+    foreign = sorted(set(symbols) - set(type_map))
+    if foreign:
+        raise InputError(f"data '{system}': elements {foreign} are not in type_map {list(type_map)}")
+    return symbols
+
+
+def system_moments(system: Path, natoms: int) -> np.ndarray | None:
+    """Raw moments (nframes, natoms) of every set of a system, or None without spin.npy."""
+    sets = sorted(system.glob("set.*"))
+    if not sets or not all((s / "spin.npy").is_file() for s in sets):
+        return None
+    spins = [np.load(s / "spin.npy").reshape(-1, natoms, 3) for s in sets]
+    return np.concatenate(spins)[..., 2]
+
+
+def check_param_data(param: "Param") -> None:
+    """type_map vs data, spins present, and no moment that puts a virtual atom on its ion."""
+    from spingen.schema import InputError
+
+    spin = param.spin
+    observed: dict[str, list[np.ndarray]] = {e: [] for e in spin.magnetic}
+    for system in param.init_data_sys:
+        symbols = system_symbols(system, param.type_map)
+        if not spin.enabled:
+            continue
+        moments = system_moments(system, len(symbols))
+        if moments is None:
+            raise InputError(f"data '{system}': no spin.npy in its sets; a spin model needs the per-ion "
+                             "moments (import VASP runs with `spingen init-data`, or set spin/enabled false)")
+        for element in spin.magnetic:
+            columns = [i for i, s in enumerate(symbols) if s == element]
+            observed[element].append(moments[:, columns].ravel())
+    if not spin.enabled:
+        return
+    values = {e: np.concatenate(v) if v else np.zeros(0) for e, v in observed.items()}
+    if isinstance(spin.moments, str):
+        absent = [e for e, v in values.items() if v.size == 0]
+        if absent:
+            raise InputError(f"{param.path}: key 'spin/moments' is \"auto\" but the data holds no {absent} "
+                             "atoms to infer their moments from: give them explicitly")
+    else:
+        for element, levels in spin.moments.items():
+            values[element] = np.concatenate([values[element], levels, np.negative(levels)])
+    for element, moments in values.items():
+        if spin.flip_augmentation:
+            moments = np.concatenate([moments, -moments])
+        bad = spin.encoding.overlapping_moments(moments, spin.min_virtual_distance)
+        if bad:
+            raise InputError(
+                f"{param.path}: keys 'spin/virtual_scale' ({spin.virtual_scale}) and 'spin/offset' "
+                f"({spin.offset}): {element} moment(s) {[round(m, 3) for m in bad[:5]]} uB put the virtual atom "
+                f"within {spin.min_virtual_distance} A of its ion (|eta*S + d| too small); choose d/eta away "
+                f"from these moments")

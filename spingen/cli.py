@@ -1,0 +1,115 @@
+"""The `spingen` command line: argument parsing only; work happens in the modules it calls."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from spingen import __version__
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from spingen.loop import Loop, setup_logging
+    from spingen.schema import load_machine, load_param
+    from spingen.stages import build_stages
+
+    param = load_param(args.param)
+    machines = load_machine(args.machine)
+    workdir = Path(args.workdir).resolve()
+    setup_logging(workdir, args.debug)
+    Loop(workdir, build_stages(param, machines), param.n_iterations).run()
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from spingen.schema import load_machine, load_param
+
+    param = load_param(args.param)
+    machines = load_machine(args.machine)
+    print(summary(param, machines))
+    print("OK: both files are valid; nothing was submitted.")
+    return 0
+
+
+def summary(param, machines) -> str:
+    """A short human summary of a checked param/machine pair."""
+    spin = param.spin
+    lines = [
+        f"param    {param.path}",
+        f"type_map {' '.join(param.type_map)}",
+        f"data     {len(param.init_data_sys)} initial system(s)",
+        f"explore  {param.n_iterations} iteration(s), {sum(len(g) for g in param.sys_configs)} start structure(s)",
+        f"train    {param.train.numb_models} model(s)",
+    ]
+    if spin.enabled:
+        moments = spin.moments if isinstance(spin.moments, str) else dict(spin.moments)
+        lines.append(f"spin     magnetic {' '.join(spin.magnetic)}; eta {spin.virtual_scale} A/uB, d {spin.offset} A; "
+                     f"moments {moments}; flip augmentation {'on' if spin.flip_augmentation else 'off'}")
+    else:
+        lines.append("spin     disabled: pristine Deep Potential baseline")
+    lines.append(f"label    fp_style {param.raw['fp_style']}, at most {param.raw['fp_task_max']} per system")
+    for name in ("train", "model_devi", "fp"):
+        section = getattr(machines, name)
+        lines.append(f"machine  {name:<10} {section.machine['batch_type']}/{section.machine['context_type']}: "
+                     f"{section.command}")
+    return "\n".join(lines)
+
+
+def cmd_doc(args: argparse.Namespace) -> int:
+    from spingen.schema import machine_arginfo, param_arginfo
+
+    arginfo = param_arginfo() if args.which == "param" else machine_arginfo()
+    print(arginfo.gen_doc(make_anchor=False))
+    return 0
+
+
+def cmd_init_data(args: argparse.Namespace) -> int:
+    from spingen.data.vasp import import_vasp
+
+    report = import_vasp(args.files, Path(args.output), type_map=args.type_map)
+    print(report)
+    return 1 if report.refused else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spingen", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--version", action="version", version=f"spingen {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run (or resume) the concurrent-learning loop")
+    run.add_argument("param")
+    run.add_argument("machine")
+    run.add_argument("-w", "--workdir", default=".", help="work directory (default: current directory)")
+    run.add_argument("-d", "--debug", action="store_true", help="log debug messages")
+    run.set_defaults(func=cmd_run)
+
+    check = sub.add_parser("check", help="validate param.json, machine.json and their data; submit nothing")
+    check.add_argument("param")
+    check.add_argument("machine")
+    check.set_defaults(func=cmd_check)
+
+    doc = sub.add_parser("doc", help="print the key reference of param.json or machine.json")
+    doc.add_argument("which", choices=["param", "machine"])
+    doc.set_defaults(func=cmd_doc)
+
+    init = sub.add_parser("init-data", help="import VASP single points (ISPIN=2) with moments into deepmd/npy")
+    init.add_argument("files", nargs="+", help="OUTCAR or vasprun.xml files")
+    init.add_argument("-o", "--output", required=True, help="output folder of the deepmd/npy systems")
+    init.add_argument("-t", "--type-map", nargs="+", help="element order of the types (default: as found)")
+    init.set_defaults(func=cmd_init_data)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from spingen.schema import InputError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except InputError as err:
+        print(f"spingen: error: {err}", file=sys.stderr)
+        return 2
+    except (NotImplementedError, RuntimeError) as err:
+        print(f"spingen: stopped: {err}", file=sys.stderr)
+        return 1

@@ -1,0 +1,195 @@
+"""Train stage: an ensemble of spin-aware Deep Potentials with deepmd-kit (PyTorch backend).
+
+make: encode the stored raw moments for deepmd-kit (S -> S + d/eta, plus globally reversed twins)
+into `00.train/data/`, and write one input.json per model with its own seeds.
+run: `dp --pt train` then `dp --pt freeze` for each model through dpdispatcher.
+post: every model must exist; its lcurve.out RMSEs are recorded in `00.train/models.json`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from spingen.dispatch import TaskSpec, run_tasks
+from spingen.loop import Stage, StageContext
+from spingen.schema import MachineSection, Param, SpinSettings, thaw
+
+log = logging.getLogger("spingen")
+
+MODEL_FILE = "frozen_model.pth"
+LCURVE_FILE = "lcurve.out"
+MODELS_REPORT = "models.json"
+LABELED_DATA_GLOB = "02.fp/data.*"
+
+
+class TrainStage(Stage):
+    name = "train"
+    dirname = "00.train"
+
+    def __init__(self, param: Param, machine: MachineSection):
+        self.param = param
+        self.machine = machine
+
+    # ---- make
+    def make(self, ctx: StageContext) -> None:
+        path = self.path(ctx)
+        systems = self.training_systems(ctx)
+        written = write_training_data(systems, path / "data", self.param.type_map, self.param.spin)
+        frames = sum(n for _, n, _ in written)
+        twins = sum(t for _, _, t in written)
+        log.info("training data: %d systems, %d frames + %d globally reversed twins", len(written),
+                 frames, twins)
+        data_dirs = [f"../data/{name}" for name, _, _ in written]
+        for index in range(self.param.train.numb_models):
+            task = path / f"{index:03d}"
+            task.mkdir()
+            seed = 1 + index + 1000 * ctx.iteration
+            inp = training_input(self.param.train.training_param, self.param.type_map, self.param.spin,
+                                 data_dirs, seed)
+            (task / "input.json").write_text(json.dumps(inp, indent=2))
+
+    def training_systems(self, ctx: StageContext) -> list[Path]:
+        """init_data_sys plus every set labeled by earlier iterations."""
+        systems = list(self.param.init_data_sys)
+        for previous in ctx.previous():
+            systems += sorted(p for p in previous.iter_dir.glob(LABELED_DATA_GLOB) if (p / "type.raw").is_file())
+        return systems
+
+    # ---- run
+    def task_dirs(self, ctx: StageContext) -> list[str]:
+        return sorted(p.name for p in self.path(ctx).glob("[0-9][0-9][0-9]") if p.is_dir())
+
+    def run(self, ctx: StageContext) -> None:
+        path = self.path(ctx)
+        todo = [d for d in self.task_dirs(ctx) if not (path / d / MODEL_FILE).is_file()]
+        log.info("train: %d model(s) to train, %d already frozen", len(todo), len(self.task_dirs(ctx)) - len(todo))
+        spec = TaskSpec(command=train_command(self.machine.command),
+                        forward_files=["input.json", *self.machine.user_forward_files],
+                        backward_files=[MODEL_FILE, LCURVE_FILE, *self.machine.user_backward_files],
+                        forward_common_files=["data"], outlog="train.log", errlog="train.err")
+        run_tasks(self.machine, path, todo, spec, ctx.workdir)
+
+    # ---- post
+    def post(self, ctx: StageContext) -> None:
+        path = self.path(ctx)
+        report = []
+        for task in self.task_dirs(ctx):
+            model = path / task / MODEL_FILE
+            if not model.is_file():
+                raise RuntimeError(f"train: model {model} is missing after run_train; see "
+                                   f"{path / task / 'train.err'}")
+            rmse = read_lcurve(path / task / LCURVE_FILE)
+            report.append({"model": f"{task}/{MODEL_FILE}", **rmse})
+            link = path / f"graph.{task}.pth"
+            if not link.exists():
+                link.symlink_to(f"{task}/{MODEL_FILE}")
+            log.info("train: model %s  %s", task, "  ".join(f"{k} {v:.4g}" for k, v in rmse.items()))
+        (path / MODELS_REPORT).write_text(json.dumps(report, indent=2))
+
+
+def train_command(command: str) -> str:
+    """The shell line of one training task: train (restarting from a checkpoint if any), freeze."""
+    dp = command if "--pt" in command.split() else f"{command} --pt"
+    return (f"if [ -f checkpoint ]; then {dp} train input.json --restart $(cat checkpoint); "
+            f"else {dp} train input.json; fi && {dp} freeze -o {MODEL_FILE}")
+
+
+def training_input(base: Mapping[str, Any], type_map: Sequence[str], spin: SpinSettings,
+                   data_dirs: Sequence[str], seed: int) -> dict:
+    """deepmd-kit input.json: the user's template with type_map, spin, loss type, data and seeds set."""
+    inp = copy.deepcopy(thaw(base))
+    model = inp.setdefault("model", {})
+    model["type_map"] = list(type_map)
+    loss = inp.setdefault("loss", {})
+    if spin.enabled:
+        model["spin"] = {"use_spin": [t in spin.magnetic for t in type_map],
+                         "virtual_scale": [spin.virtual_scale if t in spin.magnetic else 0.0 for t in type_map]}
+        loss["type"] = "ener_spin"
+        for end in ("start", "limit"):
+            if f"{end}_pref_f" in loss:
+                loss[f"{end}_pref_fr"] = loss.pop(f"{end}_pref_f")
+            loss[f"{end}_pref_fm"] = 0.0
+    else:
+        model.pop("spin", None)
+        loss["type"] = "ener"
+        for end in ("start", "limit"):
+            if f"{end}_pref_fr" in loss:
+                loss[f"{end}_pref_f"] = loss.pop(f"{end}_pref_fr")
+            loss.pop(f"{end}_pref_fm", None)
+    for part in ("descriptor", "fitting_net"):
+        model.setdefault(part, {})["seed"] = seed
+    training = inp.setdefault("training", {})
+    training["seed"] = seed
+    training.setdefault("disp_file", LCURVE_FILE)
+    training.setdefault("training_data", {})["systems"] = list(data_dirs)
+    validation = training.setdefault("validation_data", {"batch_size": 1, "numb_btch": 1})
+    validation["systems"] = list(data_dirs)
+    return inp
+
+
+def write_training_data(systems: Sequence[Path], out: Path, type_map: Sequence[str],
+                        spin: SpinSettings) -> list[tuple[str, int, int]]:
+    """Write every system as deepmd-kit will train on it; return (name, frames, twins added) each.
+
+    Moments are encoded S -> S + d/eta; with flip augmentation each frame's globally reversed twin
+    (moments negated, same energy and forces) is added unless the data already holds it.
+    """
+    from spingen.data.npy import load_system
+
+    written = []
+    for index, system_path in enumerate(systems):
+        system = load_system(system_path)
+        missing = sorted(set(system.data["atom_names"]) - set(type_map))
+        if missing:
+            raise ValueError(f"data '{system_path}': elements {missing} are not in type_map")
+        n_frames = system.get_nframes()
+        twins = 0
+        if spin.enabled:
+            symbols = [system.data["atom_names"][t] for t in system.data["atom_types"]]
+            moments = system.data["spins"][..., 2]
+            if spin.flip_augmentation:
+                reversed_frames = missing_reversed_twins(system.data["coords"], system.data["energies"], moments)
+                if reversed_frames.size:
+                    twin = system.sub_system(reversed_frames)
+                    twin.data["spins"] = -twin.data["spins"]
+                    system.append(twin)
+                    twins = reversed_frames.size
+                    moments = system.data["spins"][..., 2]
+            system.data["spins"] = spin.encoding.to_deepmd(moments, symbols)
+        else:
+            system.data.pop("spins", None)
+        name = f"sys.{index:03d}"
+        system.to("deepmd/npy", str(out / name))
+        written.append((name, n_frames, twins))
+    return written
+
+
+def missing_reversed_twins(coords: np.ndarray, energies: np.ndarray, moments: np.ndarray,
+                           decimals: int = 4) -> np.ndarray:
+    """Indices of frames whose all-moments-reversed twin is absent (frames with moments only)."""
+    def key(i: int, sign: float) -> bytes:
+        return (np.round(coords[i], decimals).tobytes() + np.round(energies[i], decimals).tobytes()
+                + (np.round(sign * moments[i], 2) + 0.0).tobytes())
+
+    present = {key(i, 1.0) for i in range(len(coords))}
+    needed = [i for i in range(len(coords))
+              if np.any(np.abs(moments[i]) > 1e-3) and key(i, -1.0) not in present]
+    return np.array(needed, dtype=int)
+
+
+def read_lcurve(path: Path) -> dict[str, float]:
+    """The last row of deepmd-kit's lcurve.out, as {column: value} for the rmse columns."""
+    lines = path.read_text().splitlines()
+    header = next((ln for ln in lines if ln.startswith("#")), None)
+    rows = [ln for ln in lines if ln.strip() and not ln.startswith("#")]
+    if header is None or not rows:
+        raise RuntimeError(f"train: {path} has no header or no data row")
+    names = header.lstrip("#").split()
+    values = [float(v) for v in rows[-1].split()]
+    return {n: v for n, v in zip(names, values) if n.startswith("rmse")}

@@ -1,0 +1,160 @@
+"""Train stage: inputs for deepmd-kit, flip-augmented data, a real tiny ensemble through dpdispatcher."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import BIN, make_machine, make_param, tiny_training_param, write_inputs, write_spin_system
+
+from spingen.schema import SpinSettings
+from spingen.stages.train import missing_reversed_twins, read_lcurve, training_input, write_training_data
+
+SPIN = SpinSettings(True, ("Ni",), 0.3, 0.2, "auto", 0.05, True)
+
+
+def test_training_input_spin_model():
+    inp = training_input(tiny_training_param(), ["Li", "Ni", "O"], SPIN, ["../data/sys.000"], seed=7)
+    assert inp["model"]["spin"] == {"use_spin": [False, True, False], "virtual_scale": [0.0, 0.3, 0.0]}
+    assert inp["loss"]["type"] == "ener_spin"
+    assert inp["loss"]["start_pref_fr"] == 10 and "start_pref_f" not in inp["loss"]
+    assert inp["loss"]["start_pref_fm"] == 0 and inp["loss"]["limit_pref_fm"] == 0
+    assert inp["model"]["descriptor"]["seed"] == 7 and inp["training"]["seed"] == 7
+    assert inp["training"]["training_data"]["systems"] == ["../data/sys.000"]
+
+
+def test_training_input_pristine_model():
+    pristine = SpinSettings(False, ("Ni",), 0.3, 0.2, "auto", 0.05, True)
+    inp = training_input(tiny_training_param(), ["Li", "Ni", "O"], pristine, ["d"], seed=1)
+    assert "spin" not in inp["model"]
+    assert inp["loss"]["type"] == "ener" and inp["loss"]["start_pref_f"] == 10
+    assert not any("fm" in key for key in inp["loss"])
+
+
+def test_flip_augmentation_adds_reversed_twins(tmp_path):
+    from spingen.data.npy import load_system
+
+    source = write_spin_system(tmp_path / "raw", n_frames=5)
+    written = write_training_data([source], tmp_path / "out", ["Li", "Ni", "O"], SPIN)
+    assert written == [("sys.000", 5, 5)]
+    raw, out = load_system(source), load_system(tmp_path / "out" / "sys.000")
+    assert out.get_nframes() == 10
+    shift = SPIN.offset / SPIN.virtual_scale
+    ni = np.array(raw.data["atom_types"]) == 1
+    stored = raw.data["spins"][..., 2]
+    encoded = out.data["spins"][..., 2]
+    np.testing.assert_allclose(encoded[:5, ni], stored[:, ni] + shift)
+    np.testing.assert_allclose(encoded[5:, ni], -stored[:, ni] + shift)
+    assert np.all(encoded[:, ~ni] == 0)
+    np.testing.assert_allclose(out.data["energies"][5:], out.data["energies"][:5])
+    np.testing.assert_allclose(out.data["forces"][5:], out.data["forces"][:5])
+    # the raw data on disk is untouched: the encoding lives only in training inputs
+    np.testing.assert_allclose(load_system(source).data["spins"], raw.data["spins"])
+
+
+def test_no_twin_added_when_data_already_holds_it():
+    coords = np.zeros((2, 3, 3))
+    energies = np.array([1.0, 1.0])
+    moments = np.array([[0.0, 1.0, -1.0], [0.0, -1.0, 1.0]])
+    assert missing_reversed_twins(coords, energies, moments).size == 0
+    assert list(missing_reversed_twins(coords[:1], energies[:1], moments[:1])) == [0]
+    assert missing_reversed_twins(coords[:1], energies[:1], np.zeros((1, 3))).size == 0
+
+
+def test_flip_augmentation_off(tmp_path):
+    source = write_spin_system(tmp_path / "raw", n_frames=4)
+    off = SpinSettings(True, ("Ni",), 0.3, 0.2, "auto", 0.05, False)
+    assert write_training_data([source], tmp_path / "out", ["Li", "Ni", "O"], off) == [("sys.000", 4, 0)]
+
+
+def test_read_lcurve(tmp_path):
+    lcurve = tmp_path / "lcurve.out"
+    lcurve.write_text("#  step  rmse_val  rmse_trn  rmse_e_val  rmse_e_trn  rmse_fr_val  rmse_fr_trn  lr\n"
+                      "0 1 1 0.5 0.5 2 2 1e-3\n20 0.3 0.2 0.01 0.02 0.4 0.5 1e-4\n")
+    assert read_lcurve(lcurve) == {"rmse_val": 0.3, "rmse_trn": 0.2, "rmse_e_val": 0.01, "rmse_e_trn": 0.02,
+                                   "rmse_fr_val": 0.4, "rmse_fr_trn": 0.5}
+
+
+def spingen(*args: str, cwd: Path, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "spingen"), *args], cwd=cwd, capture_output=True, text=True, **kwargs)
+
+
+def check_models(workdir: Path, spin: bool) -> None:
+    from deepmd.infer import DeepPot
+
+    from spingen.data.npy import load_system
+
+    train = workdir / "iter.000000" / "00.train"
+    report = json.loads((train / "models.json").read_text())
+    assert [r["model"] for r in report] == ["000/frozen_model.pth", "001/frozen_model.pth"]
+    assert all(np.isfinite(r["rmse_e_val"]) and r["rmse_e_val"] > 0 for r in report)
+    system = load_system(workdir / "data" / "init")
+    coords = system.data["coords"][:3].reshape(3, -1)
+    cells = system.data["cells"][:3].reshape(3, 9)
+    energies = []
+    for link in ("graph.000.pth", "graph.001.pth"):
+        model = DeepPot(str(train / link))
+        assert model.has_spin is spin
+        if spin:
+            result = model.eval(coords, cells, system.data["atom_types"], spin=system.data["spins"][:3].reshape(3, -1))
+        else:
+            result = model.eval(coords, cells, system.data["atom_types"])
+        assert result[0].shape == (3, 1) and np.all(np.isfinite(result[0]))
+        energies.append(result[0])
+    assert not np.allclose(energies[0], energies[1]), "two seeds must give two different models"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spin", [True, False], ids=["spin", "pristine"])
+def test_run_trains_a_real_ensemble_then_stops_at_explore(tmp_path, spin):
+    param = make_param(tmp_path)
+    param["spin"]["enabled"] = spin
+    param_path, machine_path = write_inputs(tmp_path, param)
+    result = spingen("run", str(param_path), str(machine_path), cwd=tmp_path, timeout=600)
+    assert result.returncode == 1, result.stderr
+    assert "stage 'model_devi' is not implemented yet" in result.stderr
+    check_models(tmp_path, spin)
+    assert (tmp_path / "record.spingen").read_text().split("\n")[:3] == ["0 0", "0 1", "0 2"]
+    log = (tmp_path / "spingen.log").read_text()
+    assert "iter 000000 step 01: run_train" in log and "globally reversed twins" in log
+    assert not (tmp_path / "spingen.lock").read_text().strip(), "the lock is released at exit"
+
+
+def write_counting_dp(path: Path, log: Path) -> Path:
+    """A `dp` that records each call (cwd and arguments) before running the real one."""
+    path.write_text(f"#!/bin/sh\necho \"$(pwd) $*\" >> {log}\nexec {BIN / 'dp'} \"$@\"\n")
+    path.chmod(0o755)
+    return path
+
+
+@pytest.mark.slow
+def test_sigkill_during_run_train_resumes_without_retraining(tmp_path):
+    calls = tmp_path / "dp_calls.txt"
+    param = make_param(tmp_path)
+    param["default_training_param"]["training"]["numb_steps"] = 60
+    param_path, machine_path = write_inputs(tmp_path, param, make_machine(str(write_counting_dp(tmp_path / "dp", calls))))
+    proc = subprocess.Popen([str(BIN / "spingen"), "run", str(param_path), str(machine_path)], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=False)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((tmp_path / "remote").rglob("frozen_model.pth")):
+        time.sleep(0.2)
+    assert list((tmp_path / "remote").rglob("frozen_model.pth")), "no model was frozen in time"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (tmp_path / "record.spingen").read_text() == "0 0\n", "killed in run_train: only make_train recorded"
+    frozen_before = {p.parent.name for p in (tmp_path / "remote").rglob("frozen_model.pth")}
+
+    result = spingen("run", str(param_path), str(machine_path), cwd=tmp_path, timeout=600)
+    assert "not implemented yet" in result.stderr, result.stderr
+    assert (tmp_path / "record.spingen").read_text().split("\n")[:3] == ["0 0", "0 1", "0 2"]
+    trains = [line.split()[0] for line in calls.read_text().splitlines() if " train " in line]
+    for task in frozen_before:
+        assert sum(Path(d).name == task for d in trains) == 1, f"model {task} was trained again"
+    check_models(tmp_path, spin=True)
