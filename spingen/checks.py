@@ -13,17 +13,15 @@ if TYPE_CHECKING:
 
 def system_symbols(system: Path, type_map: tuple[str, ...]) -> list[str]:
     """Chemical symbol of every atom of a deepmd/npy system, checked against type_map."""
-    from spingen.schema import InputError
-
     types = np.loadtxt(system / "type.raw", dtype=int, ndmin=1)
     names_file = system / "type_map.raw"
     names = names_file.read_text().split() if names_file.is_file() else list(type_map)
     if types.size and types.max() >= len(names):
-        raise InputError(f"data '{system}': type.raw has type {types.max()} but only {len(names)} types are named")
+        raise ValueError(f"data '{system}': type.raw has type {types.max()} but only {len(names)} types are named")
     symbols = [names[t] for t in types]
     foreign = sorted(set(symbols) - set(type_map))
     if foreign:
-        raise InputError(f"data '{system}': elements {foreign} are not in type_map {list(type_map)}")
+        raise ValueError(f"data '{system}': elements {foreign} are not in type_map {list(type_map)}")
     return symbols
 
 
@@ -43,12 +41,15 @@ def check_param_data(param: "Param") -> None:
     spin = param.spin
     observed: dict[str, list[np.ndarray]] = {e: [] for e in spin.magnetic}
     for system in param.init_data_sys:
-        symbols = system_symbols(system, param.type_map)
+        try:
+            symbols = system_symbols(system, param.type_map)
+        except ValueError as err:
+            raise InputError(f"{param.path}: key 'init_data_sys': {err}") from None
         if not spin.enabled:
             continue
         moments = system_moments(system, len(symbols))
         if moments is None:
-            raise InputError(f"data '{system}': no spin.npy in its sets; a spin model needs the per-ion "
+            raise InputError(f"{param.path}: key 'init_data_sys': data '{system}': no spin.npy in its sets; a spin model needs the per-ion "
                              "moments (import VASP runs with `spingen init-data`, or set spin/enabled false)")
         for element in spin.magnetic:
             columns = [i for i, s in enumerate(symbols) if s == element]

@@ -68,8 +68,8 @@ def cmd_init_data(args: argparse.Namespace) -> int:
     from spingen.data.vasp import import_vasp
 
     report = import_vasp(args.files, Path(args.output), type_map=args.type_map)
-    print(report)
-    return 1 if report.refused else 0
+    print(report.format())
+    return report.exit_code
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -407,10 +407,10 @@ def _check_explore_keys(param: Param, path: Path) -> None:
             raise InputError(f"{path}: key 'fp_ldau/{element}': '{element}' is not in type_map")
     if raw["fp_style"] == "vasp":
         pp_files = raw["fp_pp_files"]
-        if isinstance(pp_files, list) and len(pp_files) != len(param.type_map):
+        if not isinstance(pp_files, Mapping) and len(pp_files) != len(param.type_map):
             raise InputError(f"{path}: key 'fp_pp_files': expected {len(param.type_map)} POTCARs (one per "
                              f"type_map entry {list(param.type_map)}), got {len(pp_files)}")
-        names = pp_files.values() if isinstance(pp_files, dict) else pp_files
+        names = pp_files.values() if isinstance(pp_files, Mapping) else pp_files
         for name in names:
             if not (path.parent / raw["fp_pp_path"] / name).is_file():
                 raise InputError(f"{path}: key 'fp_pp_files': POTCAR '{name}' not found in "

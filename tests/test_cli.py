@@ -1,0 +1,38 @@
+"""The command line as a user meets it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from spingen import __version__
+from spingen.cli import main
+
+VASP = Path(__file__).parent / "data" / "vasp"
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out.strip() == f"spingen {__version__}"
+
+
+@pytest.mark.parametrize("which,key", [("param", "param/spin/virtual_scale"), ("machine", "machine/train/resources")])
+def test_doc_lists_every_key(capsys, which, key):
+    assert main(["doc", which]) == 0
+    assert key in capsys.readouterr().out
+
+
+def test_init_data_imports_moments_and_refuses_the_rest(tmp_path, capsys):
+    from spingen.data.npy import get_moments, load_system
+
+    code = main(["init-data", str(VASP / "OUTCAR.FeO_ldau_relax_vasp535"),
+                 str(VASP / "OUTCAR.CH4_ispin1_unconverged_vasp544"), "-o", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert code == 1, "a refused file makes the exit code non-zero"
+    assert "OUTCAR.CH4_ispin1_unconverged_vasp544: not spin-polarized" in out
+    system = load_system(tmp_path / "out" / "Fe2O2")
+    np.testing.assert_allclose(get_moments(system)[0], [3.007, 1.397, -0.189, -0.189])
+    np.testing.assert_allclose(system.data["energies"], [-28.21851457])
