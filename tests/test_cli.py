@@ -36,3 +36,20 @@ def test_init_data_imports_moments_and_refuses_the_rest(tmp_path, capsys):
     system = load_system(tmp_path / "out" / "Fe2O2")
     np.testing.assert_allclose(get_moments(system)[0], [3.007, 1.397, -0.189, -0.189])
     np.testing.assert_allclose(system.data["energies"], [-28.21851457])
+
+
+def test_reference_docs_do_not_drift():
+    import importlib.util
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "write_docs.py"
+    spec = importlib.util.spec_from_file_location("write_docs", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    on_disk = (module.DOCS / "param.md").read_text()
+    assert on_disk == module.reference("param"), "docs/reference/param.md is stale: run `make docs`"
+
+    def key_paths(text: str) -> set[str]:  # dpdispatcher lists its back-ends in a random order
+        return {line.strip() for line in text.splitlines() if "argument path" in line}
+
+    on_disk = (module.DOCS / "machine.md").read_text()
+    assert key_paths(on_disk) == key_paths(module.reference("machine")), "docs/reference/machine.md is stale"

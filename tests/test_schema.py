@@ -158,3 +158,10 @@ def test_check_prints_a_summary(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "magnetic Ni; eta 0.3 A/uB, d 0.2 A" in out and "nothing was submitted" in out
     assert sorted(p.name for p in Path(tmp_path).iterdir()) == ["confs", "data", "machine.json", "param.json"]
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "machine_examples").glob("*.json")),
+                         ids=lambda p: p.name)
+def test_machine_examples_load(path):
+    machines = load_machine(path)
+    assert machines.train.command and machines.fp.resources["number_node"] == 1
