@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -18,6 +19,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     machines = load_machine(args.machine)
     workdir = Path(args.workdir).resolve()
     setup_logging(workdir, args.debug)
+    os.chdir(workdir)  # dpdispatcher writes its own log to the current directory
     Loop(workdir, build_stages(param, machines), param.n_iterations).run()
     return 0
 
