@@ -179,6 +179,7 @@ def setup_logging(workdir: Path, debug: bool = False) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     logger = logging.getLogger("spingen")
     logger.setLevel(logging.DEBUG if debug else logging.INFO)
+    logger.propagate = False  # deepmd-kit and dpdispatcher configure the root logger too
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
