@@ -74,6 +74,26 @@ def cmd_init_data(args: argparse.Namespace) -> int:
     return report.exit_code
 
 
+def cmd_spin_search(args: argparse.Namespace) -> int:
+    from spingen.schema import InputError
+    from spingen.tools.spin_search import run
+
+    if len(args.paths) < 2:
+        raise InputError("give at least one MODEL and the STRUCTURE")
+    return run(args.paths[:-1], args.paths[-1], args.moments, magnetic=args.magnetic, eta=args.eta,
+               offset=args.offset, nupdown=args.nupdown, k=args.k, seed=args.seed, output=args.output,
+               batch_size=args.batch_size, max_evaluations=args.max_evaluations)
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    from spingen.tools.model_test import format_table, run
+
+    print(format_table(run(args.models, args.data, offset=args.offset, plot=args.plot)))
+    if args.plot:
+        print(f"parity plot: {args.plot}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spingen", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"spingen {__version__}")
@@ -100,6 +120,31 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("-o", "--output", required=True, help="output folder of the deepmd/npy systems")
     init.add_argument("-t", "--type-map", nargs="+", help="element order of the types (default: as found)")
     init.set_defaults(func=cmd_init_data)
+
+    test = sub.add_parser("test", help="energy/force RMSE and flip asymmetry of model(s) on deepmd/npy data")
+    test.add_argument("models", nargs="+", help="frozen model(s) (.pth); several = ensemble mean")
+    test.add_argument("-s", "--data", nargs="+", required=True, help="deepmd/npy systems or folders of them")
+    test.add_argument("--offset", type=float, help="spin offset d (A); default: spin_encoding.json beside the model")
+    test.add_argument("--plot", help="write a DFT-vs-model parity plot (PNG)")
+    test.set_defaults(func=cmd_test)
+
+    search = sub.add_parser("spin-search", help="lowest-energy collinear moments of one structure under trained "
+                            "spin model(s); prints MAGMOM for VASP")
+    search.add_argument("paths", nargs="+", metavar="MODEL [MODEL ...] STRUCTURE",
+                        help="frozen deepmd-kit spin model(s) (ensemble mean), then a POSCAR/extxyz read by ase")
+    search.add_argument("--moments", nargs="+", required=True, metavar="EL=m1,m2",
+                        help="|moment| levels (uB) per magnetic element, e.g. Ni=1,3 Co=0,1,4,5")
+    search.add_argument("--magnetic", nargs="+", type=int, metavar="INDEX",
+                        help="search only these atoms (0-based; default: every atom of a --moments element)")
+    search.add_argument("--eta", type=float, help="virtual_scale eta (A/uB); default: read from the model")
+    search.add_argument("--offset", type=float, help="offset d (A) of the encoding used in training (required)")
+    search.add_argument("--nupdown", type=float, help="fixed total moment of the searched ions (like VASP NUPDOWN)")
+    search.add_argument("--k", type=int, default=5, help="how many lowest distinct states to list (default 5)")
+    search.add_argument("--seed", type=int, default=0, help="random seed of the genetic search (default 0)")
+    search.add_argument("--batch-size", type=int, default=256, help="most configurations per model call")
+    search.add_argument("--max-evaluations", type=int, help="stop the search after this many evaluations")
+    search.add_argument("-o", "--output", help="write the MAGMOM lines here (default: print them)")
+    search.set_defaults(func=cmd_spin_search)
     return parser
 
 

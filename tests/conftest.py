@@ -19,7 +19,7 @@ def private_home(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
 
-def lini_frames(n_frames: int, seed: int):
+def lini_frames(n_frames: int, seed: int, levels=(1.0, -1.0, 3.0, -3.0)):
     """Perturbed Li2Ni2O4 cells (8 atoms) with Morse energies/forces plus a spin-state energy."""
     from ase.build import bulk
     from ase.calculators.morse import MorsePotential
@@ -36,15 +36,15 @@ def lini_frames(n_frames: int, seed: int):
         atoms.calc = MorsePotential(epsilon=0.3, r0=2.1, rho0=4.0)
         ni = [i for i, s in enumerate(symbols) if s == "Ni"]
         moments = np.zeros(len(atoms))
-        moments[ni] = rng.choice([1.0, -1.0, 3.0, -3.0], size=len(ni))
+        moments[ni] = rng.choice(levels, size=len(ni))
         spin_energy = 0.4 * np.sum(np.abs(moments[ni]) - 1.0) + 0.05 * moments[ni[0]] * moments[ni[1]]
         frames.append((atoms, atoms.get_potential_energy() + spin_energy, atoms.get_forces(), moments))
     return frames
 
 
-def write_spin_system(path: Path, n_frames: int = 12, seed: int = 0) -> Path:
+def write_spin_system(path: Path, n_frames: int = 12, seed: int = 0, levels=(1.0, -1.0, 3.0, -3.0)) -> Path:
     """A deepmd/npy system with raw moments in spin.npy, as spingen stores data."""
-    frames = lini_frames(n_frames, seed)
+    frames = lini_frames(n_frames, seed, levels)
     atoms0 = frames[0][0]
     type_map = ["Li", "Ni", "O"]
     path.mkdir(parents=True)

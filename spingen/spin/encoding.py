@@ -7,10 +7,15 @@ is (0, 0, S + d/eta). Only training inputs and model evaluation go through this 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+
+
+SIDECAR = "spin_encoding.json"
 
 
 @dataclass(frozen=True)
@@ -49,3 +54,18 @@ class SpinEncoding:
     def overlapping_moments(self, moments: Iterable[float], min_distance: float) -> list[float]:
         """Moments whose virtual atom would sit closer than min_distance (A) to its real atom."""
         return sorted({float(m) for m in moments if abs(self.virtual_shift(m)) < min_distance})
+
+    def save(self, path: str | Path) -> None:
+        """Write eta, d and the magnetic elements as JSON (the train stage puts it beside each model)."""
+        Path(path).write_text(json.dumps(asdict(self), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SpinEncoding":
+        data = json.loads(Path(path).read_text())
+        return cls(tuple(data["magnetic"]), float(data["virtual_scale"]), float(data["offset"]))
+
+    @classmethod
+    def beside(cls, model: str | Path) -> "SpinEncoding | None":
+        """The encoding saved next to a frozen model (symlinks followed), or None."""
+        sidecar = Path(model).resolve().parent / SIDECAR
+        return cls.load(sidecar) if sidecar.is_file() else None

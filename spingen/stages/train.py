@@ -19,6 +19,7 @@ import numpy as np
 from spingen.dispatch import TaskSpec, run_tasks
 from spingen.loop import Stage, StageContext
 from spingen.schema import MachineSection, Param, SpinSettings, thaw
+from spingen.spin.encoding import SIDECAR
 
 log = logging.getLogger("spingen")
 
@@ -53,6 +54,8 @@ class TrainStage(Stage):
             inp = training_input(self.param.train.training_param, self.param.type_map, self.param.spin,
                                  data_dirs, seed)
             (task / "input.json").write_text(json.dumps(inp, indent=2))
+            if self.param.spin.enabled:
+                self.param.spin.encoding.save(task / SIDECAR)
 
     def training_systems(self, ctx: StageContext) -> list[Path]:
         """init_data_sys plus every set labeled by earlier iterations."""

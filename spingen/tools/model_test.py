@@ -1,0 +1,165 @@
+"""`spingen test`: errors of a model or an ensemble on deepmd/npy data with spins, per system.
+
+Reports the energy RMSE (meV/atom), force RMSE (meV/A) and, for spin models, the flip asymmetry:
+mean |E(-S) - E(S)| per atom (meV/atom). Collinear DFT+U energies do not change when every moment
+is reversed; a model that has not learned it shows it here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from spingen.schema import InputError
+from spingen.spin.encoding import SpinEncoding
+
+FRAMES_PER_CALL = 256
+
+
+@dataclass
+class SystemErrors:
+    name: str
+    n_frames: int
+    n_atoms: int
+    rmse_e: float  # meV/atom
+    rmse_f: float  # meV/A
+    flip_asymmetry: float | None  # meV/atom
+    energies: tuple[np.ndarray, np.ndarray] = field(repr=False)  # (DFT, model) per atom, eV
+    forces: tuple[np.ndarray, np.ndarray] = field(repr=False)  # (DFT, model) components, eV/A
+
+
+class Ensemble:
+    """One or several frozen deepmd-kit models evaluated as their mean."""
+
+    def __init__(self, paths: Sequence[str | Path], offset: float | None = None):
+        from deepmd.infer import DeepPot
+
+        missing = [str(p) for p in paths if not Path(p).is_file()]
+        if missing:
+            raise InputError(f"model file(s) not found: {missing}")
+        self.models = [DeepPot(str(p)) for p in paths]
+        self.type_map = list(self.models[0].get_type_map())
+        self.has_spin = bool(self.models[0].has_spin)
+        self.encoding = None
+        if self.has_spin:
+            saved = SpinEncoding.beside(paths[0])
+            if offset is not None:
+                base = saved or SpinEncoding(tuple(self._magnetic()), self._scale(), 0.0)
+                saved = replace(base, offset=offset)
+            if saved is None:
+                raise InputError(f"'{paths[0]}' is a spin model but no spin_encoding.json lies beside it: "
+                                 "give --offset (spin/offset, A, of the param.json it was trained with)")
+            self.encoding = saved
+
+    def _magnetic(self) -> list[str]:
+        spin = self.models[0].get_model_def_script().get("spin", {})
+        use = spin.get("use_spin", [])
+        return [t for t, on in zip(self.type_map, use) if on]
+
+    def _scale(self) -> float:
+        spin = self.models[0].get_model_def_script().get("spin", {})
+        scales = [s for s in np.atleast_1d(spin.get("virtual_scale", [0.0])) if s > 0]
+        return float(scales[0]) if scales else 0.0
+
+    def atom_types(self, symbols: Sequence[str], where: str) -> np.ndarray:
+        unknown = sorted(set(symbols) - set(self.type_map))
+        if unknown:
+            raise InputError(f"data '{where}': elements {unknown} are not in the model's type_map {self.type_map}")
+        return np.array([self.type_map.index(s) for s in symbols])
+
+    def energy_forces(self, coords: np.ndarray, cells: np.ndarray, atypes: np.ndarray, symbols: Sequence[str],
+                      moments: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Mean energy (nf,) and forces (nf, nat, 3) over the models, in chunks of frames."""
+        nf = len(coords)
+        energies, forces = np.zeros(nf), np.zeros(coords.shape)
+        for start in range(0, nf, FRAMES_PER_CALL):
+            part = slice(start, start + FRAMES_PER_CALL)
+            kwargs = {}
+            if self.has_spin:
+                kwargs["spin"] = self.encoding.to_deepmd(moments[part], symbols).reshape(len(coords[part]), -1)
+            for model in self.models:
+                out = model.eval(coords[part].reshape(len(coords[part]), -1), cells[part].reshape(-1, 9),
+                                 atypes, **kwargs)
+                energies[part] += out[0].reshape(-1) / len(self.models)
+                forces[part] += out[1].reshape(forces[part].shape) / len(self.models)
+        return energies, forces
+
+
+def errors_of_system(ensemble: Ensemble, path: Path) -> SystemErrors:
+    from spingen.data.npy import load_system
+
+    system = load_system(path, require_spins=ensemble.has_spin)
+    symbols = [system.data["atom_names"][t] for t in system.data["atom_types"]]
+    atypes = ensemble.atom_types(symbols, str(path))
+    coords, cells = system.data["coords"], system.data["cells"]
+    moments = system.data["spins"][..., 2] if ensemble.has_spin else None
+    energies, forces = ensemble.energy_forces(coords, cells, atypes, symbols, moments)
+    natoms = len(symbols)
+    e_dft = system.data["energies"] / natoms
+    f_dft = system.data["forces"]
+    flip = None
+    if ensemble.has_spin:
+        flipped, _ = ensemble.energy_forces(coords, cells, atypes, symbols, -moments)
+        flip = float(np.mean(np.abs(flipped - energies)) / natoms * 1000)
+    return SystemErrors(
+        name=str(path), n_frames=len(coords), n_atoms=natoms,
+        rmse_e=float(np.sqrt(np.mean((energies / natoms - e_dft) ** 2)) * 1000),
+        rmse_f=float(np.sqrt(np.mean((forces - f_dft) ** 2)) * 1000),
+        flip_asymmetry=flip, energies=(e_dft, energies / natoms), forces=(f_dft.ravel(), forces.ravel()))
+
+
+def run(models: Sequence[str], data: Sequence[str], offset: float | None = None,
+        plot: str | None = None) -> list[SystemErrors]:
+    from dpgen.util import expand_sys_str
+
+    ensemble = Ensemble(models, offset)
+    systems = []
+    for entry in data:
+        if not Path(entry).exists():
+            raise InputError(f"data '{entry}' not found")
+        try:
+            systems += sorted(Path(p) for p in expand_sys_str(entry))
+        except RuntimeError:
+            raise InputError(f"data '{entry}' holds no deepmd/npy system (no type.raw below it)") from None
+    results = [errors_of_system(ensemble, s) for s in systems]
+    if plot:
+        parity_plot(results, Path(plot))
+    return results
+
+
+def format_table(results: Sequence[SystemErrors]) -> str:
+    lines = [f"{'system':<40} {'frames':>6} {'atoms':>5} {'E rmse meV/atom':>16} {'F rmse meV/A':>13} "
+             f"{'flip asym meV/atom':>19}"]
+    for r in results:
+        flip = "-" if r.flip_asymmetry is None else f"{r.flip_asymmetry:.2f}"
+        lines.append(f"{r.name[-40:]:<40} {r.n_frames:>6} {r.n_atoms:>5} {r.rmse_e:>16.2f} {r.rmse_f:>13.1f} {flip:>19}")
+    if len(results) > 1:
+        e = np.concatenate([r.energies[1] - r.energies[0] for r in results])
+        f = np.concatenate([r.forces[1] - r.forces[0] for r in results])
+        lines.append(f"{'all':<40} {sum(r.n_frames for r in results):>6} {'':>5} "
+                     f"{np.sqrt(np.mean(e ** 2)) * 1000:>16.2f} {np.sqrt(np.mean(f ** 2)) * 1000:>13.1f}")
+    return "\n".join(lines)
+
+
+def parity_plot(results: Sequence[SystemErrors], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4.2))
+    for r in results:
+        axes[0].plot(*r.energies, ".", label=Path(r.name).name)
+        axes[1].plot(*r.forces, ".", ms=2)
+    for ax, what in zip(axes, ("energy (eV/atom)", "force component (eV/A)")):
+        lo, hi = ax.get_xlim()
+        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+        ax.set_xlabel(f"DFT {what}")
+        ax.set_ylabel(f"model {what}")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
