@@ -94,6 +94,20 @@ def cmd_test(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_label_task(args: argparse.Namespace) -> int:
+    from spingen.tools.label_task import run_label_task
+
+    result = run_label_task(Path(args.task_dir))
+    print("label-task: " + ("converged" if result["ok"] else f"failed: {result['reason']}"))
+    return 0
+
+
+def cmd_explore_task(args: argparse.Namespace) -> int:
+    from spingen.tools.explore_task import run
+
+    return run(args.task_dir)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spingen", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"spingen {__version__}")
@@ -120,6 +134,16 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("-o", "--output", required=True, help="output folder of the deepmd/npy systems")
     init.add_argument("-t", "--type-map", nargs="+", help="element order of the types (default: as found)")
     init.set_defaults(func=cmd_init_data)
+
+    label = sub.add_parser("label-task", help="run one GPAW DFT+U label task (what the fp stage submits)")
+    label.add_argument("task_dir", help="task directory holding gpaw_input.json; result.json is written there")
+    label.set_defaults(func=cmd_label_task)
+
+    explore = sub.add_parser("explore-task", help="run one spin-minimized MD exploration task (what the "
+                             "model_devi stage submits)")
+    explore.add_argument("task_dir", help="task directory holding task.json and conf.extxyz; traj.extxyz, "
+                         "model_devi.out and the finished tag are written there")
+    explore.set_defaults(func=cmd_explore_task)
 
     test = sub.add_parser("test", help="energy/force RMSE and flip asymmetry of model(s) on deepmd/npy data")
     test.add_argument("models", nargs="+", help="frozen model(s) (.pth); several = ensemble mean")

@@ -72,7 +72,13 @@ def _model_devi_job_arginfo() -> Argument:
             Argument("trj_freq", int, optional=True, default=10, doc="Write a frame every trj_freq steps."),
             Argument("ensemble", str, optional=True, default="nvt", doc=f"One of {', '.join(MD_ENSEMBLES)}."),
             Argument("spin_opt_freq", int, optional=True, default=1,
-                     doc="Re-optimize the moments every spin_opt_freq MD steps."),
+                     doc="Re-optimize the moments every spin_opt_freq MD steps (1: every step; 0: never after "
+                         "the start). They are also re-optimized at every frame written (every trj_freq steps)."),
+            Argument("spin_devi_freq", int, optional=True, default=1,
+                     doc="Compute the spin disagreement (each model searches its own ground state) every "
+                         "spin_devi_freq-th written frame (1: every frame; 0: never). Costs one search per model."),
+            Argument("taut", float, optional=True, default=0.1, doc="Coupling time of the thermostat (ps), as in DP-GEN."),
+            Argument("taup", float, optional=True, default=0.5, doc="Coupling time of the barostat (ps), as in DP-GEN."),
         ],
         repeat=True,
     )
@@ -80,24 +86,75 @@ def _model_devi_job_arginfo() -> Argument:
 
 def _fp_variant() -> Variant:
     ldau = Argument("fp_ldau", dict, optional=True, default={},
-                    doc="DFT+U per element: {\"Ni\": {\"L\": 2, \"U\": 6.3, \"J\": 0}}.")
+                    doc="DFT+U (Dudarev, LDAUTYPE 2) per element: {\"Ni\": {\"L\": 2, \"U\": 6.3, \"J\": 0}}. "
+                        "L: angular momentum of the corrected shell (0..3; 2 = d); U, J: eV (>= 0, J "
+                        "default 0). Elements absent from a frame are left out of its LDAU arrays, "
+                        "elements present without an entry get L -1, U 0, J 0. Empty: plain DFT.")
     spin_init = Argument("fp_spin_init", str, optional=True, default="predicted",
-                         doc=f"Initial moments of each label: one of {', '.join(SPIN_INIT_STRATEGIES)}.")
+                         doc=f"Initial moments of each label: one of {', '.join(SPIN_INIT_STRATEGIES)}. "
+                             "`predicted`: the explore stage's optimized ground-state moments (MAGMOM / "
+                             "GPAW initial moments), total moment free. `random`: no initial moments and no "
+                             "fixed total (VASP's default start; GPAW, which has no random wavefunctions, "
+                             "starts each magnetic ion from a random moment in +-fp_gpaw/random_moment uB, "
+                             "seeded by the geometry). `states`: one task for the predicted ground state "
+                             "and one for each excited state the spin search found, each with its moments "
+                             "and a fixed total moment (VASP NUPDOWN, GPAW fixmagmom) equal to the sum of "
+                             "the state's moments rounded to an integer.")
+    tolerance = Argument("fp_moment_tolerance", float, optional=True, default=0.5,
+                         doc="Largest distance (uB) of a labeled magnetic moment from the nearest allowed "
+                             "magnitude of spin/moments; a frame with a moment farther away is excluded and "
+                             "reported. Not checked when spin/moments is \"auto\".")
     vasp = [
-        Argument("fp_pp_path", str, optional=False, doc="Folder of the POTCAR files."),
+        Argument("fp_pp_path", str, optional=False, doc="Folder of the POTCAR files (relative to param.json)."),
         Argument("fp_pp_files", [list, dict], optional=False,
-                 doc="POTCAR files in type_map order, or a mapping element -> file."),
-        Argument("fp_incar", str, optional=False, doc="INCAR template file."),
-        ldau, spin_init,
+                 doc="POTCAR files in type_map order, or a mapping element -> file (safer). Each task's "
+                     "POTCAR concatenates them in its POSCAR's species order; a POTCAR whose TITEL "
+                     "names another element is refused."),
+        Argument("fp_incar", str, optional=False,
+                 doc="INCAR template file. spingen sets ISPIN 2, LORBIT 11 (if absent), and per frame the "
+                     "LDAU block (from fp_ldau), MAGMOM and NUPDOWN (from fp_spin_init); MAGMOM/NUPDOWN "
+                     "of the template are dropped. Labels are single points: NSW > 0 is refused."),
+        Argument("fp_kspacing", [float, type(None)], optional=True, default=None,
+                 doc="KSPACING (1/A, VASP's definition, 2*pi included) written into every INCAR, with "
+                     "KGAMMA .TRUE.; no KPOINTS file. null: KSPACING of the template if any."),
+        Argument("fp_kpoints", [list, type(None)], optional=True, default=None,
+                 doc="A Gamma-centred k-mesh [k1, k2, k3] written as KPOINTS for every task (instead of "
+                     "fp_kspacing)."),
+        ldau, spin_init, tolerance,
     ]
     gpaw = [
         Argument("fp_gpaw", dict, optional=True, default={},
-                 doc="GPAW settings: mode/cutoff, kpts or kspacing, smearing, maxiter."),
-        ldau, spin_init,
+                 doc="GPAW settings (PW mode; LCAO forces are not used for labels). Defaults are sized "
+                     "for small test cells, not for production accuracy.",
+                 sub_fields=[
+                     Argument("ecut", float, optional=True, default=300.0,
+                              doc="Plane-wave cutoff (eV); the paper used 520 with VASP."),
+                     Argument("kpts", [list, type(None)], optional=True, default=None,
+                              doc="Gamma-centred Monkhorst-Pack mesh [k1, k2, k3]; overrides kspacing."),
+                     Argument("kspacing", float, optional=True, default=1.0,
+                              doc="k-point spacing (1/A, VASP's KSPACING definition, 2*pi included): "
+                                  "k_i = max(1, ceil(|b_i| / kspacing)), Gamma-centred. 1.0 gives 2x2x2 "
+                                  "for a ~4-6 A cell; the paper used 0.25."),
+                     Argument("width", float, optional=True, default=0.05,
+                              doc="Fermi-Dirac smearing width (eV)."),
+                     Argument("maxiter", int, optional=True, default=120,
+                              doc="Most SCF iterations; beyond it the frame fails (KohnShamConvergenceError)."),
+                     Argument("xc", str, optional=True, default="PBE", doc="Exchange-correlation functional."),
+                     Argument("convergence", dict, optional=True, default={},
+                              doc="GPAW's convergence criteria, e.g. {\"energy\": 1e-5} (eV/electron); "
+                                  "empty: GPAW's defaults."),
+                     Argument("stress", bool, optional=True, default=True,
+                              doc="Compute the stress (stored as virial)."),
+                     Argument("random_moment", float, optional=True, default=4.0,
+                              doc="fp_spin_init \"random\": largest |initial moment| (uB) drawn per "
+                                  "magnetic ion."),
+                 ]),
+        ldau, spin_init, tolerance,
     ]
     return Variant("fp_style", [
         Argument("vasp", dict, vasp, doc="VASP on HPC (POSCAR/INCAR/KPOINTS/POTCAR per task)."),
-        Argument("gpaw", dict, gpaw, doc="GPAW PW-mode DFT+U, runs on one machine."),
+        Argument("gpaw", dict, gpaw, doc="GPAW PW-mode DFT+U, runs on one machine "
+                                         "(`spingen label-task` per task; install: scripts/install_gpaw.sh)."),
     ], optional=False, doc="The DFT+U code that labels candidates.")
 
 
@@ -122,13 +179,43 @@ def param_arginfo() -> Argument:
         _spin_arginfo(),
         _model_devi_job_arginfo(),
         Argument("model_devi_dt", float, optional=True, default=0.002, doc="MD time step (ps), as in DP-GEN."),
-        Argument("model_devi_skip", int, optional=True, default=0, doc="Frames skipped at the start of each trajectory."),
+        Argument("model_devi_skip", int, optional=True, default=0,
+                 doc="Frames of MD steps < model_devi_skip are neither selected nor counted (DP-GEN's meaning)."),
         Argument("model_devi_f_trust_lo", float, optional=False, doc="Force deviation (eV/A) below which a frame is accurate."),
         Argument("model_devi_f_trust_hi", float, optional=False, doc="Force deviation (eV/A) at and above which a frame failed."),
         Argument("model_devi_spin_trust", float, optional=True, default=0.2,
                  doc="Fraction of magnetic ions whose ground-state moment the ensemble disagrees on, "
                      "above which a frame is a candidate."),
+        Argument("model_devi_driver", str, optional=True, default="first",
+                 doc="Which model drives the MD and its spin searches: \"first\" (model 0, as DP-GEN's LAMMPS "
+                     "runs; the cheapest) or \"mean\" (the ensemble mean: numb_models times the cost). The "
+                     "deviations always use every model."),
+        Argument("model_devi_seed", int, optional=True, default=0,
+                 doc="Seed of an iteration's explore stage (velocities, spin searches, candidate sampling), "
+                     "combined with the iteration index and recorded in 01.model_devi/seed.json."),
+        Argument("model_devi_compressibility", float, optional=True, default=1e-6,
+                 doc="Compressibility (1/bar) of the npt-berendsen barostat (about 1e-6 for an oxide)."),
+        Argument("model_devi_spin_search", dict, optional=True, default={},
+                 doc="Settings of the spin searches during MD (warm-started from the current moments).",
+                 sub_fields=[
+                     Argument("population", int, optional=True, default=16, doc="Genetic-search population."),
+                     Argument("warm_patience", int, optional=True, default=2,
+                              doc="Generations without improvement before a warm-started search stops."),
+                     Argument("patience", int, optional=True, default=12,
+                              doc="The same for the first (cold) search of a trajectory."),
+                     Argument("enumerate_limit", int, optional=True, default=2048,
+                              doc="Enumerate every configuration when there are at most this many."),
+                     Argument("max_evaluations", [int, type(None)], optional=True, default=None,
+                              doc="Most configurations one search evaluates (null: no limit); bounds the cost "
+                                  "of a step."),
+                     Argument("n_lowest", int, optional=True, default=5,
+                              doc="Lowest distinct states kept per search: the ground state and n_lowest - 1 "
+                                  "excited states (excited_magmoms of the candidates)."),
+                 ]),
         Argument("fp_task_max", int, optional=False, doc="At most this many labels per system and iteration."),
+        Argument("fp_task_max_total", [int, type(None)], optional=True, default=None,
+                 doc="At most this many candidates per iteration over all systems (null: no global cap); "
+                     "taken in turn from each system's sampled candidates."),
         Argument("fp_task_min", int, optional=True, default=1, doc="Fewer candidates than this: label none."),
         Argument("ratio_failed", float, optional=True, default=0.05,
                  doc="Largest fraction of failed label tasks before the run stops."),
@@ -301,6 +388,7 @@ def load_param(path: str | Path) -> Param:
         raw=_freeze(raw),
     )
     _check_explore_keys(param, path)
+    label_settings(param)
     check_param_data(param)
     return param
 
@@ -399,21 +487,149 @@ def _check_explore_keys(param: Param, path: Path) -> None:
         if job["ensemble"] not in MD_ENSEMBLES:
             raise InputError(f"{path}: key 'model_devi_jobs[{it}]/ensemble': expected one of "
                              f"{list(MD_ENSEMBLES)}, got '{job['ensemble']}'")
+
+
+# ---------------------------------------------------------------- label stage settings
+@dataclass(frozen=True)
+class LdauSettings:
+    """DFT+U of one element: the corrected shell's angular momentum L and U, J in eV."""
+
+    L: int
+    U: float
+    J: float = 0.0
+
+
+@dataclass(frozen=True)
+class GpawSettings:
+    ecut: float
+    kpts: tuple[int, int, int] | None
+    kspacing: float
+    width: float
+    maxiter: int
+    xc: str
+    convergence: Mapping[str, Any]
+    stress: bool
+    random_moment: float
+
+
+@dataclass(frozen=True)
+class VaspSettings:
+    pp_files: Mapping[str, Path]  # element -> POTCAR file (absolute)
+    incar: str  # the template's text
+    incar_path: Path
+    kspacing: float | None
+    kpoints: tuple[int, int, int] | None
+
+
+@dataclass(frozen=True)
+class LabelSettings:
+    """Everything the label stage and its labelers read (built once by `label_settings`)."""
+
+    style: str
+    type_map: tuple[str, ...]
+    magnetic: tuple[str, ...]
+    spin_init: str
+    ldau: Mapping[str, LdauSettings]
+    moment_levels: Mapping[str, tuple[float, ...]] | None  # None: spin/moments is "auto"
+    moment_tolerance: float
+    ratio_failed: float
+    task_max: int
+    task_min: int
+    vasp: VaspSettings | None = None
+    gpaw: GpawSettings | None = None
+
+
+def label_settings(param: Param) -> LabelSettings:
+    """The checked settings of the label stage; InputError names the param.json key of a bad value."""
+    raw, path, type_map = param.raw, param.path, param.type_map
+    where = f"{path}: key"
     if raw["fp_spin_init"] not in SPIN_INIT_STRATEGIES:
-        raise InputError(f"{path}: key 'fp_spin_init': expected one of {list(SPIN_INIT_STRATEGIES)}, "
+        raise InputError(f"{where} 'fp_spin_init': expected one of {list(SPIN_INIT_STRATEGIES)}, "
                          f"got '{raw['fp_spin_init']}'")
-    for element in raw["fp_ldau"]:
-        if element not in param.type_map:
-            raise InputError(f"{path}: key 'fp_ldau/{element}': '{element}' is not in type_map")
+    if not 0.0 <= raw["ratio_failed"] <= 1.0:
+        raise InputError(f"{where} 'ratio_failed': expected a fraction in [0, 1], got {raw['ratio_failed']}")
+    if raw["fp_moment_tolerance"] <= 0:
+        raise InputError(f"{where} 'fp_moment_tolerance': expected a positive tolerance (uB), "
+                         f"got {raw['fp_moment_tolerance']}")
+    if raw["fp_task_max"] < 1 or raw["fp_task_min"] < 0:
+        raise InputError(f"{where} 'fp_task_max'/'fp_task_min': expected fp_task_max >= 1 and fp_task_min >= 0, "
+                         f"got {raw['fp_task_max']} and {raw['fp_task_min']}")
+    ldau = {}
+    for element, entry in raw["fp_ldau"].items():
+        key = f"{where} 'fp_ldau/{element}'"
+        if element not in type_map:
+            raise InputError(f"{key}: '{element}' is not in type_map {list(type_map)}")
+        if not isinstance(entry, Mapping) or set(entry) - {"L", "U", "J"} or not {"L", "U"} <= set(entry):
+            raise InputError(f"{key}: expected {{\"L\": int, \"U\": eV, \"J\": eV (optional)}}, got {thaw(entry)}")
+        L, U, J = entry["L"], entry["U"], entry.get("J", 0.0)
+        if isinstance(L, bool) or not isinstance(L, int) or not 0 <= L <= 3:
+            raise InputError(f"{key}/L: expected an angular momentum 0..3 (2 = d), got {L!r}")
+        for name, value in (("U", U), ("J", J)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise InputError(f"{key}/{name}: expected a number >= 0 (eV), got {value!r}")
+        ldau[element] = LdauSettings(L, float(U), float(J))
+    levels = None if isinstance(param.spin.moments, str) else param.spin.moments
+    common = dict(style=raw["fp_style"], type_map=type_map, magnetic=param.spin.magnetic,
+                  spin_init=raw["fp_spin_init"], ldau=MappingProxyType(ldau), moment_levels=levels,
+                  moment_tolerance=float(raw["fp_moment_tolerance"]), ratio_failed=float(raw["ratio_failed"]),
+                  task_max=raw["fp_task_max"], task_min=raw["fp_task_min"])
     if raw["fp_style"] == "vasp":
-        pp_files = raw["fp_pp_files"]
-        if not isinstance(pp_files, Mapping) and len(pp_files) != len(param.type_map):
-            raise InputError(f"{path}: key 'fp_pp_files': expected {len(param.type_map)} POTCARs (one per "
-                             f"type_map entry {list(param.type_map)}), got {len(pp_files)}")
-        names = pp_files.values() if isinstance(pp_files, Mapping) else pp_files
-        for name in names:
-            if not (path.parent / raw["fp_pp_path"] / name).is_file():
-                raise InputError(f"{path}: key 'fp_pp_files': POTCAR '{name}' not found in "
-                                 f"'{path.parent / raw['fp_pp_path']}'")
-        if not (path.parent / raw["fp_incar"]).is_file():
-            raise InputError(f"{path}: key 'fp_incar': file '{raw['fp_incar']}' not found")
+        return LabelSettings(**common, vasp=_vasp_settings(raw, path, type_map))
+    return LabelSettings(**common, gpaw=_gpaw_settings(raw, path))
+
+
+def _kmesh(value: Any, key: str) -> tuple[int, int, int] | None:
+    if value is None:
+        return None
+    if len(value) != 3 or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in value):
+        raise InputError(f"{key}: expected three integers >= 1, got {thaw(value)}")
+    return tuple(value)
+
+
+def _vasp_settings(raw: Mapping[str, Any], path: Path, type_map: tuple[str, ...]) -> VaspSettings:
+    base = path.parent
+    files = raw["fp_pp_files"]
+    if isinstance(files, Mapping):
+        unknown = sorted(set(files) - set(type_map))
+        if unknown:
+            raise InputError(f"{path}: key 'fp_pp_files': elements {unknown} are not in type_map {list(type_map)}")
+        missing = [e for e in type_map if e not in files]
+        if missing:
+            raise InputError(f"{path}: key 'fp_pp_files': no POTCAR for {missing}")
+        by_element = {e: files[e] for e in type_map}
+    else:
+        if len(files) != len(type_map):
+            raise InputError(f"{path}: key 'fp_pp_files': expected {len(type_map)} POTCARs (one per type_map "
+                             f"entry {list(type_map)}), got {len(files)}")
+        by_element = dict(zip(type_map, files))
+    pp = {}
+    for element, name in by_element.items():
+        pp[element] = (base / raw["fp_pp_path"] / name).resolve()
+        if not pp[element].is_file():
+            raise InputError(f"{path}: key 'fp_pp_files/{element}': POTCAR '{name}' not found in "
+                             f"'{base / raw['fp_pp_path']}'")
+    incar_path = (base / raw["fp_incar"]).resolve()
+    if not incar_path.is_file():
+        raise InputError(f"{path}: key 'fp_incar': file '{raw['fp_incar']}' not found")
+    kspacing = raw.get("fp_kspacing")
+    kpoints = _kmesh(raw.get("fp_kpoints"), f"{path}: key 'fp_kpoints'")
+    if kspacing is not None and kspacing <= 0:
+        raise InputError(f"{path}: key 'fp_kspacing': expected a positive spacing (1/A), got {kspacing}")
+    if kspacing is not None and kpoints is not None:
+        raise InputError(f"{path}: keys 'fp_kspacing' and 'fp_kpoints': give one of them, not both")
+    return VaspSettings(MappingProxyType(pp), incar_path.read_text(), incar_path,
+                        None if kspacing is None else float(kspacing), kpoints)
+
+
+def _gpaw_settings(raw: Mapping[str, Any], path: Path) -> GpawSettings:
+    gpaw_arg = _fp_variant().choice_dict["gpaw"].sub_fields["fp_gpaw"]
+    g = gpaw_arg.normalize_value(thaw(raw["fp_gpaw"]), trim_pattern="_*")  # fills defaults of an absent fp_gpaw
+    key = f"{path}: key 'fp_gpaw"
+    for name in ("ecut", "kspacing", "width", "random_moment"):
+        if g[name] <= 0:
+            raise InputError(f"{key}/{name}': expected a positive number, got {g[name]}")
+    if g["maxiter"] < 1:
+        raise InputError(f"{key}/maxiter': expected at least 1 SCF iteration, got {g['maxiter']}")
+    return GpawSettings(float(g["ecut"]), _kmesh(g["kpts"], f"{key}/kpts'"), float(g["kspacing"]),
+                        float(g["width"]), int(g["maxiter"]), g["xc"], _freeze(g["convergence"]),
+                        bool(g["stress"]), float(g["random_moment"]))

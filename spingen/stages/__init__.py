@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from spingen.loop import Stage, StageContext
 from spingen.schema import Machines, Param
+from spingen.stages.label import LabelStage
 from spingen.stages.train import TrainStage
 
 
@@ -25,5 +26,5 @@ def build_stages(param: Param, machines: Machines) -> list[Stage]:
     return [
         TrainStage(param, machines.train),
         PendingStage("model_devi", "01.model_devi", "explore stage, issue #4"),
-        PendingStage("fp", "02.fp", "label stage, issue #5"),
+        LabelStage(param, machines.fp),
     ]

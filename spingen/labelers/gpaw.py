@@ -1,0 +1,105 @@
+"""fp_style "gpaw": GPAW plane-wave DFT+U, one `spingen label-task TASK_DIR` process per task.
+
+A task directory holds `gpaw_input.json` (geometry, initial moments, fixed total moment, every
+GPAW setting, the Hubbard setups) and, once run, `result.json` (written atomically by
+spingen.tools.label_task: energy, forces, virial, moments, or the reason of a failure) and
+`gpaw.txt` (GPAW's log). DFT+U is Dudarev's: the setup string ':d,U-J' per element of fp_ldau.
+A fixed total moment (the NUPDOWN analogue) is GPAW's FermiDirac(width, fixmagmom=True), which
+fixes the total to the sum of the initial moments: when nupdown is given, the initial moments
+are shifted uniformly over all atoms so that they sum to it. fp_spin_init "random" passes no
+moments; GPAW has no random initial wavefunctions, so each magnetic ion (spin/magnetic) starts
+from a random moment within +-fp_gpaw/random_moment, seeded by a stable hash of the geometry.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from spingen.labelers import Labeler, LabelResult
+from spingen.tools.label_task import INPUT_FILE, LOG_FILE, RESULT_FILE, THREAD_VARIABLES
+
+_SHELLS = "spdf"
+
+
+def kpoint_mesh(cell: np.ndarray, pbc: Sequence[bool], kspacing: float) -> tuple[int, int, int]:
+    """VASP's KSPACING rule: k_i = max(1, ceil(|b_i| / kspacing)), |b_i| with the 2*pi; 1 if not periodic."""
+    from ase.cell import Cell
+
+    reciprocal = 2.0 * np.pi * np.linalg.norm(Cell(cell).reciprocal(), axis=1)
+    return tuple(int(max(1, np.ceil(b / kspacing - 1e-9))) if p else 1 for b, p in zip(reciprocal, pbc))
+
+
+class GpawLabeler(Labeler):
+    style = "gpaw"
+    result_file = RESULT_FILE
+
+    def setups(self, symbols: Sequence[str]) -> dict[str, str]:
+        """GPAW Hubbard setups of the elements present: {'Ni': ':d,6.3'} (U_eff = U - J)."""
+        out = {}
+        for element in dict.fromkeys(symbols):
+            entry = self.settings.ldau.get(element)
+            if entry is not None and entry.U - entry.J > 0:
+                out[element] = f":{_SHELLS[entry.L]},{entry.U - entry.J:g}"
+        return out
+
+    def random_moments(self, atoms) -> np.ndarray:
+        seed = zlib.crc32(np.round(atoms.positions, 4).tobytes() + "".join(atoms.get_chemical_symbols()).encode())
+        rng = np.random.default_rng(seed)
+        magnetic = np.array([s in self.settings.magnetic for s in atoms.get_chemical_symbols()])
+        limit = self.settings.gpaw.random_moment
+        return np.where(magnetic, rng.uniform(-limit, limit, len(atoms)), 0.0)
+
+    def write_inputs(self, task_dir: Path, atoms, initial_moments: np.ndarray | None,
+                     nupdown: float | None) -> None:
+        g = self.settings.gpaw
+        moments = self.random_moments(atoms) if initial_moments is None else np.asarray(initial_moments, float)
+        if nupdown is not None:
+            moments = moments + (nupdown - moments.sum()) / len(atoms)
+        kpts = g.kpts if g.kpts is not None else kpoint_mesh(atoms.cell[:], atoms.pbc, g.kspacing)
+        data = {
+            "symbols": atoms.get_chemical_symbols(),
+            "cell": np.asarray(atoms.cell[:]).tolist(),
+            "pbc": [bool(p) for p in atoms.pbc],
+            "positions": atoms.get_positions().tolist(),
+            "initial_magmoms": moments.tolist(),
+            "random_start": initial_moments is None,
+            "fixmagmom": nupdown is not None,
+            "total_moment": None if nupdown is None else float(nupdown),
+            "ecut": g.ecut,
+            "kpts": list(kpts),
+            "width": g.width,
+            "maxiter": g.maxiter,
+            "xc": g.xc,
+            "convergence": dict(g.convergence),
+            "stress": g.stress,
+            "setups": self.setups(atoms.get_chemical_symbols()),
+        }
+        (Path(task_dir) / INPUT_FILE).write_text(json.dumps(data, indent=1) + "\n")
+
+    def command(self, machine_command: str) -> str:
+        pinned = " ".join(f"{v}=1" for v in THREAD_VARIABLES)
+        return f"{pinned} {machine_command or 'spingen'} label-task ."
+
+    def forward_files(self) -> Sequence[str]:
+        return [INPUT_FILE]
+
+    def backward_files(self) -> Sequence[str]:
+        return [RESULT_FILE, LOG_FILE]
+
+    def read_result(self, task_dir: Path) -> LabelResult:
+        path = Path(task_dir) / RESULT_FILE
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            return LabelResult.failed(f"{RESULT_FILE} unreadable ({type(exc).__name__}: {exc})")
+        if not data.get("ok"):
+            return LabelResult.failed(data.get("reason") or "GPAW failed (no reason given)")
+        virial = data.get("virial")
+        return LabelResult(True, energy=float(data["energy"]), forces=np.array(data["forces"], float),
+                           virial=None if virial is None else np.array(virial, float),
+                           moments=np.array(data["moments"], float))

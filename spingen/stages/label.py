@@ -1,0 +1,259 @@
+"""Label stage (02.fp): DFT+U single points of the explore stage's candidates, collected with moments.
+
+make: reads `01.model_devi/candidates.SSS.extxyz` of this iteration (fp_task_min/fp_task_max
+per system), sorts each frame's atoms by type_map (every element one run, the POSCAR species
+order), applies fp_spin_init and writes one `task.SSS.CCCCCC` per DFT run through the labeler,
+plus `frame.extxyz` (the geometry, its provenance and the start moments) for collection.
+run: dispatches only the tasks the labeler does not see finished (its result file exists), so
+finished tasks are never recomputed, whatever changed in machine.json.
+post: reads every task; converged frames whose moments are within fp_moment_tolerance of the
+allowed levels are appended (atomically, without duplicates) to `02.fp/data.SSS` with their raw
+DFT moments; `02.fp/labels.json` lists every task's outcome. More failures than ratio_failed
+stop the run with one message naming each failed task and its reason.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from spingen.dispatch import TaskSpec, run_tasks
+from spingen.labelers import LabelResult, create_labeler
+from spingen.loop import Stage, StageContext
+from spingen.schema import LabelSettings, MachineSection, Param, label_settings
+
+log = logging.getLogger("spingen")
+
+CANDIDATES_DIR = "01.model_devi"
+CANDIDATES_GLOB = "candidates.[0-9][0-9][0-9].extxyz"
+FRAME_FILE = "frame.extxyz"
+REPORT_FILE = "labels.json"
+OUTLOG, ERRLOG = "fp.log", "fp.err"  # the task's stdout/stderr, brought back with its results
+TASK_GLOB = "task.[0-9][0-9][0-9].[0-9][0-9][0-9][0-9][0-9][0-9]"
+
+
+@dataclass(frozen=True)
+class SpinStart:
+    """How one DFT run of a frame starts: moments per atom (or None) and fixed total (or None)."""
+
+    state: int  # 0: the predicted ground state (or the only start); k: the k-th excited state
+    moments: np.ndarray | None
+    nupdown: float | None
+
+
+def spin_starts(atoms, strategy: str) -> list[SpinStart]:
+    """The DFT runs of one candidate under fp_spin_init `strategy`.
+
+    states: the predicted ground state and each distinct excited state (NaN columns, repeats and
+    globally reversed repeats skipped), each with NUPDOWN = its moment sum rounded to an integer.
+    """
+    if strategy == "random":
+        return [SpinStart(0, None, None)]
+    predicted = np.asarray(atoms.arrays.get("initial_magmoms", np.zeros(len(atoms))), dtype=float)
+    if strategy == "predicted":
+        return [SpinStart(0, predicted, None)]
+    states = [predicted]
+    excited = atoms.arrays.get("excited_magmoms")
+    if excited is not None:
+        excited = np.asarray(excited, dtype=float).reshape(len(atoms), -1)
+        for column in excited.T:
+            if np.all(np.isfinite(column)) and not any(
+                    np.allclose(column, s, atol=1e-6) or np.allclose(column, -s, atol=1e-6) for s in states):
+                states.append(column)
+    return [SpinStart(k, m, float(np.round(m.sum()))) for k, m in enumerate(states)]
+
+
+def sort_by_types(atoms, type_map: Sequence[str]):
+    """atoms reordered (stably) so that elements come in type_map order; per-atom arrays follow."""
+    rank = {s: i for i, s in enumerate(type_map)}
+    symbols = atoms.get_chemical_symbols()
+    unknown = sorted(set(symbols) - set(rank))
+    if unknown:
+        raise ValueError(f"elements {unknown} are not in type_map {list(type_map)}")
+    order = sorted(range(len(atoms)), key=lambda i: rank[symbols[i]])
+    sorted_atoms = atoms[order]
+    sorted_atoms.info = dict(atoms.info)
+    return sorted_atoms
+
+
+def moment_violation(symbols: Sequence[str], moments: np.ndarray,
+                     levels: Mapping[str, Sequence[float]] | None, tolerance: float) -> str | None:
+    """Why moments left the allowed magnitudes (worst atom), or None when all are within tolerance."""
+    if not levels:
+        return None
+    worst = None
+    for index, (symbol, moment) in enumerate(zip(symbols, moments)):
+        if symbol not in levels:
+            continue
+        allowed = np.asarray(levels[symbol], dtype=float)
+        distance = float(np.min(np.abs(abs(moment) - allowed)))
+        if distance > tolerance and (worst is None or distance > worst[0]):
+            worst = (distance, index, symbol, moment, allowed)
+    if worst is None:
+        return None
+    distance, index, symbol, moment, allowed = worst
+    return (f"moment {moment:+.2f} uB of atom {index} ({symbol}) is {distance:.2f} uB from the allowed "
+            f"magnitudes {[float(a) for a in allowed]} (fp_moment_tolerance {tolerance})")
+
+
+class LabelStage(Stage):
+    name = "fp"
+    dirname = "02.fp"
+
+    def __init__(self, param: Param | None, machine: MachineSection, settings: LabelSettings | None = None):
+        self.param = param
+        self.machine = machine
+        self.settings = settings if settings is not None else label_settings(param)
+        self.labeler = create_labeler(self.settings)
+
+    # ---- make
+    def make(self, ctx: StageContext) -> None:
+        import ase.io
+
+        path = self.path(ctx)
+        n_frames = n_tasks = 0
+        for file in sorted((ctx.iter_dir / CANDIDATES_DIR).glob(CANDIDATES_GLOB)):
+            system = int(file.name.split(".")[1])
+            frames = ase.io.read(file, index=":", format="extxyz") if file.stat().st_size else []
+            if len(frames) < self.settings.task_min:
+                log.info("fp system %03d: %d candidate(s) < fp_task_min %d: none labeled", system, len(frames),
+                         self.settings.task_min)
+                continue
+            if len(frames) > self.settings.task_max:
+                log.info("fp system %03d: %d candidates, labeling the first fp_task_max = %d", system,
+                         len(frames), self.settings.task_max)
+                frames = frames[: self.settings.task_max]
+            count = 0
+            for index, frame in enumerate(frames):
+                atoms = sort_by_types(frame, self.settings.type_map)
+                for start in spin_starts(atoms, self.settings.spin_init):
+                    task = path / f"task.{system:03d}.{count:06d}"
+                    task.mkdir()
+                    self.labeler.write_inputs(task, atoms, start.moments, start.nupdown)
+                    _write_frame(task / FRAME_FILE, atoms, start, system, file.name, index)
+                    count += 1
+            log.info("fp system %03d: %d candidate frame(s) -> %d task(s) (fp_spin_init %s)", system,
+                     len(frames), count, self.settings.spin_init)
+            n_frames += len(frames)
+            n_tasks += count
+        log.info("fp: %d task(s) for %d candidate frame(s) in %s", n_tasks, n_frames, path)
+
+    def task_dirs(self, ctx: StageContext) -> list[str]:
+        return sorted(p.name for p in self.path(ctx).glob(TASK_GLOB) if p.is_dir())
+
+    # ---- run
+    def run(self, ctx: StageContext) -> None:
+        path = self.path(ctx)
+        tasks = self.task_dirs(ctx)
+        todo = [t for t in tasks if not self.labeler.is_finished(path / t)]
+        log.info("fp: %d task(s) to run, %d already finished", len(todo), len(tasks) - len(todo))
+        spec = TaskSpec(command=self.labeler.command(self.machine.command),
+                        forward_files=[*self.labeler.forward_files(), *self.machine.user_forward_files],
+                        backward_files=[*self.labeler.backward_files(), OUTLOG, ERRLOG,
+                                        *self.machine.user_backward_files],
+                        outlog=OUTLOG, errlog=ERRLOG)
+        run_tasks(self.machine, path, todo, spec, ctx.workdir)
+
+    # ---- post
+    def post(self, ctx: StageContext) -> None:
+        from spingen.data.npy import append_frames, build_system
+
+        path = self.path(ctx)
+        tasks = self.task_dirs(ctx)
+        converged: dict[int, list[tuple[object, LabelResult]]] = {}
+        report, failed = [], []
+        for task in tasks:
+            atoms, result = self.collect(path / task)
+            system = int(task.split(".")[1])
+            entry = {"task": task, "system": system, "state": int(atoms.info.get("state", 0)), "ok": result.ok,
+                     "reason": result.reason}
+            if result.ok:
+                converged.setdefault(system, []).append((atoms, result))
+                entry.update(energy=result.energy, moments=np.round(result.moments, 3).tolist())
+            else:
+                failed.append((task, result.reason))
+                log.warning("fp: %s failed: %s", task, result.reason)
+            report.append(entry)
+        for system in sorted({int(t.split(".")[1]) for t in tasks}):
+            results = converged.get(system, [])
+            n_system = sum(1 for t in tasks if int(t.split(".")[1]) == system)
+            if results:
+                keep_virial = all(r.virial is not None for _, r in results)
+                systems = [build_system(a.get_chemical_symbols(), r.cell[None], r.positions[None],
+                                        np.array([r.energy]), r.forces[None], r.moments[None],
+                                        virials=r.virial[None] if keep_virial else None,
+                                        type_map=self.settings.type_map)
+                           for a, r in ((a, _with_geometry(a, r)) for a, r in results)]
+                merged = systems[0]
+                for other in systems[1:]:
+                    merged.append(other)
+                added = append_frames(path / f"data.{system:03d}", merged)
+                stored = f"+{added.added} frame(s) in data.{system:03d}" + (
+                    f" ({added.duplicates} already there)" if added.duplicates else "")
+            else:
+                stored = "nothing stored"
+            log.info("fp system %03d: %d converged, %d failed in %d task(s); %s", system, len(results),
+                     n_system - len(results), n_system, stored)
+        (path / REPORT_FILE).write_text(json.dumps(report, indent=1) + "\n")
+        total = len(tasks)
+        if not total:
+            log.info("fp: no candidate to label in iteration %d", ctx.iteration)
+            return
+        ratio = len(failed) / total
+        log.info("fp: failed tasks: %d in %d  %6.2f %%", len(failed), total, 100 * ratio)
+        if ratio > self.settings.ratio_failed:
+            lines = "\n".join(f"  {task}: {reason}" for task, reason in failed)
+            raise RuntimeError(
+                f"fp: {len(failed)} of {total} label tasks failed ({100 * ratio:.1f} % > ratio_failed "
+                f"{100 * self.settings.ratio_failed:.1f} %); the converged frames are kept in "
+                f"{path}/data.*. Failed tasks:\n{lines}")
+
+    def collect(self, task_dir: Path) -> tuple[object, LabelResult]:
+        """The frame of a task and its checked result (a failed result with the reason if excluded)."""
+        import ase.io
+
+        atoms = ase.io.read(task_dir / FRAME_FILE, format="extxyz")
+        if not self.labeler.is_finished(task_dir):
+            return atoms, LabelResult.failed("not finished: no result after the run")
+        result = self.labeler.read_result(task_dir)
+        if not result.ok:
+            return atoms, result
+        n = len(atoms)
+        if result.forces.shape != (n, 3) or result.moments.shape != (n,):
+            return atoms, LabelResult.failed(f"result has {len(result.moments)} atoms, the frame {n}")
+        arrays = [result.energy, result.forces, result.moments] + ([] if result.virial is None else [result.virial])
+        if not all(np.all(np.isfinite(a)) for a in arrays):
+            return atoms, LabelResult.failed("non-finite energy, forces, virial or moments")
+        violation = moment_violation(atoms.get_chemical_symbols(), result.moments, self.settings.moment_levels,
+                                     self.settings.moment_tolerance)
+        if violation:
+            return atoms, LabelResult.failed(violation)
+        return atoms, result
+
+
+def _with_geometry(atoms, result: LabelResult) -> LabelResult:
+    """A result with the geometry set: the code's own if it reported one, else the task's input."""
+    if result.cell is not None and result.positions is not None:
+        return result
+    return LabelResult(True, result.reason, result.energy, result.forces, result.virial, result.moments,
+                       np.asarray(atoms.cell[:], dtype=float), atoms.get_positions())
+
+
+def _write_frame(path: Path, atoms, start: SpinStart, system: int, source: str, index: int) -> None:
+    import ase.io
+
+    frame = atoms.copy()
+    for key in ("initial_magmoms", "excited_magmoms"):
+        frame.arrays.pop(key, None)
+    if start.moments is not None:
+        frame.arrays["initial_magmoms"] = np.asarray(start.moments, dtype=float)
+    frame.info = {k: v for k, v in atoms.info.items() if isinstance(v, (str, int, float, np.integer, np.floating))}
+    frame.info.update(system=system, source=source, candidate=index, state=start.state)
+    if start.nupdown is not None:
+        frame.info["nupdown"] = start.nupdown
+    ase.io.write(path, frame, format="extxyz")

@@ -1,0 +1,1 @@
+"""Standalone tools for users of trained spingen models (no loop, no param.json needed)."""

@@ -1,0 +1,425 @@
+"""Label stage: VASP inputs, a fake vasp_std through dpdispatcher, real GPAW DFT+U runs, kill and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import ase.io
+import numpy as np
+import pytest
+from ase import Atoms
+from conftest import BIN, make_machine, make_param, write_inputs
+
+from spingen.data.npy import frame_hashes, load_system
+from spingen.labelers import create_labeler
+from spingen.labelers.vasp import compress, parse_incar
+from spingen.loop import StageContext
+from spingen.schema import (InputError, LabelSettings, MachineSection, VaspSettings, label_settings, load_machine,
+                            load_param)
+from spingen.stages.label import LabelStage, moment_violation
+
+HERE = Path(__file__).parent
+VASP = HERE / "data" / "vasp"
+FEO = VASP / "OUTCAR.FeO_ldau_relax_vasp535"
+KSNO = VASP / "OUTCAR.K4Sn4O6_ispin2_vasp541"
+MIXED_TYPES = ["Li", "Ni", "Co", "Mn", "O"]
+LDAU = {"Ni": {"L": 2, "U": 6.3, "J": 0}, "Co": {"L": 2, "U": 5.14, "J": 0}, "Mn": {"L": 2, "U": 3.9, "J": 0}}
+TEMPLATE = ("ENCUT = 520\nEDIFF = 1e-6 ! tight\nISMEAR = 0; SIGMA = 0.05\nMAGMOM = 10*1\n"
+            "LDAU = .TRUE.\nLDAUL = 2 -1\nNELM = 120\n")
+
+
+# ---------------------------------------------------------------- helpers
+def fake_potcars(folder: Path, elements) -> dict[str, str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    for el in elements:
+        (folder / f"POTCAR.{el}").write_text(f"  PAW_PBE {el} 06Sep2000\n   TITEL  = PAW_PBE {el} 06Sep2000\n"
+                                             f" fake body of {el}\n End of Dataset\n")
+    return {el: f"POTCAR.{el}" for el in elements}
+
+
+def vasp_param(root: Path, spin_init: str, **extra) -> Path:
+    pp = fake_potcars(root / "pp", MIXED_TYPES)
+    (root / "INCAR.tmpl").write_text(TEMPLATE)
+    param = make_param(root, type_map=MIXED_TYPES, fp_style="vasp", fp_pp_path="pp", fp_pp_files=pp,
+                       fp_incar="INCAR.tmpl", fp_ldau=LDAU, fp_spin_init=spin_init,
+                       spin={"magnetic": ["Ni", "Co", "Mn"], "moments": {"Ni": [0, 1], "Co": [0, 1], "Mn": [3, 4]}},
+                       **extra)
+    param_path, _ = write_inputs(root, param)
+    return param_path
+
+
+def local_machine(command: str, tmp_path: Path) -> MachineSection:
+    return MachineSection(command, {"batch_type": "Shell", "context_type": "LocalContext", "local_root": "./",
+                                    "remote_root": str(tmp_path / "remote")},
+                          {"number_node": 1, "cpu_per_node": 1, "gpu_per_node": 0, "group_size": 1}, 1)
+
+
+def write_candidates(workdir: Path, system: int, frames, iteration: int = 0) -> Path:
+    path = workdir / f"iter.{iteration:06d}" / "01.model_devi" / f"candidates.{system:03d}.extxyz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ase.io.write(path, frames, format="extxyz")
+    return path
+
+
+def candidate(atoms: Atoms, predicted, excited=None, step: int = 0) -> Atoms:
+    atoms = atoms.copy()
+    atoms.arrays["initial_magmoms"] = np.asarray(predicted, dtype=float)
+    if excited is not None:
+        atoms.arrays["excited_magmoms"] = np.asarray(excited, dtype=float)
+    atoms.info.update(task="task.000.000000", step=step, max_devi_f=0.2)
+    return atoms
+
+
+def mixed_frame() -> Atoms:
+    symbols = ["O", "Ni", "Li", "Co", "O", "Mn", "Li", "O", "Ni", "O"]
+    rng = np.random.default_rng(3)
+    return Atoms(symbols, positions=rng.uniform(0, 6, (10, 3)), cell=np.diag([6.0, 6.1, 6.2]), pbc=True)
+
+
+def make_stage(workdir: Path, stage: LabelStage, iteration: int = 0) -> StageContext:
+    ctx = StageContext(workdir, iteration)
+    stage.path(ctx).mkdir(parents=True)
+    stage.make(ctx)
+    return ctx
+
+
+def incar_of(task: Path) -> dict[str, str]:
+    return parse_incar((task / "INCAR").read_text())
+
+
+# ---------------------------------------------------------------- VASP inputs
+def test_vasp_inputs_follow_poscar_species_order(tmp_path):
+    param = load_param(vasp_param(tmp_path, "states", fp_kspacing=0.25))
+    stage = LabelStage(param, local_machine("vasp_std", tmp_path))
+    # predicted Ni +1/-1, Co 0, Mn 3 (original atom order); excited: both Ni up, and the reversed ground state
+    predicted = [0, 1, 0, 0, 0, 3, 0, 0, -1, 0]
+    up = [0, 1, 0, 0, 0, 3, 0, 0, 1, 0]
+    excited = np.array([up, np.negative(predicted)]).T
+    no_co = mixed_frame()
+    no_co.symbols[3] = "Ni"
+    write_candidates(tmp_path, 0, [candidate(mixed_frame(), predicted, excited), candidate(no_co, predicted)])
+    ctx = make_stage(tmp_path, stage)
+    tasks = sorted(stage.path(ctx).glob("task.*"))
+    # frame 0: the ground state and one distinct excited state (the reversed one is the same state)
+    assert [t.name for t in tasks] == ["task.000.000000", "task.000.000001", "task.000.000002"]
+    poscar = (tasks[0] / "POSCAR").read_text().splitlines()
+    assert poscar[5].split() == ["Li", "Ni", "Co", "Mn", "O"] and poscar[6].split() == ["2", "2", "1", "1", "4"]
+    titles = re.findall(r"TITEL\s*=\s*PAW_PBE (\w+)", (tasks[0] / "POTCAR").read_text())
+    assert titles == ["Li", "Ni", "Co", "Mn", "O"]
+    incar = incar_of(tasks[0])
+    assert incar["LDAUL"] == "-1 2 2 2 -1" and incar["LDAUU"] == "0 6.3 5.14 3.9 0" and incar["LDAUJ"] == "0 0 0 0 0"
+    assert incar["LDAU"] == ".TRUE." and incar["LDAUTYPE"] == "2" and incar["LMAXMIX"] == "4"
+    assert incar["ISPIN"] == "2" and incar["LORBIT"] == "11" and incar["ENCUT"] == "520" and incar["SIGMA"] == "0.05"
+    assert incar["KSPACING"] == "0.25" and incar["KGAMMA"] == ".TRUE." and not (tasks[0] / "KPOINTS").exists()
+    assert incar["MAGMOM"] == "2*0 1 -1 0 3 4*0" and incar["NUPDOWN"] == "3"  # sorted: Li Li Ni Ni Co Mn O*4
+    assert incar_of(tasks[1])["MAGMOM"] == "2*0 2*1 0 3 4*0" and incar_of(tasks[1])["NUPDOWN"] == "5"
+    # frame 1 has no Co: the LDAU arrays and POTCAR follow its own species
+    assert (tasks[2] / "POSCAR").read_text().splitlines()[5].split() == ["Li", "Ni", "Mn", "O"]
+    assert incar_of(tasks[2])["LDAUL"] == "-1 2 2 -1" and incar_of(tasks[2])["LDAUU"] == "0 6.3 3.9 0"
+    assert re.findall(r"TITEL\s*=\s*PAW_PBE (\w+)", (tasks[2] / "POTCAR").read_text()) == ["Li", "Ni", "Mn", "O"]
+    # the POSCAR is the sorted frame, same geometry
+    written = ase.io.read(tasks[0] / "POSCAR", format="vasp")
+    frame = mixed_frame()
+    order = [2, 6, 1, 8, 3, 5, 0, 4, 7, 9]
+    np.testing.assert_allclose(written.positions, frame.positions[order], atol=1e-8)
+
+
+@pytest.mark.parametrize("mode", ["predicted", "random"])
+def test_vasp_spin_init_predicted_and_random(tmp_path, mode):
+    param = load_param(vasp_param(tmp_path, mode, fp_kpoints=[2, 2, 1]))
+    stage = LabelStage(param, local_machine("vasp_std", tmp_path))
+    excited = np.zeros((10, 2))
+    write_candidates(tmp_path, 0, [candidate(mixed_frame(), [0, 1, 0, 0, 0, 3, 0, 0, -1, 0], excited)])
+    ctx = make_stage(tmp_path, stage)
+    (task,) = stage.path(ctx).glob("task.*")  # excited states are labeled only in `states` mode
+    incar = incar_of(task)
+    assert "NUPDOWN" not in incar
+    if mode == "predicted":
+        assert incar["MAGMOM"] == "2*0 1 -1 0 3 4*0"
+    else:
+        assert "MAGMOM" not in incar  # the template's MAGMOM = 10*1 is dropped too
+    assert (task / "KPOINTS").read_text().splitlines()[2:4] == ["Gamma", "2 2 1"]
+    assert "KSPACING" not in incar and "KPOINTS" in stage.labeler.forward_files()
+
+
+def test_potcar_list_in_type_map_order_and_wrong_order(tmp_path):
+    param_path = vasp_param(tmp_path, "predicted")
+    raw = json.loads(param_path.read_text())
+    raw["fp_pp_files"] = [f"POTCAR.{el}" for el in MIXED_TYPES]
+    param_path.write_text(json.dumps(raw))
+    settings = label_settings(load_param(param_path))
+    assert list(settings.vasp.pp_files) == MIXED_TYPES
+    raw["fp_pp_files"] = [f"POTCAR.{el}" for el in ["Li", "Co", "Ni", "Mn", "O"]]  # DP-GEN's classic mistake
+    param_path.write_text(json.dumps(raw))
+    with pytest.raises(InputError, match="the POTCAR for Ni .* is for Co"):
+        create_labeler(label_settings(load_param(param_path)))
+
+
+def test_compress_magmom():
+    assert compress([0, 0, 0, 1.5, -1.5, -1.5, 0.00001]) == "3*0 1.5 2*-1.5 0"
+    assert compress([1.23456]) == "1.2346"
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("fp_ldau", {"Ni": {"L": 5, "U": 6.3}}, "key 'fp_ldau/Ni'/L: expected an angular momentum 0..3"),
+    ("fp_ldau", {"Ni": {"L": 2, "U": -1}}, "key 'fp_ldau/Ni'/U: expected a number >= 0"),
+    ("fp_ldau", {"Ni": {"L": 2}}, "key 'fp_ldau/Ni': expected {\"L\": int"),
+    ("fp_gpaw", {"ecut": -300.0}, "key 'fp_gpaw/ecut': expected a positive number"),
+    ("fp_gpaw", {"kpts": [2, 2]}, "key 'fp_gpaw/kpts': expected three integers >= 1"),
+    ("fp_gpaw", {"maxiter": 0}, "key 'fp_gpaw/maxiter': expected at least 1"),
+    ("ratio_failed", 1.5, "key 'ratio_failed': expected a fraction in [0, 1]"),
+    ("fp_moment_tolerance", 0.0, "key 'fp_moment_tolerance': expected a positive tolerance"),
+])
+def test_bad_label_settings(tmp_path, key, value, message):
+    param_path, _ = write_inputs(tmp_path, make_param(tmp_path, **{key: value}))
+    with pytest.raises(InputError, match=re.escape(message)):
+        label_settings(load_param(param_path))
+
+
+def test_unknown_gpaw_key_and_nsw(tmp_path):
+    param_path, _ = write_inputs(tmp_path, make_param(tmp_path, fp_gpaw={"ecutt": 300.0}))
+    with pytest.raises(InputError, match="Did you mean: ecut"):
+        load_param(param_path)
+    param_path = vasp_param(tmp_path / "v", "predicted")
+    (tmp_path / "v" / "INCAR.tmpl").write_text("NSW = 50\nIBRION = 2\n")
+    with pytest.raises(InputError, match="NSW = 50; labels are single points"):
+        create_labeler(label_settings(load_param(param_path)))
+
+
+def test_moment_levels_check():
+    levels = {"Ni": (0.0, 1.0, 3.0)}
+    assert moment_violation(["Ni", "O"], np.array([-1.3, 0.4]), levels, 0.5) is None
+    reason = moment_violation(["Ni", "Ni", "O"], np.array([2.0, 1.8, 0.0]), levels, 0.5)
+    assert reason.startswith("moment +2.00 uB of atom 0 (Ni) is 1.00 uB from the allowed magnitudes [0.0, 1.0, 3.0]")
+    assert moment_violation(["Ni"], np.array([2.0]), None, 0.5) is None  # spin/moments "auto"
+
+
+def test_gpaw_inputs_random_start_and_kspacing(tmp_path):
+    from ase.build import bulk
+
+    from spingen.labelers.gpaw import kpoint_mesh
+
+    param_path, _ = write_inputs(tmp_path, make_param(tmp_path, fp_spin_init="random"))
+    stage = LabelStage(load_param(param_path), local_machine("spingen", tmp_path))
+    lini = bulk("NiO", "rocksalt", a=4.17, cubic=True)
+    lini.symbols[[0, 2]] = "Li"
+    write_candidates(tmp_path, 0, [candidate(lini, np.zeros(8))])
+    ctx = make_stage(tmp_path, stage)
+    (task,) = stage.path(ctx).glob("task.*")
+    inp = json.loads((task / "gpaw_input.json").read_text())
+    assert inp["kpts"] == [2, 2, 2] and not inp["fixmagmom"] and inp["random_start"]  # default kspacing 1.0
+    moments = np.array(inp["initial_magmoms"])
+    ni = np.array(inp["symbols"]) == "Ni"
+    assert np.all(moments[~ni] == 0) and np.all(np.abs(moments[ni]) > 0) and np.all(np.abs(moments) <= 4.0)
+    again = tmp_path / "again"
+    again.mkdir()
+    stage.labeler.write_inputs(again, ase.io.read(task / "frame.extxyz"), None, None)
+    assert json.loads((again / "gpaw_input.json").read_text())["initial_magmoms"] == inp["initial_magmoms"]
+    assert stage.labeler.command("/x/bin/spingen") == ("OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 "
+                                                       "/x/bin/spingen label-task .")
+    assert kpoint_mesh(bulk("NiO", "rocksalt", a=4.17).cell, [True] * 3, 1.0) == (3, 3, 3)
+    assert kpoint_mesh(lini.cell, [True, True, False], 0.25) == (7, 7, 1)
+
+
+# ---------------------------------------------------------------- fake VASP through dpdispatcher
+FAKE_VASP = r'''
+import json, re, sys, time, zlib
+from pathlib import Path
+cfg = json.loads(Path(sys.argv[1]).read_text())
+Path(cfg["started_dir"], Path.cwd().name + ".started").touch()
+time.sleep(cfg.get("sleep", 0))
+species = Path("POSCAR").read_text().splitlines()[5].split()
+incar = dict(l.split("=", 1) for l in Path("INCAR").read_text().splitlines() if "=" in l and not l.startswith("#"))
+incar = {k.strip(): v.strip() for k, v in incar.items()}
+text = Path(cfg["outcars"][" ".join(species) + "|" + incar.get("NUPDOWN", "-")]).read_text()
+if cfg.get("energy_from_magmom"):  # distinct labels for distinct starts of one geometry
+    shift = (zlib.crc32(incar.get("MAGMOM", "").encode()) % 1000) * 1e-4
+    text = re.sub(r"(free  energy   TOTEN  =\s+)(-?\d+\.\d+)", lambda m: f"{m.group(1)}{float(m.group(2)) - shift:.8f}", text)
+Path("OUTCAR").write_text(text)
+Path("vasprun.xml").write_text("<?xml version='1.0'?>\n<modeling></modeling>\n")
+'''
+
+
+def fake_vasp(tmp_path: Path, outcars: dict, **cfg) -> str:
+    script, config = tmp_path / "fake_vasp.py", tmp_path / "fake_vasp.json"
+    (tmp_path / "started").mkdir(exist_ok=True)
+    script.write_text(FAKE_VASP)
+    config.write_text(json.dumps({"outcars": {k: str(v) for k, v in outcars.items()},
+                                  "started_dir": str(tmp_path / "started"), **cfg}))
+    return f"{sys.executable} {script} {config}"
+
+
+def outcar_atoms(path: Path) -> Atoms:
+    atoms = ase.io.read(path, format="vasp-out", index=-1)
+    return Atoms(atoms.get_chemical_symbols(), positions=atoms.positions, cell=atoms.cell, pbc=True)
+
+
+def with_nelm(src: Path, dst: Path, nelm: int) -> Path:
+    text = re.sub(r"(NELM\s*=\s*)\d+", lambda m: f"{m.group(1)}{nelm}", src.read_text(), count=1)
+    dst.write_text(text)
+    return dst
+
+
+def vasp_settings(tmp_path: Path, type_map, spin_init: str, ratio_failed: float = 0.05, levels=None) -> LabelSettings:
+    pp = fake_potcars(tmp_path / "pp", type_map)
+    (tmp_path / "INCAR.tmpl").write_text("ENCUT = 520\nNELM = 100\n")
+    vasp = VaspSettings({el: tmp_path / "pp" / f for el, f in pp.items()}, "ENCUT = 520\n", tmp_path / "INCAR.tmpl",
+                        None, None)
+    return LabelSettings("vasp", tuple(type_map), ("Fe",), spin_init, {}, levels, 0.5, ratio_failed, 10, 1, vasp=vasp)
+
+
+def test_fake_vasp_make_run_collect(tmp_path):
+    """FeO (2 states: the ground state converges, the excited one hits NELM) and K4Sn4O6, via real dpdispatcher."""
+    type_map = ["Fe", "K", "Sn", "O"]
+    feo, ksno = outcar_atoms(FEO), outcar_atoms(KSNO)
+    unconverged = with_nelm(FEO, tmp_path / "OUTCAR.FeO_nelm6", 6)  # the last step took 6 electronic steps
+    command = fake_vasp(tmp_path, {"Fe O|4": FEO, "Fe O|2": unconverged, "K Sn O|0": KSNO})
+    write_candidates(tmp_path, 0, [candidate(feo, [3.0, 1.4, 0, 0], np.array([[3.0, -1.4, 0, 0]]).T)])
+    write_candidates(tmp_path, 1, [candidate(ksno, np.zeros(14), np.zeros((14, 1)))])
+    write_candidates(tmp_path, 2, [])  # explore found nothing for system 2
+    settings = vasp_settings(tmp_path, type_map, "states", levels={"Fe": (1.4, 3.0)})
+    stage = LabelStage(None, local_machine(command, tmp_path), settings)
+    ctx = make_stage(tmp_path, stage)
+    path = stage.path(ctx)
+    assert stage.task_dirs(ctx) == ["task.000.000000", "task.000.000001", "task.001.000000"]
+    assert incar_of(path / "task.000.000001")["NUPDOWN"] == "2"
+    stage.run(ctx)
+    with pytest.raises(RuntimeError) as err:
+        stage.post(ctx)
+    message = str(err.value)
+    assert "1 of 3 label tasks failed (33.3 % > ratio_failed 5.0 %)" in message
+    assert re.search(r"task\.000\.000001: OUTCAR: SCF not converged: 6 electronic steps = NELM 6", message)
+    assert message.count("task.") == 1  # one line per failed task, nothing else
+    # converged frames are kept, with the reference figures of tests/data/vasp/README.md
+    fe = load_system(path / "data.000")
+    assert fe.get_nframes() == 1 and fe.data["energies"][0] == pytest.approx(-28.21851457)
+    np.testing.assert_allclose(fe.data["spins"][0, :, 2], [3.007, 1.397, -0.189, -0.189])
+    assert fe.data["atom_names"] == type_map and "virials" in fe.data
+    k = load_system(path / "data.001")
+    assert k.data["energies"][0] == pytest.approx(-67.72457099)
+    np.testing.assert_allclose(k.data["forces"][0, 0], [-0.061885, 0.059448, 0.060051])
+    assert not (path / "data.002").exists()
+    report = {e["task"]: e for e in json.loads((path / "labels.json").read_text())}
+    assert report["task.000.000001"]["ok"] is False and report["task.000.000000"]["state"] == 0
+    # a tolerant ratio lets the run go on; collecting again adds nothing (no duplicate frames)
+    lenient = LabelStage(None, stage.machine, vasp_settings(tmp_path, type_map, "states", 0.5, {"Fe": (1.4, 3.0)}))
+    lenient.post(ctx)
+    assert load_system(path / "data.000").get_nframes() == 1
+    # moments far from the allowed levels exclude the frame
+    strict = LabelStage(None, stage.machine, vasp_settings(tmp_path, type_map, "states", 1.0, {"Fe": (4.0, 5.0)}))
+    atoms, result = strict.collect(path / "task.000.000000")
+    assert not result.ok and "atom 1 (Fe) is 2.60 uB from the allowed magnitudes [4.0, 5.0]" in result.reason
+
+
+# ---------------------------------------------------------------- kill and resume
+DRIVER = r'''
+import sys
+sys.path.insert(0, sys.argv[1])
+import test_label
+test_label.drive(sys.argv[2], sys.argv[3])
+'''
+
+
+def drive(workdir: str, command: str) -> None:
+    """The label stage under the real loop (make, run, post of iteration 0), as `spingen run` runs it."""
+    from spingen.loop import Loop, setup_logging
+
+    workdir = Path(workdir)
+    setup_logging(workdir)
+    settings = vasp_settings(workdir, ["K", "Sn", "O"], "predicted")
+    os.chdir(workdir)
+    Loop(workdir, [LabelStage(None, local_machine(command, workdir), settings)], 1, closing_stages=0).run()
+
+
+def test_kill_during_run_then_resume(tmp_path):
+    ksno = outcar_atoms(KSNO)
+    starts = [np.eye(14)[4 + i] * (i + 1) for i in range(4)]  # four different starts on Sn: four labels
+    write_candidates(tmp_path, 0, [candidate(ksno, m) for m in starts])
+    command = fake_vasp(tmp_path, {"K Sn O|-": KSNO}, sleep=3, energy_from_magmom=True)
+    driver = [sys.executable, "-c", DRIVER, str(HERE), str(tmp_path), command]
+    env = {**os.environ, "PYTHONPATH": str(HERE)}
+    first = subprocess.Popen(driver, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not list((tmp_path / "started").glob("*.started")):
+        assert first.poll() is None and time.monotonic() < deadline, "the run did not start its tasks"
+        time.sleep(0.2)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    fp = tmp_path / "iter.000000" / "02.fp"
+    assert (tmp_path / "record.spingen").read_text().split("\n")[-2] == "0 0"  # killed during run_fp
+    assert not (fp / "data.000").exists()
+    second = subprocess.run(driver, env=env, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert (tmp_path / "record.spingen").read_text().split("\n")[-2] == "0 2"
+    system = load_system(fp / "data.000")
+    hashes = frame_hashes(system)
+    assert system.get_nframes() == 4 and len(set(hashes)) == 4
+    assert len(set(np.round(system.data["energies"], 6))) == 4
+    # a finished stage is not recomputed: a rerun with other resources submits nothing
+    stage = LabelStage(None, local_machine("false", tmp_path), vasp_settings(tmp_path, ["K", "Sn", "O"], "predicted"))
+    ctx = StageContext(tmp_path, 0)
+    stage.run(ctx)
+    stage.post(ctx)
+    assert frame_hashes(load_system(fp / "data.000")) == hashes
+
+
+# ---------------------------------------------------------------- real GPAW
+gpaw = pytest.importorskip("gpaw", reason="GPAW is not installed: run scripts/install_gpaw.sh")
+
+
+def nio_cell() -> Atoms:
+    from ase.build import bulk
+
+    return bulk("NiO", "rocksalt", a=4.17)
+
+
+def gpaw_stage(root: Path, **overrides) -> LabelStage:
+    param = make_param(root, spin={"magnetic": ["Ni"], "moments": {"Ni": [0, 1.8]}}, fp_spin_init="states",
+                       fp_gpaw={"ecut": 300.0, "kpts": [2, 2, 2], **overrides})
+    param_path, machine_path = write_inputs(root, param, make_machine(str(BIN / "spingen")))
+    return LabelStage(load_param(param_path), load_machine(machine_path).fp)
+
+
+@pytest.mark.slow
+def test_gpaw_states_converge_to_different_moments_and_energies(tmp_path):
+    stage = gpaw_stage(tmp_path)
+    write_candidates(tmp_path, 0, [candidate(nio_cell(), [1.8, 0.0], np.array([[0.0, 0.0]]).T)])
+    ctx = make_stage(tmp_path, stage)
+    path = stage.path(ctx)
+    inputs = [json.loads((path / t / "gpaw_input.json").read_text()) for t in stage.task_dirs(ctx)]
+    assert [i["total_moment"] for i in inputs] == [2.0, 0.0] and all(i["fixmagmom"] for i in inputs)
+    assert sum(inputs[0]["initial_magmoms"]) == pytest.approx(2.0) and inputs[0]["setups"] == {"Ni": ":d,6.3"}
+    stage.run(ctx)  # `spingen label-task` through dpdispatcher
+    stage.post(ctx)
+    system = load_system(path / "data.000")
+    assert system.get_nframes() == 2
+    moments, energies = system.data["spins"][:, 0, 2], system.data["energies"]
+    assert moments[0] == pytest.approx(1.75, abs=0.2) and abs(moments[1]) < 0.05  # Ni moment: high vs zero
+    assert energies[1] - energies[0] > 0.3  # the non-magnetic state is higher in energy
+    assert np.abs(system.data["forces"]).max() < 1e-3  # rocksalt: forces vanish by symmetry
+    assert system.data["virials"].shape == (2, 3, 3)
+    result = json.loads((path / "task.000.000000" / "result.json").read_text())
+    assert result["ok"] and result["total_moment"] == pytest.approx(2.0, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_gpaw_unconverged_is_a_failed_frame(tmp_path):
+    stage = gpaw_stage(tmp_path, maxiter=2)
+    write_candidates(tmp_path, 0, [candidate(nio_cell(), [1.8, 0.0])])
+    ctx = make_stage(tmp_path, stage)
+    task = stage.path(ctx) / "task.000.000000"
+    done = subprocess.run([str(BIN / "spingen"), "label-task", str(task)], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"})
+    assert done.returncode == 0 and "label-task: failed: SCF not converged" in done.stdout
+    stage.run(ctx)  # finished (failed) tasks are not run again
+    with pytest.raises(RuntimeError, match=r"1 of 1 label tasks failed .*\n  task\.000\.000000: SCF not converged "
+                                           r"within maxiter = 2 iterations \(GPAW KohnShamConvergenceError\)$"):
+        stage.post(ctx)
+    assert not (stage.path(ctx) / "data.000").exists()
