@@ -82,8 +82,21 @@ def test_read_lcurve(tmp_path):
                                    "rmse_fr_val": 0.4, "rmse_fr_trn": 0.5}
 
 
-def spingen(*args: str, cwd: Path, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "spingen"), *args], cwd=cwd, capture_output=True, text=True, **kwargs)
+TRAIN_ONLY = """
+import sys
+from pathlib import Path
+from spingen.loop import Loop, setup_logging
+from spingen.schema import load_machine, load_param
+from spingen.stages.train import TrainStage
+param, machines = load_param(sys.argv[1]), load_machine(sys.argv[2])
+setup_logging(Path.cwd())
+Loop(Path.cwd(), [TrainStage(param, machines.train)], n_iterations=0).run()
+"""
+
+
+def train_only(param: Path, machine: Path) -> list[str]:
+    """The loop with the train stage alone: iteration 0 is then the closing train (steps 0-2)."""
+    return [sys.executable, "-c", TRAIN_ONLY, str(param), str(machine)]
 
 
 def check_models(workdir: Path, spin: bool) -> None:
@@ -113,13 +126,13 @@ def check_models(workdir: Path, spin: bool) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("spin", [True, False], ids=["spin", "pristine"])
-def test_run_trains_a_real_ensemble_then_stops_at_explore(tmp_path, spin):
+def test_loop_trains_a_real_ensemble(tmp_path, spin):
     param = make_param(tmp_path)
     param["spin"]["enabled"] = spin
     param_path, machine_path = write_inputs(tmp_path, param)
-    result = spingen("run", str(param_path), str(machine_path), cwd=tmp_path, timeout=600)
-    assert result.returncode == 1, result.stderr
-    assert "stage 'model_devi' is not implemented yet" in result.stderr
+    result = subprocess.run(train_only(param_path, machine_path), cwd=tmp_path, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
     check_models(tmp_path, spin)
     assert (tmp_path / "record.spingen").read_text().split("\n")[:3] == ["0 0", "0 1", "0 2"]
     log = (tmp_path / "spingen.log").read_text()
@@ -140,8 +153,8 @@ def test_sigkill_during_run_train_resumes_without_retraining(tmp_path):
     param = make_param(tmp_path)
     param["default_training_param"]["training"]["numb_steps"] = 60
     param_path, machine_path = write_inputs(tmp_path, param, make_machine(str(write_counting_dp(tmp_path / "dp", calls))))
-    proc = subprocess.Popen([str(BIN / "spingen"), "run", str(param_path), str(machine_path)], cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=False)
+    proc = subprocess.Popen(train_only(param_path, machine_path), cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and not list((tmp_path / "remote").rglob("frozen_model.pth")):
         time.sleep(0.2)
@@ -151,8 +164,9 @@ def test_sigkill_during_run_train_resumes_without_retraining(tmp_path):
     assert (tmp_path / "record.spingen").read_text() == "0 0\n", "killed in run_train: only make_train recorded"
     frozen_before = {p.parent.name for p in (tmp_path / "remote").rglob("frozen_model.pth")}
 
-    result = spingen("run", str(param_path), str(machine_path), cwd=tmp_path, timeout=600)
-    assert "not implemented yet" in result.stderr, result.stderr
+    result = subprocess.run(train_only(param_path, machine_path), cwd=tmp_path, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
     assert (tmp_path / "record.spingen").read_text().split("\n")[:3] == ["0 0", "0 1", "0 2"]
     trains = [line.split()[0] for line in calls.read_text().splitlines() if " train " in line]
     for task in frozen_before:
