@@ -1,0 +1,356 @@
+"""Lowest-energy moment configuration of one geometry: exhaustive enumeration or a memetic GA.
+
+Every configuration is evaluated at most once (a cache keyed by the bytes of its level-index row)
+and every model call is one batch. The GA saves evaluations by screening: a pair model fitted to
+the energies and spin forces -dE/dS seen so far (spingen.spin.surrogate) ranks offspring after a
+free descent on it and orders local moves; without it, the first-order estimate
+dE ~ -(-dE/dS)_i * dS_i from the spin force of the current row orders local moves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from spingen.spin.levels import MomentLevels
+from spingen.spin.model import EnergyModel
+from spingen.spin.surrogate import MAX_PARAMETERS, PairSurrogate
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """Every knob of search_ground_state, with its default (tuned on benchmarks/spin_search.py)."""
+
+    population: int = 16  # configurations kept, and evaluated per generation on a cold start
+    max_generations: int = 400
+    patience: int = 15  # generations without a new best before a cold search stops
+    warm_patience: int = 3  # the same with a start or prior
+    warm_fraction: float = 0.5  # share of population evaluated per generation with a start
+    enumerate_limit: int = 2048  # enumerate spaces up to this size
+    n_lowest: int = 5  # distinct lowest configurations returned
+    tournament_size: int = 3
+    crossover_rate: float = 0.9
+    extra_mutations: float = 0.5  # mean number of mutations beyond the first (Poisson)
+    cluster_rate: float = 0.3  # share of mutations that reverse a strongly coupled cluster
+    oversample: int = 8  # offspring generated per population member before screening
+    explore: float = 0.25  # share of each generation evaluated without regard to screening
+    screen_sigmas: float = 3.0  # screening rules out only what is worse by this many errors
+    polish_batch: int = 8  # local moves evaluated per call during polish
+    use_gradient: bool = True  # ask the model for -dE/dS (free with deepmd-kit)
+    use_surrogate: bool = True
+    max_evaluations: int | None = None
+    chunk_size: int = 65536  # configurations per model call when enumerating
+
+    def __post_init__(self) -> None:
+        for name in ("population", "max_generations", "patience", "warm_patience", "n_lowest",
+                     "tournament_size", "oversample", "polish_batch", "chunk_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.population < 2:
+            raise ValueError(f"population must be >= 2, got {self.population}")
+        for name in ("warm_fraction", "crossover_rate", "cluster_rate", "explore"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """Best configuration found, what it cost, and the n lowest distinct configurations seen.
+
+    surrogate is the pair model learned on the way; pass the result as `prior` to the search
+    of the next, nearby geometry.
+    """
+
+    best_moments: np.ndarray
+    best_energy: float
+    n_evaluations: int
+    lowest: list[tuple[np.ndarray, float]] = field(repr=False)
+    method: str  # "enumeration" | "genetic"
+    n_generations: int = 0
+    surrogate: PairSurrogate | None = field(default=None, repr=False, compare=False)
+
+
+def search_ground_state(model: EnergyModel, levels: MomentLevels, *, start: np.ndarray | None = None,
+                        prior: SearchResult | None = None, seed: int = 0,
+                        settings: SearchSettings | None = None, **overrides) -> SearchResult:
+    """Lowest-energy valid configuration of `levels` under `model`.
+
+    Enumerates when the space has at most enumerate_limit configurations (and fits
+    max_evaluations); else a GA: tournament selection, uniform crossover, single-ion and
+    cluster-reversal mutation, oversample x population offspring screened down to population,
+    (mu + lambda) elitism, greedy polish of every new best. Stops after `patience` generations
+    without a new best (`warm_patience` with a start), max_generations or max_evaluations.
+    start: moments (n_magnetic,) or (k, n_magnetic), snapped to the levels; prior: the result
+    for a nearby geometry (its lowest configurations start, its surrogate seeds the fit).
+    overrides: SearchSettings fields, e.g. population=32.
+    """
+    s = replace(settings or SearchSettings(), **overrides)
+    if model.n_magnetic != levels.n_magnetic:
+        raise ValueError(f"model has {model.n_magnetic} magnetic ions, levels {levels.n_magnetic}")
+    if s.max_evaluations is None or levels.n_configurations <= s.max_evaluations:
+        if levels.n_configurations <= s.enumerate_limit:
+            return _enumerate(model, levels, s.n_lowest, s.chunk_size)
+    if prior is not None and start is None:
+        start = np.array([m for m, _ in prior.lowest])
+    surrogate = None
+    if s.use_surrogate and PairSurrogate.size(levels) <= MAX_PARAMETERS:
+        if prior is not None and prior.surrogate is not None and prior.surrogate.fits(levels):
+            surrogate = prior.surrogate.carried(levels)
+        else:
+            surrogate = PairSurrogate(levels)
+    evals = _Evaluations(model, levels, s.use_gradient, s.max_evaluations, surrogate)
+    ga = _Genetic(evals, np.random.default_rng(seed), s)
+    generations = ga.run(start)
+    lowest = [(levels.to_moments(evals.rows[k])[0], e) for k, e in evals.lowest(s.n_lowest)]
+    return SearchResult(lowest[0][0], lowest[0][1], evals.count, lowest, "genetic", generations, surrogate)
+
+
+def _enumerate(model: EnergyModel, levels: MomentLevels, n_lowest: int, chunk_size: int) -> SearchResult:
+    best_rows = np.empty((0, levels.n_magnetic), dtype=np.int8)
+    best_e = np.empty(0)
+    count = 0
+    for rows in levels.iter_indices(chunk_size):
+        e, _ = model.evaluate(levels.to_moments(rows))
+        count += len(rows)
+        best_rows, best_e = np.concatenate([best_rows, rows]), np.concatenate([best_e, e])
+        keep = np.argsort(best_e, kind="stable")[:n_lowest]
+        best_rows, best_e = best_rows[keep], best_e[keep]
+    lowest = [(m, float(e)) for m, e in zip(levels.to_moments(best_rows), best_e)]
+    return SearchResult(lowest[0][0], lowest[0][1], count, lowest, "enumeration")
+
+
+WARM_MODE = 0
+
+
+class _Evaluations:
+    """Batched, deduplicated, budgeted evaluation of canonical level-index rows."""
+
+    def __init__(self, model, levels, gradient, budget, surrogate):
+        self.model, self.levels, self.gradient, self.surrogate = model, levels, gradient, surrogate
+        self.budget = np.inf if budget is None else int(budget)
+        self.energy: dict[bytes, float] = {}
+        self.minus_grad: dict[bytes, np.ndarray] = {}
+        self.rows: dict[bytes, np.ndarray] = {}
+
+    @property
+    def count(self) -> int:
+        return len(self.energy)
+
+    @property
+    def exhausted(self) -> bool:
+        return self.count >= self.budget
+
+    def __call__(self, rows: np.ndarray) -> np.ndarray:
+        """Energies of valid rows (inf for rows beyond the budget); new rows in one model call."""
+        rows = np.atleast_2d(rows)
+        keys = self.levels.keys(rows)
+        new: dict[bytes, np.ndarray] = {}
+        for key, row in zip(keys, rows):
+            if key not in self.energy and key not in new and self.count + len(new) < self.budget:
+                new[key] = row
+        if new:
+            batch = np.array(list(new.values()), dtype=np.int8)
+            if not self.levels.is_valid(batch).all():
+                raise AssertionError("the search produced an invalid configuration")
+            e, g = self.model.evaluate(self.levels.to_moments(batch), gradient=self.gradient)
+            if self.surrogate is not None:
+                self.surrogate.add(batch, e, g)
+            for n, key in enumerate(new):
+                self.energy[key], self.rows[key] = float(e[n]), batch[n]
+                if g is not None:
+                    self.minus_grad[key] = g[n]
+        return np.array([self.energy.get(k, np.inf) for k in keys])
+
+    def lowest(self, n: int) -> list[tuple[bytes, float]]:
+        return sorted(self.energy.items(), key=lambda kv: kv[1])[:n]
+
+    def best(self) -> bytes:
+        return min(self.energy, key=self.energy.__getitem__)
+
+
+class _Genetic:
+    """One GA run over an _Evaluations cache; population rows are canonical level indices."""
+
+    def __init__(self, evals: _Evaluations, rng: np.random.Generator, settings: SearchSettings) -> None:
+        self.evals, self.levels, self.rng, self.s = evals, evals.levels, rng, settings
+        self.surrogate = evals.surrogate
+        self.size = settings.population
+
+    def run(self, start) -> int:
+        s = self.s
+        warm = start is not None
+        patience = s.warm_patience if warm else s.patience
+        n_eval = max(2, int(round(s.warm_fraction * self.size))) if warm else self.size
+        pop = self._initial(start)
+        best = self.evals.best()
+        stale, generation = 0, 0
+        while stale < patience and generation < s.max_generations and not self.evals.exhausted:
+            generation += 1
+            children = self._screened(self._children(pop, s.oversample * self.size), pop, n_eval, warm)
+            self.evals(children)
+            pop = self._select(np.concatenate([pop, children]))
+            if self.evals.energy[self.evals.best()] < self.evals.energy[best] - 1e-12:
+                polished = self._polish(self.evals.best())
+                pop = self._select(np.concatenate([pop, polished[None]]))
+                best, stale = self.evals.best(), 0
+            else:
+                stale += 1
+        self._polish(self.evals.best(), full=True)
+        return generation
+
+    def _initial(self, start) -> np.ndarray:
+        levels = self.levels
+        if start is None:
+            rows = levels.random_indices(self.size, self.rng)
+            self.evals(rows)
+            return self._select(rows)
+        seeds = levels.to_indices(start, snap=True)
+        seeds = seeds[levels.is_allowed(seeds)]
+        if len(seeds) == 0:
+            raise ValueError("no start configuration lies within the levels and total-moment window")
+        seeds = levels.canonicalise(seeds)
+        self.evals(seeds)
+        best = min(levels.keys(seeds), key=self.evals.energy.__getitem__)
+        return self._select(np.concatenate([self._polish(best, full=True)[None], seeds]))
+
+    def _select(self, rows: np.ndarray) -> np.ndarray:
+        """(mu + lambda): the `size` lowest distinct evaluated rows, lowest first."""
+        unique = {k: r for k, r in zip(self.levels.keys(rows), rows) if k in self.evals.energy}
+        order = sorted(unique, key=self.evals.energy.__getitem__)[: self.size]
+        return np.array([unique[k] for k in order], dtype=np.int8)
+
+    def _tournament(self, n: int) -> int:
+        return int(self.rng.integers(0, n, size=self.s.tournament_size).min())  # pop is sorted
+
+    def _children(self, pop: np.ndarray, n_children: int) -> np.ndarray:
+        """Offspring not evaluated before: tournament, uniform crossover, repair, mutation."""
+        levels, rng, n = self.levels, self.rng, self.levels.n_magnetic
+        seen: set[bytes] = set()
+        children = []
+        for _ in range(4 * n_children):
+            if len(children) >= n_children:
+                break
+            child = pop[self._tournament(len(pop))].copy()
+            if rng.random() < self.s.crossover_rate:
+                other = pop[self._tournament(len(pop))]
+                take = rng.random(n) < 0.5
+                child[take] = other[take]
+                if not levels.is_allowed(child)[0]:
+                    child = self._repair(child)
+            for _ in range(1 + rng.poisson(self.s.extra_mutations)):
+                child = self._mutate(child)
+            child = levels.canonicalise(child)[0]
+            key = child.tobytes()
+            if key not in self.evals.energy and key not in seen:
+                seen.add(key)
+                children.append(child)
+        return np.array(children, dtype=np.int8).reshape(-1, n)
+
+    def _mutate(self, row: np.ndarray) -> np.ndarray:
+        """A random allowed single-ion move or, at cluster_rate, reversal of a coupled cluster."""
+        if self.surrogate is not None and self.rng.random() < self.s.cluster_rate:
+            flipped = self._cluster_flip(row)
+            if flipped is not None:
+                return flipped
+        moves = self.levels.single_moves(row)
+        return moves[self.rng.integers(len(moves))] if len(moves) else row
+
+    def _cluster_flip(self, row: np.ndarray) -> np.ndarray | None:
+        """Reverse the connected component, around a random ion, of the graph |J_ij| > t (t a
+        random fraction of the largest |J|): weakly coupled blocks such as layers, which
+        single-ion moves cannot reorient."""
+        J = np.abs(self.surrogate.coupling)
+        adjacency = J > self.rng.choice([0.1, 0.25, 0.5]) * max(J.max(), 1e-300)
+        cluster = np.zeros(len(J), dtype=bool)
+        cluster[self.rng.integers(len(J))] = True
+        while True:
+            grown = cluster | adjacency[cluster].any(axis=0)
+            if (grown == cluster).all():
+                break
+            cluster = grown
+        flipped = row.copy()
+        flipped[cluster] = self.levels.flip_table[np.flatnonzero(cluster), row[cluster]]
+        ok = (flipped >= 0).all() and self.levels.is_allowed(flipped)[0]
+        return flipped if ok else None
+
+    def _repair(self, row: np.ndarray) -> np.ndarray:
+        """Bring a row back into the total-moment window, changing as few ions as it can."""
+        levels = self.levels
+        for _ in range(levels.n_magnetic):
+            moves = levels.single_moves(row)  # with a fixed total: rows inside the window
+            if len(moves):
+                return moves[self.rng.integers(len(moves))]
+            m = levels.to_moments(row)[0]
+            i = self.rng.integers(levels.n_magnetic)
+            row = row.copy()
+            row[i] = int(np.argmin(np.abs(m.sum() - m[i] + levels.values[i] - levels.total_moment)))
+        raise RuntimeError("could not repair a configuration into the total-moment window")
+
+    def _screened(self, candidates: np.ndarray, pop: np.ndarray, n_eval: int, warm=False) -> np.ndarray:
+        """At most n_eval rows to evaluate: after a free descent on the surrogate, those predicted
+        to enter the population (within screen_sigmas errors), the rest explorers."""
+        if self.surrogate is None or len(candidates) == 0:
+            return candidates[:n_eval]
+        descended = self.levels.canonicalise(self.surrogate.descend(candidates))
+        rows = np.concatenate([descended, candidates])
+        fresh = {k: r for k, r in zip(self.levels.keys(rows), rows) if k not in self.evals.energy}
+        rows = np.array(list(fresh.values()), dtype=np.int8).reshape(-1, self.levels.n_magnetic)
+        if len(rows) == 0:
+            return rows
+        predicted = self.surrogate.predict(rows)
+        worst = max(self.evals.energy[k] for k in self.levels.keys(pop))
+        margin = self.s.screen_sigmas * self.surrogate.error
+        if warm and WARM_MODE:
+            worst = min(self.evals.energy[k] for k in self.levels.keys(pop))
+            margin = self.s.screen_sigmas * (self.surrogate.move_error if WARM_MODE == 2 else self.surrogate.error)
+        order = np.argsort(predicted, kind="stable")
+        n_explore = max(1, int(self.s.explore * n_eval))
+        promising = [i for i in order[: n_eval - n_explore] if predicted[i] < worst + margin]
+        rest = np.setdiff1d(order, promising)
+        explorers = self.rng.choice(rest, size=min(n_explore, len(rest)), replace=False)
+        return rows[np.concatenate([promising, explorers]).astype(int)]
+
+    def _polish(self, key: bytes, full: bool = False) -> np.ndarray:
+        """Greedy descent from a row over screened single-ion moves, in batches.
+
+        Each step evaluates the most promising moves until one improves; it stops at the first
+        batch without improvement or, with full=True, once every move the screening cannot rule
+        out (predicted rise below screen_sigmas errors of predicted moves) has been evaluated.
+        """
+        levels, evals = self.levels, self.evals
+        row, energy = evals.rows[key], evals.energy[key]
+        while not evals.exhausted:
+            moves = levels.single_moves(row)
+            if len(moves) == 0:
+                break
+            if self.surrogate is not None:
+                predicted = self.surrogate.predict(moves) - self.surrogate.predict(row)[0]
+                keep = predicted < self.s.screen_sigmas * self.surrogate.move_error
+            else:
+                predicted = self._first_order(row, moves)
+                keep = np.ones(len(moves), dtype=bool)
+            order = np.argsort(predicted, kind="stable")
+            order = order[keep[order]]
+            candidates = levels.canonicalise(moves[order])
+            energies, done = np.empty(0), 0
+            while done < len(candidates) and not evals.exhausted:
+                energies = np.concatenate([energies, evals(candidates[done: done + self.s.polish_batch])])
+                done += self.s.polish_batch
+                if energies.min() < energy or not full:
+                    break
+            if self.surrogate is not None and len(energies):
+                ok = np.isfinite(energies)
+                self.surrogate.log_moves((energies - energy)[ok], predicted[order][: len(energies)][ok])
+            if len(energies) == 0 or energies.min() >= energy:
+                break
+            best = int(np.argmin(energies))
+            row, energy = candidates[best], energies[best]
+        return row
+
+    def _first_order(self, row: np.ndarray, moves: np.ndarray) -> np.ndarray:
+        """dE ~ -(-dE/dS) . dS from the spin force at row (random order without one)."""
+        minus_grad = self.evals.minus_grad.get(row.tobytes())
+        if minus_grad is None:
+            return self.rng.random(len(moves))
+        return -(self.levels.to_moments(moves) - self.levels.to_moments(row)) @ minus_grad

@@ -1,0 +1,192 @@
+"""`spingen spin-search`: the lowest-energy collinear moments of one structure under trained spin model(s).
+
+For a user who has frozen deepmd-kit spin model(s) and a POSCAR/extxyz: reads the structure with
+ase, builds the moment levels from --moments, runs ``search_ground_state`` through
+``DeepmdSpinModel`` (ensemble mean if several models), prints the ground state, the k lowest
+distinct states, and MAGMOM lines for VASP (to -o or stdout).
+
+eta (A/uB) is the model's virtual_scale, read from the model unless --eta is given. The offset d
+(A) is not stored in a deepmd-kit model: --offset is required (spin.offset of the spingen
+param.json the model was trained with).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Sequence, TextIO
+
+import numpy as np
+
+from spingen.schema import InputError
+
+
+def parse_moments(items: Sequence[str]) -> dict[str, list[float]]:
+    """['Ni=1,3', 'Co=0,1,4,5'] -> {'Ni': [1.0, 3.0], 'Co': [0.0, 1.0, 4.0, 5.0]}."""
+    out: dict[str, list[float]] = {}
+    for item in items:
+        element, sep, values = item.partition("=")
+        element = element.strip()
+        if not sep or not element or not values.strip():
+            raise InputError(f"--moments: '{item}' is not ELEMENT=m1,m2,... (e.g. Ni=1,3)")
+        try:
+            mags = [abs(float(v)) for v in values.split(",") if v.strip()]
+        except ValueError:
+            raise InputError(f"--moments: '{item}': the magnitudes must be numbers (uB)") from None
+        if element in out:
+            raise InputError(f"--moments: {element} is given twice")
+        out[element] = mags
+    return out
+
+
+def magmom_line(moments: Sequence[float]) -> str:
+    """VASP MAGMOM value list with runs compressed: [0, 0, 1, -1, 0, 0, 0, 0] -> '2*0 1.0 -1.0 4*0'."""
+    words: list[str] = []
+    values = [_fmt(m) for m in moments]
+    i = 0
+    while i < len(values):
+        j = i
+        while j + 1 < len(values) and values[j + 1] == values[i]:
+            j += 1
+        n = j - i + 1
+        words.append(values[i] if n == 1 else f"{n}*{values[i]}")
+        i = j + 1
+    return " ".join(words)
+
+
+def _fmt(value: float) -> str:
+    v = round(float(value), 4) + 0.0
+    if v == 0:
+        return "0"
+    text = f"{v:.6g}"
+    return text if ("." in text or "e" in text) else text + ".0"
+
+
+def read_structure(path: str):
+    from ase.io import read
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"structure file '{path}' does not exist")
+    try:
+        atoms = read(str(p))
+    except Exception as err:  # noqa: BLE001 - ase raises many kinds
+        raise InputError(f"cannot read structure '{path}' with ase: {err}") from None
+    if isinstance(atoms, list):
+        atoms = atoms[-1]
+    return atoms
+
+
+def run(models: Sequence[str], structure: str, moments: Sequence[str], *, magnetic: Sequence[int] | None = None,
+        eta: float | None = None, offset: float | None = None, nupdown: float | None = None, k: int = 5,
+        seed: int = 0, output: str | None = None, batch_size: int = 256, max_evaluations: int | None = None,
+        out: TextIO | None = None) -> int:
+    """The tool itself; returns the exit code. Bad input raises InputError."""
+    out = out or sys.stdout
+    magnitudes = parse_moments(moments)
+    if k < 1:
+        raise InputError(f"--k must be >= 1, got {k}")
+    for path in models:
+        if not Path(path).is_file():
+            raise InputError(f"model file '{path}' does not exist")
+    atoms = read_structure(structure)
+    symbols = atoms.get_chemical_symbols()
+    if offset is None:
+        raise InputError("--offset is required: the offset d (A) of the spin encoding is not stored in a deepmd-kit "
+                         "model; use spin.offset of the spingen param.json the model was trained with")
+
+    from spingen.deepmd_model import DeepmdSpinModel, load_models, model_spin_settings
+    from spingen.spin import MomentLevels, SpinEncoding, search_ground_state
+
+    dps = load_models(list(models))
+    type_map = list(dps[0].get_type_map())
+    not_in_model = sorted(set(symbols) - set(type_map))
+    if not_in_model:
+        raise InputError(f"elements {not_in_model} of '{structure}' are not in the model's type_map {type_map}")
+    unknown = sorted(set(magnitudes) - set(type_map))
+    if unknown:
+        raise InputError(f"--moments: elements {unknown} are not in the model's type_map {type_map}")
+    absent = sorted(set(magnitudes) - set(symbols))
+    if absent:
+        raise InputError(f"--moments: elements {absent} do not occur in '{structure}'")
+    spin_scales = model_spin_settings(dps[0])
+    if spin_scales:
+        no_spin = sorted(set(magnitudes) - set(spin_scales))
+        if no_spin:
+            raise InputError(f"--moments: the model has no spin for {no_spin} (spin elements: {sorted(spin_scales)})")
+    present_spin = sorted({s for s in symbols if s in spin_scales}) or sorted(magnitudes)
+    if eta is None:
+        scales = {spin_scales[el] for el in present_spin if el in spin_scales}
+        if len(scales) != 1:
+            raise InputError("--eta is required: the model's virtual_scale could not be read"
+                             if not scales else f"--eta is required: the model's virtual_scale differs between "
+                             f"elements {({el: spin_scales[el] for el in present_spin})}")
+        eta = scales.pop()
+    elif spin_scales and any(abs(spin_scales[el] - eta) > 1e-9 for el in present_spin if el in spin_scales):
+        print(f"warning: --eta {eta} differs from the model's virtual_scale "
+              f"{({el: spin_scales[el] for el in present_spin})}", file=sys.stderr)
+    encoding = SpinEncoding(tuple(present_spin), float(eta), float(offset))
+
+    natoms = len(symbols)
+    if magnetic:
+        sel = sorted(set(int(i) for i in magnetic))
+        bad = [i for i in sel if not 0 <= i < natoms or symbols[i] not in magnitudes]
+        if bad:
+            raise InputError(f"--magnetic: atoms {bad} are out of range or not of an element in --moments "
+                             f"{sorted(magnitudes)}")
+    else:
+        sel = [i for i, s in enumerate(symbols) if s in magnitudes]
+    searched_symbols = [s if i in set(sel) else f"{s}:fixed" for i, s in enumerate(symbols)]
+    background = np.asarray(atoms.get_initial_magnetic_moments(), dtype=float).reshape(natoms)
+    try:
+        levels = MomentLevels(magnitudes, searched_symbols, total_moment=nupdown)
+        model = DeepmdSpinModel(dps, atoms.positions, atoms.cell.array if atoms.pbc.any() else None, symbols,
+                                encoding, np.array(sel, dtype=int), background_moments=background,
+                                batch_size=batch_size)
+    except ValueError as err:
+        raise InputError(str(err)) from None
+    assert np.array_equal(levels.magnetic_indices, model.magnetic_indices)
+
+    result = search_ground_state(model, levels, seed=seed, n_lowest=k, max_evaluations=max_evaluations)
+    states = [np.asarray(m, dtype=float) for m, _ in result.lowest]
+    energies = np.array([e for _, e in result.lowest])
+
+    def full(m: np.ndarray) -> np.ndarray:
+        f = background.copy()
+        f[model.magnetic_indices] = m
+        return f
+
+    counts = {el: searched_symbols.count(el) for el in magnitudes}
+    print(f"structure   {structure}: {natoms} atoms, {atoms.get_chemical_formula()}", file=out)
+    print(f"models      {len(dps)} ({', '.join(str(m) for m in models)}); eta {eta} A/uB, offset {offset} A",
+          file=out)
+    print(f"levels      " + "; ".join(f"{el} x{counts[el]}: +-{', +-'.join(_fmt(v) for v in sorted(magnitudes[el]))}"
+                                      for el in magnitudes)
+          + (f"; total moment {nupdown}" if nupdown is not None else "") + " (global sign fixed)", file=out)
+    print(f"search      {result.method}; {result.n_evaluations} evaluations of {levels.n_configurations} "
+          f"configurations ({100.0 * result.n_evaluations / levels.n_configurations:.3g}%)", file=out)
+    print(f"ground state energy {result.best_energy:.6f} eV", file=out)
+    if model.n_models > 1:
+        members, _ = model.evaluate_members(states)
+        spread = members.std(axis=0)
+        print(f"ensemble spread (std of {model.n_models} models) of the ground state: {1000 * spread[0]:.2f} meV",
+              file=out)
+    print("  index element  moment", file=out)
+    for i, m in zip(model.magnetic_indices, result.best_moments):
+        print(f"  {i:5d} {symbols[i]:<7s} {m:+7.3f}", file=out)
+    seen = "of all" if result.method == "enumeration" else "seen by the search"
+    print(f"lowest {len(states)} distinct states {seen} (E - E0, meV; moments in ion order "
+          f"{' '.join(f'{symbols[i]}{i}' for i in model.magnetic_indices)}):", file=out)
+    for n, (m, e) in enumerate(zip(states, energies), start=1):
+        print(f"  {n:3d} {1000 * (e - energies[0]):10.2f}  {' '.join(_fmt(v) for v in m)}", file=out)
+
+    lines = [f"MAGMOM = {magmom_line(full(states[0]))}   # ground state, E = {energies[0]:.6f} eV"]
+    for n, (m, e) in enumerate(zip(states[1:], energies[1:]), start=2):
+        lines.append(f"# state {n}, E - E0 = {1000 * (e - energies[0]):.2f} meV: MAGMOM = {magmom_line(full(m))}")
+    text = "\n".join(lines) + "\n"
+    if output:
+        Path(output).write_text(text)
+        print(f"MAGMOM lines written to {output}", file=out)
+    else:
+        print(text, end="", file=out)
+    return 0

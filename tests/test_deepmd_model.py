@@ -1,0 +1,224 @@
+"""DeepmdSpinModel and `spingen spin-search` against a real tiny deepmd-kit spin model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import BIN, lini_frames, tiny_training_param, write_poscar, write_spin_system
+
+from spingen.cli import main
+from spingen.schema import SpinSettings
+from spingen.spin import MomentLevels, SpinEncoding, search_ground_state
+from spingen.stages.train import training_input, write_training_data
+
+SPIN = SpinSettings(True, ("Ni",), 0.3, 0.2, "auto", 0.05, True)
+ENCODING = SPIN.encoding
+TYPE_MAP = ["Li", "Ni", "O"]
+NI = [4, 6]  # the Ni atoms of conftest's Li2Ni2O4 cell
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Two frozen spin models of one tiny training run (checkpoints at steps 10 and 20)."""
+    from deepmd.pt.entrypoints.main import freeze
+
+    root = tmp_path_factory.mktemp("deepmd_spin")
+    raw = write_spin_system(root / "raw", n_frames=12)
+    write_training_data([raw], root / "data", TYPE_MAP, SPIN)
+    inp = training_input(tiny_training_param(20), TYPE_MAP, SPIN, ["data/sys.000"], seed=3)
+    (root / "input.json").write_text(json.dumps(inp))
+    done = subprocess.run([str(BIN / "dp"), "--pt", "train", "input.json"], cwd=root, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    paths = []
+    for step in (20, 10):
+        freeze(model=str(root / f"model.ckpt-{step}.pt"), output=str(root / f"frozen_{step}.pth"))
+        paths.append(root / f"frozen_{step}.pth")
+    return paths
+
+
+@pytest.fixture(scope="module")
+def deeppots(models):
+    from deepmd.infer import DeepPot
+
+    return [DeepPot(str(p)) for p in models]
+
+
+@pytest.fixture(scope="module")
+def atoms():
+    return lini_frames(1, 5)[0][0]
+
+
+def bind(dp, atoms, **kwargs):
+    from spingen.deepmd_model import DeepmdSpinModel
+
+    return DeepmdSpinModel.from_atoms(atoms, dp, ENCODING, **kwargs)
+
+
+def reference(dp, model, atoms, moments):
+    """Frame-by-frame DeepPot.eval: energies and force_mag_z of the magnetic ions."""
+    energies, grads = [], []
+    for row in moments:
+        spin = model.spin_vectors(row[None])
+        e, _, _, fm, _ = dp.eval(atoms.positions.reshape(1, -1), atoms.cell.array.reshape(1, 9), model.atom_types,
+                                 spin=spin)
+        energies.append(e.item())
+        grads.append(fm[0, model.magnetic_indices, 2])
+    return np.array(energies), np.array(grads)
+
+
+def random_moments(n, seed=0):
+    return np.random.default_rng(seed).choice([-3.0, -1.0, 1.0, 3.0], size=(n, 2))
+
+
+def test_batched_and_chunked_match_deeppot_frame_by_frame(deeppots, atoms):
+    dp = deeppots[0]
+    moments = random_moments(7)
+    model = bind(dp, atoms)
+    assert list(model.magnetic_indices) == NI and model.magnetic_symbols == ("Ni", "Ni")
+    e_ref, g_ref = reference(dp, model, atoms, moments)
+    assert np.ptp(e_ref) > 1e-4, "the moments must change the energy for this test to mean anything"
+    e, g = model.evaluate(moments, gradient=True)
+    np.testing.assert_allclose(e, e_ref, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(g, g_ref, rtol=0, atol=1e-10)
+    assert model.n_calls == 1 and model.n_evaluations == 7
+
+    energy_only, none = model.evaluate(moments)  # forward-only path
+    assert none is None and model.energy_path == "forward-only"
+    np.testing.assert_allclose(energy_only, e_ref, rtol=0, atol=1e-10)
+
+    chunked = bind(dp, atoms, batch_size=3)
+    e3, g3 = chunked.evaluate(moments, gradient=True)
+    np.testing.assert_allclose(e3, e_ref, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(g3, g_ref, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(chunked.evaluate(moments)[0], e_ref, rtol=0, atol=1e-10)
+    one_by_one = np.array([chunked.evaluate(row)[0][0] for row in moments])
+    np.testing.assert_allclose(one_by_one, e_ref, rtol=0, atol=1e-10)
+
+    plain = bind(dp, atoms, energy_only=False)
+    np.testing.assert_allclose(plain.evaluate(moments)[0], e_ref, rtol=0, atol=1e-10)
+    assert plain.energy_path == "DeepPot.eval"
+
+
+def test_minus_dE_dS_is_a_finite_difference_of_the_energy(deeppots, atoms):
+    model = bind(deeppots[0], atoms)
+    moments = np.array([[3.0, -1.0], [1.0, 1.0]])
+    _, minus_grad = model.evaluate(moments, gradient=True)
+    h = 1e-4
+    for i in range(2):
+        step = np.zeros(2)
+        step[i] = h
+        e_plus, _ = model.evaluate(moments + step)
+        e_minus, _ = model.evaluate(moments - step)
+        np.testing.assert_allclose(-(e_plus - e_minus) / (2 * h), minus_grad[:, i], rtol=1e-4, atol=1e-7)
+
+
+def test_ensemble_is_the_mean_of_its_members(models, deeppots, atoms):
+    moments = random_moments(5, seed=1)
+    ensemble = bind(list(models), atoms)  # paths are loaded
+    assert ensemble.n_models == 2
+    singles = [bind(dp, atoms).evaluate(moments, gradient=True) for dp in deeppots]
+    e, g = ensemble.evaluate(moments, gradient=True)
+    assert not np.allclose(singles[0][0], singles[1][0]), "two checkpoints must be two different models"
+    np.testing.assert_allclose(e, (singles[0][0] + singles[1][0]) / 2, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(g, (singles[0][1] + singles[1][1]) / 2, rtol=0, atol=1e-10)
+    members, member_grads = ensemble.evaluate_members(moments, gradient=True)
+    assert members.shape == (2, 5) and member_grads.shape == (2, 5, 2)
+    np.testing.assert_allclose(members[1], singles[1][0], rtol=0, atol=1e-10)
+    np.testing.assert_allclose(ensemble.evaluate(moments)[0], e, rtol=0, atol=1e-10)
+
+
+def test_search_matches_brute_force(deeppots, atoms):
+    model = bind(deeppots, atoms)
+    levels = MomentLevels({"Ni": [1, 3]}, atoms.get_chemical_symbols())
+    assert np.array_equal(levels.magnetic_indices, model.magnetic_indices) and levels.n_configurations == 8
+    every = np.concatenate(list(levels.iter_moments()))
+    energies, _ = model.evaluate(every)
+    best = every[np.argmin(energies)]
+    for kwargs in ({}, {"enumerate_limit": 1, "seed": 4}):  # enumeration, then the GA
+        result = search_ground_state(model, levels, **kwargs)
+        np.testing.assert_array_equal(result.best_moments, best)
+        assert result.best_energy == pytest.approx(energies.min(), abs=1e-10)
+        assert result.n_evaluations <= 8
+
+
+def test_bad_bindings_are_refused(deeppots, atoms):
+    from spingen.deepmd_model import DeepmdSpinModel
+
+    co = atoms.copy()
+    co.symbols[4] = "Co"
+    with pytest.raises(ValueError, match=r"\['Co'\] of the structure are not in the model's type_map"):
+        DeepmdSpinModel.from_atoms(co, deeppots[0], ENCODING)
+    with pytest.raises(ValueError, match="Li is not magnetic"):
+        bind(deeppots[0], atoms, magnetic=[0, 1])
+    with pytest.raises(ValueError, match="has no spin for Li"):
+        DeepmdSpinModel.from_atoms(atoms, deeppots[0], SpinEncoding(("Li", "Ni"), 0.3, 0.2), magnetic=[0])
+    with pytest.raises(FileNotFoundError, match="nothere.pth"):
+        bind("nothere.pth", atoms)
+    mask = np.zeros(len(atoms), dtype=bool)
+    mask[6] = True
+    assert list(bind(deeppots[0], atoms, magnetic=mask).magnetic_indices) == [6]
+
+
+def expand_magmom(line: str) -> list[float]:
+    values = []
+    for word in line.split("=", 1)[1].split("#")[0].split():
+        n, _, v = word.rpartition("*")
+        values += [float(v)] * (int(n) if n else 1)
+    return values
+
+
+def test_cli_spin_search(models, deeppots, tmp_path, capsys):
+    from ase.io import read
+
+    from spingen.tools.spin_search import magmom_line
+
+    assert magmom_line([0, 0, 1, -1, 0, 0, 0, 0]) == "2*0 1.0 -1.0 4*0"
+    assert magmom_line([1.85, 1.85, -0.5]) == "2*1.85 -0.5"
+    poscar = write_poscar(tmp_path / "POSCAR")
+    out = tmp_path / "magmom.txt"
+    code = main(["spin-search", *map(str, models), str(poscar), "--moments", "Ni=1,3", "--offset", "0.2",
+                 "--k", "3", "-o", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "eta 0.3 A/uB" in printed, "eta is read from the model"
+    assert "8 evaluations of 8 configurations" in printed and "lowest 3 distinct states" in printed
+
+    atoms = read(poscar)
+    model = bind(deeppots, atoms)
+    levels = MomentLevels({"Ni": [1, 3]}, atoms.get_chemical_symbols())
+    every = np.concatenate(list(levels.iter_moments()))
+    energies, _ = model.evaluate(every)
+    best = every[np.argmin(energies)]
+    assert f"ground state energy {energies.min():.6f} eV" in printed
+    lines = out.read_text().splitlines()
+    assert len(lines) == 3 and lines[0].startswith("MAGMOM = ") and lines[1].startswith("# state 2")
+    magmom = expand_magmom(lines[0])
+    assert len(magmom) == len(atoms)
+    expected = np.zeros(len(atoms))
+    expected[NI] = best
+    np.testing.assert_array_equal(magmom, expected)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--moments", "Ni=1,3"], "--offset is required"),
+    (["--moments", "Co=1,3", "--offset", "0.2"], "['Co'] are not in the model's type_map"),
+    (["--moments", "Ni=1,x", "--offset", "0.2"], "must be numbers"),
+    (["--moments", "Ni=1,3", "--offset", "0.2", "--magnetic", "0"], "--magnetic: atoms [0]"),
+])
+def test_cli_spin_search_errors(models, tmp_path, capsys, args, message):
+    poscar = write_poscar(tmp_path / "POSCAR")
+    assert main(["spin-search", str(models[0]), str(poscar), *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_spin_search_missing_files(models, tmp_path, capsys):
+    assert main(["spin-search", str(models[0]), str(tmp_path / "POSCAR"), "--moments", "Ni=1", "--offset", "0.2"]) == 2
+    assert f"structure file '{tmp_path / 'POSCAR'}' does not exist" in capsys.readouterr().err
+    poscar = write_poscar(tmp_path / "POSCAR")
+    assert main(["spin-search", "missing.pth", str(poscar), "--moments", "Ni=1", "--offset", "0.2"]) == 2
+    assert "model file 'missing.pth' does not exist" in capsys.readouterr().err

@@ -1,0 +1,283 @@
+"""Moment levels, energy models and the ground-state search of spingen.spin (numpy only, fast)."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from spingen.spin import (AnalyticSpinModel, EnergyModel, Exchange, MomentLevels, SearchSettings,
+                          SymmetrizedModel, infer_magnitudes, search_ground_state, triangular_layers)
+
+SYMBOLS8 = ["Ni", "Co", "Mn", "Ni", "Co", "Mn", "Ni", "Co"]
+MAGS8 = {"Ni": [1, 3], "Co": [1, 4], "Mn": [3, 4]}  # 4 signed states per ion
+ONSITE8 = {"Ni": {1: 0.0, 3: 0.45}, "Co": {1: 0.0, 4: 0.7}, "Mn": {3: 0.0, 4: 0.25}}
+EXCHANGE = [Exchange(0.025, 0.5), Exchange(-0.004, 1.5, r_ref=5.0, cutoff=7.0)]
+
+
+def model8(seed: int, biquadratic: float = 5e-4, symbols=SYMBOLS8) -> AnalyticSpinModel:
+    """An 8-ion layered cell, randomly strained and displaced, with frustrated exchange."""
+    rng = np.random.default_rng(seed)
+    pos, cell = triangular_layers(2, 2, 2)
+    strain = np.eye(3) + rng.normal(0, 0.02, (3, 3))
+    pos = pos @ strain + rng.normal(0, 0.15, pos.shape)
+    bq = Exchange(biquadratic, 0.5) if biquadratic else None
+    return AnalyticSpinModel(pos, cell @ strain, symbols, ONSITE8, EXCHANGE, biquadratic=bq)
+
+
+def all_rows(levels: MomentLevels) -> np.ndarray:
+    return np.array(list(itertools.product(*[range(n) for n in levels.n_values])), dtype=np.int8)
+
+
+def brute_force(model: EnergyModel, levels: MomentLevels) -> float:
+    """Minimum over every allowed configuration, both global signs, evaluated directly."""
+    rows = all_rows(levels)
+    rows = rows[levels.is_allowed(rows)]
+    return float(model.calculate(levels.to_moments(rows), False)[0].min())
+
+
+class Recording(EnergyModel):
+    """Wraps a model and keeps every configuration it was asked to evaluate."""
+
+    def __init__(self, inner: EnergyModel) -> None:
+        super().__init__(inner.n_magnetic)
+        self.inner, self.seen = inner, []
+
+    def calculate(self, moments, gradient):
+        self.seen.append(moments.copy())
+        return self.inner.calculate(moments, gradient)
+
+    @property
+    def all_seen(self) -> np.ndarray:
+        return np.concatenate(self.seen)
+
+
+# -- levels ------------------------------------------------------------------------------------
+def test_signed_values_and_counts():
+    levels = MomentLevels({"Co": [0, 1, 4, 5]}, ["Li", "Co", "O", "Co", "Co"], fix_global_sign=False)
+    assert levels.magnetic_indices.tolist() == [1, 3, 4]
+    assert levels.values[0].tolist() == [-5, -4, -1, 0, 1, 4, 5]
+    assert levels.n_configurations == 7**3
+    fixed = MomentLevels({"Co": [0, 1, 4, 5]}, ["Li", "Co", "O", "Co", "Co"])
+    assert fixed.n_configurations == (7**3 - 1) // 2 + 1  # all-zero is its own reversal
+    rows = np.concatenate(list(fixed.iter_indices(chunk_size=10)))
+    assert len(rows) == fixed.n_configurations == len(set(fixed.keys(rows)))
+    assert fixed.is_valid(rows).all()
+
+
+@pytest.mark.parametrize("total, signs, fix", [(None, {}, True), (2.0, {}, True), (0.0, {}, True),
+                                               (0.0, {1: -1}, True), (1.0, {3: 1}, False)])
+def test_counts_and_enumeration_match_brute_force(total, signs, fix):
+    symbols = ["Ni", "Co", "Mn", "Co", "Ni"]
+    mags = {"Ni": [0, 1, 3], "Co": [0, 1.5], "Mn": [2, 4]}
+    levels = MomentLevels(mags, symbols, total_moment=total, fixed_signs=signs, fix_global_sign=fix)
+    rows = all_rows(levels)
+    m = levels.to_moments(rows)
+    ok = levels.is_allowed(rows)
+    if total is not None:
+        assert np.allclose(m[ok].sum(axis=1), total)
+    for atom, sign in signs.items():
+        assert (sign * m[ok, list(levels.magnetic_indices).index(atom)] >= 0).all()
+    expected = set()
+    allowed = {r.tobytes() for r in rows[ok]}
+    for r, mm in zip(rows[ok], m[ok]):  # independent canonical rule
+        nz = mm[mm != 0]
+        flip = levels.to_indices(-mm, snap=True)[0] if np.isin(-mm, levels.table).all() else None
+        flip_ok = flip is not None and np.allclose(levels.to_moments(flip)[0], -mm) and flip.tobytes() in allowed
+        if not fix or not flip_ok or nz.size == 0 or nz[0] > 0:
+            expected.add(r.tobytes())
+    enumerated = np.concatenate(list(levels.iter_indices(chunk_size=7)))
+    assert levels.n_configurations == len(expected)
+    assert set(levels.keys(enumerated)) == expected and len(enumerated) == len(expected)
+
+
+def test_canonicalise_and_random_sampling():
+    levels = MomentLevels(MAGS8, SYMBOLS8)
+    rng = np.random.default_rng(3)
+    free = all_rows(levels)[rng.choice(4**8, 200, replace=False)]
+    canon = levels.canonicalise(free)
+    assert levels.is_valid(canon).all()
+    flipped = levels.flip_table[np.arange(8), free]
+    assert np.array_equal(levels.canonicalise(flipped), canon)
+    m = levels.to_moments(canon)
+    assert (m[:, 0] > 0).all()  # no zero level: the first ion carries the sign
+    constrained = MomentLevels(MAGS8, SYMBOLS8, total_moment=2.0)
+    sample = constrained.random_indices(300, rng)
+    assert constrained.is_valid(sample).all()
+    assert np.allclose(constrained.to_moments(sample).sum(axis=1), 2.0)
+
+
+def test_conversions_and_bad_input():
+    levels = MomentLevels(MAGS8, SYMBOLS8)
+    m = np.array([[1, -4, 3, 1, 1, -4, -3, 4]], dtype=float)
+    assert np.array_equal(levels.to_moments(levels.to_indices(m)), m)
+    assert np.array_equal(levels.to_moments(levels.to_indices(m + 0.3, snap=True)), m)
+    with pytest.raises(ValueError, match=r"atom 1 \(Co\)"):
+        levels.to_indices([[1, 2, 3, 1, 1, 4, 3, 4]])
+    with pytest.raises(ValueError, match="Co"):
+        MomentLevels({"Co": [-1, 2]}, ["Co"])
+    with pytest.raises(ValueError, match="Ni.*repeat"):
+        MomentLevels({"Ni": [1, 1.0]}, ["Ni"])
+    with pytest.raises(ValueError, match=r"atom 2 \(O\).*not a magnetic ion"):
+        MomentLevels(MAGS8, ["Ni", "Co", "O"], fixed_signs={2: 1})
+    with pytest.raises(ValueError, match=r"atom 0.*\+1 or -1"):
+        MomentLevels(MAGS8, ["Ni"], fixed_signs={0: 2})
+    with pytest.raises(ValueError, match="no atom"):
+        MomentLevels(MAGS8, ["Li", "O"])
+    with pytest.raises(ValueError, match="total moment"):
+        MomentLevels({"Ni": [1, 3]}, ["Ni", "Ni"], total_moment=1.0)
+    with pytest.raises(ValueError, match=r"atom 0 \(Ni\).*outside"):
+        levels.to_moments([[4, 0, 0, 0, 0, 0, 0, 0]])
+
+
+def test_infer_magnitudes():
+    observed = {"Ni": [0.02, -0.05, 0.98, -1.03, 1.01, 2.95, -3.05],
+                "Mn": [3.9, 4.05, -2.95, 3.02, 1.85, 1.6]}
+    levels = infer_magnitudes(observed, tol=0.2)
+    assert levels["Ni"] == [0.0, pytest.approx(1.007, abs=1e-3), pytest.approx(3.0, abs=1e-3)]
+    assert levels["Mn"] == [pytest.approx(1.6), pytest.approx(1.85), pytest.approx(2.985),
+                            pytest.approx(3.975)]
+    assert len(infer_magnitudes(observed, tol=0.3)["Mn"]) == 3  # 1.6 and 1.85 merge
+    with pytest.raises(ValueError, match="tol"):
+        infer_magnitudes(observed, tol=0)
+    with pytest.raises(ValueError, match="Co"):
+        infer_magnitudes({"Co": []})
+    with pytest.raises(ValueError, match="Fe.*NaN"):
+        infer_magnitudes({"Fe": [1.0, np.nan]})
+
+
+# -- models ------------------------------------------------------------------------------------
+def test_analytic_model_gradient_flip_and_counting():
+    model = model8(0, biquadratic=1e-3)
+    rng = np.random.default_rng(1)
+    S = rng.uniform(-4.5, 4.5, (5, 8))
+    e, g = model.evaluate(S, gradient=True)
+    h = 1e-6
+    fd = np.array([(model.calculate(S + h * np.eye(8)[i], False)[0]
+                    - model.calculate(S - h * np.eye(8)[i], False)[0]) / (2 * h) for i in range(8)]).T
+    assert np.allclose(-fd, g, atol=1e-6)
+    assert np.allclose(model.evaluate(-S)[0], e)
+    assert model.n_evaluations == 10 and model.n_calls == 2
+    with pytest.raises(ValueError, match=r"\(nconf, 8\)"):
+        model.evaluate(np.zeros((2, 7)))
+    with pytest.raises(ValueError, match=r"\(Ni, Co\)"):
+        pos, cell = triangular_layers(2, 1, 1)
+        AnalyticSpinModel(pos, cell, ["Ni", "Co"], ONSITE8, {("Ni", "Ni"): Exchange(0.01)})
+
+
+def test_27_ion_cell_builds_and_evaluates():
+    pos, cell = triangular_layers(3, 3, 3)
+    symbols = [["Ni", "Co", "Mn"][(i + j + k) % 3] for k in range(3) for j in range(3) for i in range(3)]
+    model = AnalyticSpinModel(pos, cell, symbols, ONSITE8, EXCHANGE)
+    assert model.n_magnetic == 27
+    nn = np.sort(model.distances, axis=1)[:, 1:7]
+    assert np.allclose(nn, 2.85)  # six in-plane neighbours at a
+    assert model.evaluate(np.ones((3, 27)))[0].shape == (3,)
+
+
+def test_symmetrized_model():
+    class Lopsided(EnergyModel):
+        def calculate(self, moments, gradient):
+            w = np.arange(1.0, self.n_magnetic + 1)
+            e = moments @ w + 0.1 * (moments**2).sum(axis=1)
+            return e, (-(w + 0.2 * moments) if gradient else None)
+
+    inner = Lopsided(4)
+    sym = SymmetrizedModel(inner)
+    S = np.random.default_rng(2).normal(size=(3, 4))
+    e, g = sym.evaluate(S, gradient=True)
+    assert np.allclose(e, sym.evaluate(-S)[0]) and not np.allclose(inner.evaluate(S)[0], inner.evaluate(-S)[0])
+    assert np.allclose(g, -0.2 * S)
+    assert sym.n_evaluations == 6 and inner.n_evaluations == 12 + 6 and inner.n_calls == 2 + 2
+
+
+# -- search ------------------------------------------------------------------------------------
+def test_enumeration_is_exact_and_halved_by_the_global_sign():
+    model = model8(1)
+    exact = brute_force(model, MomentLevels(MAGS8, SYMBOLS8, fix_global_sign=False))
+    counts = {}
+    for fix in (True, False):
+        levels = MomentLevels(MAGS8, SYMBOLS8, fix_global_sign=fix)
+        rec = Recording(model)
+        result = search_ground_state(rec, levels, enumerate_limit=10**6, chunk_size=5000)
+        assert result.method == "enumeration"
+        assert result.best_energy == pytest.approx(exact, abs=1e-12)
+        energies = [e for _, e in result.lowest]
+        assert energies == sorted(energies) and len(result.lowest) == 5
+        assert len({levels.to_indices(m)[0].tobytes() for m, _ in result.lowest}) == 5
+        counts[fix] = rec.n_evaluations
+        assert result.n_evaluations == rec.n_evaluations == levels.n_configurations
+        assert max(len(s) for s in rec.seen) <= 5000
+    assert counts == {True: 4**8 // 2, False: 4**8}
+
+
+@pytest.mark.parametrize("geometry, seed", [(2, 0), (3, 1), (4, 2), (5, 3)])
+def test_genetic_search_finds_the_exhaustive_ground_state(geometry, seed):
+    model = model8(geometry)
+    levels = MomentLevels(MAGS8, SYMBOLS8)
+    rec = Recording(model)
+    result = search_ground_state(rec, levels, seed=seed, enumerate_limit=0)
+    assert result.method == "genetic"
+    assert result.best_energy == pytest.approx(brute_force(model, levels), abs=1e-9)
+    assert result.n_evaluations < 0.05 * 4**8
+    seen = rec.all_seen
+    assert levels.is_valid(levels.to_indices(seen)).all()  # first moment > 0 everywhere
+    assert len(set(levels.keys(levels.to_indices(seen)))) == len(seen) == result.n_evaluations
+    assert model.evaluate(result.best_moments)[0][0] == pytest.approx(result.best_energy)
+
+
+def test_search_is_reproducible_and_budgeted():
+    model, levels = model8(6), MomentLevels(MAGS8, SYMBOLS8)
+    a = search_ground_state(model, levels, seed=7, enumerate_limit=0)
+    b = search_ground_state(model, levels, seed=7, enumerate_limit=0)
+    assert (a.best_energy, a.n_evaluations) == (b.best_energy, b.n_evaluations)
+    assert np.array_equal(a.best_moments, b.best_moments)
+    rec = Recording(model)
+    capped = search_ground_state(rec, levels, seed=7, enumerate_limit=0, max_evaluations=40)
+    assert capped.n_evaluations == rec.n_evaluations <= 40
+
+
+def test_warm_start_from_the_ground_state_is_cheap():
+    model, levels = model8(7), MomentLevels(MAGS8, SYMBOLS8)
+    cold = search_ground_state(model, levels, seed=0, enumerate_limit=0)
+    assert cold.best_energy == pytest.approx(brute_force(model, levels), abs=1e-9)
+    warm = search_ground_state(model, levels, seed=1, enumerate_limit=0, start=cold.best_moments)
+    assert warm.best_energy == pytest.approx(cold.best_energy, abs=1e-12)
+    s = SearchSettings()  # the start, its 24 neighbours, warm_patience small generations
+    assert warm.n_evaluations <= 1 + 24 + s.warm_patience * round(s.warm_fraction * s.population)
+    again = search_ground_state(model8(7), levels, seed=2, enumerate_limit=0, prior=cold)
+    assert again.best_energy == pytest.approx(cold.best_energy, abs=1e-12)
+    assert again.n_evaluations <= 0.25 * cold.n_evaluations  # the prior's surrogate screens
+
+
+@pytest.mark.parametrize("enumerate_limit", [0, 10**6])
+def test_fixed_total_moment_and_signs_are_honoured(enumerate_limit):
+    model = model8(8)
+    pins = {1: -1, 4: 1}  # atom index -> sign
+    levels = MomentLevels(MAGS8, SYMBOLS8, total_moment=2.0, fixed_signs=pins)
+    rec = Recording(model)
+    result = search_ground_state(rec, levels, seed=0, enumerate_limit=enumerate_limit)
+    seen = rec.all_seen
+    assert np.allclose(seen.sum(axis=1), 2.0)
+    assert (seen[:, 1] < 0).all() and (seen[:, 4] > 0).all()
+    assert result.best_energy == pytest.approx(brute_force(model, levels), abs=1e-9)
+    assert len(set(levels.keys(levels.to_indices(seen)))) == len(seen)
+
+
+def test_first_order_screening_without_surrogate():
+    model, levels = model8(9), MomentLevels(MAGS8, SYMBOLS8)
+    result = search_ground_state(model, levels, seed=0, enumerate_limit=0, use_surrogate=False,
+                                 patience=40, population=32)
+    assert result.surrogate is None
+    assert result.best_energy == pytest.approx(brute_force(model, levels), abs=1e-9)
+
+
+def test_settings_are_checked():
+    model, levels = model8(0), MomentLevels(MAGS8, SYMBOLS8)
+    with pytest.raises(ValueError, match="population"):
+        search_ground_state(model, levels, population=1)
+    with pytest.raises(TypeError):
+        search_ground_state(model, levels, populaton=8)
+    with pytest.raises(ValueError, match="explore"):
+        SearchSettings(explore=1.5)
+    with pytest.raises(ValueError, match="magnetic ions"):
+        search_ground_state(model, MomentLevels(MAGS8, SYMBOLS8[:7]))
