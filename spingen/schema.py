@@ -77,8 +77,10 @@ def _model_devi_job_arginfo() -> Argument:
             Argument("spin_devi_freq", int, optional=True, default=1,
                      doc="Compute the spin disagreement (each model searches its own ground state) every "
                          "spin_devi_freq-th written frame (1: every frame; 0: never). Costs one search per model."),
-            Argument("taut", float, optional=True, default=0.1, doc="Coupling time of the thermostat (ps), as in DP-GEN."),
-            Argument("taup", float, optional=True, default=0.5, doc="Coupling time of the barostat (ps), as in DP-GEN."),
+            Argument("taut", float, optional=True, default=0.1,
+                     doc="Coupling time of the thermostat (ps), as in DP-GEN."),
+            Argument("taup", float, optional=True, default=0.5,
+                     doc="Coupling time of the barostat (ps), as in DP-GEN."),
         ],
         repeat=True,
     )
@@ -196,19 +198,25 @@ def param_arginfo() -> Argument:
         Argument("model_devi_compressibility", float, optional=True, default=1e-6,
                  doc="Compressibility (1/bar) of the npt-berendsen barostat (about 1e-6 for an oxide)."),
         Argument("model_devi_spin_search", dict, optional=True, default={},
-                 doc="Settings of the spin searches during MD (warm-started from the current moments).",
+                 doc="Settings of the spin searches during MD (each warm-started from the current moments and "
+                     "the previous search). Each key is a field of spingen.spin.search.SearchSettings; "
+                     "null or absent: the search's own default.",
                  sub_fields=[
-                     Argument("population", int, optional=True, default=16, doc="Genetic-search population."),
-                     Argument("warm_patience", int, optional=True, default=2,
+                     Argument("population", [int, type(None)], optional=True, default=None,
+                              doc="Genetic-search population."),
+                     Argument("warm_patience", [int, type(None)], optional=True, default=None,
                               doc="Generations without improvement before a warm-started search stops."),
-                     Argument("patience", int, optional=True, default=12,
+                     Argument("patience", [int, type(None)], optional=True, default=None,
                               doc="The same for the first (cold) search of a trajectory."),
-                     Argument("enumerate_limit", int, optional=True, default=2048,
+                     Argument("enumerate_limit", [int, type(None)], optional=True, default=None,
                               doc="Enumerate every configuration when there are at most this many."),
                      Argument("max_evaluations", [int, type(None)], optional=True, default=None,
-                              doc="Most configurations one search evaluates (null: no limit); bounds the cost "
-                                  "of a step."),
-                     Argument("n_lowest", int, optional=True, default=5,
+                              doc="Most configurations one search evaluates; bounds the cost of a step "
+                                  "(docs/benchmarks/explore.md)."),
+                     Argument("use_gradient", [bool, type(None)], optional=True, default=None,
+                              doc="Ask the models for -dE/dS to screen moves (every evaluation then costs a "
+                                  "full deepmd-kit evaluation, about 4x an energy-only one)."),
+                     Argument("n_lowest", [int, type(None)], optional=True, default=None,
                               doc="Lowest distinct states kept per search: the ground state and n_lowest - 1 "
                                   "excited states (excited_magmoms of the candidates)."),
                  ]),

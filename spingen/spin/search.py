@@ -121,6 +121,7 @@ def _enumerate(model: EnergyModel, levels: MomentLevels, n_lowest: int, chunk_si
 
 
 WARM_MODE = 0
+WARM_EXPLORE = 0
 
 
 class _Evaluations:
@@ -305,7 +306,7 @@ class _Genetic:
             worst = min(self.evals.energy[k] for k in self.levels.keys(pop))
             margin = self.s.screen_sigmas * (self.surrogate.move_error if WARM_MODE == 2 else self.surrogate.error)
         order = np.argsort(predicted, kind="stable")
-        n_explore = max(1, int(self.s.explore * n_eval))
+        n_explore = max(1, int(self.s.explore * n_eval)) if not (warm and WARM_MODE == 2 and WARM_EXPLORE) else WARM_EXPLORE
         promising = [i for i in order[: n_eval - n_explore] if predicted[i] < worst + margin]
         rest = np.setdiff1d(order, promising)
         explorers = self.rng.choice(rest, size=min(n_explore, len(rest)), replace=False)

@@ -58,11 +58,7 @@ class TrainStage(Stage):
                 self.param.spin.encoding.save(task / SIDECAR)
 
     def training_systems(self, ctx: StageContext) -> list[Path]:
-        """init_data_sys plus every set labeled by earlier iterations."""
-        systems = list(self.param.init_data_sys)
-        for previous in ctx.previous():
-            systems += sorted(p for p in previous.iter_dir.glob(LABELED_DATA_GLOB) if (p / "type.raw").is_file())
-        return systems
+        return training_systems(self.param, ctx)
 
     # ---- run
     def task_dirs(self, ctx: StageContext) -> list[str]:
@@ -94,6 +90,14 @@ class TrainStage(Stage):
                 link.symlink_to(f"{task}/{MODEL_FILE}")
             log.info("train: model %s  %s", task, "  ".join(f"{k} {v:.4g}" for k, v in rmse.items()))
         (path / MODELS_REPORT).write_text(json.dumps(report, indent=2))
+
+
+def training_systems(param: Param, ctx: StageContext) -> list[Path]:
+    """init_data_sys plus every set labeled by earlier iterations (what iteration ctx trains on)."""
+    systems = list(param.init_data_sys)
+    for previous in ctx.previous():
+        systems += sorted(p for p in previous.iter_dir.glob(LABELED_DATA_GLOB) if (p / "type.raw").is_file())
+    return systems
 
 
 def train_command(command: str) -> str:

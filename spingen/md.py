@@ -1,0 +1,431 @@
+"""Spin-minimized molecular dynamics with frozen deepmd-kit spin models.
+
+``SpinModelCalculator`` is an ASE calculator over one or several frozen deepmd-kit spin models.
+deepmd-kit's own ASE calculator cannot pass per-atom spins; this one holds the current discrete
+moments of the magnetic ions and re-optimizes them with the spin search (``search_ground_state``)
+every ``spin_opt_freq`` steps, warm-started from the current moments. Energy, forces and stress
+are those of the current (optimized) moments, from one ``DeepPot.eval`` per driving model; forces
+are -dE/dR at fixed moments.
+
+Example, with models trained by spingen (``spin_encoding.json`` sits beside each model)::
+
+    from ase.io import read
+    from spingen.md import SpinModelCalculator, run_md
+
+    atoms = read("POSCAR")
+    atoms.calc = SpinModelCalculator(["graph.000.pth", "graph.001.pth"], {"Ni": [1.0, 3.0]},
+                                     drive="mean", spin_opt_freq=1)
+    print(atoms.get_potential_energy(), atoms.get_magnetic_moments())
+    run_md(atoms, atoms.calc, "nvt", temperature=600, nsteps=100, dt_fs=2.0, trj_freq=10,
+           observers=[lambda step, a: print(step, a.calc.moments)])
+
+``run_md`` drives ASE's integrators (the names of ``spingen.schema.MD_ENSEMBLES``) and makes sure
+the moments are optimized at every frame step it reports to its observers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+from ase import units
+from ase.calculators.calculator import Calculator, all_changes
+
+from spingen.spin.encoding import SpinEncoding
+from spingen.spin.levels import MomentLevels, infer_magnitudes
+from spingen.spin.search import SearchResult, search_ground_state
+
+
+
+_SEARCH_PARAMETERS = inspect.signature(search_ground_state).parameters
+try:  # the search's knobs: fields of its settings dataclass, or its keyword arguments
+    from spingen.spin.search import SearchSettings
+
+    SEARCH_KEYS = tuple(f.name for f in dataclasses.fields(SearchSettings))
+except ImportError:  # pragma: no cover - older search module
+    SEARCH_KEYS = tuple(k for k in _SEARCH_PARAMETERS if k not in ("model", "levels", "start", "prior", "seed"))
+# a search for a nearby geometry warm-starts the next one (its lowest states and surrogate)
+_SEARCH_TAKES_PRIOR = "prior" in _SEARCH_PARAMETERS
+
+
+class NonFiniteError(RuntimeError):
+    """The driving model returned NaN/inf; ``step`` is the MD step when known (set by run_md)."""
+
+    step: int | None = None
+
+
+def magnitudes_from_data(systems: Sequence[Any], magnetic: Sequence[str], tol: float = 0.3
+                         ) -> dict[str, list[float]]:
+    """Allowed |moment| levels of each magnetic element, clustered (``infer_magnitudes``) from the
+    raw moments of deepmd/npy systems as spingen stores them (spin.npy)."""
+    from spingen.data.npy import get_moments, load_system
+
+    observed: dict[str, list[np.ndarray]] = {el: [] for el in magnetic}
+    for path in systems:
+        system = load_system(path)
+        names, types = system.data["atom_names"], np.asarray(system.data["atom_types"])
+        moments = get_moments(system)
+        for el in magnetic:
+            if el in names:
+                observed[el].append(moments[:, types == names.index(el)].ravel())
+    values = {el: np.concatenate(v) if v else np.zeros(0) for el, v in observed.items()}
+    absent = sorted(el for el, v in values.items() if v.size == 0)
+    if absent:
+        raise ValueError(f"the data holds no moments of {absent} to infer their magnitudes from")
+    return infer_magnitudes(values, tol=tol)
+
+
+class SpinModelCalculator(Calculator):
+    """ASE calculator: deepmd-kit spin model(s) with discrete moments re-optimized along the way.
+
+    models: frozen model paths or loaded ``deepmd.infer.DeepPot`` objects (one type_map).
+    magnitudes: allowed |moment| levels (uB) per magnetic element, e.g. {"Ni": [1, 3]} (see
+    ``magnitudes_from_data`` to infer them from training data). Every nonzero level may point up or down.
+    encoding: eta/d of the training data; default: ``spin_encoding.json`` beside the first model.
+    drive: "mean" (ensemble mean of energy, forces, virial and of the search's energies) or the
+    index of the one model that drives (0: DP-GEN's choice; n_models times cheaper).
+    spin_opt_freq: re-optimize every spin_opt_freq steps (1 = every step; 0 = never after the
+    first; standalone, a step is one evaluation at a new geometry; under ``run_md`` an MD step).
+    moments: start moments (natoms,) in uB; default: the atoms' initial magnetic moments when any
+    magnetic ion has one, else a cold search. They are snapped to the nearest allowed level.
+    search: settings of ``search_ground_state`` (SEARCH_KEYS, e.g. {"max_evaluations": 8}); seed: the first search's
+    seed (search n uses seed + n). total_moment: fixed sum of the moments (like NUPDOWN).
+    fix_global_sign: search one of each pair S, -S (right for flip-augmented models).
+    optimize_jit: let TorchScript's profiling executor optimize the graphs (slow first calls).
+
+    After a calculation: ``results["magmoms"]`` (natoms,), ``moments`` (magnetic ions),
+    ``last_search`` (SearchResult at the last re-optimization), ``excited_magmoms()``; counters
+    ``n_evaluations``, ``n_searches``, ``n_spin_changes``, ``n_search_evaluations``, ``timings``.
+    """
+
+    implemented_properties = ["energy", "free_energy", "forces", "stress", "magmoms", "magmom"]
+
+    def __init__(self, models: Any, magnitudes: Mapping[str, Sequence[float]], *,
+                 encoding: SpinEncoding | None = None, drive: str | int = "mean", spin_opt_freq: int = 1,
+                 moments: np.ndarray | None = None, search: Mapping[str, Any] | None = None, seed: int = 0,
+                 total_moment: float | None = None, fix_global_sign: bool = True, optimize_jit: bool = False,
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        from spingen.deepmd_model import load_models, model_spin_settings
+
+        paths = [models] if isinstance(models, (str, bytes)) or not isinstance(models, Sequence) else list(models)
+        self.models = load_models(paths)
+        if encoding is None:
+            first = paths[0]
+            if not isinstance(first, (str, bytes)) and not hasattr(first, "__fspath__"):  # a loaded DeepPot
+                first = getattr(getattr(first, "deep_eval", None), "model_path", None)
+            encoding = SpinEncoding.beside(first) if first else None
+            if encoding is None:
+                raise ValueError("no spin encoding: pass encoding= (eta and d of the training data) or keep "
+                                 "spin_encoding.json beside the model")
+        self.encoding = encoding
+        for k, dp in enumerate(self.models):
+            scales = model_spin_settings(dp)
+            for element in set(scales) & set(encoding.magnetic):
+                if abs(scales[element] - encoding.virtual_scale) > 1e-9:
+                    raise ValueError(f"model {k}: virtual_scale of {element} is {scales[element]}, the encoding "
+                                     f"says {encoding.virtual_scale}")
+        if drive == "mean":
+            self.drive_models = list(self.models)
+        elif isinstance(drive, (int, np.integer)) and not isinstance(drive, bool) and 0 <= drive < len(self.models):
+            self.drive_models = [self.models[int(drive)]]
+        else:
+            raise ValueError(f"drive must be \"mean\" or a model index 0..{len(self.models) - 1}, got {drive!r}")
+        self.drive = drive
+        if int(spin_opt_freq) < 0:
+            raise ValueError(f"spin_opt_freq must be >= 0, got {spin_opt_freq}")
+        self.spin_opt_freq = int(spin_opt_freq)
+        self.magnitudes = {el: [float(m) for m in mags] for el, mags in magnitudes.items()}
+        unknown = sorted(set(search or {}) - set(SEARCH_KEYS))
+        if unknown:
+            raise ValueError(f"unknown spin search settings {unknown}; known: {list(SEARCH_KEYS)}")
+        self.search_kwargs = dict(search or {})
+        self.seed = int(seed)
+        self.total_moment = total_moment
+        self.fix_global_sign = bool(fix_global_sign)
+        self.optimize_jit = bool(optimize_jit)
+        self._start = None if moments is None else np.asarray(moments, dtype=float)
+        self.levels: MomentLevels | None = None
+        self.moments: np.ndarray | None = None  # current moments of levels.magnetic_indices
+        self.last_search: SearchResult | None = None
+        self.member_predictions: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._step_mode = False
+        self._search_next = False
+        self.n_evaluations = self.n_searches = self.n_spin_changes = self.n_search_evaluations = 0
+        self.timings = {"search": 0.0, "evaluate": 0.0, "members": 0.0}
+
+    # -- schedule ----------------------------------------------------------------------------
+    def begin_step(self, step: int, force_search: bool = False) -> None:
+        """Called by an MD driver before the evaluation of MD step `step` (0 = start).
+
+        Switches the schedule from evaluation counting to MD steps: the next evaluation
+        re-optimizes when step % spin_opt_freq == 0 or force_search (never with spin_opt_freq 0,
+        except for the first evaluation without start moments).
+        """
+        self._step_mode = True
+        self._search_next = self.spin_opt_freq > 0 and (step % self.spin_opt_freq == 0 or force_search)
+
+    # -- ASE interface ----------------------------------------------------------------------
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes) -> None:
+        super().calculate(atoms, properties, system_changes)
+        atoms = self.atoms
+        if self.levels is None or "numbers" in system_changes:
+            self._set_structure(atoms)
+        elif "initial_magmoms" in system_changes:
+            self._adopt_start(atoms)
+        if self._step_mode:
+            search_now, self._search_next = self._search_next, False
+        else:
+            search_now = self.spin_opt_freq > 0 and self.n_evaluations % self.spin_opt_freq == 0
+        if self.moments is None or search_now:
+            try:
+                self.optimize(atoms)
+            except Exception:  # a model returning NaN can break the search: report that, not the symptom
+                if self.moments is not None:
+                    self._evaluate(atoms)  # raises NonFiniteError if the model is the cause
+                raise
+        self._evaluate(atoms)
+
+    def _set_structure(self, atoms) -> None:
+        symbols = atoms.get_chemical_symbols()
+        present = sorted(set(symbols) & set(self.encoding.magnetic))
+        missing = [el for el in present if el not in self.magnitudes]
+        if missing:
+            raise ValueError(f"no moment magnitudes for the magnetic element(s) {missing} of the structure")
+        self.symbols = symbols
+        self.atom_types = self._atom_types(symbols)
+        self.levels = MomentLevels({el: self.magnitudes[el] for el in present}, symbols,
+                                   total_moment=self.total_moment, fix_global_sign=self.fix_global_sign)
+        self.moments = None
+        self._adopt_start(atoms)
+
+    def _atom_types(self, symbols: Sequence[str]) -> np.ndarray:
+        type_map = list(self.models[0].get_type_map())
+        unknown = sorted(set(symbols) - set(type_map))
+        if unknown:
+            raise ValueError(f"elements {unknown} are not in the model's type_map {type_map}")
+        return np.array([type_map.index(s) for s in symbols], dtype=np.int32)
+
+    def _adopt_start(self, atoms) -> None:
+        """Moments to start from: the `moments` argument (once), else the atoms' initial moments if
+        a magnetic ion has a nonzero one, else none (the first evaluation searches cold)."""
+        explicit = self._start is not None
+        full = self._start if explicit else atoms.get_initial_magnetic_moments()
+        self._start = None
+        full = np.asarray(full, dtype=float).reshape(len(atoms))
+        start = full[self.levels.magnetic_indices]
+        if explicit or np.any(start != 0):
+            idx = self.levels.to_indices(start, snap=True)
+            if not self.levels.is_allowed(idx)[0]:
+                raise ValueError(f"start moments {start.tolist()} do not satisfy the total moment "
+                                 f"{self.total_moment}")
+            self.moments = self.levels.to_moments(idx)[0]
+        else:
+            self.moments = None
+
+    # -- the work ----------------------------------------------------------------------------
+    def spin_model(self, atoms, models: Sequence[Any] | None = None):
+        """The search's energy model (``DeepmdSpinModel``) of this geometry, driving models by default."""
+        from spingen.deepmd_model import DeepmdSpinModel
+
+        cell = atoms.cell.array if atoms.pbc.any() else None
+        return DeepmdSpinModel(list(models or self.drive_models), atoms.positions, cell, self.symbols, self.encoding,
+                               self.levels.magnetic_indices, optimize_jit=self.optimize_jit)
+
+    def optimize(self, atoms, models: Sequence[Any] | None = None, seed: int | None = None,
+                 adopt: bool = True) -> SearchResult:
+        """Search the ground state at this geometry from the current moments; adopt it by default."""
+        start = time.perf_counter()
+        extra = {"prior": self.last_search} if _SEARCH_TAKES_PRIOR and adopt and self.last_search is not None else {}
+        result = search_ground_state(self.spin_model(atoms, models), self.levels, start=self.moments,
+                                     seed=self.seed + self.n_searches if seed is None else seed,
+                                     **self.search_kwargs, **extra)
+        if adopt:
+            self.timings["search"] += time.perf_counter() - start
+            self.n_search_evaluations += result.n_evaluations
+            self.n_searches += 1
+            best = np.asarray(result.best_moments, dtype=float)
+            if self.moments is not None and not np.allclose(best, self.moments, atol=1e-9):
+                self.n_spin_changes += 1
+            self.moments = best
+            self.last_search = result
+        return result
+
+    def full_moments(self, moments: np.ndarray | None = None) -> np.ndarray:
+        """Moments of every atom (natoms,), 0 on non-magnetic atoms."""
+        full = np.zeros(len(self.symbols))
+        full[self.levels.magnetic_indices] = self.moments if moments is None else moments
+        return full
+
+    def excited_magmoms(self) -> np.ndarray:
+        """The last search's other low states as columns (natoms, k); k may be 0."""
+        if self.last_search is None:
+            return np.zeros((len(self.symbols), 0))
+        states = [self.full_moments(np.asarray(m, dtype=float)) for m, _ in self.last_search.lowest[1:]]
+        return np.array(states).T.reshape(len(self.symbols), len(states))
+
+    def _jit(self):
+        import torch
+
+        return torch.jit.optimized_execution(self.optimize_jit)
+
+    def predict(self, atoms, models: Sequence[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Energies (M,), forces (M, natoms, 3), virials (M, 9) of `models` at the current moments."""
+        cell = atoms.cell.array.reshape(1, 9) if atoms.pbc.any() else None
+        if atoms.pbc.any() and not atoms.pbc.all():
+            raise ValueError("partly periodic structures are not supported: deepmd-kit needs pbc on all axes or none")
+        spin = self.encoding.to_deepmd(self.full_moments(), self.symbols).reshape(1, -1)
+        coords = atoms.positions.reshape(1, -1)
+        energies, forces, virials = [], [], []
+        with self._jit():
+            for dp in models:
+                e, f, v = dp.eval(coords, cell, self.atom_types, spin=spin)[:3]
+                energies.append(float(np.reshape(e, -1)[0]))
+                forces.append(np.reshape(f, (len(atoms), 3)))
+                virials.append(np.reshape(v, 9))
+        return np.array(energies), np.array(forces), np.array(virials)
+
+    def _evaluate(self, atoms) -> None:
+        start = time.perf_counter()
+        e, f, v = self.predict(atoms, self.drive_models)
+        self.timings["evaluate"] += time.perf_counter() - start
+        self.member_predictions = (e, f, v) if len(self.drive_models) == len(self.models) else None
+        self.n_evaluations += 1
+        energy, forces, virial = e.mean(), f.mean(axis=0), v.mean(axis=0).reshape(3, 3)
+        self.results = {"energy": energy, "free_energy": energy, "forces": forces,
+                        "magmoms": self.full_moments(), "magmom": float(self.full_moments().sum())}
+        if atoms.pbc.all():
+            stress = -0.5 * (virial + virial.T) / atoms.get_volume()
+            self.results["stress"] = stress.flat[[0, 4, 8, 5, 2, 1]]
+        if not (np.isfinite(energy) and np.all(np.isfinite(forces)) and np.all(np.isfinite(virial))):
+            raise NonFiniteError(f"the driving model returned non-finite energy/forces/virial at evaluation "
+                                 f"{self.n_evaluations} (moments {self.moments.tolist()})")
+
+    def ensemble_predictions(self, atoms=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every model's energy (M,), forces (M, natoms, 3), virial (M, 9) at the current moments.
+
+        Reuses the driving evaluation when every model drives (drive="mean").
+        """
+        atoms = self.atoms if atoms is None else atoms
+        self.get_property("energy", atoms)
+        if self.member_predictions is not None:
+            return self.member_predictions
+        start = time.perf_counter()
+        out = self.predict(atoms, self.models)
+        self.timings["members"] += time.perf_counter() - start
+        return out
+
+
+# ---------------------------------------------------------------- MD runner
+def _langevin(atoms, dt, s):
+    from ase.md.langevin import Langevin
+
+    # fixcm=False: ASE >= 3.28 warns that fixcm=True biases the NVT sampling; a drift of the centre
+    # of mass changes nothing for a periodic solid
+    return Langevin(atoms, dt, temperature_K=s["temperature"], friction=1.0 / s["taut"], fixcm=False, rng=s["rng"])
+
+
+def _nvt_berendsen(atoms, dt, s):
+    from ase.md.nvtberendsen import NVTBerendsen
+
+    return NVTBerendsen(atoms, dt, temperature_K=s["temperature"], taut=s["taut"])
+
+
+def _nvt_nose_hoover(atoms, dt, s):
+    try:
+        from ase.md.nose_hoover_chain import NoseHooverChainNVT
+    except ImportError:  # older ASE: the stochastic velocity rescaling of Bussi et al.
+        from ase.md.bussi import Bussi
+
+        return Bussi(atoms, dt, temperature_K=s["temperature"], taut=s["taut"], rng=s["rng"])
+    return NoseHooverChainNVT(atoms, dt, temperature_K=s["temperature"], tdamp=s["taut"])
+
+
+def _npt(atoms, dt, s):
+    try:
+        from ase.md.nose_hoover_chain import MTKNPT
+    except ImportError:  # older ASE: Melchionna NPT (needs an upper-triangular cell)
+        from ase.md.npt import NPT
+
+        bulk_modulus = 1.0 / (s["compressibility"] / units.bar)
+        return NPT(atoms, dt, temperature_K=s["temperature"], externalstress=s["pressure"] * units.bar,
+                   ttime=s["taut"], pfactor=s["taup"] ** 2 * bulk_modulus)
+    return MTKNPT(atoms, dt, temperature_K=s["temperature"], pressure_au=s["pressure"] * units.bar,
+                  tdamp=s["taut"], pdamp=s["taup"])
+
+
+def _npt_berendsen(atoms, dt, s):
+    from ase.md.nptberendsen import NPTBerendsen
+
+    return NPTBerendsen(atoms, dt, temperature_K=s["temperature"], pressure_au=s["pressure"] * units.bar,
+                        taut=s["taut"], taup=s["taup"], compressibility_au=s["compressibility"] / units.bar)
+
+
+#: ensemble name (spingen.schema.MD_ENSEMBLES) -> integrator factory
+INTEGRATORS: dict[str, Callable] = {
+    "nvt": _langevin,
+    "nvt-langevin": _langevin,
+    "nvt-berendsen": _nvt_berendsen,
+    "nvt-nose-hoover": _nvt_nose_hoover,
+    "npt": _npt,
+    "npt-berendsen": _npt_berendsen,
+}
+
+
+def run_md(atoms, calc: Calculator | None, ensemble: str, temperature: float, pressure: float | None = None,
+           nsteps: int = 100, dt_fs: float = 2.0, trj_freq: int = 10,
+           observers: Sequence[Callable[[int, Any], None]] = (), *, seed: int = 0, taut_fs: float = 100.0,
+           taup_fs: float = 500.0, compressibility: float = 1e-6, init_velocities: bool = True):
+    """Run `nsteps` MD steps of `ensemble` and call every observer as fn(step, atoms) at steps 0,
+    trj_freq, 2*trj_freq, ... (trj_freq 0: no observer calls). Returns the ASE dynamics object.
+
+    temperature K; pressure bar (NPT only; DP-GEN's unit); dt_fs, taut_fs, taup_fs fs;
+    compressibility 1/bar (npt-berendsen; ASE NPT without MTKNPT). Velocities are drawn from a
+    Maxwell-Boltzmann distribution at `temperature` (seeded) unless init_velocities is False.
+    With a SpinModelCalculator the moments are re-optimized at every frame step as well as on
+    its own schedule, so observers see optimized moments. NonFiniteError from the calculator
+    propagates with `.step` set to the MD step whose evaluation failed.
+    """
+    from ase.md import velocitydistribution as velocities
+
+    if ensemble not in INTEGRATORS:
+        raise ValueError(f"unknown ensemble '{ensemble}': expected one of {sorted(INTEGRATORS)}")
+    if ensemble.startswith("npt") and pressure is None:
+        raise ValueError(f"ensemble '{ensemble}' needs a pressure (bar)")
+    if calc is not None:
+        atoms.calc = calc
+    rng = np.random.default_rng(seed)
+    if init_velocities:
+        if hasattr(velocities, "thermalize_momenta"):  # ASE >= 3.29
+            velocities.thermalize_momenta(atoms, temperature, rng=rng)
+        else:
+            velocities.MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=rng)
+        velocities.Stationary(atoms)
+    settings = {"temperature": float(temperature), "pressure": float(pressure or 0.0), "rng": rng,
+                "taut": taut_fs * units.fs, "taup": taup_fs * units.fs, "compressibility": float(compressibility)}
+    dyn = INTEGRATORS[ensemble](atoms, dt_fs * units.fs, settings)
+    spin_calc = atoms.calc if hasattr(atoms.calc, "begin_step") else None
+    done = {"step": -1}
+
+    def prepare_next() -> None:
+        done["step"] = dyn.nsteps
+        if spin_calc is not None:
+            following = dyn.nsteps + 1
+            spin_calc.begin_step(following, force_search=bool(trj_freq) and following % trj_freq == 0)
+
+    for fn in observers:
+        if trj_freq:
+            dyn.attach(lambda fn=fn: fn(dyn.nsteps, atoms), interval=trj_freq)
+    dyn.attach(prepare_next, interval=1)  # after the frame observers: prepares the next step
+    if spin_calc is not None:
+        spin_calc.begin_step(0, force_search=True)
+    try:
+        dyn.run(nsteps)
+    except NonFiniteError as err:
+        err.step = done["step"] + 1
+        raise
+    return dyn
+

@@ -1,0 +1,414 @@
+"""Explore stage (01.model_devi): spin-minimized MD with the ensemble, deviations, candidate selection.
+
+make: one `task.SSS.CCCCCC` per (system SSS of model_devi_jobs[iter].sys_idx, start structure of
+sys_configs[SSS] (every frame of every file, read by ase in sys_format), temperature, pressure),
+holding `task.json` (``ExploreTaskSettings``) and `conf.extxyz`; the models of 00.train are
+linked as `graph.00K.pth` into the stage folder (forwarded once, as common files). Moment
+magnitudes come from spin/moments or, when "auto", are clustered from the moments of the data
+this iteration trained on (`moments.json`). The stage seed goes to `seed.json`.
+run: `<model_devi command> explore-task .` through dpdispatcher for the tasks without their
+`finished` tag: a finished task is never run again, whatever changed in machine.json.
+post: classifies every row of every model_devi.out (steps < model_devi_skip left out):
+failed (max_devi_f >= hi, or NaN/inf anywhere), candidate (lo <= max_devi_f < hi, or a computed
+spin disagreement above model_devi_spin_trust), else accurate. Candidates are sampled with the
+recorded seed, at most fp_task_max per system and fp_task_max_total in all, none for a system
+with fewer than fp_task_min. Writes `candidates.SSS.extxyz` for the label stage (each frame:
+cell/pbc/positions/symbols, arrays `initial_magmoms` (predicted ground state, uB, 0 on
+non-magnetic atoms) and, when the search found them, `excited_magmoms` (natoms, k); info `task`,
+`step`, `max_devi_f`, plus `max_devi_v`, `devi_e`, `spin_disagree`), DP-GEN's
+`candidate/rest_accurate/rest_failed.shuffled.SSS.out` lists and `selection.json` (counts).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence, TypeVar
+
+import numpy as np
+
+from spingen.dispatch import TaskSpec, run_tasks
+from spingen.loop import Stage, StageContext
+from spingen.schema import InputError, MachineSection, Param, param_arginfo, thaw
+from spingen.tools.explore_task import (CONF_FILE, DEVI_COLUMNS, DEVI_FILE, FINISHED_TAG, TASK_FILE, TRAJ_FILE,
+                                        ExploreTaskSettings)
+
+log = logging.getLogger("spingen")
+
+TRAIN_DIR = "00.train"
+MODEL_GLOB = "graph.[0-9][0-9][0-9].pth"
+SEED_FILE = "seed.json"
+MOMENTS_FILE = "moments.json"
+SELECTION_FILE = "selection.json"
+CANDIDATES_FILE = "candidates.{:03d}.extxyz"
+OUTLOG, ERRLOG = "explore.log", "explore.err"
+CLASSES = ("accurate", "candidate", "failed")
+DRIVERS = {"first": 0, "mean": "mean"}
+_COL = {name: i for i, name in enumerate(DEVI_COLUMNS)}
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ExploreSettings:
+    """The checked param.json keys of the explore stage."""
+
+    f_trust_lo: float
+    f_trust_hi: float
+    spin_trust: float
+    skip: int
+    dt_ps: float
+    driver: str
+    seed: int
+    compressibility: float
+    spin_search: Mapping[str, Any]
+    task_max: int
+    task_max_total: int | None
+    task_min: int
+
+
+def explore_settings(param: Param) -> ExploreSettings:
+    """The explore keys of param.json, checked; InputError names the key of a bad value."""
+    raw, where = param.raw, f"{param.path}: key"
+    if raw["model_devi_driver"] not in DRIVERS:
+        raise InputError(f"{where} 'model_devi_driver': expected one of {list(DRIVERS)}, got "
+                         f"'{raw['model_devi_driver']}'")
+    if not 0.0 <= raw["model_devi_spin_trust"] <= 1.0:
+        raise InputError(f"{where} 'model_devi_spin_trust': expected a fraction in [0, 1], "
+                         f"got {raw['model_devi_spin_trust']}")
+    for key in ("model_devi_dt", "model_devi_compressibility"):
+        if raw[key] <= 0:
+            raise InputError(f"{where} '{key}': expected a positive number, got {raw[key]}")
+    if raw["model_devi_skip"] < 0:
+        raise InputError(f"{where} 'model_devi_skip': expected a step >= 0, got {raw['model_devi_skip']}")
+    total = raw["fp_task_max_total"]
+    if raw["fp_task_max"] < 1 or (total is not None and total < 1) or raw["fp_task_min"] < 0:
+        raise InputError(f"{where} 'fp_task_max'/'fp_task_max_total'/'fp_task_min': expected fp_task_max >= 1, "
+                         f"fp_task_max_total null or >= 1, fp_task_min >= 0; got {raw['fp_task_max']}, {total}, "
+                         f"{raw['fp_task_min']}")
+    search_arg = param_arginfo().sub_fields["model_devi_spin_search"]
+    search = search_arg.normalize_value(thaw(raw["model_devi_spin_search"]), trim_pattern="_*")
+    search = {key: value for key, value in search.items() if value is not None}  # None: the search's default
+    from spingen.md import SEARCH_KEYS
+
+    unknown = sorted(set(search) - set(SEARCH_KEYS))
+    if unknown:
+        raise InputError(f"{where} 'model_devi_spin_search': the spin search has no setting {unknown}")
+    for key, value in search.items():
+        if isinstance(value, int) and not isinstance(value, bool) and value < (2 if key == "population" else 1):
+            raise InputError(f"{where} 'model_devi_spin_search/{key}': expected a larger value, got {value}")
+    for it, job in enumerate(param.model_devi_jobs):
+        key = f"{where} 'model_devi_jobs[{it}]"
+        for name, least in (("nsteps", 0), ("trj_freq", 1), ("spin_opt_freq", 0), ("spin_devi_freq", 0)):
+            if job[name] < least:
+                raise InputError(f"{key}/{name}': expected an integer >= {least}, got {job[name]}")
+        for name in ("taut", "taup"):
+            if job[name] <= 0:
+                raise InputError(f"{key}/{name}': expected a positive time (ps), got {job[name]}")
+        if job["ensemble"].startswith("npt") and not job["press"]:
+            raise InputError(f"{key}/press': ensemble '{job['ensemble']}' needs at least one pressure (bar)")
+        if not job["temps"]:
+            raise InputError(f"{key}/temps': expected at least one temperature (K)")
+    return ExploreSettings(
+        float(raw["model_devi_f_trust_lo"]), float(raw["model_devi_f_trust_hi"]), float(raw["model_devi_spin_trust"]),
+        int(raw["model_devi_skip"]), float(raw["model_devi_dt"]), raw["model_devi_driver"], int(raw["model_devi_seed"]),
+        float(raw["model_devi_compressibility"]), search, int(raw["fp_task_max"]),
+        None if total is None else int(total), int(raw["fp_task_min"]))
+
+
+def stage_seed(base: int, iteration: int) -> int:
+    return int(np.random.SeedSequence([base, iteration]).generate_state(1)[0]) & 0x7FFFFFFF
+
+
+def task_seed(seed: int, system: int, counter: int) -> int:
+    return int(np.random.SeedSequence([seed, system, counter]).generate_state(1)[0]) & 0x7FFFFFFF
+
+
+class ExploreStage(Stage):
+    name = "model_devi"
+    dirname = "01.model_devi"
+
+    def __init__(self, param: Param, machine: MachineSection, settings: ExploreSettings | None = None):
+        self.param = param
+        self.machine = machine
+        self.settings = settings if settings is not None else explore_settings(param)
+
+    # ---- make
+    def make(self, ctx: StageContext) -> None:
+        import ase.io
+
+        if not self.param.spin.enabled:
+            raise NotImplementedError("the explore stage runs spin models only; spin/enabled is false (the "
+                                      "pristine baseline can be trained but not explored)")
+        path = self.path(ctx)
+        job = self.param.model_devi_jobs[ctx.iteration]
+        models = self._link_models(ctx)
+        encoding = self._encoding(ctx, models)
+        magnitudes = self._magnitudes(ctx, encoding)
+        seed = stage_seed(self.settings.seed, ctx.iteration)
+        (path / SEED_FILE).write_text(json.dumps({"seed": seed, "model_devi_seed": self.settings.seed,
+                                                  "iteration": ctx.iteration}, indent=1) + "\n")
+        pressures = list(job["press"]) if job["ensemble"].startswith("npt") else [None]
+        n_tasks = 0
+        for system in job["sys_idx"]:
+            counter = 0
+            for conf in self.param.sys_configs[system]:
+                try:
+                    frames = ase.io.read(conf, index=":", format=self.param.raw["sys_format"])
+                except Exception as err:  # noqa: BLE001 - ase raises many kinds
+                    raise InputError(f"sys_configs[{system}]: cannot read '{conf}' as "
+                                     f"'{self.param.raw['sys_format']}' with ase: {err}") from None
+                for atoms in frames:
+                    self._check_structure(atoms, conf, magnitudes)
+                    for temperature in job["temps"]:
+                        for pressure in pressures:
+                            task = path / f"task.{system:03d}.{counter:06d}"
+                            task.mkdir()
+                            ase.io.write(task / CONF_FILE, atoms, format="extxyz")
+                            self._task_settings(job, models, encoding, magnitudes, temperature, pressure,
+                                                task_seed(seed, system, counter)).save(task / TASK_FILE)
+                            counter += 1
+            n_tasks += counter
+        log.info("model_devi: %d task(s), %d model(s), moments %s, ensemble %s, %d steps of %g ps", n_tasks,
+                 len(models), magnitudes, job["ensemble"], job["nsteps"], self.settings.dt_ps)
+
+    def _link_models(self, ctx: StageContext) -> list[str]:
+        path = self.path(ctx)
+        sources = sorted((ctx.iter_dir / TRAIN_DIR).glob(MODEL_GLOB))
+        if not sources:
+            raise RuntimeError(f"model_devi: no model {MODEL_GLOB} in {ctx.iter_dir / TRAIN_DIR}")
+        for source in sources:
+            link = path / source.name
+            if not link.exists():
+                link.symlink_to(os.path.relpath(source, path))
+        return [source.name for source in sources]
+
+    def _encoding(self, ctx: StageContext, models: Sequence[str]):
+        from spingen.spin.encoding import SpinEncoding
+
+        found = {SpinEncoding.beside(self.path(ctx) / m) for m in models}
+        found.discard(None)
+        if len(found) > 1:
+            raise RuntimeError(f"model_devi: the models of {ctx.iter_dir / TRAIN_DIR} were trained with different "
+                               f"spin encodings: {sorted(map(str, found))}")
+        return found.pop() if found else self.param.spin.encoding
+
+    def _magnitudes(self, ctx: StageContext, encoding) -> dict[str, list[float]]:
+        from spingen.md import magnitudes_from_data
+        from spingen.stages.train import training_systems
+
+        spin = self.param.spin
+        if isinstance(spin.moments, str):
+            systems = training_systems(self.param, ctx)
+            try:
+                magnitudes = magnitudes_from_data(systems, spin.magnetic)
+            except ValueError as err:
+                raise InputError(f"{self.param.path}: key 'spin/moments' is \"auto\" but {err}") from None
+            source = f"clustered from the moments of {len(systems)} training system(s)"
+        else:
+            magnitudes = {el: list(v) for el, v in spin.moments.items()}
+            source = "spin/moments"
+        for element, levels in magnitudes.items():
+            bad = encoding.overlapping_moments([s * m for m in levels for s in (1, -1)], spin.min_virtual_distance)
+            if bad:
+                raise InputError(f"{self.param.path}: moment level(s) {bad} uB of {element} ({source}) put the "
+                                 f"virtual atom within spin/min_virtual_distance {spin.min_virtual_distance} A of "
+                                 f"its ion; give spin/moments explicitly or change spin/offset")
+        (self.path(ctx) / MOMENTS_FILE).write_text(json.dumps({"magnitudes": magnitudes, "source": source},
+                                                              indent=1) + "\n")
+        return magnitudes
+
+    def _check_structure(self, atoms, conf: Path, magnitudes: Mapping[str, Sequence[float]]) -> None:
+        symbols = set(atoms.get_chemical_symbols())
+        foreign = sorted(symbols - set(self.param.type_map))
+        if foreign:
+            raise InputError(f"sys_configs: '{conf}' has elements {foreign} that are not in type_map "
+                             f"{list(self.param.type_map)}")
+        if not symbols & set(magnitudes):
+            raise InputError(f"sys_configs: '{conf}' has no magnetic ion ({sorted(magnitudes)}) to explore")
+        if atoms.pbc.any() and not atoms.pbc.all():
+            raise InputError(f"sys_configs: '{conf}' is periodic along some axes only; deepmd-kit needs all or none")
+
+    def _task_settings(self, job, models, encoding, magnitudes, temperature, pressure, seed) -> ExploreTaskSettings:
+        s = self.settings
+        return ExploreTaskSettings(
+            models=tuple(f"../{m}" for m in models), magnetic=tuple(encoding.magnetic),
+            virtual_scale=encoding.virtual_scale, offset=encoding.offset,
+            magnitudes={el: tuple(v) for el, v in magnitudes.items()}, drive=DRIVERS[s.driver],
+            ensemble=job["ensemble"], temperature=float(temperature),
+            pressure=None if pressure is None else float(pressure), nsteps=int(job["nsteps"]), dt_ps=s.dt_ps,
+            trj_freq=int(job["trj_freq"]), taut_ps=float(job["taut"]), taup_ps=float(job["taup"]),
+            compressibility=s.compressibility, spin_opt_freq=int(job["spin_opt_freq"]),
+            spin_devi_freq=int(job["spin_devi_freq"]), seed=seed, spin_search=dict(s.spin_search))
+
+    # ---- run
+    def task_dirs(self, ctx: StageContext) -> list[str]:
+        return sorted(p.name for p in self.path(ctx).glob("task.[0-9][0-9][0-9].[0-9][0-9][0-9][0-9][0-9][0-9]")
+                      if p.is_dir())
+
+    def run(self, ctx: StageContext) -> None:
+        path = self.path(ctx)
+        tasks = self.task_dirs(ctx)
+        todo = [d for d in tasks if not (path / d / FINISHED_TAG).is_file()]
+        log.info("model_devi: %d task(s) to run, %d already finished", len(todo), len(tasks) - len(todo))
+        models = sorted(p.name for p in path.glob(MODEL_GLOB))
+        spec = TaskSpec(command=f"{self.machine.command} explore-task .",
+                        forward_files=[TASK_FILE, CONF_FILE, *self.machine.user_forward_files],
+                        backward_files=[TRAJ_FILE, DEVI_FILE, FINISHED_TAG, OUTLOG, ERRLOG,
+                                        *self.machine.user_backward_files],
+                        forward_common_files=models, outlog=OUTLOG, errlog=ERRLOG)
+        run_tasks(self.machine, path, todo, spec, ctx.workdir)
+
+    # ---- post
+    def post(self, ctx: StageContext) -> None:
+        path = self.path(ctx)
+        s = self.settings
+        seed_file = path / SEED_FILE
+        seed = json.loads(seed_file.read_text())["seed"] if seed_file.is_file() else stage_seed(s.seed, ctx.iteration)
+        for old in path.glob("candidates.*.extxyz"):
+            old.unlink()
+        counts: dict[int, dict[str, int]] = {}
+        classified: dict[int, dict[str, list[tuple[str, int, np.ndarray]]]] = {}
+        for task in self.task_dirs(ctx):
+            if not (path / task / FINISHED_TAG).is_file():
+                raise RuntimeError(f"model_devi: task {path / task} did not finish; see its {ERRLOG}")
+            system = int(task.split(".")[1])
+            rows = read_model_devi(path / task / DEVI_FILE)
+            labels = classify(rows, s.f_trust_lo, s.f_trust_hi, s.spin_trust, s.skip)
+            count = counts.setdefault(system, {c: 0 for c in CLASSES} | {"nan": 0, "spin_only": 0})
+            lists = classified.setdefault(system, {c: [] for c in CLASSES})
+            finite = np.all(np.isfinite(rows[:, 1:]), axis=1)
+            spin_only = spin_flags(rows, s.spin_trust) & (rows[:, _COL["max_devi_f"]] < s.f_trust_lo)
+            for row, label, ok, by_spin in zip(rows, labels, finite, spin_only):
+                if label is None:
+                    continue
+                count[label] += 1
+                count["nan"] += int(not ok)
+                count["spin_only"] += int(label == "candidate" and by_spin)
+                lists[label].append((task, int(row[0]), row))
+        candidates = {system: lists["candidate"] for system, lists in classified.items()}
+        selected = sample_candidates(candidates, s.task_max, s.task_max_total, s.task_min, seed)
+        report = {"seed": seed, "f_trust_lo": s.f_trust_lo, "f_trust_hi": s.f_trust_hi, "spin_trust": s.spin_trust,
+                  "skip": s.skip, "fp_task_max": s.task_max, "fp_task_max_total": s.task_max_total,
+                  "fp_task_min": s.task_min, "systems": {}}
+        for system in sorted(counts):
+            count, total = counts[system], sum(counts[system][c] for c in CLASSES)
+            for label in CLASSES:
+                log.info("system %03d %-9s : %6d in %6d %6.2f %%", system, label, count[label], total,
+                         100.0 * count[label] / total if total else 0.0)
+            log.info("system %03d accurate/candidate/failed ratios %.4f / %.4f / %.4f; %d NaN/inf row(s), %d "
+                     "candidate(s) by spin disagreement only; %d selected", system,
+                     *(count[c] / total if total else 0.0 for c in CLASSES), count["nan"], count["spin_only"],
+                     len(selected[system]))
+            self._write_lists(path, system, classified[system], seed)
+            if selected[system]:
+                write_candidates(path, path / CANDIDATES_FILE.format(system), selected[system])
+            report["systems"][f"{system:03d}"] = {**count, "total": total, "selected": len(selected[system])}
+        n_selected = sum(len(v) for v in selected.values())
+        report["selected"] = n_selected
+        (path / SELECTION_FILE).write_text(json.dumps(report, indent=1) + "\n")
+        log.info("model_devi: %d candidate(s) selected for labeling (fp_task_max %d per system, fp_task_max_total "
+                 "%s)", n_selected, s.task_max, s.task_max_total)
+
+    @staticmethod
+    def _write_lists(path: Path, system: int, lists, seed: int) -> None:
+        """DP-GEN's candidate/rest_accurate/rest_failed.shuffled.SSS.out: 'task step max_devi_f' lines."""
+        names = {"candidate": "candidate", "accurate": "rest_accurate", "failed": "rest_failed"}
+        for label, name in names.items():
+            items = lists[label]
+            order = np.random.default_rng([seed, system, CLASSES.index(label)]).permutation(len(items))
+            lines = [f"{items[i][0]} {items[i][1]} {items[i][2][_COL['max_devi_f']]:.6e}\n" for i in order]
+            (path / f"{name}.shuffled.{system:03d}.out").write_text("".join(lines))
+
+
+# ---------------------------------------------------------------- selection (pure functions)
+def read_model_devi(path: Path) -> np.ndarray:
+    """Rows (n, len(DEVI_COLUMNS)) of a model_devi.out; NaN/inf kept."""
+    rows = np.loadtxt(path, comments="#", ndmin=2)
+    if rows.size == 0:
+        return np.zeros((0, len(DEVI_COLUMNS)))
+    if rows.shape[1] != len(DEVI_COLUMNS):
+        raise RuntimeError(f"{path}: expected {len(DEVI_COLUMNS)} columns {DEVI_COLUMNS}, got {rows.shape[1]}")
+    return rows
+
+
+def spin_flags(rows: np.ndarray, spin_trust: float) -> np.ndarray:
+    """Rows whose spin disagreement was computed (>= 0) and exceeds spin_trust."""
+    spin = rows[:, _COL["spin_disagree"]]
+    with np.errstate(invalid="ignore"):
+        return (spin >= 0) & (spin > spin_trust)
+
+
+def classify(rows: np.ndarray, lo: float, hi: float, spin_trust: float, skip: int) -> list[str | None]:
+    """'accurate' / 'candidate' / 'failed' per row; None for steps < skip.
+
+    failed: NaN/inf in any deviation column, or max_devi_f >= hi; candidate: lo <= max_devi_f < hi,
+    or a computed spin disagreement (the -1 of 'not computed' excluded) above spin_trust.
+    """
+    rows = np.asarray(rows, dtype=float).reshape(-1, len(DEVI_COLUMNS))
+    f = rows[:, _COL["max_devi_f"]]
+    finite = np.all(np.isfinite(rows[:, 1:]), axis=1)
+    with np.errstate(invalid="ignore"):
+        failed = ~finite | (f >= hi)
+        candidate = ~failed & ((f >= lo) | spin_flags(rows, spin_trust))
+    labels: list[str | None] = []
+    for step, bad, cand in zip(rows[:, 0], failed, candidate):
+        labels.append(None if step < skip else "failed" if bad else "candidate" if cand else "accurate")
+    return labels
+
+
+def sample_candidates(candidates: Mapping[int, Sequence[T]], task_max: int, task_max_total: int | None,
+                      task_min: int, seed: int) -> dict[int, list[T]]:
+    """Seeded random picks per system: at most task_max each (none below task_min), then at most
+    task_max_total in all, taken in turn from each system's picks (system order)."""
+    picked: dict[int, list[T]] = {}
+    for system in sorted(candidates):
+        items = list(candidates[system])
+        if len(items) < task_min:
+            picked[system] = []
+            continue
+        order = np.random.default_rng([seed, system]).permutation(len(items))
+        picked[system] = [items[i] for i in order[:task_max]]
+    if task_max_total is None or sum(len(v) for v in picked.values()) <= task_max_total:
+        return picked
+    capped: dict[int, list[T]] = {system: [] for system in picked}
+    taken, depth = 0, 0
+    while taken < task_max_total:
+        for system in sorted(picked):
+            if depth < len(picked[system]) and taken < task_max_total:
+                capped[system].append(picked[system][depth])
+                taken += 1
+        depth += 1
+    return capped
+
+
+def write_candidates(stage_dir: Path, out: Path, picks: Sequence[tuple[str, int, np.ndarray]]) -> None:
+    """The label stage's input: the picked frames of the trajectories, with moments and deviations."""
+    import ase.io
+    from ase import Atoms
+
+    frames = []
+    by_task: dict[str, list[tuple[int, np.ndarray]]] = {}
+    for task, step, row in sorted(picks, key=lambda p: (p[0], p[1])):
+        by_task.setdefault(task, []).append((step, row))
+    for task, items in by_task.items():
+        traj = {int(a.info["step"]): a for a in ase.io.read(stage_dir / task / TRAJ_FILE, index=":", format="extxyz")}
+        for step, row in items:
+            if step not in traj:
+                raise RuntimeError(f"model_devi: {stage_dir / task / TRAJ_FILE} has no frame of step {step}")
+            source = traj[step]
+            frame = Atoms(source.get_chemical_symbols(), positions=source.positions, cell=source.cell,
+                          pbc=source.pbc)
+            frame.set_initial_magnetic_moments(source.get_initial_magnetic_moments())
+            if "excited_magmoms" in source.arrays:
+                frame.arrays["excited_magmoms"] = np.asarray(source.arrays["excited_magmoms"],
+                                                             dtype=float).reshape(len(source), -1)
+            frame.info.update(task=task, step=int(step), max_devi_f=float(row[_COL["max_devi_f"]]),
+                              max_devi_v=float(row[_COL["max_devi_v"]]), devi_e=float(row[_COL["devi_e"]]),
+                              spin_disagree=float(row[_COL["spin_disagree"]]))
+            frames.append(frame)
+    ase.io.write(out, frames, format="extxyz")
+

@@ -1,0 +1,219 @@
+"""`spingen explore-task TASK_DIR`: one exploration task of the explore stage (01.model_devi).
+
+This is what dpdispatcher runs on the compute node. The task directory holds `task.json`
+(``ExploreTaskSettings``, written by the stage's make) and `conf.extxyz` (the start structure);
+the models are the relative paths in task.json (`../graph.00K.pth`, forwarded as common files).
+It runs spin-minimized MD (``spingen.md``) with the driving model(s) and writes, every trj_freq
+steps, streamed and flushed:
+
+* `traj.extxyz`: the frame (cell, positions, `initial_magmoms` = the optimized moments, 0 on
+  non-magnetic atoms; `excited_magmoms` (natoms, k) = the other low states of that frame's search;
+  info `step`, `model_energy` (eV, the driving model(s); ASE would turn a key `energy` into a
+  calculator result when reading));
+* `model_devi.out`: one row per frame, columns ``DEVI_COLUMNS``. The first seven are DP-GEN's and
+  are computed as deepmd-kit's ``dp model-devi`` does, over every model of the ensemble at the
+  frame's optimized moments: force deviation per atom sqrt(mean_m |f_m - <f>|^2), then max/min/avg
+  over atoms; virial (divided by natoms) std over models per component, then max/min over the 9
+  components and avg = |std|/3 (deepmd's definition); `devi_e` = std over models of energy per
+  atom; `spin_disagree` = fraction of magnetic ions whose ground-state moment differs between
+  members when each member searches alone from the frame's moments (every spin_devi_freq-th
+  frame; ``SPIN_NOT_COMPUTED`` (-1) on the others; NaN when a member's search met NaN).
+
+When the driving model returns NaN/inf, the failing step gets a row of NaN, the MD stops and the
+task still finishes (the stage's post counts the row as failed). Finally an empty `finished` file
+marks the task complete. A restarted task starts from scratch (old outputs are removed first).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+TASK_FILE = "task.json"
+CONF_FILE = "conf.extxyz"
+TRAJ_FILE = "traj.extxyz"
+DEVI_FILE = "model_devi.out"
+FINISHED_TAG = "finished"
+DEVI_COLUMNS = ("step", "max_devi_v", "min_devi_v", "avg_devi_v", "max_devi_f", "min_devi_f", "avg_devi_f",
+                "devi_e", "spin_disagree")
+SPIN_NOT_COMPUTED = -1.0
+
+
+@dataclass(frozen=True)
+class ExploreTaskSettings:
+    """Everything one explore task needs (task.json); units: K, bar, ps, uB, A."""
+
+    models: tuple[str, ...]  # paths relative to the task directory
+    magnetic: tuple[str, ...]
+    virtual_scale: float
+    offset: float
+    magnitudes: Mapping[str, tuple[float, ...]]
+    drive: str | int  # "mean" or the index of the driving model
+    ensemble: str
+    temperature: float
+    pressure: float | None
+    nsteps: int
+    dt_ps: float
+    trj_freq: int
+    taut_ps: float
+    taup_ps: float
+    compressibility: float  # 1/bar
+    spin_opt_freq: int
+    spin_devi_freq: int
+    seed: int
+    spin_search: Mapping[str, Any] = field(default_factory=dict)
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> "ExploreTaskSettings":
+        data = json.loads(Path(path).read_text())
+        names = set(cls.__dataclass_fields__)
+        unknown, missing = sorted(set(data) - names), sorted(names - set(data) - {"spin_search"})
+        if unknown or missing:
+            raise ValueError(f"{path}: unknown keys {unknown}, missing keys {missing}")
+        data["models"] = tuple(data["models"])
+        data["magnetic"] = tuple(data["magnetic"])
+        data["magnitudes"] = {el: tuple(v) for el, v in data["magnitudes"].items()}
+        return cls(**data)
+
+    @property
+    def encoding(self):
+        from spingen.spin.encoding import SpinEncoding
+
+        return SpinEncoding(self.magnetic, self.virtual_scale, self.offset)
+
+
+def model_deviation(energies: np.ndarray, forces: np.ndarray, virials: np.ndarray) -> np.ndarray:
+    """DP-GEN's six deviations and devi_e of one frame, as deepmd-kit's model_devi computes them.
+
+    energies (M,), forces (M, natoms, 3), virials (M, 9) of the M models; returns
+    [max_devi_v, min_devi_v, avg_devi_v, max_devi_f, min_devi_f, avg_devi_f, devi_e].
+    """
+    forces = np.asarray(forces, dtype=float)
+    natoms = forces.shape[1]
+    f_devi = np.linalg.norm(np.std(forces, axis=0), axis=-1)
+    v_devi = np.std(np.asarray(virials, dtype=float).reshape(len(forces), 9) / natoms, axis=0)
+    e_devi = np.std(np.asarray(energies, dtype=float).reshape(-1) / natoms)
+    return np.array([v_devi.max(), v_devi.min(), np.linalg.norm(v_devi) / 3,
+                     f_devi.max(), f_devi.min(), f_devi.mean(), e_devi])
+
+
+def spin_disagreement(calc, atoms, seed: int) -> float:
+    """Fraction of magnetic ions whose moment differs between the members' own ground states.
+
+    Each member searches alone, warm-started from the calculator's current moments; NaN when a
+    member's search ends on a non-finite energy.
+    """
+    if len(calc.models) < 2:
+        return 0.0
+    states = []
+    for k, dp in enumerate(calc.models):
+        result = calc.optimize(atoms, models=[dp], seed=seed + k, adopt=False)
+        if not np.isfinite(result.best_energy):
+            return float("nan")
+        states.append(np.asarray(result.best_moments, dtype=float))
+    states = np.array(states)
+    return float(np.mean(np.any(np.abs(states - states[0]) > 1e-6, axis=0)))
+
+
+def header() -> str:
+    return "#" + f"{DEVI_COLUMNS[0]:>11s}" + "".join(f" {c:>19s}" for c in DEVI_COLUMNS[1:]) + "\n"
+
+
+def format_row(step: int, values: Sequence[float]) -> str:
+    return f"{step:12d}" + "".join(f" {float(v):19.6e}" for v in values) + "\n"
+
+
+class FrameWriter:
+    """The MD observer of an explore task: one trajectory frame and one model_devi row per call."""
+
+    def __init__(self, task_dir: Path, calc, spin_devi_freq: int, seed: int):
+        self.traj, self.devi = task_dir / TRAJ_FILE, task_dir / DEVI_FILE
+        self.calc, self.spin_devi_freq, self.seed = calc, spin_devi_freq, seed
+        self.frames = 0
+        self.timings = {"deviation": 0.0, "spin_disagree": 0.0, "write": 0.0}
+        self.devi.write_text(header())
+
+    def __call__(self, step: int, atoms) -> None:
+        start = time.perf_counter()
+        energies, forces, virials = self.calc.ensemble_predictions(atoms)
+        values = list(model_deviation(energies, forces, virials))
+        self.timings["deviation"] += time.perf_counter() - start
+        start = time.perf_counter()
+        if self.spin_devi_freq > 0 and self.frames % self.spin_devi_freq == 0:
+            values.append(spin_disagreement(self.calc, atoms, self.seed + 7919 * step))
+        else:
+            values.append(SPIN_NOT_COMPUTED)
+        self.timings["spin_disagree"] += time.perf_counter() - start
+        start = time.perf_counter()
+        self._write_frame(step, atoms)
+        self._append(format_row(step, values))
+        self.frames += 1
+        self.timings["write"] += time.perf_counter() - start
+
+    def write_failure(self, step: int) -> None:
+        """The row of a step whose driving evaluation was not finite: every value NaN."""
+        self._append(format_row(step, [float("nan")] * (len(DEVI_COLUMNS) - 1)))
+
+    def _write_frame(self, step: int, atoms) -> None:
+        import ase.io
+        from ase import Atoms
+
+        frame = Atoms(atoms.get_chemical_symbols(), positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
+        frame.set_initial_magnetic_moments(self.calc.full_moments())
+        excited = self.calc.excited_magmoms()
+        if excited.shape[1]:
+            frame.arrays["excited_magmoms"] = excited
+        frame.info["step"] = int(step)
+        frame.info["model_energy"] = float(self.calc.results["energy"])  # "energy" would become a calc on read
+        with open(self.traj, "a") as handle:
+            ase.io.write(handle, frame, format="extxyz")
+            handle.flush()
+
+    def _append(self, line: str) -> None:
+        with open(self.devi, "a") as handle:
+            handle.write(line)
+            handle.flush()
+
+
+def run(task_dir: str | Path, models: Sequence[Any] | None = None) -> int:
+    """Run the task in task_dir; `models` (loaded DeepPot objects) replaces task.json's paths (tests)."""
+    import ase.io
+
+    from spingen.md import NonFiniteError, SpinModelCalculator, run_md
+
+    task_dir = Path(task_dir).resolve()
+    settings = ExploreTaskSettings.load(task_dir / TASK_FILE)
+    for name in (TRAJ_FILE, DEVI_FILE, FINISHED_TAG):
+        (task_dir / name).unlink(missing_ok=True)
+    atoms = ase.io.read(task_dir / CONF_FILE, format="extxyz")
+    begin = time.perf_counter()
+    calc = SpinModelCalculator(list(models) if models is not None else [task_dir / m for m in settings.models],
+                               settings.magnitudes, encoding=settings.encoding, drive=settings.drive,
+                               spin_opt_freq=settings.spin_opt_freq, search=settings.spin_search, seed=settings.seed)
+    writer = FrameWriter(task_dir, calc, settings.spin_devi_freq, settings.seed)
+    status = "finished"
+    try:
+        run_md(atoms, calc, settings.ensemble, settings.temperature, settings.pressure, settings.nsteps,
+               settings.dt_ps * 1000.0, settings.trj_freq, [writer], seed=settings.seed,
+               taut_fs=settings.taut_ps * 1000.0, taup_fs=settings.taup_ps * 1000.0,
+               compressibility=settings.compressibility)
+    except NonFiniteError as err:
+        writer.write_failure(err.step)
+        status = f"stopped at step {err.step}: {err}"
+        print(f"explore-task: {status}", file=sys.stderr)
+    wall = time.perf_counter() - begin
+    print(f"explore-task {task_dir.name}: {status}; {writer.frames} frame(s), {calc.n_evaluations} evaluations, "
+          f"{calc.n_searches} searches ({calc.n_search_evaluations} configurations evaluated), moments changed "
+          f"{calc.n_spin_changes} time(s); wall {wall:.1f} s: "
+          + ", ".join(f"{k} {v:.1f} s" for k, v in {**calc.timings, **writer.timings}.items()))
+    (task_dir / FINISHED_TAG).write_text("")
+    return 0

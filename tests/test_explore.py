@@ -1,0 +1,400 @@
+"""Explore stage: spin-minimized MD with a real tiny deepmd-kit ensemble, deviations, selection."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import BIN, lini_frames, make_machine, make_param, tiny_training_param, write_inputs, write_spin_system
+
+from spingen.schema import MD_ENSEMBLES, SpinSettings
+from spingen.stages.explore import classify, read_model_devi, sample_candidates
+from spingen.tools.explore_task import DEVI_COLUMNS, SPIN_NOT_COMPUTED, ExploreTaskSettings
+
+TYPE_MAP = ["Li", "Ni", "O"]
+SPIN = SpinSettings(True, ("Ni",), 0.3, 0.2, "auto", 0.05, True)
+MAGNITUDES = {"Ni": [1.0, 3.0]}
+
+
+# ---------------------------------------------------------------- fixtures: a tiny real ensemble
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread before deepmd-kit is first imported (module fixtures run before conftest's
+    function-scoped OMP_NUM_THREADS): idle OpenMP threads spinning on a shared 2-core machine make
+    every evaluation tens of times slower."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("OMP_NUM_THREADS", "DP_INTRA_OP_PARALLELISM_THREADS", "DP_INTER_OP_PARALLELISM_THREADS"):
+            mp.setenv(name, "1")
+        yield
+
+
+@pytest.fixture(scope="module")
+def model_paths(tmp_path_factory, one_thread) -> list[Path]:
+    """Two tiny spin models (seeds 1, 2) trained concurrently on the LiNiO2-like data."""
+    from spingen.stages.train import training_input, write_training_data
+
+    root = tmp_path_factory.mktemp("models")
+    write_training_data([write_spin_system(root / "raw", n_frames=12)], root / "data", TYPE_MAP, SPIN)
+    tasks = []
+    for k in range(2):
+        task = root / f"{k:03d}"
+        task.mkdir()
+        param = tiny_training_param(steps=20)
+        param["model"]["descriptor"]["sel"] = [16, 16, 32]  # no truncated neighbour list: a smooth energy
+        inp = training_input(param, TYPE_MAP, SPIN, ["../data/sys.000"], seed=k + 1)
+        (task / "input.json").write_text(json.dumps(inp))
+        SPIN.encoding.save(task / "spin_encoding.json")
+        tasks.append(task)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for command in ("train input.json", "freeze -o frozen_model.pth"):
+        procs = [subprocess.Popen([str(BIN / "dp"), "--pt", *command.split()], cwd=t, env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for t in tasks]
+        for proc in procs:
+            assert proc.wait() == 0, proc.stderr.read().decode()[-2000:]
+    return [t / "frozen_model.pth" for t in tasks]
+
+
+@pytest.fixture(scope="module")
+def dps(model_paths, one_thread):
+    from deepmd.infer import DeepPot
+
+    return [DeepPot(str(p)) for p in model_paths]
+
+
+def cell16(seed: int = 5):
+    """16 atoms (4 Ni): the 8-atom LiNiO2-like cell doubled along x, rattled."""
+    atoms = lini_frames(1, 3)[0][0].repeat((2, 1, 1))
+    atoms.rattle(0.05, seed=seed)
+    return atoms
+
+
+def encoded_spin(moments: np.ndarray, symbols) -> np.ndarray:
+    """deepmd spin input written out by hand: (0, 0, S + d/eta) on Ni, zero elsewhere."""
+    moments = np.atleast_2d(moments)
+    spin = np.zeros(moments.shape + (3,))
+    ni = np.array([s == "Ni" for s in symbols])
+    spin[:, ni, 2] = moments[:, ni] + SPIN.offset / SPIN.virtual_scale
+    return spin.reshape(len(moments), -1)
+
+
+def predict(dps, atoms_list, moments) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Energies (M, nf), forces (M, nf, natoms, 3), virials (M, nf, 9) straight from DeepPot.eval."""
+    import torch
+
+    symbols = atoms_list[0].get_chemical_symbols()
+    atype = [TYPE_MAP.index(s) for s in symbols]
+    coords = np.array([a.positions.ravel() for a in atoms_list])
+    cells = np.array([a.cell.array.ravel() for a in atoms_list])
+    with torch.jit.optimized_execution(False):  # TorchScript's profiling runs take minutes on busy CPUs
+        out = [dp.eval(coords, cells, atype, spin=encoded_spin(np.asarray(moments), symbols)) for dp in dps]
+    return (np.array([o[0].reshape(-1) for o in out]), np.array([o[1] for o in out]),
+            np.array([o[2].reshape(len(coords), 9) for o in out]))
+
+
+# ---------------------------------------------------------------- the calculator
+@pytest.mark.parametrize("search", [{}, {"enumerate_limit": 0}], ids=["enumeration", "genetic"])
+def test_calculator_spins_are_the_ground_state(dps, search):
+    from spingen.md import SpinModelCalculator
+
+    atoms = cell16()
+    calc = SpinModelCalculator(dps, MAGNITUDES, encoding=SPIN.encoding, drive="mean", search=search, seed=3)
+    atoms.calc = calc
+    energy = atoms.get_potential_energy()
+    assert calc.last_search.method == ("genetic" if search else "enumeration")
+    # brute force over every configuration with the first Ni up (one of each reversed pair)
+    ni = [i for i, s in enumerate(atoms.get_chemical_symbols()) if s == "Ni"]
+    levels = (-3.0, -1.0, 1.0, 3.0)
+    configs = [(a,) + rest for a in (1.0, 3.0) for rest in itertools.product(levels, repeat=len(ni) - 1)]
+    moments = np.zeros((len(configs), len(atoms)))
+    moments[:, ni] = configs
+    energies = predict(dps, [atoms] * len(configs), moments)[0].mean(axis=0)
+    best = int(np.argmin(energies))
+    np.testing.assert_allclose(atoms.get_magnetic_moments(), moments[best])
+    assert energy == pytest.approx(energies[best], abs=1e-8)
+    assert calc.excited_magmoms().shape == (len(atoms), 4)
+
+
+def test_forces_and_stress_finite_difference_at_fixed_spins(dps):
+    from spingen.md import SpinModelCalculator
+
+    atoms = cell16(seed=8)
+    start = np.zeros(len(atoms))
+    start[atoms.symbols == "Ni"] = [3.0, -1.0, 1.0, -3.0]
+    atoms.calc = SpinModelCalculator(dps, MAGNITUDES, encoding=SPIN.encoding, drive="mean", spin_opt_freq=0,
+                                     moments=start)
+    forces, stress = atoms.get_forces(), atoms.get_stress(voigt=False)
+    np.testing.assert_allclose(atoms.get_magnetic_moments(), start)
+    assert atoms.calc.n_searches == 0
+    h = 1e-4
+    for index, axis in ((0, 0), (3, 2), (5, 1)):  # Li, Ni, O
+        energies = []
+        for sign in (1, -1):
+            moved = atoms.copy()
+            moved.calc = atoms.calc
+            moved.positions[index, axis] += sign * h
+            energies.append(moved.get_potential_energy())
+        assert -(energies[0] - energies[1]) / (2 * h) == pytest.approx(forces[index, axis], abs=1e-5)
+    for i, j in ((0, 0), (1, 2)):  # symmetric strains: the model is not rotation invariant (spins along z)
+        energies = []
+        for sign in (1, -1):
+            strain = np.eye(3)
+            strain[i, j] += sign * h / 2
+            strain[j, i] += sign * h / 2
+            strained = atoms.copy()
+            strained.set_cell(atoms.cell.array @ strain.T, scale_atoms=True)
+            strained.calc = atoms.calc
+            energies.append(strained.get_potential_energy())
+        assert (energies[0] - energies[1]) / (2 * h) / atoms.get_volume() == pytest.approx(stress[i, j], abs=1e-6)
+    np.testing.assert_allclose(atoms.get_magnetic_moments(), start)  # spin_opt_freq 0 never searched
+
+
+def test_every_ensemble_runs_and_reports_frames():
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+
+    from spingen.md import INTEGRATORS, run_md
+
+    assert set(INTEGRATORS) == set(MD_ENSEMBLES)
+    for ensemble in MD_ENSEMBLES:
+        atoms = bulk("Cu", cubic=True).repeat((2, 2, 2))
+        steps = []
+        run_md(atoms, EMT(), ensemble, 300, pressure=1.0, nsteps=6, dt_fs=1.0, trj_freq=3,
+               observers=[lambda step, a: steps.append(step)], seed=1)
+        assert steps == [0, 3, 6], ensemble
+        assert np.all(np.isfinite(atoms.positions))
+
+
+# ---------------------------------------------------------------- one explore task
+def write_task(task_dir: Path, model_paths, nsteps=6, trj_freq=2, spin_devi_freq=2, drive=0) -> Path:
+    import ase.io
+
+    task_dir.mkdir(parents=True)
+    ase.io.write(task_dir / "conf.extxyz", lini_frames(1, 3)[0][0], format="extxyz")
+    ExploreTaskSettings(
+        models=tuple(os.path.relpath(p, task_dir) for p in model_paths), magnetic=("Ni",),
+        virtual_scale=SPIN.virtual_scale, offset=SPIN.offset, magnitudes={"Ni": (1.0, 3.0)}, drive=drive,
+        ensemble="nvt", temperature=600.0, pressure=None, nsteps=nsteps, dt_ps=0.001, trj_freq=trj_freq,
+        taut_ps=0.1, taup_ps=0.5, compressibility=1e-6, spin_opt_freq=1, spin_devi_freq=spin_devi_freq, seed=11,
+        spin_search={"population": 8}).save(task_dir / "task.json")
+    return task_dir
+
+
+def test_nvt_task_deviations_equal_an_independent_recomputation(tmp_path, model_paths, dps):
+    import ase.io
+    from deepmd.infer.model_devi import calc_model_devi_e, calc_model_devi_f, calc_model_devi_v
+
+    from spingen.tools.explore_task import run
+
+    task = write_task(tmp_path / "task", model_paths)
+    assert run(task, models=dps) == 0
+    assert (task / "finished").is_file()
+    frames = ase.io.read(task / "traj.extxyz", index=":")
+    rows = read_model_devi(task / "model_devi.out")
+    header = (task / "model_devi.out").read_text().splitlines()[0]
+    assert header.lstrip("#").split() == list(DEVI_COLUMNS)
+    assert [f.info["step"] for f in frames] == [0, 2, 4, 6] and list(rows[:, 0]) == [0, 2, 4, 6]
+    for frame, row in zip(frames, rows):
+        moments = frame.get_initial_magnetic_moments()
+        assert set(np.abs(moments[frame.symbols == "Ni"])) <= {1.0, 3.0}
+        e, f, v = predict(dps, [frame], moments[None])
+        natoms = len(frame)
+        expected = [*calc_model_devi_v(v / natoms), *calc_model_devi_f(f), calc_model_devi_e(e[..., None] / natoms)]
+        np.testing.assert_allclose(row[1:8], np.ravel(expected), rtol=2e-6, atol=1e-12)
+        assert frame.arrays["excited_magmoms"].shape == (natoms, 4)
+        assert frame.info["model_energy"] == pytest.approx(e[0, 0], abs=1e-6)  # model 0 drives
+    spin = rows[:, DEVI_COLUMNS.index("spin_disagree")]
+    assert list(spin[1::2]) == [SPIN_NOT_COMPUTED] * 2  # spin_devi_freq 2: frames 0 and 2 only
+    assert np.all((spin[::2] >= 0) & (spin[::2] <= 1))
+
+
+class NaNAfter:
+    """A DeepPot whose eval returns NaN energies and forces after `calls` calls."""
+
+    def __init__(self, dp, calls: int):
+        self._dp, self._left = dp, calls
+
+    def __getattr__(self, name):
+        return getattr(self._dp, name)
+
+    def eval(self, *args, **kwargs):
+        out = list(self._dp.eval(*args, **kwargs))
+        self._left -= 1
+        if self._left < 0:
+            out[0], out[1] = np.full_like(out[0], np.nan), np.full_like(out[1], np.nan)
+        return tuple(out)
+
+
+def test_nan_from_the_model_is_written_and_counted_failed(tmp_path, model_paths, dps):
+    from spingen.tools.explore_task import run
+
+    task = write_task(tmp_path / "task", model_paths, nsteps=20, trj_freq=2, spin_devi_freq=0)
+    assert run(task, models=[NaNAfter(dps[0], 8), dps[1]]) == 0
+    assert (task / "finished").is_file()
+    rows = read_model_devi(task / "model_devi.out")
+    assert np.all(np.isnan(rows[-1, 1:])) and rows[-1, 0] <= 20
+    assert np.all(np.isfinite(rows[:-1, 1:]))
+    labels = classify(rows, 0.05, 0.3, 0.2, 0)
+    assert labels[-1] == "failed"
+
+
+# ---------------------------------------------------------------- selection
+def test_selection_of_a_hand_made_model_devi(tmp_path):
+    nan, inf = float("nan"), float("inf")
+    table = [  # step, v(3), max_devi_f, min_f, avg_f, devi_e, spin_disagree
+        (0, 0.1, 0.0, 0.1, 0.40, 0, 0, 0.01, 0.5),  # skipped (step < 10), even though it would fail
+        (10, 0.1, 0.0, 0.1, 0.01, 0, 0, 0.01, -1),  # accurate
+        (20, 0.1, 0.0, 0.1, 0.05, 0, 0, 0.01, -1),  # candidate: f == lo
+        (30, 0.1, 0.0, 0.1, 0.29, 0, 0, 0.01, 0.0),  # candidate
+        (40, 0.1, 0.0, 0.1, 0.30, 0, 0, 0.01, 0.0),  # failed: f == hi
+        (50, 0.1, 0.0, 0.1, 0.01, 0, 0, 0.01, 0.25),  # candidate by spin disagreement only
+        (60, 0.1, 0.0, 0.1, 0.01, 0, 0, 0.01, 0.2),  # accurate: spin == trust is not above it
+        (70, nan, nan, nan, nan, nan, nan, nan, nan),  # failed: NaN row
+        (80, 0.1, 0.0, 0.1, 0.01, 0, 0, inf, -1),  # failed: inf in devi_e
+        (90, 0.1, 0.0, 0.1, 0.01, 0, 0, 0.01, nan),  # failed: the spin search met NaN
+    ]
+    path = tmp_path / "model_devi.out"
+    path.write_text("# " + " ".join(DEVI_COLUMNS) + "\n" + "".join(" ".join(str(v) for v in r) + "\n" for r in table))
+    rows = read_model_devi(path)
+    assert classify(rows, lo=0.05, hi=0.3, spin_trust=0.2, skip=10) == [
+        None, "accurate", "candidate", "candidate", "failed", "candidate", "accurate", "failed", "failed", "failed"]
+
+
+def test_sampling_is_seeded_and_both_caps_hold():
+    candidates = {0: [f"a{i}" for i in range(30)], 1: [f"b{i}" for i in range(5)], 2: ["c0"]}
+    first = sample_candidates(candidates, task_max=10, task_max_total=None, task_min=1, seed=42)
+    assert first == sample_candidates(candidates, task_max=10, task_max_total=None, task_min=1, seed=42)
+    assert first != sample_candidates(candidates, task_max=10, task_max_total=None, task_min=1, seed=43)
+    assert [len(first[s]) for s in (0, 1, 2)] == [10, 5, 1]
+    assert set(first[0]) <= set(candidates[0]) and len(set(first[0])) == 10
+    capped = sample_candidates(candidates, task_max=10, task_max_total=8, task_min=1, seed=42)
+    assert sum(len(v) for v in capped.values()) == 8
+    assert [len(capped[s]) for s in (0, 1, 2)] == [4, 3, 1]  # taken in turn from each system
+    assert all(capped[s] == first[s][: len(capped[s])] for s in capped)
+    assert sample_candidates(candidates, task_max=10, task_max_total=None, task_min=2, seed=42)[2] == []
+
+
+# ---------------------------------------------------------------- the stage through dpdispatcher
+DRIVER = """
+import logging, sys
+from pathlib import Path
+from spingen.loop import StageContext, setup_logging
+from spingen.schema import load_machine, load_param
+from spingen.stages.explore import ExploreStage
+root = Path(sys.argv[1])
+setup_logging(root)
+stage = ExploreStage(load_param(root / "param.json"), load_machine(root / "machine.json").model_devi)
+getattr(stage, sys.argv[2])(StageContext(root, 0))
+"""
+
+
+def write_counting_spingen(path: Path, log: Path) -> Path:
+    path.write_text(f"#!/bin/sh\necho \"$(pwd)\" >> {log}\nexec {BIN / 'spingen'} \"$@\"\n")
+    path.chmod(0o755)
+    return path
+
+
+@pytest.mark.slow
+def test_stage_runs_through_dpdispatcher_and_resumes_after_a_kill(tmp_path, model_paths):
+    import ase.io
+
+    calls = tmp_path / "calls.txt"
+    param = make_param(tmp_path, model_devi_f_trust_lo=0.0, fp_task_max=3)
+    param["model_devi_jobs"] = [{"sys_idx": [0], "temps": [300, 900], "nsteps": 4, "trj_freq": 2,
+                                 "spin_devi_freq": 2}]
+    param["model_devi_spin_search"] = {"population": 8}
+    write_inputs(tmp_path, param, make_machine(str(write_counting_spingen(tmp_path / "spingen", calls))))
+    train = tmp_path / "iter.000000" / "00.train"
+    train.mkdir(parents=True)
+    for k, model in enumerate(model_paths):
+        (train / f"graph.{k:03d}.pth").symlink_to(model)
+    stage_dir = tmp_path / "iter.000000" / "01.model_devi"
+    stage_dir.mkdir()
+    driver = [sys.executable, "-c", DRIVER, str(tmp_path)]
+    subprocess.run(driver + ["make"], cwd=tmp_path, check=True, capture_output=True)
+    tasks = sorted(p.name for p in stage_dir.glob("task.*"))
+    assert tasks == ["task.000.000000", "task.000.000001"]
+    assert json.loads((stage_dir / "task.000.000001" / "task.json").read_text())["temperature"] == 900.0
+
+    proc = subprocess.Popen(driver + ["run"], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((tmp_path / "remote").rglob("finished")):
+        time.sleep(0.2)
+    finished_before = {p.parent.name for p in (tmp_path / "remote").rglob("finished")}
+    assert finished_before, "no task finished in time"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    result = subprocess.run(driver + ["run"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = [Path(line).name for line in calls.read_text().splitlines()]
+    for task in finished_before:
+        assert runs.count(task) == 1, f"finished task {task} ran again: {runs}"
+    assert all((stage_dir / t / "finished").is_file() for t in tasks)
+
+    result = subprocess.run(driver + ["run"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert "2 already finished" in (tmp_path / "spingen.log").read_text()
+    assert len(calls.read_text().splitlines()) == len(runs), "a finished stage submits nothing"
+
+    subprocess.run(driver + ["post"], cwd=tmp_path, check=True, capture_output=True)
+    selection = json.loads((stage_dir / "selection.json").read_text())
+    counts = selection["systems"]["000"]
+    assert counts["total"] == 6 and counts["accurate"] + counts["candidate"] + counts["failed"] == 6
+    candidates = ase.io.read(stage_dir / "candidates.000.extxyz", index=":")
+    assert len(candidates) == counts["selected"] == min(3, counts["candidate"])
+    for frame in candidates:
+        traj = {f.info["step"]: f for f in ase.io.read(stage_dir / frame.info["task"] / "traj.extxyz", index=":")}
+        source = traj[frame.info["step"]]
+        np.testing.assert_allclose(frame.positions, source.positions)
+        np.testing.assert_allclose(frame.get_initial_magnetic_moments(), source.get_initial_magnetic_moments())
+        assert frame.arrays["excited_magmoms"].shape == (len(frame), 4)
+        assert isinstance(frame.info["max_devi_f"], float) and isinstance(frame.info["task"], str)
+    assert "system 000 candidate :" in (tmp_path / "spingen.log").read_text()
+    # post again (as after a crash in post): the recorded seed picks the same frames
+    before = (stage_dir / "candidates.000.extxyz").read_text()
+    subprocess.run(driver + ["post"], cwd=tmp_path, check=True, capture_output=True)
+    assert (stage_dir / "candidates.000.extxyz").read_text() == before
+
+
+@pytest.mark.parametrize("change, key", [
+    ({"model_devi_driver": "median"}, "model_devi_driver"),
+    ({"model_devi_spin_trust": 1.5}, "model_devi_spin_trust"),
+    ({"fp_task_max_total": 0}, "fp_task_max_total"),
+    ({"model_devi_spin_search": {"population": 1}}, "model_devi_spin_search/population"),
+    ({"model_devi_jobs": [{"sys_idx": [0], "temps": [300], "nsteps": 10, "ensemble": "npt"}]}, "press"),
+    ({"model_devi_jobs": [{"sys_idx": [0], "temps": [300], "nsteps": 10, "trj_freq": 0}]}, "trj_freq"),
+])
+def test_explore_settings_name_the_bad_key(tmp_path, change, key):
+    from spingen.schema import InputError, load_param
+    from spingen.stages.explore import explore_settings
+
+    param_path, _ = write_inputs(tmp_path, make_param(tmp_path, **change))
+    with pytest.raises(InputError, match=key):
+        explore_settings(load_param(param_path))
+
+
+def test_explore_settings_defaults(tmp_path):
+    from spingen.schema import load_param
+    from spingen.stages.explore import explore_settings
+
+    param_path, _ = write_inputs(tmp_path, make_param(tmp_path, model_devi_spin_search={"max_evaluations": 8}))
+    settings = explore_settings(load_param(param_path))
+    assert settings.driver == "first" and settings.task_max_total is None and settings.skip == 0
+    assert settings.spin_search == {"max_evaluations": 8}  # unset keys: the search's own defaults
+
+
+def test_magnitudes_inferred_from_training_data(tmp_path):
+    from spingen.md import magnitudes_from_data
+
+    systems = [write_spin_system(tmp_path / "a", n_frames=4, seed=1),
+               write_spin_system(tmp_path / "b", n_frames=4, seed=2, levels=(0.0, 2.0, -2.0))]
+    assert magnitudes_from_data(systems, ["Ni"]) == {"Ni": [0.0, 1.0, 2.0, 3.0]}
+    with pytest.raises(ValueError, match="no moments of \\['Co'\\]"):
+        magnitudes_from_data(systems, ["Ni", "Co"])
