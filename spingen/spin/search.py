@@ -25,7 +25,7 @@ class SearchSettings:
     population: int = 16  # configurations kept, and evaluated per generation on a cold start
     max_generations: int = 400
     patience: int = 15  # generations without a new best before a cold search stops
-    warm_patience: int = 3  # the same with a start or prior
+    warm_patience: int = 5  # the same with a start or prior
     warm_fraction: float = 0.5  # share of population evaluated per generation with a start
     enumerate_limit: int = 2048  # enumerate spaces up to this size
     n_lowest: int = 5  # distinct lowest configurations returned
@@ -82,7 +82,7 @@ def search_ground_state(model: EnergyModel, levels: MomentLevels, *, start: np.n
     (mu + lambda) elitism, greedy polish of every new best. Stops after `patience` generations
     without a new best (`warm_patience` with a start), max_generations or max_evaluations.
     start: moments (n_magnetic,) or (k, n_magnetic), snapped to the levels; prior: the result
-    for a nearby geometry (its lowest configurations start, its surrogate seeds the fit).
+    for a nearby geometry (its lowest configurations start too, its surrogate seeds the fit).
     overrides: SearchSettings fields, e.g. population=32.
     """
     s = replace(settings or SearchSettings(), **overrides)
@@ -91,8 +91,9 @@ def search_ground_state(model: EnergyModel, levels: MomentLevels, *, start: np.n
     if s.max_evaluations is None or levels.n_configurations <= s.max_evaluations:
         if levels.n_configurations <= s.enumerate_limit:
             return _enumerate(model, levels, s.n_lowest, s.chunk_size)
-    if prior is not None and start is None:
-        start = np.array([m for m, _ in prior.lowest])
+    if prior is not None:  # its lowest configurations join the start
+        lowest = np.array([m for m, _ in prior.lowest])
+        start = lowest if start is None else np.concatenate([np.atleast_2d(start), lowest])
     surrogate = None
     if s.use_surrogate and PairSurrogate.size(levels) <= MAX_PARAMETERS:
         if prior is not None and prior.surrogate is not None and prior.surrogate.fits(levels):
@@ -118,10 +119,6 @@ def _enumerate(model: EnergyModel, levels: MomentLevels, n_lowest: int, chunk_si
         best_rows, best_e = best_rows[keep], best_e[keep]
     lowest = [(m, float(e)) for m, e in zip(levels.to_moments(best_rows), best_e)]
     return SearchResult(lowest[0][0], lowest[0][1], count, lowest, "enumeration")
-
-
-WARM_MODE = 0
-WARM_EXPLORE = 0
 
 
 class _Evaluations:
@@ -288,9 +285,10 @@ class _Genetic:
             row[i] = int(np.argmin(np.abs(m.sum() - m[i] + levels.values[i] - levels.total_moment)))
         raise RuntimeError("could not repair a configuration into the total-moment window")
 
-    def _screened(self, candidates: np.ndarray, pop: np.ndarray, n_eval: int, warm=False) -> np.ndarray:
+    def _screened(self, candidates: np.ndarray, pop: np.ndarray, n_eval: int, warm: bool) -> np.ndarray:
         """At most n_eval rows to evaluate: after a free descent on the surrogate, those predicted
-        to enter the population (within screen_sigmas errors), the rest explorers."""
+        to enter the population (to beat its best when warm) within screen_sigmas errors, and
+        explore * n_eval explorers."""
         if self.surrogate is None or len(candidates) == 0:
             return candidates[:n_eval]
         descended = self.levels.canonicalise(self.surrogate.descend(candidates))
@@ -300,14 +298,14 @@ class _Genetic:
         if len(rows) == 0:
             return rows
         predicted = self.surrogate.predict(rows)
-        worst = max(self.evals.energy[k] for k in self.levels.keys(pop))
-        margin = self.s.screen_sigmas * self.surrogate.error
-        if warm and WARM_MODE:
-            worst = min(self.evals.energy[k] for k in self.levels.keys(pop))
-            margin = self.s.screen_sigmas * (self.surrogate.move_error if WARM_MODE == 2 else self.surrogate.error)
+        energies = [self.evals.energy[k] for k in self.levels.keys(pop)]
+        if warm:  # near the old ground state: only what may beat the best, judged as moves are
+            bar = min(energies) + self.s.screen_sigmas * self.surrogate.move_error
+        else:
+            bar = max(energies) + self.s.screen_sigmas * self.surrogate.error
         order = np.argsort(predicted, kind="stable")
-        n_explore = max(1, int(self.s.explore * n_eval)) if not (warm and WARM_MODE == 2 and WARM_EXPLORE) else WARM_EXPLORE
-        promising = [i for i in order[: n_eval - n_explore] if predicted[i] < worst + margin]
+        n_explore = max(1, int(self.s.explore * n_eval))
+        promising = [i for i in order[: n_eval - n_explore] if predicted[i] < bar]
         rest = np.setdiff1d(order, promising)
         explorers = self.rng.choice(rest, size=min(n_explore, len(rest)), replace=False)
         return rows[np.concatenate([promising, explorers]).astype(int)]
