@@ -12,10 +12,11 @@ What is measured:
     GA with spin-force screening, a fresh counter per run) runs with each seed. Success: the
     search's best energy equals the exhaustive minimum (1e-7 eV). Evaluations used are the
     search's distinct configurations, as a share of 32768.
-(b) throughput: frames (= configurations) per second of `DeepmdSpinModel.evaluate` at population
-    sizes 1, 16, 64, 256 (with -dE/dS as the GA asks, and energy-only), against plain
-    `DeepPot.eval` on the same frames one call per frame, and one call for all frames; the
-    TorchScript warm-up of the first calls with and without jit optimisation.
+(b) throughput: configurations per second of `DeepmdSpinModel.evaluate` at population sizes
+    1, 16, 64, 256 on its fixed-geometry path (with -dE/dS as the GA asks, and energy-only; with
+    and without TorchScript optimisation) and with fast=False (one `DeepPot.eval` per batch),
+    against plain `DeepPot.eval` one call per configuration; and the TorchScript warm-up of the
+    first calls on a fresh load with and without jit optimisation.
 
 Per-frame search results are appended to WORKDIR/search.jsonl and reused on a rerun with the
 same settings, so a long run can be resumed. The results block of
@@ -214,7 +215,7 @@ def search_frames(dp, n_frames: int, seeds: list[int], batch: int, store: Path, 
                "exhaustive_s": t_exh, "exhaustive_min": e_min,
                "gap_meV": 1000 * float(energies[order[1]] - e_min),
                "model_min_is_analytic_min": bool(int(np.argmin(truth_e)) == int(order[0])),
-               "energy_path": model.energy_path, "runs": []}
+               "energy_path": model.path, "runs": []}
         for seed in seeds:
             searcher = DeepmdSpinModel.from_atoms(atoms, dp, encoding, batch_size=batch)
             t0 = time.perf_counter()
@@ -275,8 +276,9 @@ def throughput(model_path: Path, sizes: list[int], min_time: float) -> dict:
         warm["optimize_jit" if optimize else "no_optimize"] = calls
 
     rows = []
-    models = {opt: DeepmdSpinModel.from_atoms(atoms, dp, encoding, optimize_jit=opt) for opt in (False, True)}
-    for m in models.values():  # past the profiling executor's warm-up on both paths
+    variants = {"fast": dict(), "fast_jitopt": dict(optimize_jit=True), "eval": dict(fast=False)}
+    models = {name: DeepmdSpinModel.from_atoms(atoms, dp, encoding, **kw) for name, kw in variants.items()}
+    for m in models.values():  # past the profiling executor's warm-up on every path
         for _ in range(3):
             m.evaluate(rng.choice([-3.0, 3.0], size=(4, 8)), gradient=True)
             m.evaluate(rng.choice([-3.0, 3.0], size=(4, 8)))
@@ -284,26 +286,23 @@ def throughput(model_path: Path, sizes: list[int], min_time: float) -> dict:
     cell = atoms.cell.array.reshape(1, 9)
     for n in sizes:
         s = rng.choice([-3.0, -1.0, 1.0, 3.0], size=(n, 8))
-        spin = models[False].spin_vectors(s)
-        atype = models[False].atom_types
+        spin = models["fast"].spin_vectors(s)
+        atype = models["fast"].atom_types
 
         def per_frame():
             for k in range(n):
                 dp.eval(coords, cell, atype, spin=spin[k: k + 1])
 
-        def one_call():
-            dp.eval(np.repeat(coords, n, 0), np.repeat(cell, n, 0), atype, spin=spin)
-
         row = {"population": n}
         for name, fn in (
-            ("interface_grad", lambda: models[False].evaluate(s, gradient=True)),
-            ("interface_energy", lambda: models[False].evaluate(s)),
-            ("interface_grad_jitopt", lambda: models[True].evaluate(s, gradient=True)),
-            ("interface_energy_jitopt", lambda: models[True].evaluate(s)),
+            ("fast_grad", lambda: models["fast"].evaluate(s, gradient=True)),
+            ("fast_energy", lambda: models["fast"].evaluate(s)),
+            ("fast_grad_jitopt", lambda: models["fast_jitopt"].evaluate(s, gradient=True)),
+            ("fast_energy_jitopt", lambda: models["fast_jitopt"].evaluate(s)),
+            ("eval_batch", lambda: models["eval"].evaluate(s, gradient=True)),
             ("deeppot_per_frame", per_frame),
-            ("deeppot_one_call", one_call),
         ):
-            if name.startswith("deeppot"):
+            if name == "deeppot_per_frame":
                 with torch.jit.optimized_execution(True):  # DeepPot as a user calls it
                     sec = timed(fn, min_time)
             else:
@@ -410,16 +409,17 @@ def render(info: dict, args, command: str, train: dict, search: dict, thr: dict,
             "Failures (frame, seed, excess meV): " + (", ".join(map(str, s["failures"])) or "none"), ""]
     if thr:
         lines += ["### (b) throughput (configurations per second, 32-atom cell, one geometry)", "",
-                  "Steady state (after warm-up calls). `interface` = `DeepmdSpinModel.evaluate` (one DeepPot call "
-                  "per batch; `grad` = with -dE/dS, as the GA asks; `energy` = forward-only path); `jitopt` = "
-                  "`optimize_jit=True`; `DeepPot per frame` = plain `DeepPot.eval` one call per configuration; "
-                  "`DeepPot one call` = one `DeepPot.eval` for the whole population.", "",
-                  "| population | interface grad | interface energy | interface grad, jitopt | interface energy, jitopt "
-                  "| DeepPot per frame | DeepPot one call |", "|---|---|---|---|---|---|---|"]
+                  "Steady state (after warm-up calls). All columns but the last are `DeepmdSpinModel.evaluate` on "
+                  "the whole population in one call: `fast` = fixed-geometry path (`grad` = with -dE/dS, as the "
+                  "GA asks; `energy` = energy only), `jitopt` = the same with `optimize_jit=True`, `fast=False` = "
+                  "one `DeepPot.eval` per batch (energy, forces, virial, force_mag). `DeepPot per frame` = plain "
+                  "`DeepPot.eval` one call per configuration (default TorchScript settings).", "",
+                  "| population | fast, grad | fast, energy | fast, grad, jitopt | fast, energy, jitopt "
+                  "| fast=False (DeepPot.eval per batch) | DeepPot.eval per frame |", "|---|---|---|---|---|---|---|"]
         for r in thr["rows"]:
-            lines.append(f"| {r['population']} | {f(r['interface_grad'])} | {f(r['interface_energy'])} | "
-                         f"{f(r['interface_grad_jitopt'])} | {f(r['interface_energy_jitopt'])} | "
-                         f"{f(r['deeppot_per_frame'])} | {f(r['deeppot_one_call'])} |")
+            lines.append(f"| {r['population']} | {f(r['fast_grad'])} | {f(r['fast_energy'])} | "
+                         f"{f(r['fast_grad_jitopt'])} | {f(r['fast_energy_jitopt'])} | "
+                         f"{f(r['eval_batch'])} | {f(r['deeppot_per_frame'])} |")
         lines += ["", "First calls on a freshly loaded model (seconds; 3 calls with -dE/dS then 3 energy-only, "
                   "16 configurations each):", ""]
         for name, calls in thr["warmup"].items():

@@ -6,21 +6,31 @@ of the same geometry, moments encoded with ``SpinEncoding.to_deepmd`` (S -> spin
 (0, 0, S + d/eta)). Energies are the ensemble mean; -dE/dS is the mean z component of deepmd-kit's
 ``force_mag`` (= -dE/d(spin vector)) on the magnetic ions, since spin_z = S + d/eta.
 
-Energy-only evaluation: ``DeepPot.eval`` (deepmd-kit 3.2, pt backend) cannot skip forces: the
-frozen TorchScript model's forward always takes ``torch.autograd.grad`` of the energy for the
-force, force_mag and the virial (``do_grad_r``/``do_grad_c`` come from the fitting's output
-definition, not from the call), and ``atomic=False`` only drops the atomic virial. This module
-therefore has its own energy-only path (``energy_only=True``) that calls the frozen model's
-compiled pieces in the order its forward does (spin input -> neighbour list ->
-``atomic_model.forward_common_atomic`` -> sum) under ``torch.no_grad()``. It is checked once
-against ``DeepPot.eval`` on first use and falls back to ``DeepPot.eval`` (with a warning) if the
-model lacks these pieces or disagrees; ``energy_path`` says which path is in use.
+Two evaluation paths, both one model call per batch (at most ``batch_size`` configurations):
+
+* ``DeepPot.eval`` (``fast=False``, and the fallback): energies, forces, virial and force_mag of
+  every frame. It cannot skip the forces: the frozen TorchScript model's forward always takes
+  ``torch.autograd.grad`` of the energy for force, force_mag and virial (``do_grad_r``/``do_grad_c``
+  come from the fitting's output definition, not from the call; ``atomic=False`` only drops the
+  atomic virial), and it rebuilds the ghost atoms and neighbour list of every frame, which for a
+  small periodic cell costs more than the network.
+* fixed-geometry (``fast=True``, default): every frame of a ``DeepmdSpinModel`` has the same real
+  atoms and cell; only the virtual atoms move, along z, by eta*S + d. So the ghost atoms and a
+  superset neighbour list (cutoff rcut + 2 x the largest virtual displacement) are built once;
+  per batch only the displaced coordinates are gathered and the model's own ``format_nlist``
+  keeps, per frame, the nearest sum(sel) within rcut, as deepmd-kit's forward does. Then the
+  frozen model's compiled ``atomic_model.forward_common_atomic`` gives the atomic energies; the
+  energy is their sum. Energy-only calls run under ``torch.no_grad()`` (no backward at all);
+  with gradient, one ``torch.autograd.grad`` of the energy with respect to the spin vectors gives
+  -dE/dS directly (no forces, no virial). The path is checked against ``DeepPot.eval`` (energy
+  and force_mag of one frame) on first use and falls back to ``DeepPot.eval`` with a warning if
+  the model lacks these compiled pieces or disagrees; ``path`` says which is in use.
 
 TorchScript warm-up: with its default profiling executor a frozen model spends seconds on each of
 its first two calls (per code path) profiling and re-optimising the graph (measured ~5 s each on 2
 busy CPU cores for an 8-atom cell). ``optimize_jit=False`` (the default) runs the calls under
-``torch.jit.optimized_execution(False)``: no warm-up; the steady state was no slower in the
-benchmark (docs/benchmarks/spin_search_deepmd.md).
+``torch.jit.optimized_execution(False)``: no warm-up; steady-state throughput with and without it
+is in docs/benchmarks/spin_search_deepmd.md.
 """
 
 from __future__ import annotations
@@ -37,7 +47,7 @@ from spingen.spin.model import EnergyModel
 
 log = logging.getLogger("spingen")
 
-_CHECK_RTOL = 1e-9  # energy-only path vs DeepPot.eval: relative agreement required on first use
+_CHECK_RTOL = 1e-9  # fixed-geometry path vs DeepPot.eval: relative agreement required on first use
 
 
 def load_models(models: Any) -> list[Any]:
@@ -106,7 +116,7 @@ class DeepmdSpinModel(EnergyModel):
     the order of ``MomentLevels.magnetic_indices``. background_moments (natoms,): raw moments of
     the other atoms (default 0; only atoms of the model's spin types feel them).
     batch_size: most configurations per model call (bounds memory; larger batches are chunked).
-    energy_only: use the forward-only path for energy-only calls (see the module docstring).
+    fast: use the fixed-geometry path (see the module docstring), checked against DeepPot.eval.
     optimize_jit: let TorchScript's profiling executor optimise the graphs (see the module docstring).
     """
 
@@ -121,7 +131,7 @@ class DeepmdSpinModel(EnergyModel):
         *,
         background_moments: np.ndarray | None = None,
         batch_size: int = 256,
-        energy_only: bool = True,
+        fast: bool = True,
         optimize_jit: bool = False,
     ) -> None:
         self.models = load_models(models)
@@ -183,8 +193,9 @@ class DeepmdSpinModel(EnergyModel):
         self.background = np.zeros(natoms) if background_moments is None else \
             np.asarray(background_moments, dtype=float).reshape(natoms).copy()
         self.background[self.magnetic_indices] = 0.0
-        self._energy_only = bool(energy_only)
+        self.fast = bool(fast)
         self.optimize_jit = bool(optimize_jit)
+        self._fixed: list[_FixedGeometry | None] = [None] * len(self.models)
         self._fast_ok: list[bool | None] = [None] * len(self.models)  # checked on first use
 
     # -- construction helpers ----------------------------------------------------------------
@@ -206,11 +217,13 @@ class DeepmdSpinModel(EnergyModel):
         return len(self.models)
 
     @property
-    def energy_path(self) -> str:
-        """'forward-only' when energy-only calls skip the backward pass, else 'DeepPot.eval'."""
-        if not self._energy_only or any(ok is False for ok in self._fast_ok):
+    def path(self) -> str:
+        """Evaluation path in use: 'fixed-geometry', 'DeepPot.eval', or per model joined by '/'."""
+        if not self.fast:
             return "DeepPot.eval"
-        return "forward-only" if all(self._fast_ok) else "forward-only (not yet checked)"
+        names = ["fixed-geometry" if ok else "DeepPot.eval" if ok is False else "fixed-geometry (unchecked)"
+                 for ok in self._fast_ok]
+        return names[0] if len(set(names)) == 1 else "/".join(names)
 
     # -- evaluation --------------------------------------------------------------------------
     def spin_vectors(self, moments: np.ndarray) -> np.ndarray:
@@ -242,21 +255,18 @@ class DeepmdSpinModel(EnergyModel):
     def _members(self, moments: np.ndarray, gradient: bool) -> tuple[np.ndarray, np.ndarray | None]:
         import torch
 
-        with torch.jit.optimized_execution(self.optimize_jit):
-            return self._members_batched(moments, gradient)
-
-    def _members_batched(self, moments: np.ndarray, gradient: bool) -> tuple[np.ndarray, np.ndarray | None]:
         n = len(moments)
         energies = np.empty((self.n_models, n))
         minus_grad = np.empty((self.n_models, n, self.n_magnetic)) if gradient else None
-        for start in range(0, n, self.batch_size):
-            part = moments[start: start + self.batch_size]
-            spin = self.spin_vectors(part)
-            for k, dp in enumerate(self.models):
-                e, g = self._eval_one(k, dp, spin, gradient)
-                energies[k, start: start + len(part)] = e
-                if gradient:
-                    minus_grad[k, start: start + len(part)] = g
+        with torch.jit.optimized_execution(self.optimize_jit):
+            for start in range(0, n, self.batch_size):
+                part = moments[start: start + self.batch_size]
+                spin = self.spin_vectors(part)
+                for k in range(self.n_models):
+                    e, g = self._eval_one(k, spin, gradient)
+                    energies[k, start: start + len(part)] = e
+                    if gradient:
+                        minus_grad[k, start: start + len(part)] = g
         return energies, minus_grad
 
     def _frames(self, nframes: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -265,60 +275,107 @@ class DeepmdSpinModel(EnergyModel):
         return np.ascontiguousarray(coords), (None if cells is None else np.ascontiguousarray(cells))
 
     def _eval_full(self, dp, spin: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """DeepPot.eval: energies (nf,) and force_mag (nf, natoms, 3)."""
         coords, cells = self._frames(len(spin))
         out = dp.eval(coords, cells, self.atom_types, spin=spin)
-        energy, force_mag = out[0], out[3]
-        return energy.reshape(-1), force_mag.reshape(len(spin), -1, 3)[:, self.magnetic_indices, 2]
+        return out[0].reshape(-1), out[3].reshape(len(spin), -1, 3)
 
-    def _eval_one(self, k: int, dp, spin: np.ndarray, gradient: bool) -> tuple[np.ndarray, np.ndarray | None]:
-        if gradient or not self._energy_only or self._fast_ok[k] is False:
-            e, g = self._eval_full(dp, spin)
-            return e, (g if gradient else None)
+    def _eval_one(self, k: int, spin: np.ndarray, gradient: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        dp = self.models[k]
+        mag = self.magnetic_indices
+        if not self.fast or self._fast_ok[k] is False:
+            e, fm = self._eval_full(dp, spin)
+            return e, (fm[:, mag, 2] if gradient else None)
         try:
-            e = _energy_forward_only(dp, *self._frames(len(spin)), self.atom_types, spin)
+            if self._fixed[k] is None:
+                self._fixed[k] = _FixedGeometry(dp, self.positions, self.cell, self.atom_types)
+            e, fm = self._fixed[k].evaluate(spin, gradient)
         except Exception as err:  # noqa: BLE001 - any internals mismatch: fall back, loudly
-            log.warning("deepmd energy-only path unavailable (%s: %s); using DeepPot.eval", type(err).__name__, err)
+            log.warning("deepmd fixed-geometry path unavailable (%s: %s); using DeepPot.eval", type(err).__name__, err)
             self._fast_ok[k] = False
-            return self._eval_full(dp, spin)[0], None
-        if self._fast_ok[k] is None:
-            ref = self._eval_full(dp, spin[:1])[0]
-            if not np.allclose(e[:1], ref, rtol=_CHECK_RTOL, atol=1e-9):
-                log.warning("deepmd energy-only path disagrees with DeepPot.eval (%r vs %r); using DeepPot.eval",
-                            float(e[0]), float(ref[0]))
+            return self._eval_one(k, spin, gradient)
+        if self._fast_ok[k] is None:  # first use: energy and force_mag of one frame against DeepPot.eval
+            e0, fm0 = self._fixed[k].evaluate(spin[:1], True)
+            e_ref, fm_ref = self._eval_full(dp, spin[:1])
+            ok = (np.allclose(e[:1], e_ref, rtol=_CHECK_RTOL, atol=1e-9)
+                  and np.allclose(e0, e_ref, rtol=_CHECK_RTOL, atol=1e-9)
+                  and np.allclose(fm0, fm_ref, rtol=1e-6, atol=1e-9))
+            if not ok:
+                log.warning("deepmd fixed-geometry path disagrees with DeepPot.eval (energy %r vs %r, max "
+                            "|force_mag| difference %.3g); using DeepPot.eval", float(e[0]), float(e_ref[0]),
+                            float(np.abs(fm0 - fm_ref).max()))
                 self._fast_ok[k] = False
-                return self._eval_full(dp, spin)[0], None
+                return self._eval_one(k, spin, gradient)
             self._fast_ok[k] = True
-        return e, None
+        return e, (fm[:, mag, 2] if gradient else None)
 
 
-def _energy_forward_only(dp, coords: np.ndarray, cells: np.ndarray | None, atom_types: np.ndarray,
-                         spin: np.ndarray) -> np.ndarray:
-    """Energies (nframes,) of a deepmd-kit pt spin model without the backward pass.
+class _FixedGeometry:
+    """One frozen pt spin model bound to one geometry: ghosts and candidate neighbours built once.
 
-    Mirrors SpinModel.forward_common -> make_model.forward_common(_lower) of deepmd-kit 3.2, minus
-    fit_output_to_model_output's autograd: energy_redu is the sum of the atomic energies of the
-    real and virtual local atoms (virtual types are excluded inside forward_common_atomic).
+    See the module docstring. Mirrors deepmd-kit 3.2's SpinModel.forward_common ->
+    make_model.forward_common(_lower), minus fit_output_to_model_output's derivatives.
     """
-    import torch
-    from deepmd.pt.utils.env import DEVICE, GLOBAL_PT_ENER_FLOAT_PRECISION, GLOBAL_PT_FLOAT_PRECISION
-    from deepmd.pt.utils.nlist import extend_input_and_build_neighbor_list
 
-    model = dp.deep_eval.dp.model["Default"]
-    backbone = model.backbone_model
-    nframes, natoms = len(spin), len(atom_types)
-    with torch.no_grad():
-        coord = torch.tensor(coords.reshape(nframes, natoms, 3), dtype=GLOBAL_PT_FLOAT_PRECISION, device=DEVICE)
-        atype = torch.tensor(np.tile(atom_types, (nframes, 1)), dtype=torch.long, device=DEVICE)
-        spin_t = torch.tensor(spin.reshape(nframes, natoms, 3), dtype=GLOBAL_PT_FLOAT_PRECISION, device=DEVICE)
-        box = None if cells is None else torch.tensor(cells.reshape(nframes, 3, 3), dtype=GLOBAL_PT_FLOAT_PRECISION,
-                                                      device=DEVICE)
-        coord_spin, atype_spin, _ = model.process_spin_input(coord, atype, spin_t)
-        cc, bb, _, _, _ = backbone._input_type_cast(coord_spin, box, None, None)
-        ext_coord, ext_atype, mapping, nlist = extend_input_and_build_neighbor_list(
-            cc, atype_spin, backbone.get_rcut(), backbone.get_sel(), mixed_types=True, box=bb)
-        ext_coord = ext_coord.view(nframes, -1, 3)
-        nlist = backbone.format_nlist(ext_coord, ext_atype, nlist, False)
-        cc_ext, _, _, _, _ = backbone._input_type_cast(ext_coord, None, None, None)
-        atomic = backbone.atomic_model.forward_common_atomic(cc_ext, ext_atype, nlist, mapping, None, None, None, None)
-        energy = atomic["energy"].to(GLOBAL_PT_ENER_FLOAT_PRECISION).reshape(nframes, -1).sum(dim=1)
-    return energy.detach().cpu().numpy().astype(float)
+    def __init__(self, dp, positions: np.ndarray, cell: np.ndarray | None, atom_types: np.ndarray) -> None:
+        import torch
+        from deepmd.pt.utils.env import DEVICE, GLOBAL_PT_ENER_FLOAT_PRECISION, GLOBAL_PT_FLOAT_PRECISION
+
+        self.torch, self.device = torch, DEVICE
+        self.prec, self.ener_prec = GLOBAL_PT_FLOAT_PRECISION, GLOBAL_PT_ENER_FLOAT_PRECISION
+        self.model = dp.deep_eval.dp.model["Default"]
+        self.backbone = self.model.backbone_model
+        self.rcut = float(self.backbone.get_rcut())
+        self.sel = list(self.backbone.get_sel())
+        natoms = len(atom_types)
+        self.coord = torch.tensor(np.asarray(positions).reshape(1, natoms, 3), dtype=self.prec, device=DEVICE)
+        self.atype = torch.tensor(np.asarray(atom_types).reshape(1, natoms), dtype=torch.long, device=DEVICE)
+        self.box = None if cell is None else torch.tensor(np.asarray(cell).reshape(1, 3, 3), dtype=self.prec,
+                                                          device=DEVICE)
+        scale = self.model.virtual_scale_mask.detach().cpu().numpy()
+        self.atom_scale = np.abs(scale[np.asarray(atom_types)])  # |virtual_scale| per atom
+        self.reach = -1.0  # largest virtual displacement the cached neighbour candidates cover
+
+    def _build(self, reach: float) -> None:
+        """Ghosts and every neighbour within rcut + 2*reach of the spin-expanded reference frame."""
+        torch = self.torch
+        from deepmd.pt.utils.nlist import extend_input_and_build_neighbor_list
+
+        with torch.no_grad():
+            zero = torch.zeros_like(self.coord)
+            coord_spin, atype_spin, _ = self.model.process_spin_input(self.coord, self.atype, zero)
+            ext, ext_atype, mapping, nlist = extend_input_and_build_neighbor_list(
+                coord_spin, atype_spin, self.rcut + 2.0 * reach, self.sel, mixed_types=True, box=self.box,
+                cap_neighbors=False)
+            ext = ext.view(1, -1, 3)
+            local = torch.gather(coord_spin, 1, mapping.unsqueeze(-1).expand(-1, -1, 3))
+        self.shift = ext - local  # lattice image (and wrapping) shift of every extended atom
+        self.ext_atype, self.mapping, self.nlist = ext_atype, mapping, nlist
+        self.reach = reach
+
+    def evaluate(self, spin: np.ndarray, gradient: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """spin (nf, natoms*3) -> energies (nf,), -dE/d(spin) (nf, natoms, 3) or None."""
+        torch = self.torch
+        nf, natoms = len(spin), self.coord.shape[1]
+        spin = np.asarray(spin, dtype=float).reshape(nf, natoms, 3)
+        reach = float(np.max(np.linalg.norm(spin, axis=-1) * self.atom_scale[None, :]))
+        if reach > self.reach:
+            self._build(max(reach, 1.25 * self.reach))
+        spin_t = torch.tensor(spin, dtype=self.prec, device=self.device, requires_grad=gradient)
+        with torch.set_grad_enabled(gradient):
+            coord_spin, _, _ = self.model.process_spin_input(self.coord.expand(nf, -1, -1).contiguous(),
+                                                             self.atype.expand(nf, -1).contiguous(), spin_t)
+            mapping = self.mapping.expand(nf, -1).contiguous()
+            ext = torch.gather(coord_spin, 1, mapping.unsqueeze(-1).expand(-1, -1, 3)) + self.shift
+            ext_atype = self.ext_atype.expand(nf, -1).contiguous()
+            nlist = self.backbone.format_nlist(ext.detach(), ext_atype, self.nlist.expand(nf, -1, -1).contiguous(),
+                                               True)
+            cc, _, _, _, _ = self.backbone._input_type_cast(ext, None, None, None)
+            atomic = self.backbone.atomic_model.forward_common_atomic(cc, ext_atype, nlist, mapping,
+                                                                      None, None, None, None)
+            energy = atomic["energy"].to(self.ener_prec).reshape(nf, -1).sum(dim=1)
+            minus_grad = None
+            if gradient:
+                (grad,) = torch.autograd.grad(energy.sum(), spin_t)
+                minus_grad = (-grad).detach().cpu().numpy()
+        return energy.detach().cpu().numpy().astype(float), minus_grad

@@ -87,8 +87,8 @@ def test_batched_and_chunked_match_deeppot_frame_by_frame(deeppots, atoms):
     np.testing.assert_allclose(g, g_ref, rtol=0, atol=1e-10)
     assert model.n_calls == 1 and model.n_evaluations == 7
 
-    energy_only, none = model.evaluate(moments)  # forward-only path
-    assert none is None and model.energy_path == "forward-only"
+    energy_only, none = model.evaluate(moments)
+    assert none is None and model.path == "fixed-geometry"
     np.testing.assert_allclose(energy_only, e_ref, rtol=0, atol=1e-10)
 
     chunked = bind(dp, atoms, batch_size=3)
@@ -99,9 +99,37 @@ def test_batched_and_chunked_match_deeppot_frame_by_frame(deeppots, atoms):
     one_by_one = np.array([chunked.evaluate(row)[0][0] for row in moments])
     np.testing.assert_allclose(one_by_one, e_ref, rtol=0, atol=1e-10)
 
-    plain = bind(dp, atoms, energy_only=False)
+    plain = bind(dp, atoms, fast=False)
+    e_plain, g_plain = plain.evaluate(moments, gradient=True)
+    np.testing.assert_allclose(e_plain, e_ref, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(g_plain, g_ref, rtol=0, atol=1e-10)
     np.testing.assert_allclose(plain.evaluate(moments)[0], e_ref, rtol=0, atol=1e-10)
-    assert plain.energy_path == "DeepPot.eval"
+    assert plain.path == "DeepPot.eval"
+
+
+def test_fixed_geometry_path_rebuilds_for_larger_moments_and_works_without_pbc(deeppots, atoms):
+    dp = deeppots[0]
+    model = bind(dp, atoms)
+    small = np.array([[0.5, -0.5]])
+    large = np.array([[5.0, -4.0], [-6.0, 2.0]])
+    for moments in (small, large):  # the second batch reaches beyond the cached neighbour candidates
+        e_ref, g_ref = reference(dp, model, atoms, moments)
+        e, g = model.evaluate(moments, gradient=True)
+        np.testing.assert_allclose(e, e_ref, rtol=0, atol=1e-10)
+        np.testing.assert_allclose(g, g_ref, rtol=0, atol=1e-10)
+    assert model.path == "fixed-geometry"
+
+    cluster = atoms.copy()
+    cluster.pbc = False
+    free = bind(dp, cluster)
+    assert free.cell is None
+    moments = random_moments(4, seed=2)
+    e_ref = []
+    for row in moments:
+        out = dp.eval(cluster.positions.reshape(1, -1), None, free.atom_types, spin=free.spin_vectors(row[None]))
+        e_ref.append(out[0].item())
+    np.testing.assert_allclose(free.evaluate(moments)[0], e_ref, rtol=0, atol=1e-10)
+    assert free.path == "fixed-geometry"
 
 
 def test_minus_dE_dS_is_a_finite_difference_of_the_energy(deeppots, atoms):
