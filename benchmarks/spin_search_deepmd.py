@@ -51,7 +51,7 @@ TYPE_MAP = ["Li", "Ni", "O"]
 ETA, OFFSET = 0.3, 0.2
 LEVELS = {"Ni": [1.0, 3.0]}
 ONSITE = {"Ni": {1.0: 0.0, 3.0: 0.12}}  # eV per Ni
-EXCHANGE = dict(strength=0.012, decay=0.6, r_ref=2.95, cutoff=5.0)  # eV/uB^2 at the Ni-Ni distance
+EXCHANGE = dict(strength=0.012, decay=0.6, r_ref=2.95, cutoff=4.5)  # eV/uB^2 at the Ni-Ni distance
 DOC_BEGIN = "<!-- results:begin (written by benchmarks/spin_search_deepmd.py) -->"
 DOC_END = "<!-- results:end -->"
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "DP_INTRA_OP_PARALLELISM_THREADS",
@@ -130,7 +130,7 @@ def write_data(path: Path, n_frames: int, seed: int) -> None:
 def training_param(steps: int) -> dict:
     return {
         "model": {
-            "descriptor": {"type": "se_e2_a", "sel": [16, 16, 48], "rcut_smth": 0.5, "rcut": 5.0,
+            "descriptor": {"type": "se_e2_a", "sel": [16, 16, 28], "rcut_smth": 0.5, "rcut": 4.5,
                            "neuron": [8, 16], "axis_neuron": 4},
             "fitting_net": {"neuron": [32, 32]},
         },
@@ -336,6 +336,18 @@ def machine_info() -> dict:
             "threads_env": {k: os.environ.get(k, "(unset)") for k in THREAD_VARS}}
 
 
+def search_version() -> str:
+    """sha1 of spingen/spin/search.py and the defaults of search_ground_state (they are being tuned)."""
+    import inspect
+
+    from spingen.spin import search
+
+    digest = hashlib.sha1(Path(search.__file__).read_bytes()).hexdigest()[:12]
+    params = inspect.signature(search.search_ground_state).parameters
+    defaults = ", ".join(f"{k}={v.default}" for k, v in params.items() if v.default is not inspect.Parameter.empty)
+    return f"spingen/spin/search.py sha1 {digest}; search_ground_state defaults: {defaults}"
+
+
 def summarize(rows: list[dict]) -> dict:
     runs = [r for row in rows for r in row["runs"]]
     n_conf = rows[0]["n_configurations"] if rows else 0
@@ -377,7 +389,7 @@ def render(info: dict, args, command: str, train: dict, search: dict, thr: dict,
              "2 cores; wall times are affected, the counts are not)",
              f"- peak RSS: this process {memory['self_MiB']:.0f} MiB; children (dp train/freeze) "
              f"{memory['children_MiB']:.0f} MiB", "",
-             "Model: se_e2_a (neuron [8, 16], axis 4, rcut 5.0 A, sel [16, 16, 48]), fitting [32, 32], spin on Ni "
+             "Model: se_e2_a (neuron [8, 16], axis 4, rcut 4.5 A, sel [16, 16, 28]), fitting [32, 32], spin on Ni "
              f"(eta {ETA} A/uB, d {OFFSET} A); {train['frames']} training frames + {train['twins']} reversed twins, "
              f"{train['steps']} steps, batch 4; data {f(train['data_s'])} s, train+freeze {f(train['train_freeze_s'])} s; "
              "last lcurve row: " + ", ".join(f"{k} {v:.3g}" for k, v in train["lcurve"].items()), ""]
@@ -389,6 +401,8 @@ def render(info: dict, args, command: str, train: dict, search: dict, thr: dict,
             f"32-atom cell, 8 Ni x 4 levels (+-1, +-3 uB), global sign fixed: {s['n_configurations']} configurations "
             f"per frame. {s['frames']} perturbed frames x {len(args.seeds)} seed(s) ({', '.join(map(str, args.seeds))})"
             f" = {s['runs']} searches with `search_ground_state` defaults.",
+            "",
+            f"Search code: {search_version()}.",
             "",
             "| quantity | value |", "|---|---|",
             f"| success (best = exhaustive minimum) | {s['success']}/{s['runs']} ({100 * s['success'] / s['runs']:.1f}%) |",
@@ -454,7 +468,7 @@ def write_doc(path: Path, block: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="/tmp/spin_search_deepmd", help="folder for data, model, results")
-    parser.add_argument("--steps", type=int, default=600, help="training steps (default 600)")
+    parser.add_argument("--steps", type=int, default=400, help="training steps (default 400)")
     parser.add_argument("--train-frames", type=int, default=60, help="training frames (default 60)")
     parser.add_argument("--frames", type=int, default=100, help="test frames for (a) (default 100; 0 skips (a))")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="GA seeds per frame (default 0)")
@@ -478,7 +492,8 @@ def main(argv: list[str] | None = None) -> int:
     from deepmd.infer import DeepPot
 
     model_path = root / "frozen_model.pth"
-    key = hashlib.sha1(model_path.read_bytes() + json.dumps([args.seeds, args.batch_size]).encode()).hexdigest()[:12]
+    key = hashlib.sha1(model_path.read_bytes() + json.dumps([args.seeds, args.batch_size, search_version()]).encode()
+                       ).hexdigest()[:12]
     rows = search_frames(DeepPot(str(model_path)), args.frames, args.seeds, args.batch_size,
                          root / "search.jsonl", key) if args.frames else []
     search = summarize(rows)

@@ -314,6 +314,14 @@ def measure_byhand(folder: Path, concurrent: bool) -> dict:
     return {"phases": {"commands": t1 - t0}, "models": models, "dp_window": dp_window(watch, t0, t1)}
 
 
+def vm_hwm_kib() -> int:
+    """Peak resident set size of this process image (VmHWM), KiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
 def child_main(args: argparse.Namespace) -> int:
     become_subreaper()
     folder = Path(args.folder)
@@ -325,7 +333,10 @@ def child_main(args: argparse.Namespace) -> int:
     import resource
 
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    # RUSAGE_SELF's ru_maxrss keeps the high-water mark of the process image before exec (the
+    # forking driver); VmHWM is this image's own peak. Both are kept.
     result["maxrss_self_kib"] = own.ru_maxrss
+    result["vmhwm_self_kib"] = vm_hwm_kib()
     result["maxrss_children_kib"] = children.ru_maxrss
     result["cpu_self_s"] = own.ru_utime + own.ru_stime
     result["cpu_children_s"] = children.ru_utime + children.ru_stime
@@ -483,6 +494,7 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
             "foreign_cpu_max": max(r["foreign_cpu_s"] for r in results),
             "contended_kept": sum(1 for r in results if r.get("contended")),
             "maxrss_self_mib": max(r["maxrss_self_kib"] for r in results) / 1024,
+            "vmhwm_self_mib": max((r.get("vmhwm_self_kib", 0) for r in results), default=0) / 1024,
             "maxrss_children_mib": max(r["maxrss_children_kib"] for r in results) / 1024,
         }
     return out
@@ -561,10 +573,14 @@ def render(summary: dict, info: dict, args: argparse.Namespace, command: str, th
             run = s["phases_median"]["run"]
             lines.append(f"- {name.replace('spingen_ci', 'check_interval ')}: run {run:.2f} s, "
                          f"{run - conc:+.2f} s vs by hand ({run / conc:.3f}x)")
-    lines += ["", "Peak resident memory (ru_maxrss; largest single process, not the sum of concurrent ones):", "",
-              "| variant | measuring process (RUSAGE_SELF) | largest child (RUSAGE_CHILDREN) |", "|---|---|---|"]
+    lines += ["", "Peak resident memory, largest over the repeats (a single process's peak, not the sum of "
+              "concurrent ones). Measuring process: VmHWM of the child that ran spingen's loop (or the by-hand "
+              "shell); RUSAGE_SELF's ru_maxrss would also count the benchmark driver it was forked from. "
+              "Largest child: RUSAGE_CHILDREN's ru_maxrss, i.e. the biggest `dp` process.", "",
+              "| variant | measuring process (VmHWM) | largest child (RUSAGE_CHILDREN) |", "|---|---|---|"]
     for name, s in summary.items():
-        lines.append(f"| {name} | {s['maxrss_self_mib']:.0f} MiB | {s['maxrss_children_mib']:.0f} MiB |")
+        own = f"{s['vmhwm_self_mib']:.0f} MiB" if s["vmhwm_self_mib"] else "n/a"
+        lines.append(f"| {name} | {own} | {s['maxrss_children_mib']:.0f} MiB |")
     lines += ["", "Machine:", "",
               f"- `{info['uname']}`",
               f"- CPU: {info['cpu']}; nproc {info['nproc']} (os.cpu_count {info['cpu_count']}); memory {info['memory']}",
@@ -594,6 +610,20 @@ def write_doc(path: Path, block: str) -> None:
         path.write_text(head + block + tail)
     else:
         path.write_text(DOC_TEMPLATE.format(results=block))
+
+
+def rerender_main(args: argparse.Namespace) -> int:
+    """Write the results block again from a kept results.json (e.g. after changing the layout)."""
+    data = json.loads(Path(args.render).read_text())
+    saved = data.get("args", {})
+    for key, value in saved.items():
+        setattr(args, key, value)
+    block = render(summarize(data["runs"]), data["machine"], args, data.get("command", "(see results.json)"),
+                   data.get("threads", []), data.get("date", "?"), data.get("discarded", []), data["runs"])
+    print(block)
+    if args.output:
+        write_doc(Path(args.output), block)
+    return 0
 
 
 def driver_main(args: argparse.Namespace) -> int:
@@ -652,8 +682,12 @@ def driver_main(args: argparse.Namespace) -> int:
     threads = thread_lines(root / "rep0" / "byhand_concurrent" / "000" / "train.err")
     date = time.strftime("%Y-%m-%d")
     block = render(summary, info, args, command, threads, date, discarded, runs)
+    saved_args = {k: getattr(args, k) for k in ("steps", "numb_models", "frames", "repeat", "check_interval",
+                                                "omp_num_threads", "idle_threshold", "max_foreign", "retries")}
     (root / "results.json").write_text(json.dumps({"runs": runs, "summary": summary, "machine": info,
-                                                    "discarded": discarded}, indent=1))
+                                                    "discarded": discarded, "args": saved_args,
+                                                    "command": command, "threads": threads, "date": date},
+                                                   indent=1))
     print(block)
     if args.output:
         write_doc(Path(args.output), block)
@@ -698,9 +732,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the run folders")
     parser.add_argument("--output", default=str(REPO / "docs" / "benchmarks" / "train_overhead.md"),
                         help="markdown file to update (results block); '' for none")
+    parser.add_argument("--render", metavar="RESULTS_JSON",
+                        help="only rewrite the results block from a kept results.json")
     args = parser.parse_args(argv)
     if args.sub == "_measure":
         return child_main(args)
+    if args.render:
+        return rerender_main(args)
     return driver_main(args)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +18,8 @@ SPIN = SpinSettings(True, ("Ni",), 0.3, 0.2, "auto", 0.05, True)
 ENCODING = SPIN.encoding
 TYPE_MAP = ["Li", "Ni", "O"]
 NI = [4, 6]  # the Ni atoms of conftest's Li2Ni2O4 cell
+
+pytestmark = pytest.mark.slow  # trains a real deepmd-kit model (module fixture, ~20-30 s)
 
 
 @pytest.fixture(scope="module")
@@ -200,13 +201,18 @@ def expand_magmom(line: str) -> list[float]:
     return values
 
 
+def test_magmom_line():
+    from spingen.tools.spin_search import magmom_line, parse_moments
+
+    assert magmom_line([0, 0, 1, -1, 0, 0, 0, 0]) == "2*0 1.0 -1.0 4*0"
+    assert magmom_line([1.85, 1.85, -0.5, 1e-12]) == "2*1.85 -0.5 0"
+    assert expand_magmom("MAGMOM = " + magmom_line([0, 3, 3, -1.5])) == [0, 3, 3, -1.5]
+    assert parse_moments(["Ni=1,3", "Co=0,1,4,5"]) == {"Ni": [1.0, 3.0], "Co": [0.0, 1.0, 4.0, 5.0]}
+
+
 def test_cli_spin_search(models, deeppots, tmp_path, capsys):
     from ase.io import read
 
-    from spingen.tools.spin_search import magmom_line
-
-    assert magmom_line([0, 0, 1, -1, 0, 0, 0, 0]) == "2*0 1.0 -1.0 4*0"
-    assert magmom_line([1.85, 1.85, -0.5]) == "2*1.85 -0.5"
     poscar = write_poscar(tmp_path / "POSCAR")
     out = tmp_path / "magmom.txt"
     code = main(["spin-search", *map(str, models), str(poscar), "--moments", "Ni=1,3", "--offset", "0.2",
