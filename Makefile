@@ -22,8 +22,9 @@ test: $(STAMP)
 docs: $(STAMP)
 	$(VENV)/bin/python scripts/write_docs.py
 
+DEMO    := param_examples/linio2_demo/param.json
 demo: $(STAMP)
-	$(VENV)/bin/spingen check param_examples/feo/param.json machine_examples/local.json
-	$(VENV)/bin/spingen run param_examples/feo/param.json machine_examples/local.json -w demo_work; \
-	  rc=$$?; echo "(The sized and tuned whole-loop demo, with status table and plots, lands with issue #6.)"; \
-	  test $$rc -eq 0
+	$(VENV)/bin/spingen check $(DEMO) machine_examples/local.json
+	$(VENV)/bin/spingen run $(DEMO) machine_examples/local.json -w demo_work
+	$(VENV)/bin/spingen status demo_work
+	$(VENV)/bin/spingen plot demo_work -o demo_work/report.png

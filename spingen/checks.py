@@ -57,6 +57,9 @@ def check_param_data(param: "Param") -> None:
     if not spin.enabled:
         return
     values = {e: np.concatenate(v) if v else np.zeros(0) for e, v in observed.items()}
+    if param.init_gen is not None:  # the start moments of the data to be made stand for its moments
+        starts = np.array([m for states in param.init_gen.spin_states for state in states for m in state])
+        values = {e: np.concatenate([v, starts]) for e, v in values.items()}
     if isinstance(spin.moments, str):
         absent = [e for e, v in values.items() if v.size == 0]
         if absent:

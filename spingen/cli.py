@@ -20,7 +20,35 @@ def cmd_run(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir).resolve()
     setup_logging(workdir, args.debug)
     os.chdir(workdir)  # dpdispatcher writes its own log to the current directory
+    if param.init_gen is not None:
+        make_init_data(param, machines, workdir)
     Loop(workdir, build_stages(param, machines), param.n_iterations).run()
+    return 0
+
+
+def make_init_data(param, machines, workdir: Path) -> None:
+    """Run (or resume, or skip when finished) the one-iteration loop of WORKDIR/init."""
+    from spingen.loop import Loop
+    from spingen.stages.init import INIT_DIR, build_init_stages
+
+    Loop(workdir / INIT_DIR, build_init_stages(param, machines.fp), 1, closing_stages=0).run()
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from spingen.loop import setup_logging
+    from spingen.schema import InputError, load_machine, load_param
+    from spingen.stages.init import init_data_systems
+
+    param = load_param(args.param)
+    machines = load_machine(args.machine)
+    if param.init_gen is None:
+        raise InputError(f"{param.path}: key 'init_data_gen/configs' is empty: nothing to make")
+    workdir = Path(args.workdir).resolve()
+    setup_logging(workdir, args.debug)
+    os.chdir(workdir)
+    make_init_data(param, machines, workdir)
+    for system in init_data_systems(workdir):
+        print(system)
     return 0
 
 
@@ -40,7 +68,10 @@ def summary(param, machines) -> str:
     lines = [
         f"param    {param.path}",
         f"type_map {' '.join(param.type_map)}",
-        f"data     {len(param.init_data_sys)} initial system(s)",
+        f"data     {len(param.init_data_sys)} initial system(s)" + (
+            "" if param.init_gen is None else
+            f"; init_data_gen: {len(param.init_gen.configs)} structure(s) x {param.init_gen.pert_numb} perturbed "
+            f"copies x {', '.join(str(len(s)) for s in param.init_gen.spin_states)} spin state(s)"),
         f"explore  {param.n_iterations} iteration(s), {sum(len(g) for g in param.sys_configs)} start structure(s)",
         f"train    {param.train.numb_models} model(s)",
     ]
@@ -108,6 +139,21 @@ def cmd_explore_task(args: argparse.Namespace) -> int:
     return run(args.task_dir)
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from spingen.report import format_json, format_status, gather
+
+    status = gather(Path(args.workdir))
+    print(format_json(status) if args.json else format_status(status))
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from spingen.report import plot_report
+
+    print(plot_report(Path(args.workdir), Path(args.output)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spingen", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"spingen {__version__}")
@@ -119,6 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-w", "--workdir", default=".", help="work directory (default: current directory)")
     run.add_argument("-d", "--debug", action="store_true", help="log debug messages")
     run.set_defaults(func=cmd_run)
+
+    make_init = sub.add_parser("init", help="make the initial data of init_data_gen (perturbed structures "
+                               "labeled in several spin states) in WORKDIR/init; `run` does it too")
+    make_init.add_argument("param")
+    make_init.add_argument("machine")
+    make_init.add_argument("-w", "--workdir", default=".", help="work directory (default: current directory)")
+    make_init.add_argument("-d", "--debug", action="store_true", help="log debug messages")
+    make_init.set_defaults(func=cmd_init)
 
     check = sub.add_parser("check", help="validate param.json, machine.json and their data; submit nothing")
     check.add_argument("param")
@@ -169,6 +223,17 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--max-evaluations", type=int, help="stop the search after this many evaluations")
     search.add_argument("-o", "--output", help="write the MAGMOM lines here (default: print them)")
     search.set_defaults(func=cmd_spin_search)
+
+    status = sub.add_parser("status", help="progress of a work dir: one row per iteration (ratios, labels, "
+                            "model RMSEs, the ensemble's error on new labels)")
+    status.add_argument("workdir", nargs="?", default=".", help="work directory (default: current directory)")
+    status.add_argument("--json", action="store_true", help="print the rows as JSON (null where missing)")
+    status.set_defaults(func=cmd_status)
+
+    plot = sub.add_parser("plot", help="plot the progress of a work dir into one PNG")
+    plot.add_argument("workdir", nargs="?", default=".", help="work directory (default: current directory)")
+    plot.add_argument("-o", "--output", default="report.png", help="PNG to write (default: report.png)")
+    plot.set_defaults(func=cmd_plot)
     return parser
 
 

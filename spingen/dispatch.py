@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -56,4 +58,62 @@ def run_tasks(section: MachineSection, work_base: Path, task_dirs: Sequence[str]
         return
     log.info("submitting %d task(s) from %s", len(task_dirs), work_base)
     submission = build_submission(section, work_base, task_dirs, spec, workdir)
-    submission.run_submission(check_interval=section.check_interval)
+    progress = Progress(submission, max(section.check_interval, PROGRESS_INTERVAL))
+    progress.start()
+    try:
+        submission.run_submission(check_interval=section.check_interval)
+    finally:
+        progress.stop()
+    log.info("%d task(s) of %s finished in %s", len(task_dirs), work_base, _duration(progress.elapsed()))
+
+
+PROGRESS_INTERVAL = 10  # s between progress lines at most once per change
+
+
+class Progress(threading.Thread):
+    """While dpdispatcher waits: a 'k/n task(s) finished' line whenever k changes.
+
+    Tasks are counted by their finished tags, which only a local context can read from another
+    thread; with a remote one the line gives the elapsed time at each tenth of the first hour.
+    """
+
+    def __init__(self, submission, interval: float):
+        super().__init__(daemon=True)
+        self.submission = submission
+        self.interval = interval
+        self.started = time.monotonic()
+        self._stop_event = threading.Event()
+        self._local = "Local" in type(submission.machine.context).__name__
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def finished_tasks(self) -> int | None:
+        if not self._local or self.submission.submission_hash is None:
+            return None
+        context = self.submission.machine.context
+        return sum(task.has_finished_tag(context) for task in list(self.submission.belonging_tasks))
+
+    def run(self) -> None:
+        total, last = len(self.submission.belonging_tasks), -1
+        while not self._stop_event.wait(self.interval):
+            try:
+                done = self.finished_tasks()
+            except OSError:  # the remote folder is being made or cleaned
+                continue
+            if done is None:
+                if int(self.elapsed()) % 360 < self.interval:
+                    log.info("waiting for %d task(s): %s", total, _duration(self.elapsed()))
+            elif done != last:
+                last = done
+                bar = "#" * (20 * done // total) + "." * (20 - 20 * done // total)
+                log.info("[%s] %d/%d task(s) finished, %s", bar, done, total, _duration(self.elapsed()))
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join()
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    return f"{minutes} min {seconds:02d} s" if minutes else f"{seconds} s"

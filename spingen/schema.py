@@ -60,6 +60,38 @@ def _spin_arginfo() -> Argument:
     )
 
 
+def _init_data_gen_arginfo() -> Argument:
+    return Argument(
+        "init_data_gen", dict, optional=True, default={},
+        doc="Initial data made by spingen itself (like DP-GEN's init_bulk): perturbed copies of `configs`, each "
+            "labeled by the fp stage in every spin state of `spin_states`, in WORKDIR/init before iteration 0 "
+            "(`spingen init`, or `spingen run` on its own). The labeled frames join init_data_sys.",
+        sub_fields=[
+            Argument("configs", list, optional=True, default=[],
+                     doc="Globs of structure files (sys_format, relative to param.json); each file is one "
+                         "system. Empty: no initial data is made."),
+            Argument("pert_numb", int, optional=True, default=6,
+                     doc="Perturbed copies per structure (DP-GEN init_bulk's key; dpdata's perturb)."),
+            Argument("pert_box", float, optional=True, default=0.03,
+                     doc="Largest relative deformation of the cell (dpdata's cell_pert_fraction)."),
+            Argument("pert_atom", float, optional=True, default=0.05,
+                     doc="Largest displacement of an atom, A (dpdata's atom_pert_distance)."),
+            Argument("spin_states", [list, str], optional=True, default="auto",
+                     doc="Start moments (uB) of the magnetic ions of every structure, in their order in the "
+                         "file: a list of states, each a list with one moment per magnetic ion, e.g. "
+                         "[[1, 1], [1, -1]] (parallel and antiparallel). \"auto\": ferromagnetic and "
+                         "alternating antiferromagnetic at each level of spin/moments (which must then be "
+                         "given)."),
+            Argument("fixed_total", bool, optional=True, default=True,
+                     doc="Fix each run's total moment to the sum of its start moments (VASP NUPDOWN; GPAW "
+                         "fixmagmom), so that each state is really computed; give formal moments then."),
+            Argument("ratio_failed", float, optional=True, default=0.25,
+                     doc="Largest fraction of failed initial label tasks (fixed-moment excited states do not "
+                         "always converge)."),
+            Argument("seed", int, optional=True, default=0, doc="Seed of the perturbations."),
+        ])
+
+
 def _model_devi_job_arginfo() -> Argument:
     return Argument(
         "model_devi_jobs", list, optional=False,
@@ -167,8 +199,10 @@ def param_arginfo() -> Argument:
         Argument("mass_map", [list, str], optional=True, default="auto",
                  doc="Atomic masses in type_map order, or \"auto\" (ASE's standard masses)."),
         Argument("init_data_prefix", str, optional=True, default="", doc="Prefix of init_data_sys paths."),
-        Argument("init_data_sys", list, optional=False,
-                 doc="deepmd/npy systems (or folders holding them) of the initial data, with spin.npy."),
+        Argument("init_data_sys", list, optional=True, default=[],
+                 doc="deepmd/npy systems (or folders holding them) of the initial data, with spin.npy. "
+                     "May be empty when init_data_gen makes the initial data."),
+        _init_data_gen_arginfo(),
         Argument("sys_configs_prefix", str, optional=True, default="", doc="Prefix of sys_configs globs."),
         Argument("sys_configs", list, optional=False,
                  doc="Start structures of exploration: a list of lists of globs (POSCAR/extxyz...)."),
@@ -291,6 +325,20 @@ class Machines:
 
 
 @dataclass(frozen=True)
+class InitGenSettings:
+    """init_data_gen, checked: one system per structure file, every state one moment per magnetic ion."""
+
+    configs: tuple[Path, ...]
+    pert_numb: int
+    pert_box: float
+    pert_atom: float
+    spin_states: tuple[tuple[tuple[float, ...], ...], ...]  # per config: states x magnetic ions
+    fixed_total: bool
+    ratio_failed: float
+    seed: int
+
+
+@dataclass(frozen=True)
 class Param:
     """Checked param.json: paths resolved, every default filled in once."""
 
@@ -303,6 +351,7 @@ class Param:
     train: TrainSettings
     model_devi_jobs: tuple[Mapping[str, Any], ...]
     raw: Mapping[str, Any] = field(repr=False)
+    init_gen: InitGenSettings | None = None
 
     @property
     def n_iterations(self) -> int:
@@ -384,16 +433,18 @@ def load_param(path: str | Path) -> Param:
     if len(set(type_map)) != len(type_map) or not type_map:
         raise InputError(f"{path}: key 'type_map': expected distinct element symbols, got {list(type_map)}")
     spin = _spin_settings(raw["spin"], type_map, path)
+    init_gen = _init_gen_settings(raw, base, path, type_map, spin)
     param = Param(
         path=path,
         type_map=type_map,
         mass_map=_mass_map(raw["mass_map"], type_map, path),
-        init_data_sys=_data_paths(raw, base, path),
+        init_data_sys=_data_paths(raw, base, path, required=init_gen is None),
         sys_configs=_sys_configs(raw, base, path),
         spin=spin,
         train=TrainSettings(raw["numb_models"], _freeze(raw["default_training_param"])),
         model_devi_jobs=_freeze(raw["model_devi_jobs"]),
         raw=_freeze(raw),
+        init_gen=init_gen,
     )
     _check_explore_keys(param, path)
     label_settings(param)
@@ -448,12 +499,13 @@ def _mass_map(mass_map: list | str, type_map: tuple[str, ...], path: Path) -> tu
     return tuple(float(m) for m in mass_map)
 
 
-def _data_paths(raw: dict, base: Path, path: Path) -> tuple[Path, ...]:
+def _data_paths(raw: dict, base: Path, path: Path, required: bool) -> tuple[Path, ...]:
     from dpgen.util import expand_sys_str
 
     prefix = base / raw["init_data_prefix"]
-    if not raw["init_data_sys"]:
-        raise InputError(f"{path}: key 'init_data_sys': expected at least one deepmd/npy system")
+    if required and not raw["init_data_sys"]:
+        raise InputError(f"{path}: key 'init_data_sys': expected at least one deepmd/npy system "
+                         "(or init_data_gen/configs, to make the initial data)")
     systems: list[Path] = []
     for entry in raw["init_data_sys"]:
         where = prefix / entry
@@ -465,6 +517,86 @@ def _data_paths(raw: dict, base: Path, path: Path) -> tuple[Path, ...]:
             raise InputError(f"{path}: key 'init_data_sys': '{entry}' holds no deepmd/npy system "
                              "(no type.raw below it)") from None
     return tuple(systems)
+
+
+def _init_gen_settings(raw: dict, base: Path, path: Path, type_map: tuple[str, ...],
+                       spin: SpinSettings) -> InitGenSettings | None:
+    """init_data_gen checked against its structures; None when it has no configs."""
+    from ase.io import read
+
+    gen = raw["init_data_gen"]
+    if not gen.get("configs"):  # dargs fills the sub-keys only of a section that is present
+        return None
+    key = f"{path}: key 'init_data_gen"
+    if not spin.enabled:
+        raise InputError(f"{key}': makes spin-state data; it needs spin/enabled true")
+    files = sorted({Path(f) for p in gen["configs"] for f in glob.glob(str(base / p))})
+    if not files:
+        raise InputError(f"{key}/configs': the globs {gen['configs']} match no file under '{base}'")
+    if gen["pert_numb"] < 1:
+        raise InputError(f"{key}/pert_numb': expected at least 1, got {gen['pert_numb']}")
+    for name in ("pert_box", "pert_atom"):
+        if gen[name] < 0:
+            raise InputError(f"{key}/{name}': expected a value >= 0, got {gen[name]}")
+    if not 0.0 <= gen["ratio_failed"] <= 1.0:
+        raise InputError(f"{key}/ratio_failed': expected a fraction in [0, 1], got {gen['ratio_failed']}")
+    states_per_config = []
+    for file in files:
+        try:
+            atoms = read(file, format=raw["sys_format"])
+        except Exception as err:  # ase raises many types for unreadable files
+            raise InputError(f"{key}/configs': cannot read '{file}' as {raw['sys_format']} "
+                             f"({type(err).__name__}: {err})") from None
+        symbols = atoms.get_chemical_symbols()
+        foreign = sorted(set(symbols) - set(type_map))
+        if foreign:
+            raise InputError(f"{key}/configs': '{file}' holds elements {foreign} that are not in type_map "
+                             f"{list(type_map)}")
+        ions = [s for s in symbols if s in spin.magnetic]
+        if not ions:
+            raise InputError(f"{key}/configs': '{file}' holds no magnetic ion of spin/magnetic {list(spin.magnetic)}")
+        states_per_config.append(_init_spin_states(gen["spin_states"], ions, spin, f"{key}/spin_states'", file))
+    return InitGenSettings(tuple(files), gen["pert_numb"], float(gen["pert_box"]), float(gen["pert_atom"]),
+                           tuple(states_per_config), gen["fixed_total"], float(gen["ratio_failed"]), gen["seed"])
+
+
+def _init_spin_states(states: list | str, ions: list[str], spin: SpinSettings, key: str,
+                      file: Path) -> tuple[tuple[float, ...], ...]:
+    """The start moments of one structure's magnetic ions, one tuple per state."""
+    if isinstance(states, str):
+        if states != "auto":
+            raise InputError(f"{key}: expected a list of states or \"auto\", got \"{states}\"")
+        if isinstance(spin.moments, str):
+            raise InputError(f"{key} is \"auto\", which takes the levels of spin/moments, but spin/moments is "
+                             "\"auto\" too: give the states (e.g. [[1, 1], [1, -1]]) or the levels")
+        return auto_spin_states(ions, spin.moments)
+    if not states:
+        raise InputError(f"{key}: expected at least one state")
+    out = []
+    for index, state in enumerate(states):
+        if not isinstance(state, list) or len(state) != len(ions) or \
+                not all(isinstance(m, (int, float)) and not isinstance(m, bool) for m in state):
+            raise InputError(f"{key}[{index}]: expected {len(ions)} moments (uB), one per magnetic ion of "
+                             f"'{file}' ({' '.join(ions)}), got {state}")
+        out.append(tuple(float(m) for m in state))
+    return tuple(out)
+
+
+def auto_spin_states(ions: list[str], levels: Mapping[str, tuple[float, ...]]) -> tuple[tuple[float, ...], ...]:
+    """Ferromagnetic and alternating antiferromagnetic states at each level rank, without repeats.
+
+    Rank k puts every ion at its element's k-th magnitude (its last one when it has fewer).
+    """
+    depth = max(len(levels[e]) for e in set(ions))
+    states: list[tuple[float, ...]] = []
+    for rank in range(depth):
+        magnitudes = [levels[e][min(rank, len(levels[e]) - 1)] for e in ions]
+        for signs in ([1] * len(ions), [(-1) ** i for i in range(len(ions))]):
+            state = tuple(float(s * m) for s, m in zip(signs, magnitudes))
+            flipped = tuple(-m for m in state)
+            if state not in states and flipped not in states:
+                states.append(state)
+    return tuple(states)
 
 
 def _sys_configs(raw: dict, base: Path, path: Path) -> tuple[tuple[Path, ...], ...]:

@@ -1,6 +1,6 @@
 """Label stage (02.fp): DFT+U single points of the explore stage's candidates, collected with moments.
 
-make: reads `01.model_devi/candidates.SSS.extxyz` of this iteration (fp_task_min/fp_task_max
+make: reads `01.model_devi/candidates.SSS.extxyz` of this iteration (spingen.stages.init: `00.perturb`) (fp_task_min/fp_task_max
 per system), sorts each frame's atoms by type_map (every element one run, the POSCAR species
 order), applies fp_spin_init and writes one `task.SSS.CCCCCC` per DFT run through the labeler,
 plus `frame.extxyz` (the geometry, its provenance and the start moments) for collection.
@@ -33,6 +33,8 @@ CANDIDATES_DIR = "01.model_devi"
 CANDIDATES_GLOB = "candidates.[0-9][0-9][0-9].extxyz"
 FRAME_FILE = "frame.extxyz"
 REPORT_FILE = "labels.json"
+MODEL_ERRORS_FILE = "model_errors.json"
+MODELS_GLOB = "00.train/graph.[0-9][0-9][0-9].pth"
 OUTLOG, ERRLOG = "fp.log", "fp.err"  # the task's stdout/stderr, brought back with its results
 TASK_GLOB = "task.[0-9][0-9][0-9].[0-9][0-9][0-9][0-9][0-9][0-9]"
 
@@ -56,7 +58,8 @@ def spin_starts(atoms, strategy: str) -> list[SpinStart]:
         return [SpinStart(0, None, None)]
     predicted = np.asarray(atoms.arrays.get("initial_magmoms", np.zeros(len(atoms))), dtype=float)
     if strategy == "predicted":
-        return [SpinStart(0, predicted, None)]
+        nupdown = atoms.info.get("nupdown")  # a candidate may pin its total moment (the initial data do)
+        return [SpinStart(0, predicted, None if nupdown is None else float(nupdown))]
     states = [predicted]
     excited = atoms.arrays.get("excited_magmoms")
     if excited is not None:
@@ -105,9 +108,11 @@ class LabelStage(Stage):
     name = "fp"
     dirname = "02.fp"
 
-    def __init__(self, param: Param | None, machine: MachineSection, settings: LabelSettings | None = None):
+    def __init__(self, param: Param | None, machine: MachineSection, settings: LabelSettings | None = None,
+                 candidates_dir: str = CANDIDATES_DIR):
         self.param = param
         self.machine = machine
+        self.candidates_dir = candidates_dir
         self.settings = settings if settings is not None else label_settings(param)
         self.labeler = create_labeler(self.settings)
 
@@ -117,7 +122,7 @@ class LabelStage(Stage):
 
         path = self.path(ctx)
         n_frames = n_tasks = 0
-        for file in sorted((ctx.iter_dir / CANDIDATES_DIR).glob(CANDIDATES_GLOB)):
+        for file in sorted((ctx.iter_dir / self.candidates_dir).glob(CANDIDATES_GLOB)):
             system = int(file.name.split(".")[1])
             frames = ase.io.read(file, index=":", format="extxyz") if file.stat().st_size else []
             if len(frames) < self.settings.task_min:
@@ -200,6 +205,7 @@ class LabelStage(Stage):
             log.info("fp system %03d: %d converged, %d failed in %d task(s); %s", system, len(results),
                      n_system - len(results), n_system, stored)
         (path / REPORT_FILE).write_text(json.dumps(report, indent=1) + "\n")
+        self._write_model_errors(ctx, [pair for results in converged.values() for pair in results])
         total = len(tasks)
         if not total:
             log.info("fp: no candidate to label in iteration %d", ctx.iteration)
@@ -212,6 +218,24 @@ class LabelStage(Stage):
                 f"fp: {len(failed)} of {total} label tasks failed ({100 * ratio:.1f} % > ratio_failed "
                 f"{100 * self.settings.ratio_failed:.1f} %); the converged frames are kept in "
                 f"{path}/data.*. Failed tasks:\n{lines}")
+
+    def _write_model_errors(self, ctx: StageContext, labeled: list[tuple[object, LabelResult]]) -> None:
+        """`model_errors.json`: the iteration's ensemble on the frames it selected, before training on them."""
+        path = self.path(ctx)
+        models = sorted(ctx.iter_dir.glob(MODELS_GLOB))
+        systems = sorted(p for p in path.glob("data.[0-9][0-9][0-9]") if (p / "type.raw").is_file())
+        if not models or not systems:
+            return
+        from spingen.tools.model_test import summary
+
+        report = summary(models, systems)
+        report["spin_agreement"] = spin_agreement(labeled, self.settings.magnetic, self.settings.moment_tolerance)
+        (path / MODEL_ERRORS_FILE).write_text(json.dumps(report) + "\n")
+        agreement = report["spin_agreement"]
+        log.info("fp: ensemble error on the %d new label(s), before training on them: energy %.2f meV/atom, "
+                 "force %.1f meV/A (largest %.0f meV/A); predicted spin states agree with DFT on %s",
+                 report["n_frames"], report["rmse_e"], report["rmse_f"], report["max_f_error"],
+                 "-" if agreement is None else f"{agreement['agree']} of {agreement['ions']} ions")
 
     def collect(self, task_dir: Path) -> tuple[object, LabelResult]:
         """The frame of a task and its checked result (a failed result with the reason if excluded)."""
@@ -234,6 +258,32 @@ class LabelStage(Stage):
         if violation:
             return atoms, LabelResult.failed(violation)
         return atoms, result
+
+
+def spin_agreement(labeled: Sequence[tuple[object, LabelResult]], magnetic: Sequence[str],
+                   tolerance: float) -> dict | None:
+    """How many magnetic ions DFT left in the predicted state (same sign, magnitude within tolerance).
+
+    Only predicted ground states count (state 0 with start moments); a frame may agree up to a global
+    reversal of its moments. None when no labeled frame had predicted moments.
+    """
+    ions = agree = 0
+    for atoms, result in labeled:
+        predicted = atoms.arrays.get("initial_magmoms")
+        if predicted is None or int(atoms.info.get("state", 0)) != 0:
+            continue
+        mask = np.isin(atoms.get_chemical_symbols(), list(magnetic))
+        best = 0
+        for sign in (1.0, -1.0):
+            dft = sign * result.moments[mask]
+            same = (np.abs(dft - predicted[mask]) <= tolerance) & (np.sign(np.round(dft, 1)) == np.sign(
+                np.round(predicted[mask], 1)))
+            best = max(best, int(same.sum()))
+        ions += int(mask.sum())
+        agree += best
+    if not ions:
+        return None
+    return {"ions": ions, "agree": agree, "fraction": agree / ions}
 
 
 def _with_geometry(atoms, result: LabelResult) -> LabelResult:

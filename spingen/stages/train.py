@@ -93,8 +93,10 @@ class TrainStage(Stage):
 
 
 def training_systems(param: Param, ctx: StageContext) -> list[Path]:
-    """init_data_sys plus every set labeled by earlier iterations (what iteration ctx trains on)."""
-    systems = list(param.init_data_sys)
+    """init_data_sys, the data made in WORKDIR/init and every set labeled by earlier iterations."""
+    from spingen.stages.init import init_data_systems
+
+    systems = list(param.init_data_sys) + init_data_systems(ctx.workdir)
     for previous in ctx.previous():
         systems += sorted(p for p in previous.iter_dir.glob(LABELED_DATA_GLOB) if (p / "type.raw").is_file())
     return systems

@@ -130,6 +130,30 @@ def run(models: Sequence[str], data: Sequence[str], offset: float | None = None,
     return results
 
 
+def summary(models: Sequence[str | Path], systems: Sequence[Path], max_parity_points: int = 3000,
+            seed: int = 0) -> dict:
+    """Errors of the ensemble of `models` on `systems` as plain JSON: overall and per system, with
+    DFT-vs-model parity data (every energy per atom; force components subsampled)."""
+    ensemble = Ensemble(models)
+    results = [errors_of_system(ensemble, Path(s)) for s in systems]
+    e_dft = np.concatenate([r.energies[0] for r in results])
+    e_model = np.concatenate([r.energies[1] for r in results])
+    f_dft = np.concatenate([r.forces[0] for r in results])
+    f_model = np.concatenate([r.forces[1] for r in results])
+    keep = np.sort(np.random.default_rng(seed).permutation(len(f_dft))[:max_parity_points])
+    return {
+        "models": [Path(m).name for m in models],
+        "n_frames": int(len(e_dft)),
+        "rmse_e": float(np.sqrt(np.mean((e_model - e_dft) ** 2)) * 1000),
+        "rmse_f": float(np.sqrt(np.mean((f_model - f_dft) ** 2)) * 1000),
+        "max_f_error": float(np.max(np.abs(f_model - f_dft)) * 1000),
+        "systems": [{"name": Path(r.name).name, "n_frames": r.n_frames, "rmse_e": r.rmse_e, "rmse_f": r.rmse_f,
+                     "flip_asymmetry": r.flip_asymmetry} for r in results],
+        "parity": {"e_dft": e_dft.tolist(), "e_model": e_model.tolist(),
+                   "f_dft": f_dft[keep].tolist(), "f_model": f_model[keep].tolist()},
+    }
+
+
 def format_table(results: Sequence[SystemErrors]) -> str:
     lines = [f"{'system':<40} {'frames':>6} {'atoms':>5} {'E rmse meV/atom':>16} {'F rmse meV/A':>13} "
              f"{'flip asym meV/atom':>19}"]
