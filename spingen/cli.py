@@ -54,9 +54,11 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from spingen.schema import load_machine, load_param
+    from spingen.stages import build_stages
 
     param = load_param(args.param)
     machines = load_machine(args.machine)
+    build_stages(param, machines)  # each stage checks its own settings (POTCARs, INCAR, explore keys)
     print(summary(param, machines))
     print("OK: both files are valid; nothing was submitted.")
     return 0
