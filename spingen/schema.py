@@ -209,6 +209,9 @@ def param_arginfo() -> Argument:
         Argument("sys_format", str, optional=True, default="vasp",
                  doc="ASE format name of the sys_configs files."),
         Argument("numb_models", int, optional=True, default=4, doc="Models in the ensemble."),
+        Argument("training_init_model", bool, optional=True, default=False,
+                 doc="From iteration 1 on, start each model from the same model of the previous iteration "
+                     "(`dp --pt train --init-frz-model`) instead of from scratch (DP-GEN's key)."),
         Argument("default_training_param", dict, optional=False,
                  doc="deepmd-kit input.json (PyTorch backend); spingen fills type_map, spin, loss type, "
                      "data systems and seeds."),
@@ -305,6 +308,7 @@ class SpinSettings:
 class TrainSettings:
     numb_models: int
     training_param: Mapping[str, Any]
+    init_model: bool = False  # training_init_model
 
 
 @dataclass(frozen=True)
@@ -441,7 +445,7 @@ def load_param(path: str | Path) -> Param:
         init_data_sys=_data_paths(raw, base, path, required=init_gen is None),
         sys_configs=_sys_configs(raw, base, path),
         spin=spin,
-        train=TrainSettings(raw["numb_models"], _freeze(raw["default_training_param"])),
+        train=TrainSettings(raw["numb_models"], _freeze(raw["default_training_param"]), raw["training_init_model"]),
         model_devi_jobs=_freeze(raw["model_devi_jobs"]),
         raw=_freeze(raw),
         init_gen=init_gen,

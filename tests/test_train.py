@@ -90,13 +90,13 @@ from spingen.schema import load_machine, load_param
 from spingen.stages.train import TrainStage
 param, machines = load_param(sys.argv[1]), load_machine(sys.argv[2])
 setup_logging(Path.cwd())
-Loop(Path.cwd(), [TrainStage(param, machines.train)], n_iterations=0).run()
+Loop(Path.cwd(), [TrainStage(param, machines.train)], n_iterations=int(sys.argv[3])).run()
 """
 
 
-def train_only(param: Path, machine: Path) -> list[str]:
-    """The loop with the train stage alone: iteration 0 is then the closing train (steps 0-2)."""
-    return [sys.executable, "-c", TRAIN_ONLY, str(param), str(machine)]
+def train_only(param: Path, machine: Path, n_iterations: int = 0) -> list[str]:
+    """The loop with the train stage alone: iteration n_iterations is the closing train."""
+    return [sys.executable, "-c", TRAIN_ONLY, str(param), str(machine), str(n_iterations)]
 
 
 def check_models(workdir: Path, spin: bool) -> None:
@@ -172,3 +172,26 @@ def test_sigkill_during_run_train_resumes_without_retraining(tmp_path):
     for task in frozen_before:
         assert sum(Path(d).name == task for d in trains) == 1, f"model {task} was trained again"
     check_models(tmp_path, spin=True)
+
+
+def first_lcurve_rmse(path: Path) -> float:
+    rows = [line.split() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    return float(rows[0][1])
+
+
+@pytest.mark.slow
+def test_training_init_model_starts_from_the_previous_iteration(tmp_path):
+    calls = tmp_path / "dp_calls.txt"
+    param = make_param(tmp_path, training_init_model=True)
+    param_path, machine_path = write_inputs(tmp_path, param, make_machine(str(write_counting_dp(tmp_path / "dp", calls))))
+    result = subprocess.run(train_only(param_path, machine_path, 1), cwd=tmp_path, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr
+    first, second = (tmp_path / f"iter.00000{i}" / "00.train" for i in (0, 1))
+    for task in ("000", "001"):
+        assert (second / task / "init_model.pth").read_bytes() == (first / task / "frozen_model.pth").read_bytes()
+        assert not (first / task / "init_model.pth").exists()
+        # a model that starts trained starts with a smaller error than one from scratch
+        assert first_lcurve_rmse(second / task / "lcurve.out") < first_lcurve_rmse(first / task / "lcurve.out")
+    trains = [line for line in calls.read_text().splitlines() if " train " in line]
+    assert sum("--init-frz-model init_model.pth" in line for line in trains) == 2 and len(trains) == 4

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -24,6 +25,7 @@ from spingen.spin.encoding import SIDECAR
 log = logging.getLogger("spingen")
 
 MODEL_FILE = "frozen_model.pth"
+INIT_MODEL_FILE = "init_model.pth"  # the previous iteration's model, with training_init_model
 LCURVE_FILE = "lcurve.out"
 MODELS_REPORT = "models.json"
 LABELED_DATA_GLOB = "02.fp/data.*"
@@ -54,6 +56,9 @@ class TrainStage(Stage):
             inp = training_input(self.param.train.training_param, self.param.type_map, self.param.spin,
                                  data_dirs, seed)
             (task / "input.json").write_text(json.dumps(inp, indent=2))
+            if self.param.train.init_model and ctx.iteration > 0:
+                previous = ctx.previous()[-1].iter_dir / self.dirname / task.name / MODEL_FILE
+                shutil.copyfile(previous, task / INIT_MODEL_FILE)
             if self.param.spin.enabled:
                 self.param.spin.encoding.save(task / SIDECAR)
 
@@ -68,8 +73,9 @@ class TrainStage(Stage):
         path = self.path(ctx)
         todo = [d for d in self.task_dirs(ctx) if not (path / d / MODEL_FILE).is_file()]
         log.info("train: %d model(s) to train, %d already frozen", len(todo), len(self.task_dirs(ctx)) - len(todo))
+        init_model = [INIT_MODEL_FILE] if todo and (path / todo[0] / INIT_MODEL_FILE).is_file() else []
         spec = TaskSpec(command=train_command(self.machine.command),
-                        forward_files=["input.json", *self.machine.user_forward_files],
+                        forward_files=["input.json", *init_model, *self.machine.user_forward_files],
                         backward_files=[MODEL_FILE, LCURVE_FILE, *self.machine.user_backward_files],
                         forward_common_files=["data"], outlog="train.log", errlog="train.err")
         run_tasks(self.machine, path, todo, spec, ctx.workdir)
@@ -103,9 +109,11 @@ def training_systems(param: Param, ctx: StageContext) -> list[Path]:
 
 
 def train_command(command: str) -> str:
-    """The shell line of one training task: train (restarting from a checkpoint if any), freeze."""
+    """The shell line of one training task: train (restarting from a checkpoint if any, else from the
+    previous iteration's model if given), freeze."""
     dp = command if "--pt" in command.split() else f"{command} --pt"
     return (f"if [ -f checkpoint ]; then {dp} train input.json --restart $(cat checkpoint); "
+            f"elif [ -f {INIT_MODEL_FILE} ]; then {dp} train input.json --init-frz-model {INIT_MODEL_FILE}; "
             f"else {dp} train input.json; fi && {dp} freeze -o {MODEL_FILE}")
 
 
