@@ -222,6 +222,12 @@ def param_arginfo() -> Argument:
                  doc="Frames of MD steps < model_devi_skip are neither selected nor counted (DP-GEN's meaning)."),
         Argument("model_devi_f_trust_lo", float, optional=False, doc="Force deviation (eV/A) below which a frame is accurate."),
         Argument("model_devi_f_trust_hi", float, optional=False, doc="Force deviation (eV/A) at and above which a frame failed."),
+        Argument("model_devi_v_trust_lo", [float, type(None)], optional=True, default=None,
+                 doc="Virial deviation (eV/atom, DP-GEN's max_devi_v) from which a frame is a candidate too; "
+                     "null: virial deviations select nothing (DP-GEN's default)."),
+        Argument("model_devi_v_trust_hi", [float, type(None)], optional=True, default=None,
+                 doc="Virial deviation (eV/atom) at and above which a frame failed, unless its force or "
+                     "virial deviation makes it a candidate (DP-GEN's rule); null: no virial limit."),
         Argument("model_devi_spin_trust", float, optional=True, default=0.2,
                  doc="Fraction of magnetic ions whose ground-state moment the ensemble disagrees on, "
                      "above which a frame is a candidate."),

@@ -267,6 +267,21 @@ def test_selection_of_a_hand_made_model_devi(tmp_path):
         None, "accurate", "candidate", "candidate", "failed", "candidate", "accurate", "failed", "failed", "failed"]
 
 
+def test_virial_trust_levels_follow_dpgen_rule():
+    table = np.array([  # step, max/min/avg_devi_v, max/min/avg_devi_f, devi_e, spin_disagree
+        (0, 0.10, 0, 0, 0.01, 0, 0, 0.01, -1),  # candidate by virial only
+        (1, 0.25, 0, 0, 0.01, 0, 0, 0.01, -1),  # failed by virial
+        (2, 0.25, 0, 0, 0.10, 0, 0, 0.01, -1),  # candidate by force, although the virial is beyond hi
+        (3, 0.10, 0, 0, 0.40, 0, 0, 0.01, -1),  # candidate by virial, although the force is beyond hi
+        (4, 0.01, 0, 0, 0.40, 0, 0, 0.01, 0.9),  # failed: spin disagreement does not rescue a failed force
+        (5, 0.01, 0, 0, 0.01, 0, 0, 0.01, -1),  # accurate
+    ])
+    assert classify(table, 0.05, 0.3, 0.2, 0, v_lo=0.05, v_hi=0.2) == [
+        "candidate", "failed", "candidate", "candidate", "failed", "accurate"]
+    assert classify(table, 0.05, 0.3, 0.2, 0) == [  # no virial levels: forces (and spins) alone
+        "accurate", "accurate", "candidate", "failed", "failed", "accurate"]
+
+
 def test_sampling_is_seeded_and_both_caps_hold():
     candidates = {0: [f"a{i}" for i in range(30)], 1: [f"b{i}" for i in range(5)], 2: ["c0"]}
     first = sample_candidates(candidates, task_max=10, task_max_total=None, task_min=1, seed=42)
@@ -365,6 +380,7 @@ def test_stage_runs_through_dpdispatcher_and_resumes_after_a_kill(tmp_path, mode
 
 @pytest.mark.parametrize("change, key", [
     ({"model_devi_driver": "median"}, "model_devi_driver"),
+    ({"model_devi_v_trust_lo": 0.3, "model_devi_v_trust_hi": 0.1}, "model_devi_v_trust_lo"),
     ({"model_devi_spin_trust": 1.5}, "model_devi_spin_trust"),
     ({"fp_task_max_total": 0}, "fp_task_max_total"),
     ({"model_devi_spin_search": {"population": 1}}, "model_devi_spin_search/population"),

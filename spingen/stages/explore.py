@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,8 @@ class ExploreSettings:
     f_trust_hi: float
     spin_trust: float
     skip: int
+    v_trust_lo: float  # inf: virial deviations are not used
+    v_trust_hi: float
     dt_ps: float
     driver: str
     seed: int
@@ -84,6 +87,11 @@ def explore_settings(param: Param) -> ExploreSettings:
             raise InputError(f"{where} '{key}': expected a positive number, got {raw[key]}")
     if raw["model_devi_skip"] < 0:
         raise InputError(f"{where} 'model_devi_skip': expected a step >= 0, got {raw['model_devi_skip']}")
+    v_lo, v_hi = (math.inf if raw[k] is None else float(raw[k]) for k in ("model_devi_v_trust_lo",
+                                                                          "model_devi_v_trust_hi"))
+    if v_lo > v_hi:
+        raise InputError(f"{where}s 'model_devi_v_trust_lo' ({v_lo}) > 'model_devi_v_trust_hi' ({v_hi}): "
+                         "expected lo <= hi")
     total = raw["fp_task_max_total"]
     if raw["fp_task_max"] < 1 or (total is not None and total < 1) or raw["fp_task_min"] < 0:
         raise InputError(f"{where} 'fp_task_max'/'fp_task_max_total'/'fp_task_min': expected fp_task_max >= 1, "
@@ -114,7 +122,7 @@ def explore_settings(param: Param) -> ExploreSettings:
             raise InputError(f"{key}/temps': expected at least one temperature (K)")
     return ExploreSettings(
         float(raw["model_devi_f_trust_lo"]), float(raw["model_devi_f_trust_hi"]), float(raw["model_devi_spin_trust"]),
-        int(raw["model_devi_skip"]), float(raw["model_devi_dt"]), raw["model_devi_driver"], int(raw["model_devi_seed"]),
+        int(raw["model_devi_skip"]), v_lo, v_hi, float(raw["model_devi_dt"]), raw["model_devi_driver"], int(raw["model_devi_seed"]),
         float(raw["model_devi_compressibility"]), search, int(raw["fp_task_max"]),
         None if total is None else int(total), int(raw["fp_task_min"]))
 
@@ -277,7 +285,7 @@ class ExploreStage(Stage):
                 raise RuntimeError(f"model_devi: task {path / task} did not finish; see its {ERRLOG}")
             system = int(task.split(".")[1])
             rows = read_model_devi(path / task / DEVI_FILE)
-            labels = classify(rows, s.f_trust_lo, s.f_trust_hi, s.spin_trust, s.skip)
+            labels = classify(rows, s.f_trust_lo, s.f_trust_hi, s.spin_trust, s.skip, s.v_trust_lo, s.v_trust_hi)
             count = counts.setdefault(system, {c: 0 for c in CLASSES} | {"nan": 0, "spin_only": 0})
             lists = classified.setdefault(system, {c: [] for c in CLASSES})
             finite = np.all(np.isfinite(rows[:, 1:]), axis=1)
@@ -342,18 +350,24 @@ def spin_flags(rows: np.ndarray, spin_trust: float) -> np.ndarray:
         return (spin >= 0) & (spin > spin_trust)
 
 
-def classify(rows: np.ndarray, lo: float, hi: float, spin_trust: float, skip: int) -> list[str | None]:
+def classify(rows: np.ndarray, lo: float, hi: float, spin_trust: float, skip: int, v_lo: float = math.inf,
+             v_hi: float = math.inf) -> list[str | None]:
     """'accurate' / 'candidate' / 'failed' per row; None for steps < skip.
 
-    failed: NaN/inf in any deviation column, or max_devi_f >= hi; candidate: lo <= max_devi_f < hi,
-    or a computed spin disagreement (the -1 of 'not computed' excluded) above spin_trust.
+    DP-GEN's rule, plus spins and NaN: failed if any deviation is NaN/inf; else candidate if
+    lo <= max_devi_f < hi, or v_lo <= max_devi_v < v_hi, or (below both hi) a computed spin
+    disagreement (the -1 of 'not computed' excluded) is above spin_trust; else failed if
+    max_devi_f >= hi or max_devi_v >= v_hi; else accurate.
     """
     rows = np.asarray(rows, dtype=float).reshape(-1, len(DEVI_COLUMNS))
     f = rows[:, _COL["max_devi_f"]]
+    v = rows[:, _COL["max_devi_v"]]
     finite = np.all(np.isfinite(rows[:, 1:]), axis=1)
     with np.errstate(invalid="ignore"):
-        failed = ~finite | (f >= hi)
-        candidate = ~failed & ((f >= lo) | spin_flags(rows, spin_trust))
+        below_hi = (f < hi) & (v < v_hi)
+        in_window = ((f >= lo) & (f < hi)) | ((v >= v_lo) & (v < v_hi)) | (spin_flags(rows, spin_trust) & below_hi)
+        candidate = finite & in_window
+        failed = ~finite | (~candidate & ((f >= hi) | (v >= v_hi)))
     labels: list[str | None] = []
     for step, bad, cand in zip(rows[:, 0], failed, candidate):
         labels.append(None if step < skip else "failed" if bad else "candidate" if cand else "accurate")

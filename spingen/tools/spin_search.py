@@ -18,6 +18,7 @@ from typing import Sequence, TextIO
 
 import numpy as np
 
+from spingen.labelers.vasp import compress
 from spingen.schema import InputError
 
 
@@ -37,21 +38,6 @@ def parse_moments(items: Sequence[str]) -> dict[str, list[float]]:
             raise InputError(f"--moments: {element} is given twice")
         out[element] = mags
     return out
-
-
-def magmom_line(moments: Sequence[float]) -> str:
-    """VASP MAGMOM value list with runs compressed: [0, 0, 1, -1, 0, 0, 0, 0] -> '2*0 1.0 -1.0 4*0'."""
-    words: list[str] = []
-    values = [_fmt(m) for m in moments]
-    i = 0
-    while i < len(values):
-        j = i
-        while j + 1 < len(values) and values[j + 1] == values[i]:
-            j += 1
-        n = j - i + 1
-        words.append(values[i] if n == 1 else f"{n}*{values[i]}")
-        i = j + 1
-    return " ".join(words)
 
 
 def _fmt(value: float) -> str:
@@ -180,9 +166,9 @@ def run(models: Sequence[str], structure: str, moments: Sequence[str], *, magnet
     for n, (m, e) in enumerate(zip(states, energies), start=1):
         print(f"  {n:3d} {1000 * (e - energies[0]):10.2f}  {' '.join(_fmt(v) for v in m)}", file=out)
 
-    lines = [f"MAGMOM = {magmom_line(full(states[0]))}   # ground state, E = {energies[0]:.6f} eV"]
+    lines = [f"MAGMOM = {compress(full(states[0]))}   # ground state, E = {energies[0]:.6f} eV"]
     for n, (m, e) in enumerate(zip(states[1:], energies[1:]), start=2):
-        lines.append(f"# state {n}, E - E0 = {1000 * (e - energies[0]):.2f} meV: MAGMOM = {magmom_line(full(m))}")
+        lines.append(f"# state {n}, E - E0 = {1000 * (e - energies[0]):.2f} meV: MAGMOM = {compress(full(m))}")
     text = "\n".join(lines) + "\n"
     if output:
         Path(output).write_text(text)

@@ -1,0 +1,252 @@
+"""Spin-aware vs pristine Deep Potentials on mixed spin-state DFT+U data (the paper's central claim).
+
+Data: benchmarks/paper/data/<system> (deepmd/npy with raw moments; made by `spingen init` with GPAW,
+see benchmarks/paper/README.md). Every geometry was labeled in several spin states; the frames of
+one geometry share their coordinates, which is how they are grouped. The split is by geometry
+(a held-out geometry is held out in all its states), seeded.
+
+Models, all with the same networks (NETWORK below) and the same steps, trained with spingen's own
+train-stage functions (training_input, write_training_data) and `dp --pt train/freeze`:
+  - pristine_ground: no spin, the lowest-energy state of each training geometry only;
+  - pristine_mixed: no spin, every state;
+  - spin_mixed: collinear spin model (flip augmentation on), every state, eta 0.3, d 0.2;
+  - an eta x d scan of the spin model (0.1-0.5 A, the paper's Fig. S1).
+Errors: spingen.tools.model_test on the held-out geometries: ground states only for
+pristine_ground (what it can be asked about) and every state for the others, energy RMSE
+(meV/atom) and force RMSE (meV/A); parity plots (PNG) next to the results.
+
+Usage (about 20 min on 2 cores; two trainings at a time):
+
+    PATH=$PWD/.venv/bin:$PATH OMP_NUM_THREADS=1 .venv/bin/python benchmarks/paper/accuracy.py [--steps 1500]
+
+Results go to docs/benchmarks/paper.md between the result markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+sys.path.insert(0, str(REPO))
+BIN = Path(sys.executable).parent
+DOC = REPO / "docs" / "benchmarks" / "paper.md"
+DOC_BEGIN = "<!-- results:begin (written by benchmarks/paper/accuracy.py) -->"
+DOC_END = "<!-- results:end -->"
+
+NETWORK = {
+    "descriptor": {"type": "se_e2_a", "sel": [16, 16, 24], "rcut_smth": 0.5, "rcut": 4.0,
+                   "neuron": [16, 32, 64], "axis_neuron": 8},
+    "fitting_net": {"neuron": [64, 64, 64]},
+}
+
+
+def training_param(steps: int) -> dict:
+    return {
+        "model": json.loads(json.dumps(NETWORK)),
+        "learning_rate": {"type": "exp", "start_lr": 0.002, "stop_lr": 2e-5, "decay_steps": max(1, steps // 40)},
+        "loss": {"start_pref_e": 0.5, "limit_pref_e": 5, "start_pref_f": 20, "limit_pref_f": 1,
+                 "start_pref_v": 0, "limit_pref_v": 0},
+        "training": {"numb_steps": steps, "disp_freq": max(1, steps // 10), "save_freq": steps,
+                     "training_data": {"batch_size": 2}},
+    }
+
+
+def geometry_groups(coords: np.ndarray, decimals: int = 4) -> np.ndarray:
+    """Group index of each frame: frames with the same coordinates are one geometry."""
+    keys = [np.round(c, decimals).tobytes() for c in coords]
+    index = {k: i for i, k in enumerate(dict.fromkeys(keys))}
+    return np.array([index[k] for k in keys])
+
+
+def split(system_path: Path, out: Path, test_fraction: float, seed: int) -> dict:
+    """Write train_all / train_ground / test_all / test_ground deepmd/npy systems; return counts."""
+    from spingen.data.npy import load_system
+
+    system = load_system(system_path)
+    groups = geometry_groups(system.data["coords"])
+    n_groups = groups.max() + 1
+    order = np.random.default_rng(seed).permutation(n_groups)
+    test_groups = set(order[: max(1, round(test_fraction * n_groups))].tolist())
+    energies = system.data["energies"]
+    ground = np.zeros(len(groups), bool)
+    for g in range(n_groups):
+        members = np.flatnonzero(groups == g)
+        ground[members[np.argmin(energies[members])]] = True
+    is_test = np.array([g in test_groups for g in groups])
+    parts = {"train_all": ~is_test, "train_ground": ~is_test & ground, "test_all": is_test,
+             "test_ground": is_test & ground}
+    for name, mask in parts.items():
+        system.sub_system(np.flatnonzero(mask)).to("deepmd/npy", str(out / name))
+    moments = system.data["spins"][..., 2]
+    states = {len(np.flatnonzero(groups == g)) for g in range(n_groups)}
+    gaps = [np.ptp(energies[groups == g]) / system.get_natoms() * 1000 for g in range(n_groups)
+            if np.sum(groups == g) > 1]
+    return {"frames": len(groups), "geometries": int(n_groups), "states_per_geometry": sorted(states),
+            "test_geometries": len(test_groups), **{k: int(v.sum()) for k, v in parts.items()},
+            "state_gap_meV_atom_mean": float(np.mean(gaps)) if gaps else 0.0,
+            "moment_range": [float(np.min(np.abs(moments[:, moments.any(0)]))),
+                             float(np.max(np.abs(moments)))]}
+
+
+def prepare(name: str, root: Path, train_system: Path, spin_on: bool, eta: float, offset: float, steps: int,
+            seed: int, magnetic: tuple[str, ...], type_map: list[str]) -> Path:
+    """A training folder made by spingen's train-stage functions; returns it."""
+    from spingen.schema import SpinSettings
+    from spingen.spin.encoding import SIDECAR
+    from spingen.stages.train import training_input, write_training_data
+
+    spin = SpinSettings(spin_on, magnetic, eta, offset, "auto", 0.05, True)
+    folder = root / name
+    if folder.exists():
+        shutil.rmtree(folder)
+    written = write_training_data([train_system], folder / "data", type_map, spin)
+    inp = training_input(training_param(steps), type_map, spin, [f"data/{n}" for n, _, _ in written], seed)
+    (folder / "input.json").write_text(json.dumps(inp, indent=1))
+    if spin_on:
+        spin.encoding.save(folder / SIDECAR)
+    return folder
+
+
+def train(folder: Path) -> float:
+    """dp --pt train + freeze in folder; returns wall seconds (kept: a finished model is reused)."""
+    if (folder / "frozen_model.pth").is_file():
+        return json.loads((folder / "time.json").read_text())["train_s"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", DP_INTRA_OP_PARALLELISM_THREADS="1",
+               DP_INTER_OP_PARALLELISM_THREADS="1")
+    start = time.monotonic()
+    for args in (["train", "input.json"], ["freeze", "-o", "frozen_model.pth"]):
+        with open(folder / "train.log", "a") as log:
+            subprocess.run([str(BIN / "dp"), "--pt", *args], cwd=folder, env=env, check=True, stdout=log,
+                           stderr=subprocess.STDOUT)
+    seconds = time.monotonic() - start
+    (folder / "time.json").write_text(json.dumps({"train_s": seconds}))
+    return seconds
+
+
+def evaluate(folder: Path, test: Path, plot: Path) -> dict:
+    from spingen.tools.model_test import parity_plot, run
+
+    results = run([str(folder / "frozen_model.pth")], [str(test)], plot=None)
+    parity_plot(results, plot)
+    r = results[0]
+    return {"rmse_e": r.rmse_e, "rmse_f": r.rmse_f, "flip": r.flip_asymmetry, "frames": r.n_frames}
+
+
+def run_system(system: str, args) -> dict:
+    data = HERE / "data" / system
+    root = Path(args.workdir) / system
+    root.mkdir(parents=True, exist_ok=True)
+    counts = split(data, root / "split", args.test_fraction, args.seed)
+    type_map = (data / "type_map.raw").read_text().split()
+    magnetic = tuple(args.magnetic)
+    jobs = {"pristine_ground": ("train_ground", False, 0.3, 0.2),
+            "pristine_mixed": ("train_all", False, 0.3, 0.2)}
+    for eta in args.etas:
+        for d in args.offsets:
+            jobs[f"spin_eta{eta}_d{d}"] = ("train_all", True, eta, d)
+    folders = {name: prepare(name, root, root / "split" / part, spin_on, eta, d, args.steps, args.seed,
+                             magnetic, type_map)
+               for name, (part, spin_on, eta, d) in jobs.items()
+               if not (root / name / "frozen_model.pth").is_file()}
+    folders.update({name: root / name for name in jobs if name not in folders})
+    with ThreadPoolExecutor(args.parallel) as pool:
+        times = dict(zip(folders, pool.map(train, folders.values())))
+    results = {}
+    for name, folder in folders.items():
+        test = root / "split" / ("test_ground" if name == "pristine_ground" else "test_all")
+        plot = DOC.parent / "paper" / f"{system}_{name}.png"
+        plot.parent.mkdir(parents=True, exist_ok=True)
+        results[name] = {**evaluate(folder, test, plot), "train_s": times[name], "plot": plot.name,
+                         "eta": jobs[name][2] if jobs[name][1] else None,
+                         "d": jobs[name][3] if jobs[name][1] else None}
+        if name == "pristine_ground":  # also ask it about every state, for the record
+            results[name]["on_all_states"] = evaluate(folder, root / "split" / "test_all",
+                                                      DOC.parent / "paper" / f"{system}_{name}_all.png")
+    return {"counts": counts, "results": results}
+
+
+def render(out: dict, args, command: str) -> str:
+    lines = [f"Measured {out['date']} on `{out['machine']}` ({out['cpu']}, {os.cpu_count()} cores); "
+             f"peak RSS of the driver {out['peak_rss_mib']:.0f} MiB (trainings are separate `dp` processes, "
+             f"{args.parallel} at a time). Command:", "", f"    {command}", "",
+             f"Networks (every model): se_e2_a neuron {NETWORK['descriptor']['neuron']}, axis "
+             f"{NETWORK['descriptor']['axis_neuron']}, rcut {NETWORK['descriptor']['rcut']} A, fitting "
+             f"{NETWORK['fitting_net']['neuron']}; {args.steps} steps, batch 2, lr 2e-3 -> 2e-5; spin models "
+             "with flip augmentation (ener_spin, magnetic-force prefactor 0).", ""]
+    for system, res in out["systems"].items():
+        c = res["counts"]
+        lines += [f"### {system}", "",
+                  f"{c['frames']} frames = {c['geometries']} geometries x {c['states_per_geometry']} converged "
+                  f"state(s); held out: {c['test_geometries']} geometries ({c['test_all']} frames, "
+                  f"{c['test_ground']} ground states). Mean energy spread between the states of one geometry: "
+                  f"{c['state_gap_meV_atom_mean']:.1f} meV/atom; |moments| of magnetic ions "
+                  f"{c['moment_range'][0]:.2f}-{c['moment_range'][1]:.2f} uB.", "",
+                  "| model | trained on | tested on | energy RMSE meV/atom | force RMSE meV/A | flip asymmetry "
+                  "meV/atom | train s |", "|---|---|---|---|---|---|---|"]
+        r = res["results"]
+        g = r["pristine_ground"]
+        lines.append(f"| pristine DP | ground states | ground states | {g['rmse_e']:.2f} | {g['rmse_f']:.0f} | - | "
+                     f"{g['train_s']:.0f} |")
+        lines.append(f"| pristine DP | ground states | all states | {g['on_all_states']['rmse_e']:.2f} | "
+                     f"{g['on_all_states']['rmse_f']:.0f} | - | |")
+        m = r["pristine_mixed"]
+        lines.append(f"| pristine DP | all states | all states | {m['rmse_e']:.2f} | {m['rmse_f']:.0f} | - | "
+                     f"{m['train_s']:.0f} |")
+        spins = {k: v for k, v in r.items() if k.startswith("spin_")}
+        for name, s in spins.items():
+            lines.append(f"| spin (eta {s['eta']}, d {s['d']}) | all states | all states | {s['rmse_e']:.2f} | "
+                         f"{s['rmse_f']:.0f} | {s['flip']:.2f} | {s['train_s']:.0f} |")
+        ref = spins.get("spin_eta0.3_d0.2") or next(iter(spins.values()))
+        lines += ["", f"Targets: spin on mixed <= 1/10 of pristine on mixed: {ref['rmse_e']:.2f} vs "
+                  f"{m['rmse_e'] / 10:.2f} -> {'met' if ref['rmse_e'] <= m['rmse_e'] / 10 else 'NOT met'}; "
+                  f"within 2x of pristine on ground states only: {ref['rmse_e']:.2f} vs {2 * g['rmse_e']:.2f} -> "
+                  f"{'met' if ref['rmse_e'] <= 2 * g['rmse_e'] else 'NOT met'}.", "",
+                  "Parity plots: " + ", ".join(f"[{k}](paper/{v['plot']})" for k, v in r.items()), ""]
+    return "\n".join(lines)
+
+
+def write_doc(block: str) -> None:
+    text = DOC.read_text()
+    start, end = text.index(DOC_BEGIN) + len(DOC_BEGIN), text.index(DOC_END)
+    DOC.write_text(text[:start] + "\n\n" + block + "\n" + text[end:])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--systems", nargs="+", default=["linio2"])
+    parser.add_argument("--magnetic", nargs="+", default=["Ni"])
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--etas", type=float, nargs="+", default=[0.1, 0.3, 0.5])
+    parser.add_argument("--offsets", type=float, nargs="+", default=[0.2])
+    parser.add_argument("--test-fraction", type=float, default=0.2)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--parallel", type=int, default=2)
+    parser.add_argument("--workdir", default="/tmp/spingen_paper_benchmark")
+    args = parser.parse_args(argv)
+    out = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": " ".join(platform.uname()[:3]),
+           "cpu": platform.processor() or platform.machine(),
+           "systems": {s: run_system(s, args) for s in args.systems}}
+    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    (Path(args.workdir) / "results.json").write_text(json.dumps(out, indent=1, default=str))
+    command = "python benchmarks/paper/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    block = render(out, args, command)
+    print(block)
+    write_doc(block)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
