@@ -17,12 +17,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     param = load_param(args.param)
     machines = load_machine(args.machine)
+    stages = build_stages(param, machines)  # every setting checked before anything runs
     workdir = Path(args.workdir).resolve()
     setup_logging(workdir, args.debug)
     os.chdir(workdir)  # dpdispatcher writes its own log to the current directory
     if param.init_gen is not None:
         make_init_data(param, machines, workdir)
-    Loop(workdir, build_stages(param, machines), param.n_iterations).run()
+    Loop(workdir, stages, param.n_iterations).run()
     return 0
 
 

@@ -414,3 +414,15 @@ def test_magnitudes_inferred_from_training_data(tmp_path):
     assert magnitudes_from_data(systems, ["Ni"]) == {"Ni": [0.0, 1.0, 2.0, 3.0]}
     with pytest.raises(ValueError, match="no moments of \\['Co'\\]"):
         magnitudes_from_data(systems, ["Ni", "Co"])
+
+
+def test_pristine_param_is_refused_before_anything_runs(tmp_path, capsys):
+    from spingen.cli import main
+
+    param = make_param(tmp_path)
+    param["spin"]["enabled"] = False
+    param_path, machine_path = write_inputs(tmp_path, param)
+    assert main(["check", str(param_path), str(machine_path)]) == 2
+    assert "'spin/enabled' is false: spingen explores with spin models only" in capsys.readouterr().err
+    assert main(["run", str(param_path), str(machine_path), "-w", str(tmp_path / "work")]) == 2
+    assert not list((tmp_path / "work").glob("iter.*")), "nothing was made"

@@ -143,14 +143,15 @@ class ExploreStage(Stage):
         self.param = param
         self.machine = machine
         self.settings = settings if settings is not None else explore_settings(param)
+        if not param.spin.enabled:
+            raise InputError(f"{param.path}: key 'spin/enabled' is false: spingen explores with spin models "
+                             "only (a pristine Deep Potential loop is DP-GEN's; benchmarks/paper/accuracy.py "
+                             "trains the pristine baseline)")
 
     # ---- make
     def make(self, ctx: StageContext) -> None:
         import ase.io
 
-        if not self.param.spin.enabled:
-            raise NotImplementedError("the explore stage runs spin models only; spin/enabled is false (the "
-                                      "pristine baseline can be trained but not explored)")
         path = self.path(ctx)
         job = self.param.model_devi_jobs[ctx.iteration]
         models = self._link_models(ctx)
