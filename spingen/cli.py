@@ -252,3 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     except (NotImplementedError, RuntimeError) as err:
         print(f"spingen: stopped: {err}", file=sys.stderr)
         return 1
+    except OSError as err:  # unwritable work dir, disk full: the data written before is intact
+        print(f"spingen: stopped: {err.strerror or err} ({err.filename or 'file system'}); nothing recorded "
+              "for the unfinished step: free the space or fix the permission and run the same command again",
+              file=sys.stderr)
+        return 1

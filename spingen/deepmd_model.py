@@ -50,6 +50,21 @@ log = logging.getLogger("spingen")
 _CHECK_RTOL = 1e-9  # fixed-geometry path vs DeepPot.eval: relative agreement required on first use
 
 
+def load_deeppot(path: str | os.PathLike) -> Any:
+    """deepmd-kit's DeepPot for a frozen .pth model, without TorchScript's first-call optimization.
+
+    The graph executor's profiling pass re-optimizes a scripted model on its first calls: about
+    15-30 s per small spin model on 2 busy cores, paid by every explore task and post_fp for
+    every model, against 0.3-0.5 s per evaluation after it. Turned off, the first evaluation costs
+    about 2 s and later ones are no slower for these models (measured in the demo's work dir).
+    """
+    import torch
+    from deepmd.infer import DeepPot
+
+    torch._C._get_graph_executor_optimize(False)
+    return DeepPot(str(path))
+
+
 def load_models(models: Any) -> list[Any]:
     """Paths (or already-loaded DeepPot objects), one or a sequence -> list of DeepPot."""
     if isinstance(models, (str, os.PathLike)) or not isinstance(models, Iterable):
@@ -60,9 +75,7 @@ def load_models(models: Any) -> list[Any]:
             path = Path(m)
             if not path.is_file():
                 raise FileNotFoundError(f"model file '{path}' does not exist")
-            from deepmd.infer import DeepPot
-
-            m = DeepPot(str(path))
+            m = load_deeppot(path)
         loaded.append(m)
     if not loaded:
         raise ValueError("no model given")

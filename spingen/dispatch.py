@@ -62,9 +62,31 @@ def run_tasks(section: MachineSection, work_base: Path, task_dirs: Sequence[str]
     progress.start()
     try:
         submission.run_submission(check_interval=section.check_interval)
+    except RuntimeError as err:  # dpdispatcher gave up on a job after retry_count resubmissions
+        raise RuntimeError(failure_report(submission, work_base, spec, str(err))) from None
     finally:
         progress.stop()
     log.info("%d task(s) of %s finished in %s", len(task_dirs), work_base, _duration(progress.elapsed()))
+
+
+def failure_report(submission, work_base: Path, spec: TaskSpec, reason: str, tail: int = 5) -> str:
+    """What failed (each unfinished task dir and, on a local machine, its last stderr lines) and how to resume."""
+    context = submission.machine.context
+    local = "Local" in type(context).__name__
+    lines = [f"dpdispatcher gave up on a job of {work_base}: {reason.strip().splitlines()[0]}"]
+    for task in list(submission.belonging_tasks):
+        try:
+            if task.has_finished_tag(context):
+                continue
+        except OSError:
+            pass
+        lines.append(f"  unfinished: {work_base / task.task_work_path}")
+        errlog = Path(getattr(context, "remote_root", "")) / task.task_work_path / spec.errlog
+        if local and errlog.is_file():
+            last = errlog.read_text(errors="replace").strip().splitlines()[-tail:]
+            lines += [f"    {spec.errlog}: {line}" for line in last]
+    lines.append("Fix the cause and run the same command again: finished tasks are kept, the rest is resubmitted.")
+    return "\n".join(lines)
 
 
 PROGRESS_INTERVAL = 10  # s between progress lines at most once per change

@@ -13,7 +13,6 @@ remote dir and the SSH host/port/key.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import subprocess
@@ -252,3 +251,16 @@ def test_scancelled_job_is_resubmitted_and_the_stage_finishes(tmp_path, cluster)
     assert (tmp_path / "iter.000000" / "00.train" / "000" / "frozen_model.pth").is_file()
     states = {j["JobId"]: j["JobState"] for j in slurm_jobs(cluster, tmp_path / "remote")}
     assert states[cancelled[0]] == "CANCELLED" and states[job_ids[1]] == "COMPLETED", states
+
+
+# ---------------------------------------------------------------- e. a task that always fails
+def test_always_failing_task_stops_the_run_after_retry_count(tmp_path, cluster):
+    machine = for_this_host("slurm.json", cluster, "remote", train="false")  # `false --pt train ...` exits 1
+    machine["train"][0]["machine"]["retry_count"] = 1  # 2 attempts
+    param_path, machine_path = write_inputs(tmp_path, make_param(tmp_path, numb_models=1), machine)
+    code, stderr, _ = run_watching_scripts(train_only(param_path, machine_path), tmp_path, tmp_path / "remote")
+    assert code != 0 and "failed 2 times" in stderr, stderr[-3000:]
+    assert (tmp_path / "record.spingen").read_text() == "0 0\n", "stopped in run_train, resumable there"
+    jobs = slurm_jobs(cluster, tmp_path / "remote")
+    assert len(jobs) == 2 and all(j["JobState"] == "FAILED" for j in jobs), jobs
+    assert "unfinished: " in stderr and "00.train/000" in stderr and "run the same command again" in stderr

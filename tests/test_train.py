@@ -195,3 +195,19 @@ def test_training_init_model_starts_from_the_previous_iteration(tmp_path):
         assert first_lcurve_rmse(second / task / "lcurve.out") < first_lcurve_rmse(first / task / "lcurve.out")
     trains = [line for line in calls.read_text().splitlines() if " train " in line]
     assert sum("--init-frz-model init_model.pth" in line for line in trains) == 2 and len(trains) == 4
+
+
+def test_a_task_that_always_fails_stops_the_run_naming_it(tmp_path):
+    failing = tmp_path / "bad_dp"
+    failing.write_text("#!/bin/sh\necho 'bad_dp: cannot read input.json' >&2\nexit 3\n")
+    failing.chmod(0o755)
+    machine = make_machine(str(failing))
+    machine["train"]["machine"]["retry_count"] = 1
+    param_path, machine_path = write_inputs(tmp_path, make_param(tmp_path, numb_models=1), machine)
+    result = subprocess.run(train_only(param_path, machine_path), cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode != 0
+    assert f"unfinished: {tmp_path}/iter.000000/00.train/000" in result.stderr
+    assert "train.err: bad_dp: cannot read input.json" in result.stderr
+    assert "run the same command again" in result.stderr
+    assert (tmp_path / "record.spingen").read_text() == "0 0\n", "the record stays at make_train"

@@ -35,12 +35,12 @@ class Ensemble:
     """One or several frozen deepmd-kit models evaluated as their mean."""
 
     def __init__(self, paths: Sequence[str | Path], offset: float | None = None):
-        from deepmd.infer import DeepPot
+        from spingen.deepmd_model import load_deeppot
 
         missing = [str(p) for p in paths if not Path(p).is_file()]
         if missing:
             raise InputError(f"model file(s) not found: {missing}")
-        self.models = [DeepPot(str(p)) for p in paths]
+        self.models = [load_deeppot(p) for p in paths]
         self.type_map = list(self.models[0].get_type_map())
         self.has_spin = bool(self.models[0].has_spin)
         self.encoding = None

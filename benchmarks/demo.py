@@ -1,0 +1,112 @@
+"""The whole demo loop from scratch: wall time, peak memory and whether it learns.
+
+Runs what `make demo` runs, `spingen run param_examples/linio2_demo/param.json
+machine_examples/local.json`, in a fresh work dir (initial GPAW data included), then reads
+`spingen status --json` and the step durations of spingen.log, and writes them to
+docs/benchmarks/demo.md between the result markers.
+
+Usage (about 20 min on 2 idle cores; nothing else heavy should run meanwhile):
+
+    PATH=$PWD/.venv/bin:$PATH OMP_NUM_THREADS=1 .venv/bin/python benchmarks/demo.py [--workdir /tmp/demo_bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+DOC = REPO / "docs" / "benchmarks" / "demo.md"
+DOC_BEGIN = "<!-- results:begin (written by benchmarks/demo.py) -->"
+DOC_END = "<!-- results:end -->"
+PARAM = REPO / "param_examples" / "linio2_demo" / "param.json"
+MACHINE = REPO / "machine_examples" / "local.json"
+STEP_DONE = re.compile(r"^(\S+ \S+) INFO iter (\d{6}) step (\d{2}): (\w+?)_(\w+) done in ([\d.]+) s")
+
+
+def step_durations(log: Path) -> dict[str, float]:
+    """Total seconds per 'phase_stage' over the main loop (init's own loop counted as init_*)."""
+    totals: dict[str, float] = {}
+    in_init = True
+    for line in log.read_text().splitlines():
+        match = STEP_DONE.match(line)
+        if match:
+            _, iteration, _, phase, stage, seconds = match.groups()
+            if stage == "train":
+                in_init = False
+            key = f"{'init ' if in_init else ''}{phase}_{stage}"
+            totals[key] = totals.get(key, 0.0) + float(seconds)
+    return totals
+
+
+def render(rows: list[dict], wall: float, durations: dict[str, float], rss_mib: float, info: dict,
+           command: str) -> str:
+    def cell(value, fmt):
+        return "-" if value is None else format(value, fmt)
+
+    lines = [f"Measured {info['date']} on `{info['uname']}` ({info['cpu']}, nproc {info['nproc']}); load average "
+             f"before {info['load_before']}, after {info['load_after']}.", "", f"    {command}", "",
+             f"- **wall time, fresh work dir to the closing train: {wall / 60:.1f} min** (target 20 min)",
+             f"- peak resident memory of one process (the largest of spingen and every `dp`/GPAW/explore task): "
+             f"{rss_mib:.0f} MiB", "",
+             "| iteration | explored frames | accurate % | candidate % | failed % | labeled | failed labels | "
+             "ensemble error on the new labels, energy meV/atom | force meV/A | spin states agreeing % |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['iteration']} | {cell(r['explore_frames'], 'd')} | {cell(r['accurate_pct'], '.1f')} | "
+                     f"{cell(r['candidate_pct'], '.1f')} | {cell(r['failed_pct'], '.1f')} | {cell(r['labeled'], 'd')} | "
+                     f"{cell(r['label_failed'], 'd')} | {cell(r['ensemble_rmse_e_meV_atom'], '.1f')} | "
+                     f"{cell(r['ensemble_rmse_f_meV_A'], '.0f')} | {cell(r['spin_agree_pct'], '.0f')} |")
+    lines += ["", "Time per step kind, summed over iterations (s):", "",
+              "| step | s |", "|---|---|"]
+    lines += [f"| {k} | {v:.0f} |" for k, v in durations.items()]
+    return "\n".join(lines)
+
+
+def write_doc(block: str) -> None:
+    text = DOC.read_text()
+    start, end = text.index(DOC_BEGIN) + len(DOC_BEGIN), text.index(DOC_END)
+    DOC.write_text(text[:start] + "\n\n" + block + "\n" + text[end:])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", default="/tmp/spingen_demo_benchmark")
+    args = parser.parse_args(argv)
+    work = Path(args.workdir)
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    info = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "uname": " ".join(platform.uname()[:3]),
+            "cpu": platform.processor() or platform.machine(), "nproc": os.cpu_count(),
+            "load_before": " ".join(f"{x:.2f}" for x in os.getloadavg())}
+    env = dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{BIN}:{os.environ['PATH']}")
+    command = [str(BIN / "spingen"), "run", str(PARAM), str(MACHINE), "-w", str(work)]
+    start = time.monotonic()
+    with open(work.parent / f"{work.name}.out", "w") as out:
+        subprocess.run(command, env=env, check=True, stdout=out, stderr=subprocess.STDOUT)
+    wall = time.monotonic() - start
+    info["load_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    rss_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    status = subprocess.run([str(BIN / "spingen"), "status", str(work), "--json"], env=env, check=True,
+                            capture_output=True, text=True)
+    rows = json.loads(status.stdout)
+    block = render(rows, wall, step_durations(work / "spingen.log"), rss_mib, info,
+                   "spingen run param_examples/linio2_demo/param.json machine_examples/local.json -w WORKDIR")
+    print(block)
+    write_doc(block)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
