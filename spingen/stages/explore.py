@@ -31,6 +31,7 @@ from typing import Any, Mapping, Sequence, TypeVar
 
 import numpy as np
 
+from spingen.cells import right_handed
 from spingen.dispatch import TaskSpec, run_tasks
 from spingen.loop import Stage, StageContext
 from spingen.schema import InputError, MachineSection, Param, param_arginfo, thaw
@@ -170,7 +171,7 @@ class ExploreStage(Stage):
                 except Exception as err:  # noqa: BLE001 - ase raises many kinds
                     raise InputError(f"sys_configs[{system}]: cannot read '{conf}' as "
                                      f"'{self.param.raw['sys_format']}' with ase: {err}") from None
-                for atoms in frames:
+                for atoms in map(right_handed, frames):
                     self._check_structure(atoms, conf, magnitudes)
                     for temperature in job["temps"]:
                         for pressure in pressures:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from spingen.cells import right_handed
 from spingen.loop import Stage, StageContext, iteration_name
 from spingen.schema import InitGenSettings, MachineSection, Param, label_settings
 from spingen.stages.label import LabelStage
@@ -41,9 +42,7 @@ def perturbed_frames(path: Path, fmt: str, gen: InitGenSettings, system: int) ->
     import dpdata
     from ase.io import read
 
-    atoms = read(path, format=fmt)
-    if np.linalg.det(atoms.cell[:]) < 0:  # dpdata needs a right-handed cell; same crystal with a, b swapped
-        atoms.set_cell(atoms.cell[[1, 0, 2]], scale_atoms=False)
+    atoms = right_handed(read(path, format=fmt))
     structure = dpdata.System(atoms, fmt="ase/structure")
     saved = np.random.get_state()  # dpdata perturbs with numpy's global generator
     np.random.seed([gen.seed, system])

@@ -18,6 +18,7 @@ from typing import Sequence, TextIO
 
 import numpy as np
 
+from spingen.cells import right_handed
 from spingen.labelers.vasp import compress
 from spingen.schema import InputError
 
@@ -60,7 +61,7 @@ def read_structure(path: str):
         raise InputError(f"cannot read structure '{path}' with ase: {err}") from None
     if isinstance(atoms, list):
         atoms = atoms[-1]
-    return atoms
+    return right_handed(atoms)
 
 
 def run(models: Sequence[str], structure: str, moments: Sequence[str], *, magnetic: Sequence[int] | None = None,

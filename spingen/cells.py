@@ -1,0 +1,17 @@
+"""Cell conventions that deepmd-kit and dpdata rely on."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def right_handed(atoms):
+    """atoms itself, its cell made right-handed when it was not (a and b swapped: same crystal).
+
+    deepmd-kit's neighbour search fails on a cell with a negative determinant (a negative image
+    count) and dpdata's perturb asserts a right-handed cell; POSCARs written by hand often have one.
+    Cartesian positions do not change.
+    """
+    if atoms.pbc.any() and np.linalg.det(atoms.cell[:]) < 0:
+        atoms.set_cell(atoms.cell[[1, 0, 2]], scale_atoms=False)
+    return atoms
