@@ -21,12 +21,14 @@ import numpy as np
 from spingen.loop import LOG_FILE, PHASES, RECORD_FILE, Record, iteration_name
 from spingen.schema import InputError
 from spingen.stages.explore import CLASSES, SELECTION_FILE, ExploreStage
+from spingen.stages.init import INIT_DIR, PerturbStage
 from spingen.stages.label import MODEL_ERRORS_FILE, LabelStage
 from spingen.stages.label import REPORT_FILE as LABELS_FILE
 from spingen.stages.train import MODELS_REPORT, TrainStage
 from spingen.tools.explore_task import DEVI_FILE
 
 STAGES = (TrainStage, ExploreStage, LabelStage)
+INIT_STAGES = (PerturbStage, LabelStage)
 LAST_STEP = len(STAGES) * len(PHASES) - 1
 ITER_GLOB = "iter.[0-9][0-9][0-9][0-9][0-9][0-9]"
 LOG_STEP = re.compile(r"\biter \d{6} step \d{2}:")
@@ -42,6 +44,7 @@ class Status:
     rows: list[dict]
     last: tuple[int, int] | None
     finished: bool
+    init: dict | None = None  # the initial data of init_data_gen (WORKDIR/init), when there is one
 
 
 def step_label(step: int, dirname: bool = True) -> str:
@@ -148,6 +151,26 @@ def iteration_dirs(workdir: Path) -> dict[int, Path]:
     return {int(p.name.split(".")[1]): p for p in workdir.glob(ITER_GLOB) if p.is_dir()}
 
 
+def init_summary(workdir: Path) -> dict | None:
+    """Where the initial-data run of WORKDIR/init stands and what it labeled; None without one."""
+    root = workdir / INIT_DIR
+    if not root.is_dir():
+        return None
+    try:
+        last = Record(root).last()
+    except ValueError as err:
+        raise InputError(str(err)) from None
+    n_steps = len(INIT_STAGES) * len(PHASES)
+    if last is not None and last[1] == n_steps - 1:
+        step = "done"
+    else:
+        index = 0 if last is None else last[1] + 1
+        step = f"{INIT_STAGES[index // len(PHASES)].dirname} {PHASES[index % len(PHASES)]}"
+    fp = root / iteration_name(0) / LabelStage.dirname
+    return {"step": step, "tasks": len(list(fp.glob("task.*"))),
+            **label_summary(read_json(fp / LABELS_FILE))}
+
+
 def gather(workdir: Path) -> Status:
     """The status of a work dir; InputError when it is missing or holds no run."""
     workdir = Path(workdir)
@@ -158,7 +181,8 @@ def gather(workdir: Path) -> Status:
     except ValueError as err:
         raise InputError(str(err)) from None
     dirs = iteration_dirs(workdir)
-    if last is None and not dirs:
+    init = init_summary(workdir)
+    if last is None and not dirs and init is None:
         raise InputError(f"'{workdir}' is not a spingen work dir: no {RECORD_FILE} and no iter.* folder")
     finished = last is not None and last[1] == len(PHASES) - 1 and run_finished(workdir) == last[0]
     indices = sorted(set(dirs) | set(range(last[0] + 1 if last else 0)))
@@ -170,11 +194,12 @@ def gather(workdir: Path) -> Status:
                      **label_summary(read_json(path / LabelStage.dirname / LABELS_FILE)),
                      "models": model_rmses(read_json(path / TrainStage.dirname / MODELS_REPORT)),
                      **ensemble_summary(read_json(path / LabelStage.dirname / MODEL_ERRORS_FILE))})
-    return Status(workdir, rows, last, finished)
+    return Status(workdir, rows, last, finished, init)
 
 
 def format_json(status: Status) -> str:
-    return json.dumps(status.rows, indent=1)
+    return json.dumps({"workdir": str(status.workdir), "init": status.init, "iterations": status.rows,
+                       "last_finished": status.last, "finished": status.finished}, indent=1)
 
 
 def _number(value, fmt: str) -> str:
@@ -203,7 +228,8 @@ def format_status(status: Status) -> str:
                   _number(row["spin_agree_pct"], ".1f")]
         table.append(cells)
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) if i == 1 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))
+    lines = [] if status.init is None else [init_line(status.init), ""]
+    lines += ["  ".join(cell.ljust(w) if i == 1 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))
              .rstrip() for line in table]
     lines += ["",
               "mNNN E/F: model NNN's last lcurve RMSE, energy eV/atom / force eV/A, on the validation set "
@@ -212,6 +238,11 @@ def format_status(status: Status) -> str:
               "meV/A; spin %: magnetic ions whose predicted moment agrees with DFT's",
               last_line(status)]
     return "\n".join(lines)
+
+
+def init_line(init: dict) -> str:
+    labeled = "" if init["labeled"] is None else f", {init['labeled']} labeled, {init['label_failed']} failed"
+    return f"initial data ({INIT_DIR}/): {init['step']}, {init['tasks']} DFT task(s){labeled}"
 
 
 def last_line(status: Status) -> str:

@@ -53,7 +53,7 @@ def machine():
 def status(work) -> list[dict]:
     out = subprocess.run([str(BIN / "spingen"), "status", str(work), "--json"], capture_output=True, text=True,
                          check=True)
-    return json.loads(out.stdout)
+    return json.loads(out.stdout)["iterations"]
 
 
 def test_whole_loop_killed_resumed_and_reported(tmp_path):
@@ -99,6 +99,8 @@ def test_whole_loop_killed_resumed_and_reported(tmp_path):
     log = (work / "spingen.log").read_text()
     assert "training data: 3 systems" in log  # init + the labels of iterations 0 and 1
 
+    out = subprocess.run([str(BIN / "spingen"), "status", str(work), "--json"], capture_output=True, text=True)
+    assert json.loads(out.stdout)["init"]["step"] == "done"
     rows = status(work)
     assert [r["iteration"] for r in rows] == [0, 1, 2] and rows[0]["step"] == rows[1]["step"] == "done"
     for row in rows[:2]:

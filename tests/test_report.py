@@ -116,7 +116,23 @@ def test_status_table(workdir, capsys):
 
 def test_status_json_matches_rows(workdir, capsys):
     assert main(["status", str(workdir), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out) == gather(workdir).rows
+    out = json.loads(capsys.readouterr().out)
+    assert out["iterations"] == gather(workdir).rows and out["last_finished"] == [2, 4]
+    assert out["init"] is None and out["finished"] is False
+
+
+def test_status_of_a_run_still_making_its_initial_data(tmp_path):
+    fp = tmp_path / "init" / "iter.000000" / "02.fp"
+    for k in range(3):
+        (fp / f"task.000.00000{k}").mkdir(parents=True)
+    (tmp_path / "init" / "record.spingen").write_text("0 0\n0 1\n0 2\n0 3\n")
+    status = gather(tmp_path)
+    assert status.rows == [] and status.init == {"step": "02.fp run", "tasks": 3, "labeled": None,
+                                                 "label_failed": None}
+    (fp / "labels.json").write_text(json.dumps([{"ok": True}, {"ok": True}, {"ok": False}]))
+    (tmp_path / "init" / "record.spingen").write_text("0 0\n0 1\n0 2\n0 3\n0 4\n0 5\n")
+    assert format_status(gather(tmp_path)).splitlines()[0] == \
+        "initial data (init/): done, 3 DFT task(s), 2 labeled, 1 failed"
 
 
 def test_missing_model_errors_leaves_cells_empty(workdir):
