@@ -189,7 +189,7 @@ def run_system(system: str, args) -> dict:
     root.mkdir(parents=True, exist_ok=True)
     counts = split(data, root / "split", args.test_fraction, args.seed)
     type_map = (data / "type_map.raw").read_text().split()
-    magnetic = tuple(args.magnetic)
+    magnetic = tuple(json.loads((HERE / system / "param.json").read_text())["spin"]["magnetic"])
     jobs = {"pristine_ground": ("train_ground", False, 0.3, 0.2),
             "pristine_mixed": ("train_all", False, 0.3, 0.2)}
     for eta in args.etas:
@@ -241,7 +241,7 @@ def render(out: dict, args, command: str) -> str:
                   f"Moment levels for the ground-state check (clustered from the data, tolerance 0.1 uB): "
                   f"{res['levels']}. \"DFT ground state found\": held-out geometries whose lowest labeled state "
                   "(snapped to the levels, up to a global reversal) is the model's minimum over every sign and "
-                  "level combination of the Ni ions (enumerated with spingen's search).", "",
+                  "level combination of the magnetic ions (enumerated with spingen's search).", "",
                   "| model | trained on | tested on | energy RMSE meV/atom | force RMSE meV/A | flip asymmetry "
                   "meV/atom | DFT ground state found | train s |", "|---|---|---|---|---|---|---|---|"]
         r = res["results"]
@@ -277,8 +277,8 @@ def write_doc(block: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--systems", nargs="+", default=["linio2"])
-    parser.add_argument("--magnetic", nargs="+", default=["Ni"])
+    parser.add_argument("--systems", nargs="+", default=["linio2"],
+                        help="folders of data/ (magnetic elements from <system>/param.json)")
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--etas", type=float, nargs="+", default=[0.1, 0.3, 0.5])
     parser.add_argument("--offsets", type=float, nargs="+", default=[0.2])
