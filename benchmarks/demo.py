@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     rss_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     status = subprocess.run([str(BIN / "spingen"), "status", str(work), "--json"], env=env, check=True,
                             capture_output=True, text=True)
-    rows = json.loads(status.stdout)
+    rows = json.loads(status.stdout)["iterations"]
     block = render(rows, wall, step_durations(work / "spingen.log"), rss_mib, info,
                    "spingen run param_examples/linio2_demo/param.json machine_examples/local.json -w WORKDIR")
     print(block)
