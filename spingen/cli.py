@@ -79,7 +79,7 @@ def summary(param, machines) -> str:
         f"train    {param.train.numb_models} model(s)",
     ]
     if spin.enabled:
-        moments = spin.moments if isinstance(spin.moments, str) else dict(spin.moments)
+        moments = dict(spin.moments) if not isinstance(spin.moments, str) else auto_levels(param)
         lines.append(f"spin     magnetic {' '.join(spin.magnetic)}; eta {spin.virtual_scale} A/uB, d {spin.offset} A; "
                      f"moments {moments}; flip augmentation {'on' if spin.flip_augmentation else 'off'}")
     else:
@@ -90,6 +90,19 @@ def summary(param, machines) -> str:
         lines.append(f"machine  {name:<10} {section.machine['batch_type']}/{section.machine['context_type']}: "
                      f"{section.command}")
     return "\n".join(lines)
+
+
+def auto_levels(param) -> str:
+    """What "auto" moment levels will be at iteration 0: clustered from init_data_sys when it has data."""
+    from spingen.md import magnitudes_from_data
+
+    if not param.init_data_sys:
+        return "auto (clustered from the initial data once it is made)"
+    try:
+        levels = magnitudes_from_data(param.init_data_sys, param.spin.magnetic)
+    except ValueError as err:
+        return f"auto ({err})"
+    return f"auto, from init_data_sys: {levels}" + (" + the data init_data_gen makes" if param.init_gen else "")
 
 
 def cmd_doc(args: argparse.Namespace) -> int:

@@ -157,4 +157,7 @@ def test_local_example_passes_check(name, tmp_path, capsys):
     folder = tmp_path / name
     shutil.copytree(EXAMPLES / name, folder)
     assert main(["check", str(folder / "param.json"), str(LOCAL)]) == 0
-    assert "OK: both files are valid" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "OK: both files are valid" in out
+    assert {"linio2_demo": "moments auto (clustered from the initial data once it is made)",
+            "feo": "moments auto, from init_data_sys: {'Fe': [1.397, 3.007]}"}[name] in out
