@@ -73,7 +73,7 @@ def failure_report(submission, work_base: Path, spec: TaskSpec, reason: str, tai
     """What failed (each unfinished task dir and, on a local machine, its last stderr lines) and how to resume."""
     context = submission.machine.context
     local = "Local" in type(context).__name__
-    lines = [f"dpdispatcher gave up on a job of {work_base}: {reason.strip().splitlines()[0]}"]
+    lines = [f"dpdispatcher gave up on a job of {work_base}: {' '.join(reason.split())}"]
     for task in list(submission.belonging_tasks):
         try:
             if task.has_finished_tag(context):
