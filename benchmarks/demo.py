@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from results_block import write_results
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 DOC = REPO / "docs" / "benchmarks" / "demo.md"
@@ -73,12 +75,6 @@ def render(rows: list[dict], wall: float, durations: dict[str, float], rss_mib: 
     return "\n".join(lines)
 
 
-def write_doc(block: str) -> None:
-    text = DOC.read_text()
-    start, end = text.index(DOC_BEGIN) + len(DOC_BEGIN), text.index(DOC_END)
-    DOC.write_text(text[:start] + "\n\n" + block + "\n" + text[end:])
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="/tmp/spingen_demo_benchmark")
@@ -104,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     block = render(rows, wall, step_durations(work / "spingen.log"), rss_mib, info,
                    "spingen run param_examples/linio2_demo/param.json machine_examples/local.json -w WORKDIR")
     print(block)
-    write_doc(block)
+    write_results(DOC, DOC_BEGIN, DOC_END, block)
     return 0
 
 

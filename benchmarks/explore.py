@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from results_block import write_results
 
 HERE = Path(__file__).resolve()
 REPO = HERE.parent.parent
@@ -213,7 +214,7 @@ def main() -> int:
                   t_forward, results, t_frame, frame_split, peak)
     print(text)
     if not args.no_doc:
-        write_doc(text)
+        write_results(DOC, DOC_BEGIN, DOC_END, text)
     return 0
 
 
@@ -283,13 +284,6 @@ def report(started, load_before, load_after, t_models, t_cold, cold_configs, t_e
                   f"search per model): {t_frame:.1f} s (" + ", ".join(f"{k} {v:.1f} s" for k, v in
                                                                       frame_split.items()) + ")."]
     return "\n".join(lines) + "\n"
-
-
-def write_doc(text: str) -> None:
-    doc = DOC.read_text()
-    head, rest = doc.split(DOC_BEGIN)
-    _, tail = rest.split(DOC_END)
-    DOC.write_text(head + DOC_BEGIN + "\n\n" + text + "\n" + DOC_END + tail)
 
 
 if __name__ == "__main__":

@@ -58,8 +58,6 @@ def load_deeppot(path: str | os.PathLike) -> Any:
     every model, against 0.3-0.5 s per evaluation after it. Turned off, the first evaluation costs
     about 2 s and later ones are no slower for these models (measured in the demo's work dir).
     """
-    import logging
-
     import torch
     from deepmd.infer import DeepPot
 

@@ -72,7 +72,7 @@ def run_tasks(section: MachineSection, work_base: Path, task_dirs: Sequence[str]
 def failure_report(submission, work_base: Path, spec: TaskSpec, reason: str, tail: int = 5) -> str:
     """What failed (each unfinished task dir and, on a local machine, its last stderr lines) and how to resume."""
     context = submission.machine.context
-    local = "Local" in type(context).__name__
+    local = is_local(context)
     lines = [f"dpdispatcher gave up on a job of {work_base}: {' '.join(reason.split())}"]
     for task in list(submission.belonging_tasks):
         try:
@@ -96,7 +96,7 @@ class Progress(threading.Thread):
     """While dpdispatcher waits: a 'k/n task(s) finished' line whenever k changes.
 
     Tasks are counted by their finished tags, which only a local context can read from another
-    thread; with a remote one the line gives the elapsed time at each tenth of the first hour.
+    thread; with a remote one a line gives the elapsed time about every 6 minutes.
     """
 
     def __init__(self, submission, interval: float):
@@ -105,7 +105,7 @@ class Progress(threading.Thread):
         self.interval = interval
         self.started = time.monotonic()
         self._stop_event = threading.Event()
-        self._local = "Local" in type(submission.machine.context).__name__
+        self._local = is_local(submission.machine.context)
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
@@ -134,6 +134,11 @@ class Progress(threading.Thread):
     def stop(self) -> None:
         self._stop_event.set()
         self.join()
+
+
+def is_local(context) -> bool:
+    """Whether a dpdispatcher context keeps the remote folder on this machine (Local, LazyLocal)."""
+    return "Local" in type(context).__name__
 
 
 def _duration(seconds: float) -> str:

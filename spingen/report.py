@@ -47,9 +47,9 @@ class Status:
     init: dict | None = None  # the initial data of init_data_gen (WORKDIR/init), when there is one
 
 
-def step_label(step: int, dirname: bool = True) -> str:
-    """'02.fp run' (dirname) or 'fp run' for a step number of an iteration."""
-    stage = STAGES[step // len(PHASES)]
+def step_label(step: int, dirname: bool = True, stages=STAGES) -> str:
+    """'02.fp run' (dirname) or 'fp run' for a step number of an iteration made of `stages`."""
+    stage = stages[step // len(PHASES)]
     return f"{stage.dirname if dirname else stage.name} {PHASES[step % len(PHASES)]}"
 
 
@@ -165,7 +165,7 @@ def init_summary(workdir: Path) -> dict | None:
         step = "done"
     else:
         index = 0 if last is None else last[1] + 1
-        step = f"{INIT_STAGES[index // len(PHASES)].dirname} {PHASES[index % len(PHASES)]}"
+        step = step_label(index, stages=INIT_STAGES)
     fp = root / iteration_name(0) / LabelStage.dirname
     return {"step": step, "tasks": len(list(fp.glob("task.*"))),
             **label_summary(read_json(fp / LABELS_FILE))}

@@ -41,6 +41,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(HERE.parent))  # results_block
 BIN = Path(sys.executable).parent
 DOC = REPO / "docs" / "benchmarks" / "paper.md"
 DOC_BEGIN = "<!-- results:begin (written by benchmarks/paper/accuracy.py) -->"
@@ -269,12 +270,6 @@ def render(out: dict, args, command: str) -> str:
     return "\n".join(lines)
 
 
-def write_doc(block: str) -> None:
-    text = DOC.read_text()
-    start, end = text.index(DOC_BEGIN) + len(DOC_BEGIN), text.index(DOC_END)
-    DOC.write_text(text[:start] + "\n\n" + block + "\n" + text[end:])
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--systems", nargs="+", default=["linio2"],
@@ -295,7 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/paper/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])
     block = render(out, args, command)
     print(block)
-    write_doc(block)
+    from results_block import write_results
+
+    write_results(DOC, DOC_BEGIN, DOC_END, block)
     return 0
 
 

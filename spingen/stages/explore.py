@@ -35,13 +35,12 @@ from spingen.cells import right_handed
 from spingen.dispatch import TaskSpec, run_tasks
 from spingen.loop import Stage, StageContext
 from spingen.schema import InputError, MachineSection, Param, param_arginfo, thaw
+from spingen.stages.train import MODEL_LINK_GLOB, TrainStage, training_systems
 from spingen.tools.explore_task import (CONF_FILE, DEVI_COLUMNS, DEVI_FILE, FINISHED_TAG, TASK_FILE, TRAJ_FILE,
                                         ExploreTaskSettings)
 
 log = logging.getLogger("spingen")
 
-TRAIN_DIR = "00.train"
-MODEL_GLOB = "graph.[0-9][0-9][0-9].pth"
 SEED_FILE = "seed.json"
 MOMENTS_FILE = "moments.json"
 SELECTION_FILE = "selection.json"
@@ -187,9 +186,9 @@ class ExploreStage(Stage):
 
     def _link_models(self, ctx: StageContext) -> list[str]:
         path = self.path(ctx)
-        sources = sorted((ctx.iter_dir / TRAIN_DIR).glob(MODEL_GLOB))
+        sources = sorted((ctx.iter_dir / TrainStage.dirname).glob(MODEL_LINK_GLOB))
         if not sources:
-            raise RuntimeError(f"model_devi: no model {MODEL_GLOB} in {ctx.iter_dir / TRAIN_DIR}")
+            raise RuntimeError(f"model_devi: no model {MODEL_LINK_GLOB} in {ctx.iter_dir / TrainStage.dirname}")
         for source in sources:
             link = path / source.name
             if not link.exists():
@@ -202,13 +201,12 @@ class ExploreStage(Stage):
         found = {SpinEncoding.beside(self.path(ctx) / m) for m in models}
         found.discard(None)
         if len(found) > 1:
-            raise RuntimeError(f"model_devi: the models of {ctx.iter_dir / TRAIN_DIR} were trained with different "
+            raise RuntimeError(f"model_devi: the models of {ctx.iter_dir / TrainStage.dirname} were trained with different "
                                f"spin encodings: {sorted(map(str, found))}")
         return found.pop() if found else self.param.spin.encoding
 
     def _magnitudes(self, ctx: StageContext, encoding) -> dict[str, list[float]]:
         from spingen.md import magnitudes_from_data
-        from spingen.stages.train import training_systems
 
         spin = self.param.spin
         if isinstance(spin.moments, str):
@@ -264,7 +262,7 @@ class ExploreStage(Stage):
         tasks = self.task_dirs(ctx)
         todo = [d for d in tasks if not (path / d / FINISHED_TAG).is_file()]
         log.info("model_devi: %d task(s) to run, %d already finished", len(todo), len(tasks) - len(todo))
-        models = sorted(p.name for p in path.glob(MODEL_GLOB))
+        models = sorted(p.name for p in path.glob(MODEL_LINK_GLOB))
         spec = TaskSpec(command=f"{self.machine.command} explore-task .",
                         forward_files=[TASK_FILE, CONF_FILE, *self.machine.user_forward_files],
                         backward_files=[TRAJ_FILE, DEVI_FILE, FINISHED_TAG, OUTLOG, ERRLOG,

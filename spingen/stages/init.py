@@ -19,7 +19,7 @@ import numpy as np
 from spingen.cells import right_handed
 from spingen.loop import Stage, StageContext, iteration_name
 from spingen.schema import InitGenSettings, MachineSection, Param, label_settings
-from spingen.stages.label import LabelStage
+from spingen.stages.label import LabelStage, labeled_systems
 
 log = logging.getLogger("spingen")
 
@@ -30,8 +30,7 @@ CANDIDATES_FILE = "candidates.{:03d}.extxyz"
 
 def init_data_systems(workdir: Path) -> list[Path]:
     """The labeled systems of WORKDIR/init (none before `spingen init` has finished its label stage)."""
-    found = (Path(workdir) / INIT_DIR / iteration_name(0)).glob("02.fp/data.*")
-    return sorted(p for p in found if (p / "type.raw").is_file())
+    return labeled_systems(Path(workdir) / INIT_DIR / iteration_name(0) / LabelStage.dirname)
 
 
 def perturbed_frames(path: Path, fmt: str, gen: InitGenSettings, system: int) -> list:

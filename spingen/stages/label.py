@@ -1,7 +1,7 @@
 """Label stage (02.fp): DFT+U single points of the explore stage's candidates, collected with moments.
 
-make: reads `01.model_devi/candidates.SSS.extxyz` of this iteration (spingen.stages.init: `00.perturb`) (fp_task_min/fp_task_max
-per system), sorts each frame's atoms by type_map (every element one run, the POSCAR species
+make: reads `01.model_devi/candidates.SSS.extxyz` of this iteration (`00.perturb/` for the initial
+data of spingen.stages.init), at most fp_task_max per system and none below fp_task_min, sorts each frame's atoms by type_map (every element one run, the POSCAR species
 order), applies fp_spin_init and writes one `task.SSS.CCCCCC` per DFT run through the labeler,
 plus `frame.extxyz` (the geometry, its provenance and the start moments) for collection.
 run: dispatches only the tasks the labeler does not see finished (its result file exists), so
@@ -34,7 +34,7 @@ CANDIDATES_GLOB = "candidates.[0-9][0-9][0-9].extxyz"
 FRAME_FILE = "frame.extxyz"
 REPORT_FILE = "labels.json"
 MODEL_ERRORS_FILE = "model_errors.json"
-MODELS_GLOB = "00.train/graph.[0-9][0-9][0-9].pth"
+LABELED_DATA_GLOB = "data.[0-9][0-9][0-9]"
 OUTLOG, ERRLOG = "fp.log", "fp.err"  # the task's stdout/stderr, brought back with its results
 TASK_GLOB = "task.[0-9][0-9][0-9].[0-9][0-9][0-9][0-9][0-9][0-9]"
 
@@ -221,9 +221,11 @@ class LabelStage(Stage):
 
     def _write_model_errors(self, ctx: StageContext, labeled: list[tuple[object, LabelResult]]) -> None:
         """`model_errors.json`: the iteration's ensemble on the frames it selected, before training on them."""
+        from spingen.stages.train import MODEL_LINK_GLOB, TrainStage
+
         path = self.path(ctx)
-        models = sorted(ctx.iter_dir.glob(MODELS_GLOB))
-        systems = sorted(p for p in path.glob("data.[0-9][0-9][0-9]") if (p / "type.raw").is_file())
+        models = sorted((ctx.iter_dir / TrainStage.dirname).glob(MODEL_LINK_GLOB))
+        systems = labeled_systems(path)
         if not models or not systems:
             return
         from spingen.tools.model_test import summary
@@ -258,6 +260,11 @@ class LabelStage(Stage):
         if violation:
             return atoms, LabelResult.failed(violation)
         return atoms, result
+
+
+def labeled_systems(stage_dir: Path) -> list[Path]:
+    """The deepmd/npy systems `post` collected in a label stage folder (data.SSS), sorted."""
+    return sorted(p for p in Path(stage_dir).glob(LABELED_DATA_GLOB) if (p / "type.raw").is_file())
 
 
 def spin_agreement(labeled: Sequence[tuple[object, LabelResult]], magnetic: Sequence[str],

@@ -28,7 +28,7 @@ MODEL_FILE = "frozen_model.pth"
 INIT_MODEL_FILE = "init_model.pth"  # the previous iteration's model, with training_init_model
 LCURVE_FILE = "lcurve.out"
 MODELS_REPORT = "models.json"
-LABELED_DATA_GLOB = "02.fp/data.*"
+MODEL_LINK_GLOB = "graph.[0-9][0-9][0-9].pth"  # post's links to every model of the stage folder
 
 
 class TrainStage(Stage):
@@ -101,10 +101,11 @@ class TrainStage(Stage):
 def training_systems(param: Param, ctx: StageContext) -> list[Path]:
     """init_data_sys, the data made in WORKDIR/init and every set labeled by earlier iterations."""
     from spingen.stages.init import init_data_systems
+    from spingen.stages.label import LabelStage, labeled_systems
 
     systems = list(param.init_data_sys) + init_data_systems(ctx.workdir)
     for previous in ctx.previous():
-        systems += sorted(p for p in previous.iter_dir.glob(LABELED_DATA_GLOB) if (p / "type.raw").is_file())
+        systems += labeled_systems(previous.iter_dir / LabelStage.dirname)
     return systems
 
 
