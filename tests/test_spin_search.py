@@ -236,6 +236,41 @@ def test_search_is_reproducible_and_budgeted():
     assert capped.n_evaluations == rec.n_evaluations <= 40
 
 
+def test_known_evaluations_are_used_for_free():
+    """The MD step's own energy and -dE/dS at the current moments: the search does not pay for them."""
+    model, levels = model8(9), MomentLevels(MAGS8, SYMBOLS8)
+    prior = search_ground_state(model, levels, seed=0, enumerate_limit=0)
+    start = -prior.lowest[1][0]  # a reversed row: its canonical twin and reversed -dE/dS are used
+    e, g = model.evaluate(start, gradient=True)
+    plain = search_ground_state(model8(9), levels, seed=3, enumerate_limit=0, prior=prior, start=start)
+    rec = Recording(model8(9))
+    free = search_ground_state(rec, levels, seed=3, enumerate_limit=0, prior=prior, start=start,
+                               known=(start, e, g))
+    assert free.best_energy == pytest.approx(plain.best_energy, abs=1e-12)
+    assert free.n_evaluations == plain.n_evaluations - 1 == rec.n_evaluations
+    seen = rec.all_seen
+    assert not any(np.allclose(row, start) or np.allclose(row, -start) for row in seen)
+    off_levels = search_ground_state(model8(9), levels, seed=3, enumerate_limit=0, prior=prior, start=start,
+                                     known=(start + 0.3, e, g))  # not a configuration of the levels: ignored
+    assert off_levels.n_evaluations == plain.n_evaluations
+    with pytest.raises(ValueError, match="known: 1 configuration"):
+        search_ground_state(model, levels, enumerate_limit=0, start=start, known=(start, [1.0, 2.0], None))
+
+
+@pytest.mark.parametrize("budget", [1, 3])
+def test_a_budget_below_the_warm_seeds_keeps_the_start(budget):
+    """The explore stage's cheap setting: a prior with 5 lowest states plus the start exceed the budget."""
+    model, levels = model8(8), MomentLevels(MAGS8, SYMBOLS8)
+    prior = search_ground_state(model, levels, seed=0, enumerate_limit=0)
+    start = prior.lowest[-1][0]  # not the best: the budget must spend its first evaluation here
+    rec = Recording(model8(8))
+    warm = search_ground_state(rec, levels, seed=1, enumerate_limit=0, prior=prior, start=start,
+                               max_evaluations=budget, use_gradient=False)
+    assert warm.n_evaluations == rec.n_evaluations == budget
+    assert np.allclose(rec.all_seen[0], levels.to_moments(levels.canonicalise(levels.to_indices(start)))[0])
+    assert warm.best_energy <= model.evaluate(start)[0][0] + 1e-12
+
+
 def test_warm_start_from_the_ground_state_is_cheap():
     model, levels = model8(7), MomentLevels(MAGS8, SYMBOLS8)
     cold = search_ground_state(model, levels, seed=0, enumerate_limit=0)

@@ -17,6 +17,8 @@ from spingen.spin.levels import MomentLevels
 from spingen.spin.model import EnergyModel
 from spingen.spin.surrogate import MAX_PARAMETERS, PairSurrogate
 
+Known = tuple  # (moments (k, n_magnetic), energies (k,), -dE/dS (k, n_magnetic) or None)
+
 
 @dataclass(frozen=True)
 class SearchSettings:
@@ -72,7 +74,7 @@ class SearchResult:
 
 
 def search_ground_state(model: EnergyModel, levels: MomentLevels, *, start: np.ndarray | None = None,
-                        prior: SearchResult | None = None, seed: int = 0,
+                        prior: SearchResult | None = None, known: Known | None = None, seed: int = 0,
                         settings: SearchSettings | None = None, **overrides) -> SearchResult:
     """Lowest-energy valid configuration of `levels` under `model`.
 
@@ -83,6 +85,9 @@ def search_ground_state(model: EnergyModel, levels: MomentLevels, *, start: np.n
     without a new best (`warm_patience` with a start), max_generations or max_evaluations.
     start: moments (n_magnetic,) or (k, n_magnetic), snapped to the levels; prior: the result
     for a nearby geometry (its lowest configurations start too, its surrogate seeds the fit).
+    known: evaluations already made at this geometry, (moments (k, n_magnetic), energies (k,),
+    -dE/dS (k, n_magnetic) or None), e.g. the MD step's own at the current moments: used as if
+    evaluated, at no cost (n_evaluations and max_evaluations count new model evaluations only).
     overrides: SearchSettings fields, e.g. population=32.
     """
     s = replace(settings or SearchSettings(), **overrides)
@@ -101,6 +106,8 @@ def search_ground_state(model: EnergyModel, levels: MomentLevels, *, start: np.n
         else:
             surrogate = PairSurrogate(levels)
     evals = _Evaluations(model, levels, s.use_gradient, s.max_evaluations, surrogate)
+    if known is not None:
+        evals.add_known(*known)
     ga = _Genetic(evals, np.random.default_rng(seed), s)
     generations = ga.run(start)
     lowest = [(levels.to_moments(evals.rows[k])[0], e) for k, e in evals.lowest(s.n_lowest)]
@@ -130,10 +137,39 @@ class _Evaluations:
         self.energy: dict[bytes, float] = {}
         self.minus_grad: dict[bytes, np.ndarray] = {}
         self.rows: dict[bytes, np.ndarray] = {}
+        self.n_known = 0
 
     @property
     def count(self) -> int:
-        return len(self.energy)
+        """Model evaluations made (known ones excluded)."""
+        return len(self.energy) - self.n_known
+
+    def add_known(self, moments: np.ndarray, energies: np.ndarray, minus_grad: np.ndarray | None) -> None:
+        """Record evaluations made elsewhere; moments off the levels or outside the window are ignored."""
+        moments = np.atleast_2d(np.asarray(moments, dtype=float))
+        energies = np.atleast_1d(np.asarray(energies, dtype=float))
+        grads = None if minus_grad is None else np.atleast_2d(np.asarray(minus_grad, dtype=float))
+        if len(energies) != len(moments) or (grads is not None and grads.shape != moments.shape):
+            raise ValueError(f"known: {len(moments)} configuration(s), {len(energies)} energies, -dE/dS of "
+                             f"shape {None if grads is None else grads.shape}")
+        rows = self.levels.to_indices(moments, snap=True)
+        exact = np.all(np.abs(self.levels.to_moments(rows) - moments) < 1e-6, axis=1)
+        keep = np.flatnonzero(exact & self.levels.is_allowed(rows))
+        if len(keep) == 0:
+            return
+        rows, energies = rows[keep], energies[keep]
+        canonical = self.levels.canonicalise(rows)  # a row and its reversal share a key; -dE/dS flips
+        if grads is not None:
+            grads = np.where(np.all(canonical == rows, axis=1)[:, None], 1.0, -1.0) * grads[keep]
+        for n, row in enumerate(canonical):
+            key = row.tobytes()
+            if key not in self.energy:
+                self.energy[key], self.rows[key] = float(energies[n]), row
+                if grads is not None:
+                    self.minus_grad[key] = grads[n]
+                self.n_known += 1
+        if self.surrogate is not None:
+            self.surrogate.add(canonical, energies, grads)
 
     @property
     def exhausted(self) -> bool:
@@ -208,8 +244,9 @@ class _Genetic:
         if len(seeds) == 0:
             raise ValueError("no start configuration lies within the levels and total-moment window")
         seeds = levels.canonicalise(seeds)
-        self.evals(seeds)
-        best = min(levels.keys(seeds), key=self.evals.energy.__getitem__)
+        self.evals(seeds)  # in order: with a small budget the first (the caller's start) are kept
+        evaluated = [k for k in levels.keys(seeds) if k in self.evals.energy]
+        best = min(evaluated, key=self.evals.energy.__getitem__)
         return self._select(np.concatenate([self._polish(best, full=True)[None], seeds]))
 
     def _select(self, rows: np.ndarray) -> np.ndarray:
