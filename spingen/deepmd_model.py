@@ -132,6 +132,8 @@ class DeepmdSpinModel(EnergyModel):
     the other atoms (default 0; only atoms of the model's spin types feel them).
     batch_size: most configurations per model call (bounds memory; larger batches are chunked).
     fast: use the fixed-geometry path (see the module docstring), checked against DeepPot.eval.
+    fast_checked: per-model verdicts of that check from an earlier geometry of the same models
+    (``fast_ok`` of another instance): True skips the check, False uses DeepPot.eval, None checks.
     optimize_jit: let TorchScript's profiling executor optimise the graphs (see the module docstring).
     """
 
@@ -147,6 +149,7 @@ class DeepmdSpinModel(EnergyModel):
         background_moments: np.ndarray | None = None,
         batch_size: int = 256,
         fast: bool = True,
+        fast_checked: Sequence[bool | None] | None = None,
         optimize_jit: bool = False,
     ) -> None:
         self.models = load_models(models)
@@ -211,7 +214,11 @@ class DeepmdSpinModel(EnergyModel):
         self.fast = bool(fast)
         self.optimize_jit = bool(optimize_jit)
         self._fixed: list[_FixedGeometry | None] = [None] * len(self.models)
-        self._fast_ok: list[bool | None] = [None] * len(self.models)  # checked on first use
+        self.fast_ok: list[bool | None] = [None] * len(self.models)  # checked on first use
+        if fast_checked is not None:
+            if len(fast_checked) != len(self.models):
+                raise ValueError(f"fast_checked has {len(fast_checked)} verdicts for {len(self.models)} models")
+            self.fast_ok = [None if ok is None else bool(ok) for ok in fast_checked]
 
     # -- construction helpers ----------------------------------------------------------------
     @classmethod
@@ -237,7 +244,7 @@ class DeepmdSpinModel(EnergyModel):
         if not self.fast:
             return "DeepPot.eval"
         names = ["fixed-geometry" if ok else "DeepPot.eval" if ok is False else "fixed-geometry (unchecked)"
-                 for ok in self._fast_ok]
+                 for ok in self.fast_ok]
         return names[0] if len(set(names)) == 1 else "/".join(names)
 
     # -- evaluation --------------------------------------------------------------------------
@@ -298,7 +305,7 @@ class DeepmdSpinModel(EnergyModel):
     def _eval_one(self, k: int, spin: np.ndarray, gradient: bool) -> tuple[np.ndarray, np.ndarray | None]:
         dp = self.models[k]
         mag = self.magnetic_indices
-        if not self.fast or self._fast_ok[k] is False:
+        if not self.fast or self.fast_ok[k] is False:
             e, fm = self._eval_full(dp, spin)
             return e, (fm[:, mag, 2] if gradient else None)
         try:
@@ -307,9 +314,9 @@ class DeepmdSpinModel(EnergyModel):
             e, fm = self._fixed[k].evaluate(spin, gradient)
         except Exception as err:  # noqa: BLE001 - any internals mismatch: fall back, loudly
             log.warning("deepmd fixed-geometry path unavailable (%s: %s); using DeepPot.eval", type(err).__name__, err)
-            self._fast_ok[k] = False
+            self.fast_ok[k] = False
             return self._eval_one(k, spin, gradient)
-        if self._fast_ok[k] is None:  # first use: energy and force_mag of one frame against DeepPot.eval
+        if self.fast_ok[k] is None:  # first use: energy and force_mag of one frame against DeepPot.eval
             e0, fm0 = self._fixed[k].evaluate(spin[:1], True)
             e_ref, fm_ref = self._eval_full(dp, spin[:1])
             ok = (np.allclose(e[:1], e_ref, rtol=_CHECK_RTOL, atol=1e-9)
@@ -319,9 +326,9 @@ class DeepmdSpinModel(EnergyModel):
                 log.warning("deepmd fixed-geometry path disagrees with DeepPot.eval (energy %r vs %r, max "
                             "|force_mag| difference %.3g); using DeepPot.eval", float(e[0]), float(e_ref[0]),
                             float(np.abs(fm0 - fm_ref).max()))
-                self._fast_ok[k] = False
+                self.fast_ok[k] = False
                 return self._eval_one(k, spin, gradient)
-            self._fast_ok[k] = True
+            self.fast_ok[k] = True
         return e, (fm[:, mag, 2] if gradient else None)
 
 

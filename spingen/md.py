@@ -5,7 +5,9 @@ deepmd-kit's own ASE calculator cannot pass per-atom spins; this one holds the c
 moments of the magnetic ions and re-optimizes them with the spin search (``search_ground_state``)
 every ``spin_opt_freq`` steps, warm-started from the current moments. Energy, forces and stress
 are those of the current (optimized) moments, from one ``DeepPot.eval`` per driving model; forces
-are -dE/dR at fixed moments.
+are -dE/dR at fixed moments. A re-optimizing step evaluates the current moments first and hands
+that energy and -dE/dS (deepmd-kit's force_mag) to the search for free; it evaluates again only
+when the search moved the moments.
 
 Example, with models trained by spingen (``spin_encoding.json`` sits beside each model)::
 
@@ -26,7 +28,6 @@ the moments are optimized at every frame step it reports to its observers.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -36,19 +37,9 @@ from ase.calculators.calculator import Calculator, all_changes
 
 from spingen.spin.encoding import SpinEncoding
 from spingen.spin.levels import MomentLevels, infer_magnitudes
-from spingen.spin.search import SearchResult, search_ground_state
+from spingen.spin.search import SearchResult, SearchSettings, search_ground_state
 
-
-
-_SEARCH_PARAMETERS = inspect.signature(search_ground_state).parameters
-try:  # the search's knobs: fields of its settings dataclass, or its keyword arguments
-    from spingen.spin.search import SearchSettings
-
-    SEARCH_KEYS = tuple(f.name for f in dataclasses.fields(SearchSettings))
-except ImportError:  # pragma: no cover - older search module
-    SEARCH_KEYS = tuple(k for k in _SEARCH_PARAMETERS if k not in ("model", "levels", "start", "prior", "seed"))
-# a search for a nearby geometry warm-starts the next one (its lowest states and surrogate)
-_SEARCH_TAKES_PRIOR = "prior" in _SEARCH_PARAMETERS
+SEARCH_KEYS = tuple(f.name for f in dataclasses.fields(SearchSettings))  # the search's knobs
 
 
 class NonFiniteError(RuntimeError):
@@ -152,6 +143,8 @@ class SpinModelCalculator(Calculator):
         self.moments: np.ndarray | None = None  # current moments of levels.magnetic_indices
         self.last_search: SearchResult | None = None
         self.member_predictions: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self.minus_spin_grad: np.ndarray | None = None  # -dE/dS of the driving mean at the moments
+        self._fast_verdicts: dict[int, bool] = {}  # id(model) -> DeepmdSpinModel's fast-path check, made once
         self._step_mode = False
         self._search_next = False
         self.n_evaluations = self.n_searches = self.n_spin_changes = self.n_search_evaluations = 0
@@ -180,13 +173,15 @@ class SpinModelCalculator(Calculator):
             search_now, self._search_next = self._search_next, False
         else:
             search_now = self.spin_opt_freq > 0 and self.n_evaluations % self.spin_opt_freq == 0
-        if self.moments is None or search_now:
-            try:
-                self.optimize(atoms)
-            except Exception:  # a model returning NaN can break the search: report that, not the symptom
-                if self.moments is not None:
-                    self._evaluate(atoms)  # raises NonFiniteError if the model is the cause
-                raise
+        if self.moments is None:  # no start: a cold search first
+            self.optimize(atoms)
+        elif search_now:  # evaluate here first (NaN is reported as such), the search reuses it
+            self._evaluate(atoms)
+            before = self.moments
+            known = (self.moments, self.results["energy"], self.minus_spin_grad)
+            self.optimize(atoms, known=known)
+            if np.array_equal(before, self.moments):
+                return
         self._evaluate(atoms)
 
     def _set_structure(self, atoms) -> None:
@@ -232,17 +227,26 @@ class SpinModelCalculator(Calculator):
         from spingen.deepmd_model import DeepmdSpinModel
 
         cell = atoms.cell.array if atoms.pbc.any() else None
-        return DeepmdSpinModel(list(models or self.drive_models), atoms.positions, cell, self.symbols, self.encoding,
-                               self.levels.magnetic_indices, optimize_jit=self.optimize_jit)
+        models = list(models or self.drive_models)
+        checked = [self._fast_verdicts.get(id(dp)) for dp in models]
+        return DeepmdSpinModel(models, atoms.positions, cell, self.symbols, self.encoding,
+                               self.levels.magnetic_indices, fast_checked=checked, optimize_jit=self.optimize_jit)
 
     def optimize(self, atoms, models: Sequence[Any] | None = None, seed: int | None = None,
-                 adopt: bool = True) -> SearchResult:
-        """Search the ground state at this geometry from the current moments; adopt it by default."""
+                 adopt: bool = True, known: tuple | None = None) -> SearchResult:
+        """Search the ground state at this geometry from the current moments; adopt it by default.
+
+        known: evaluations already made at this geometry (see ``search_ground_state``).
+        """
         start = time.perf_counter()
-        extra = {"prior": self.last_search} if _SEARCH_TAKES_PRIOR and adopt and self.last_search is not None else {}
-        result = search_ground_state(self.spin_model(atoms, models), self.levels, start=self.moments,
+        prior = self.last_search if adopt else None
+        model = self.spin_model(atoms, models)
+        result = search_ground_state(model, self.levels, start=self.moments, prior=prior, known=known,
                                      seed=self.seed + self.n_searches if seed is None else seed,
-                                     **self.search_kwargs, **extra)
+                                     **self.search_kwargs)
+        for dp, ok in zip(model.models, model.fast_ok):  # checked on the first geometry: trusted from then on
+            if ok is not None:
+                self._fast_verdicts[id(dp)] = ok
         if adopt:
             self.timings["search"] += time.perf_counter() - start
             self.n_search_evaluations += result.n_evaluations
@@ -272,27 +276,30 @@ class SpinModelCalculator(Calculator):
 
         return torch.jit.optimized_execution(self.optimize_jit)
 
-    def predict(self, atoms, models: Sequence[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Energies (M,), forces (M, natoms, 3), virials (M, 9) of `models` at the current moments."""
+    def predict(self, atoms, models: Sequence[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Energies (M,), forces (M, natoms, 3), virials (M, 9) and -dE/dS (M, n_magnetic) of
+        `models` at the current moments (-dE/dS: the z component of force_mag, as in the search)."""
         cell = atoms.cell.array.reshape(1, 9) if atoms.pbc.any() else None
         if atoms.pbc.any() and not atoms.pbc.all():
             raise ValueError("partly periodic structures are not supported: deepmd-kit needs pbc on all axes or none")
         spin = self.encoding.to_deepmd(self.full_moments(), self.symbols).reshape(1, -1)
         coords = atoms.positions.reshape(1, -1)
-        energies, forces, virials = [], [], []
+        energies, forces, virials, minus_grads = [], [], [], []
         with self._jit():
             for dp in models:
-                e, f, v = dp.eval(coords, cell, self.atom_types, spin=spin)[:3]
+                e, f, v, force_mag = dp.eval(coords, cell, self.atom_types, spin=spin)[:4]
                 energies.append(float(np.reshape(e, -1)[0]))
                 forces.append(np.reshape(f, (len(atoms), 3)))
                 virials.append(np.reshape(v, 9))
-        return np.array(energies), np.array(forces), np.array(virials)
+                minus_grads.append(np.reshape(force_mag, (len(atoms), 3))[self.levels.magnetic_indices, 2])
+        return np.array(energies), np.array(forces), np.array(virials), np.array(minus_grads)
 
     def _evaluate(self, atoms) -> None:
         start = time.perf_counter()
-        e, f, v = self.predict(atoms, self.drive_models)
+        e, f, v, minus_grad = self.predict(atoms, self.drive_models)
         self.timings["evaluate"] += time.perf_counter() - start
         self.member_predictions = (e, f, v) if len(self.drive_models) == len(self.models) else None
+        self.minus_spin_grad = minus_grad.mean(axis=0)
         self.n_evaluations += 1
         energy, forces, virial = e.mean(), f.mean(axis=0), v.mean(axis=0).reshape(3, 3)
         self.results = {"energy": energy, "free_energy": energy, "forces": forces,
@@ -314,7 +321,7 @@ class SpinModelCalculator(Calculator):
         if self.member_predictions is not None:
             return self.member_predictions
         start = time.perf_counter()
-        out = self.predict(atoms, self.models)
+        out = self.predict(atoms, self.models)[:3]
         self.timings["members"] += time.perf_counter() - start
         return out
 

@@ -122,6 +122,31 @@ def test_calculator_spins_are_the_ground_state(dps, search):
     assert calc.excited_magmoms().shape == (len(atoms), 4)
 
 
+def test_a_search_step_hands_its_own_evaluation_to_the_search(dps):
+    """Re-optimizing steps evaluate the current moments once (energy, forces, -dE/dS), the search
+    takes that for free, and the step evaluates again only if the moments moved."""
+    from spingen.deepmd_model import DeepmdSpinModel
+    from spingen.md import SpinModelCalculator
+
+    atoms = cell16(seed=9)
+    calc = SpinModelCalculator(dps, MAGNITUDES, encoding=SPIN.encoding, drive="mean", spin_opt_freq=1,
+                               search={"enumerate_limit": 0, "max_evaluations": 6}, seed=1)
+    atoms.calc = calc
+    atoms.get_potential_energy()
+    for step in range(3):
+        atoms.positions[0, 0] += 0.002
+        before, n_eval = calc.moments.copy(), calc.n_evaluations
+        energy = atoms.get_potential_energy()
+        moved = not np.array_equal(before, calc.moments)
+        assert calc.n_evaluations == n_eval + 1 + moved
+        e, _, _ = predict(dps, [atoms], calc.full_moments()[None])
+        assert energy == pytest.approx(e.mean(), abs=1e-8)
+        model = DeepmdSpinModel(dps, atoms.positions, atoms.cell.array, atoms.get_chemical_symbols(), SPIN.encoding)
+        _, minus_grad = model.evaluate(calc.moments, gradient=True)
+        np.testing.assert_allclose(calc.minus_spin_grad, minus_grad[0], rtol=1e-6, atol=1e-9)
+    assert calc.n_searches == 4 and all(calc._fast_verdicts.values()) and len(calc._fast_verdicts) == 2
+
+
 def test_forces_and_stress_finite_difference_at_fixed_spins(dps):
     from spingen.md import SpinModelCalculator
 
@@ -239,10 +264,12 @@ def test_nan_from_the_model_is_written_and_counted_failed(tmp_path, model_paths,
     assert run(task, models=[NaNAfter(dps[0], 8), dps[1]]) == 0
     assert (task / "finished").is_file()
     rows = read_model_devi(task / "model_devi.out")
-    assert np.all(np.isnan(rows[-1, 1:])) and rows[-1, 0] <= 20
-    assert np.all(np.isfinite(rows[:-1, 1:]))
+    assert np.all(np.isnan(rows[-1, 1:])) and rows[-1, 0] <= 20  # the driving model's NaN ends the MD
+    finite = np.all(np.isfinite(rows[:, 1:]), axis=1)
+    first_bad = int(np.argmin(finite))
+    assert first_bad >= 1 and finite[:first_bad].all()  # frames before the blow-up are intact
     labels = classify(rows, 0.05, 0.3, 0.2, 0)
-    assert labels[-1] == "failed"
+    assert all(label == "failed" for label in labels[first_bad:])  # a row with NaN anywhere is failed
 
 
 # ---------------------------------------------------------------- selection
