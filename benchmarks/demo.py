@@ -61,12 +61,14 @@ def render(rows: list[dict], wall: float, durations: dict[str, float], rss_mib: 
              f"- **wall time, fresh work dir to the closing train: {wall / 60:.1f} min** (target 20 min)",
              f"- peak resident memory of one process (the largest of spingen and every `dp`/GPAW/explore task): "
              f"{rss_mib:.0f} MiB", "",
-             "| iteration | explored frames | accurate % | candidate % | failed % | labeled | failed labels | "
-             "ensemble error on the new labels, energy meV/atom | force meV/A | spin states agreeing % |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| iteration | explored frames | accurate % | candidate % | of which by spin disagreement only % | "
+             "failed % | labeled | failed labels | ensemble error on the new labels, energy meV/atom | force meV/A "
+             "| spin states agreeing % |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['iteration']} | {cell(r['explore_frames'], 'd')} | {cell(r['accurate_pct'], '.1f')} | "
-                     f"{cell(r['candidate_pct'], '.1f')} | {cell(r['failed_pct'], '.1f')} | {cell(r['labeled'], 'd')} | "
+                     f"{cell(r['candidate_pct'], '.1f')} | {cell(r['spin_only_pct'], '.1f')} | "
+                     f"{cell(r['failed_pct'], '.1f')} | {cell(r['labeled'], 'd')} | "
                      f"{cell(r['label_failed'], 'd')} | {cell(r['ensemble_rmse_e_meV_atom'], '.1f')} | "
                      f"{cell(r['ensemble_rmse_f_meV_A'], '.0f')} | {cell(r['spin_agree_pct'], '.0f')} |")
     lines += ["", "Time per step kind, summed over iterations (s):", "",

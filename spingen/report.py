@@ -98,14 +98,17 @@ def iteration_step(iteration: int, last: tuple[int, int] | None, finished: bool)
 
 
 def explore_summary(selection) -> dict:
-    """Explored frames, accurate/candidate/failed % and selected count from selection.json."""
+    """Explored frames, accurate/candidate/failed %, candidates by spin disagreement only (% of
+    frames: their force deviation is below the lower trust level) and selected count from selection.json."""
     if not isinstance(selection, dict):
-        return {"explore_frames": None, **{f"{c}_pct": None for c in CLASSES}, "selected": None}
+        return {"explore_frames": None, **{f"{c}_pct": None for c in CLASSES}, "spin_only_pct": None,
+                "selected": None}
     systems = list(selection.get("systems", {}).values())
     counts = {c: sum(s.get(c, 0) for s in systems) for c in CLASSES}
     total = sum(counts.values())
+    spin_only = sum(s.get("spin_only", 0) for s in systems)
     return {"explore_frames": total, **{f"{c}_pct": 100.0 * counts[c] / total if total else None for c in CLASSES},
-            "selected": selection.get("selected")}
+            "spin_only_pct": 100.0 * spin_only / total if total else None, "selected": selection.get("selected")}
 
 
 def label_summary(labels) -> dict:
@@ -209,13 +212,14 @@ def _number(value, fmt: str) -> str:
 def format_status(status: Status) -> str:
     """An aligned text table, a legend and the record's last finished step."""
     names = sorted({m["model"] for row in status.rows for m in row["models"] or []})
-    header = ["iter", "step", "explored", "acc %", "cand %", "fail %", "selected", "labeled", "lbl failed",
+    header = ["iter", "step", "explored", "acc %", "cand %", "(spin) %", "fail %", "selected", "labeled", "lbl failed",
               *(f"m{name} E/F" for name in names), "new E", "new F", "spin %"]
     table = [header]
     for row in status.rows:
         models = {m["model"]: m for m in row["models"] or []}
         cells = [f"{row['iteration']:06d}", row["step"], _number(row["explore_frames"], "d"),
-                 *(_number(row[f"{c}_pct"], ".1f") for c in CLASSES), _number(row["selected"], "d"),
+                 _number(row["accurate_pct"], ".1f"), _number(row["candidate_pct"], ".1f"),
+                 _number(row["spin_only_pct"], ".1f"), _number(row["failed_pct"], ".1f"), _number(row["selected"], "d"),
                  _number(row["labeled"], "d"), _number(row["label_failed"], "d")]
         for name in names:
             model = models.get(name)
@@ -234,6 +238,8 @@ def format_status(status: Status) -> str:
     lines += ["",
               "mNNN E/F: model NNN's last lcurve RMSE, energy eV/atom / force eV/A, on the validation set "
               "(* on the training set: no validation data)",
+              "(spin) %: candidates only because the models disagree on the ground-state moments (force "
+              "deviation below the lower trust level)",
               "new E/F: the ensemble's RMSE on the iteration's new labels before training on them, meV/atom / "
               "meV/A; spin %: magnetic ions whose predicted moment agrees with DFT's",
               last_line(status)]

@@ -36,7 +36,7 @@ def models(rmse_e: float) -> list[dict]:
 
 def selection(accurate: int, candidate: int, failed: int) -> dict:
     """selection.json with the counts split over two systems."""
-    first = {"accurate": accurate - 1, "candidate": candidate, "failed": failed, "nan": 0, "spin_only": 0}
+    first = {"accurate": accurate - 1, "candidate": candidate, "failed": failed, "nan": 0, "spin_only": candidate // 3}
     second = {"accurate": 1, "candidate": 0, "failed": 0, "nan": 0, "spin_only": 0}
     return {"seed": 1, "f_trust_lo": 0.05, "f_trust_hi": 0.15, "spin_trust": 0.3, "skip": 0, "fp_task_max": 5,
             "fp_task_max_total": None, "fp_task_min": 0,
@@ -90,6 +90,7 @@ def test_status_rows(workdir):
     first = rows[0]
     assert first["explore_frames"] == 100
     assert (first["accurate_pct"], first["candidate_pct"], first["failed_pct"]) == pytest.approx((50, 30, 20))
+    assert first["spin_only_pct"] == pytest.approx(10.0) and rows[1]["spin_only_pct"] == pytest.approx(2.0)
     assert (first["selected"], first["labeled"], first["label_failed"]) == (3, 3, 1)
     assert first["models"] == [
         {"model": "000", "set": "val", "rmse_e_eV_atom": 0.003, "rmse_f_eV_A": 0.07},
