@@ -140,9 +140,10 @@ def main() -> int:
     parser.add_argument("--min-searches", type=int, default=2,
                         help="each setting runs max(--steps-search, min-searches * spin_opt_freq) steps")
     parser.add_argument("--steps-search", type=int, default=10, help="steps of a spin_opt_freq 1 setting")
-    parser.add_argument("--freqs", type=int, nargs="+", default=[1, 5, 20])
+    parser.add_argument("--freqs", type=int, nargs="*", default=[1, 5, 20], help="spin_opt_freq settings with the default search")
     parser.add_argument("--variants", nargs="*", default=['{"max_evaluations": 8}',
-                                                          '{"max_evaluations": 8, "use_gradient": false}'],
+                                                          '{"max_evaluations": 8, "use_gradient": false}',
+                                                          '{"max_evaluations": 16, "use_gradient": false}'],
                         help="extra spin_opt_freq 1 settings: JSON spin-search keyword arguments")
     parser.add_argument("--workdir", default="/tmp/spingen_bench_explore")
     parser.add_argument("--no-doc", action="store_true", help="print only, do not edit docs/benchmarks/explore.md")
