@@ -143,6 +143,7 @@ class SpinModelCalculator(Calculator):
         self.moments: np.ndarray | None = None  # current moments of levels.magnetic_indices
         self.last_search: SearchResult | None = None
         self.member_predictions: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self.member_minus_spin_grad: np.ndarray | None = None  # (M, n_magnetic) with member_predictions
         self.minus_spin_grad: np.ndarray | None = None  # -dE/dS of the driving mean at the moments
         self._fast_verdicts: dict[int, bool] = {}  # id(model) -> DeepmdSpinModel's fast-path check, made once
         self._step_mode = False
@@ -233,13 +234,15 @@ class SpinModelCalculator(Calculator):
                                self.levels.magnetic_indices, fast_checked=checked, optimize_jit=self.optimize_jit)
 
     def optimize(self, atoms, models: Sequence[Any] | None = None, seed: int | None = None,
-                 adopt: bool = True, known: tuple | None = None) -> SearchResult:
+                 adopt: bool = True, known: tuple | None = None, prior: SearchResult | None = None) -> SearchResult:
         """Search the ground state at this geometry from the current moments; adopt it by default.
 
-        known: evaluations already made at this geometry (see ``search_ground_state``).
+        known: evaluations already made at this geometry (see ``search_ground_state``); prior: the
+        search of a nearby geometry to warm-start from (default: the last adopted one when adopting).
         """
         start = time.perf_counter()
-        prior = self.last_search if adopt else None
+        if prior is None and adopt:
+            prior = self.last_search
         model = self.spin_model(atoms, models)
         result = search_ground_state(model, self.levels, start=self.moments, prior=prior, known=known,
                                      seed=self.seed + self.n_searches if seed is None else seed,
@@ -298,7 +301,9 @@ class SpinModelCalculator(Calculator):
         start = time.perf_counter()
         e, f, v, minus_grad = self.predict(atoms, self.drive_models)
         self.timings["evaluate"] += time.perf_counter() - start
-        self.member_predictions = (e, f, v) if len(self.drive_models) == len(self.models) else None
+        every = len(self.drive_models) == len(self.models)
+        self.member_predictions = (e, f, v) if every else None
+        self.member_minus_spin_grad = minus_grad if every else None
         self.minus_spin_grad = minus_grad.mean(axis=0)
         self.n_evaluations += 1
         energy, forces, virial = e.mean(), f.mean(axis=0), v.mean(axis=0).reshape(3, 3)
@@ -321,9 +326,10 @@ class SpinModelCalculator(Calculator):
         if self.member_predictions is not None:
             return self.member_predictions
         start = time.perf_counter()
-        out = self.predict(atoms, self.models)[:3]
+        e, f, v, minus_grad = self.predict(atoms, self.models)
         self.timings["members"] += time.perf_counter() - start
-        return out
+        self.member_predictions, self.member_minus_spin_grad = (e, f, v), minus_grad
+        return self.member_predictions
 
 
 # ---------------------------------------------------------------- MD runner

@@ -147,6 +147,35 @@ def test_a_search_step_hands_its_own_evaluation_to_the_search(dps):
     assert calc.n_searches == 4 and all(calc._fast_verdicts.values()) and len(calc._fast_verdicts) == 2
 
 
+def test_members_warm_start_from_their_own_searches(dps):
+    """Spin disagreement: each member's search starts from its own previous one and its own energy
+    and -dE/dS at the current moments, and still ends on its exhaustive ground state."""
+    from spingen.md import SpinModelCalculator
+    from spingen.tools.explore_task import spin_disagreement
+
+    atoms = cell16(seed=11)
+    calc = SpinModelCalculator(dps, MAGNITUDES, encoding=SPIN.encoding, drive=0, search={"enumerate_limit": 0},
+                               seed=2)
+    atoms.calc = calc
+    atoms.get_potential_energy()
+    priors = [None, None]
+    spin_disagreement(calc, atoms, seed=1, priors=priors)
+    cold = [r.n_evaluations for r in priors]
+    atoms.positions[0, 0] += 0.002
+    atoms.get_potential_energy()
+    value = spin_disagreement(calc, atoms, seed=2, priors=priors)
+    assert all(r.n_evaluations < c for r, c in zip(priors, cold)), (cold, [r.n_evaluations for r in priors])
+    ni = [i for i, s in enumerate(atoms.get_chemical_symbols()) if s == "Ni"]
+    configs = [(a,) + rest for a in (1.0, 3.0) for rest in itertools.product((-3.0, -1.0, 1.0, 3.0), repeat=3)]
+    moments = np.zeros((len(configs), len(atoms)))
+    moments[:, ni] = configs
+    energies = predict(dps, [atoms] * len(configs), moments)[0]  # (2 members, 128)
+    minima = [np.array(configs[int(np.argmin(e))]) for e in energies]
+    for k in range(2):
+        np.testing.assert_allclose(priors[k].best_moments, minima[k])
+    assert value == pytest.approx(np.mean(minima[0] != minima[1]))
+
+
 def test_forces_and_stress_finite_difference_at_fixed_spins(dps):
     from spingen.md import SpinModelCalculator
 

@@ -106,17 +106,25 @@ def model_deviation(energies: np.ndarray, forces: np.ndarray, virials: np.ndarra
                      f_devi.max(), f_devi.min(), f_devi.mean(), e_devi])
 
 
-def spin_disagreement(calc, atoms, seed: int) -> float:
+def spin_disagreement(calc, atoms, seed: int, priors: list | None = None) -> float:
     """Fraction of magnetic ions whose moment differs between the members' own ground states.
 
-    Each member searches alone, warm-started from the calculator's current moments; NaN when a
-    member's search ends on a non-finite energy.
+    Each member searches alone, warm-started from the calculator's current moments with its own
+    energy and -dE/dS there (from the deviation's evaluation, free) and, when `priors` is given,
+    from its own previous search (priors[k], replaced by the new one): members warm-start from
+    their own landscapes, frame after frame. NaN when a member's search ends on a non-finite energy.
     """
     if len(calc.models) < 2:
         return 0.0
+    energies = calc.ensemble_predictions(atoms)[0]
+    minus_grads = calc.member_minus_spin_grad
     states = []
     for k, dp in enumerate(calc.models):
-        result = calc.optimize(atoms, models=[dp], seed=seed + k, adopt=False)
+        known = (calc.moments, energies[k:k + 1], minus_grads[k:k + 1]) if minus_grads is not None else None
+        prior = priors[k] if priors is not None else None
+        result = calc.optimize(atoms, models=[dp], seed=seed + k, adopt=False, known=known, prior=prior)
+        if priors is not None:
+            priors[k] = result
         if not np.isfinite(result.best_energy):
             return float("nan")
         states.append(np.asarray(result.best_moments, dtype=float))
@@ -139,6 +147,7 @@ class FrameWriter:
         self.traj, self.devi = task_dir / TRAJ_FILE, task_dir / DEVI_FILE
         self.calc, self.spin_devi_freq, self.seed = calc, spin_devi_freq, seed
         self.frames = 0
+        self.member_searches: list = [None] * len(calc.models)  # each member's last own search
         self.timings = {"deviation": 0.0, "spin_disagree": 0.0, "write": 0.0}
         self.devi.write_text(header())
 
@@ -149,7 +158,7 @@ class FrameWriter:
         self.timings["deviation"] += time.perf_counter() - start
         start = time.perf_counter()
         if self.spin_devi_freq > 0 and self.frames % self.spin_devi_freq == 0:
-            values.append(spin_disagreement(self.calc, atoms, self.seed + 7919 * step))
+            values.append(spin_disagreement(self.calc, atoms, self.seed + 7919 * step, self.member_searches))
         else:
             values.append(SPIN_NOT_COMPUTED)
         self.timings["spin_disagree"] += time.perf_counter() - start
