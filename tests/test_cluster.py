@@ -108,6 +108,20 @@ def slurm_jobs(cluster: dict, under: Path, timeout: float = 10) -> list[dict]:
     return records
 
 
+def job_scripts(remote: Path) -> dict[str, str]:
+    """Name -> text of the *.sub files under remote now; dpdispatcher may delete folders meanwhile."""
+    found = {}
+    try:
+        for sub in remote.rglob("*.sub"):
+            try:
+                found[sub.name] = sub.read_text()
+            except OSError:
+                pass
+    except OSError:  # a folder vanished under the walk: what was read so far is kept
+        pass
+    return found
+
+
 def run_watching_scripts(command: list[str], workdir: Path, remote: Path, timeout: float = 300,
                          on_poll=None) -> tuple[int, str, dict[str, str]]:
     """Run `command` in workdir; keep every dpdispatcher job script (*.sub) seen under remote,
@@ -120,11 +134,7 @@ def run_watching_scripts(command: list[str], workdir: Path, remote: Path, timeou
         try:
             while proc.poll() is None:
                 assert time.monotonic() < deadline, f"the loop took more than {timeout} s"
-                for sub in remote.rglob("*.sub") if remote.exists() else ():
-                    try:
-                        scripts.setdefault(sub.name, sub.read_text())
-                    except OSError:
-                        pass
+                scripts.update({k: v for k, v in job_scripts(remote).items() if k not in scripts})
                 if on_poll is not None:
                     on_poll()
                 time.sleep(0.2)

@@ -78,13 +78,21 @@ def running(work, pattern: str, done: str, step: str) -> bool:
     """A task of the main loop's step `step` (e.g. "0 4") is going: a file matching `pattern` in
     dpdispatcher's remote folders without its `done` sibling, and the step is not recorded."""
     return step not in recorded(work) and any(not (path.parent / done).exists()
-                                              for path in (work / "remote").glob(pattern))
+                                              for path in glob_now(work / "remote", pattern))
+
+
+def glob_now(root, pattern: str) -> list:
+    """root.glob(pattern), empty where dpdispatcher removes a folder during the walk."""
+    try:
+        return list(root.glob(pattern))
+    except OSError:
+        return []
 
 
 def kill_plan():
     """(what, condition(work)) in the order they come: a boundary kill right after each step of
     iteration 0 is recorded, mid-run kills while its run steps have tasks going."""
-    plan = [("init run_fp, mid-run", lambda w: not recorded(w) and any(w.glob("**/remote/*/task.*/gpaw.txt")))]
+    plan = [("init run_fp, mid-run", lambda w: not recorded(w) and any(glob_now(w, "init/remote/*/task.*/gpaw.txt")))]
     mid = {0: ("run_train, mid-run", "*/0*/lcurve.out", "frozen_model.pth", "0 1"),
            3: ("run_model_devi, mid-run", "*/task.*/explore.log", "finished", "0 4"),
            6: ("run_fp, mid-run", "*/task.*/gpaw.txt", "result.json", "0 7")}
@@ -100,8 +108,8 @@ def finished_outputs(work) -> dict[str, int]:
     """mtime of every output of a finished task in the stage folders (written once the task's job
     is downloaded; a task run again would write it again)."""
     found = {}
-    for pattern in ("**/00.train/*/frozen_model.pth", "**/01.model_devi/task.*/finished",
-                    "**/02.fp/task.*/result.json"):
+    for pattern in ("iter.*/00.train/*/frozen_model.pth", "iter.*/01.model_devi/task.*/finished",
+                    "iter.*/02.fp/task.*/result.json", "init/iter.*/02.fp/task.*/result.json"):
         for path in work.glob(pattern):
             found[str(path)] = path.stat().st_mtime_ns
     return found
