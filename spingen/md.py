@@ -149,6 +149,7 @@ class SpinModelCalculator(Calculator):
         self._step_mode = False
         self._search_next = False
         self.n_evaluations = self.n_searches = self.n_spin_changes = self.n_search_evaluations = 0
+        self.n_calculations = 0  # geometries calculated (the standalone schedule counts these)
         self.timings = {"search": 0.0, "evaluate": 0.0, "members": 0.0}
 
     # -- schedule ----------------------------------------------------------------------------
@@ -173,7 +174,8 @@ class SpinModelCalculator(Calculator):
         if self._step_mode:
             search_now, self._search_next = self._search_next, False
         else:
-            search_now = self.spin_opt_freq > 0 and self.n_evaluations % self.spin_opt_freq == 0
+            search_now = self.spin_opt_freq > 0 and self.n_calculations % self.spin_opt_freq == 0
+        self.n_calculations += 1
         if self.moments is None:  # no start: a cold search first
             self.optimize(atoms)
         elif search_now:  # evaluate here first (NaN is reported as such), the search reuses it

@@ -147,6 +147,19 @@ def test_a_search_step_hands_its_own_evaluation_to_the_search(dps):
     assert calc.n_searches == 4 and all(calc._fast_verdicts.values()) and len(calc._fast_verdicts) == 2
 
 
+def test_standalone_schedule_counts_geometries(dps):
+    """Without an MD driver, spin_opt_freq counts geometries, whatever a search step evaluates."""
+    from spingen.md import SpinModelCalculator
+
+    atoms = cell16(seed=12)
+    calc = SpinModelCalculator(dps, MAGNITUDES, encoding=SPIN.encoding, drive=0, spin_opt_freq=2, seed=4)
+    atoms.calc = calc
+    for step in range(5):
+        atoms.positions[1, 1] += 0.01
+        atoms.get_potential_energy()
+    assert calc.n_calculations == 5 and calc.n_searches == 3  # geometries 0 (cold), 2 and 4
+
+
 def test_members_warm_start_from_their_own_searches(dps):
     """Spin disagreement: each member's search starts from its own previous one and its own energy
     and -dE/dS at the current moments, and still ends on its exhaustive ground state."""
