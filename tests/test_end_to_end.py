@@ -53,16 +53,6 @@ def machine():
     return m
 
 
-def hash_frames(system) -> list[str]:
-    """One digest per frame: coordinates, cell, energy and moments."""
-    import hashlib
-
-    data = system.data
-    return [hashlib.sha1(b"".join(np.ascontiguousarray(data[key][f]).tobytes()
-                                  for key in ("coords", "cells", "energies", "spins"))).hexdigest()
-            for f in range(system.get_nframes())]
-
-
 def status(work) -> list[dict]:
     out = subprocess.run([str(BIN / "spingen"), "status", str(work), "--json"], capture_output=True, text=True,
                          check=True)
@@ -153,17 +143,17 @@ def test_whole_loop_killed_everywhere_resumed_and_reported(tmp_path):
     assert any(p.endswith("result.json") for p in finished_before)
 
     # data: initial GPAW frames, then one labeled frame per iteration, raw moments stored
-    from spingen.data.npy import load_system
+    from spingen.data.npy import frame_hashes, load_system
 
     init = load_system(work / "init" / "iter.000000" / "02.fp" / "data.000")
     assert 3 <= init.get_nframes() <= 4
     ni_moments = init.data["spins"][:, :2, 2]
     assert np.all(np.abs(np.abs(ni_moments) - 1.7) < 0.4), ni_moments
-    hashes = [hash_frames(init)]
+    hashes = [frame_hashes(init)]
     for iteration in (0, 1):
         labeled = load_system(work / f"iter.00000{iteration}" / "02.fp" / "data.000")
         assert labeled.get_nframes() == 1
-        hashes.append(hash_frames(labeled))
+        hashes.append(frame_hashes(labeled))
     every = [h for group in hashes for h in group]
     assert len(every) == len(set(every)), "a frame was stored twice"
     data = json.loads((work / "iter.000002" / "00.train" / "models.json").read_text())
