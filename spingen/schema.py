@@ -22,7 +22,7 @@ from spingen.spin.encoding import SpinEncoding
 
 MACHINE_SECTIONS = ("train", "model_devi", "fp")
 FP_STYLES = ("gpaw", "vasp")
-SPIN_INIT_STRATEGIES = ("predicted", "random", "states")
+SPIN_INIT_STRATEGIES = ("predicted", "random", "states", "members")
 MD_ENSEMBLES = ("nvt", "nvt-langevin", "nvt-berendsen", "nvt-nose-hoover", "npt", "npt-berendsen")
 
 
@@ -131,9 +131,15 @@ def _fp_variant() -> Variant:
                              "fixed total (VASP's default start; GPAW, which has no random wavefunctions, "
                              "starts each magnetic ion from a random moment in +-fp_gpaw/random_moment uB, "
                              "seeded by the geometry). `states`: one task for the predicted ground state "
-                             "and one for each excited state the spin search found, each with its moments "
-                             "and a fixed total moment (VASP NUPDOWN, GPAW fixmagmom) equal to the sum of "
-                             "the state's moments rounded to an integer.")
+                             "and one for each excited state the spin search found. `members`: one task for "
+                             "the predicted ground state and one for each other ground state a member model "
+                             "found on its own (where the spin disagreement was computed): the states the "
+                             "ensemble disputes, labeled so that DFT settles them (an undisputed frame is "
+                             "labeled as in `predicted`). In `states` and disputed `members` frames each task "
+                             "starts from its state's moments with a fixed total moment (VASP "
+                             "NUPDOWN, GPAW fixmagmom): the sum of the state's moments, each element's sum "
+                             "scaled by the ratio of DFT total to summed ion moments fitted on the run's "
+                             "earlier labels (1 before any), rounded to an integer.")
     tolerance = Argument("fp_moment_tolerance", float, optional=True, default=0.5,
                          doc="Largest distance (uB) of a labeled magnetic moment from the nearest allowed "
                              "magnitude of spin/moments; a frame with a moment farther away is excluded and "

@@ -176,7 +176,7 @@ def test_members_warm_start_from_their_own_searches(dps):
     cold = [r.n_evaluations for r in priors]
     atoms.positions[0, 0] += 0.002
     atoms.get_potential_energy()
-    value = spin_disagreement(calc, atoms, seed=2, priors=priors)
+    value, states = spin_disagreement(calc, atoms, seed=2, priors=priors)
     assert all(r.n_evaluations < c for r, c in zip(priors, cold)), (cold, [r.n_evaluations for r in priors])
     ni = [i for i, s in enumerate(atoms.get_chemical_symbols()) if s == "Ni"]
     configs = [(a,) + rest for a in (1.0, 3.0) for rest in itertools.product((-3.0, -1.0, 1.0, 3.0), repeat=3)]
@@ -186,6 +186,7 @@ def test_members_warm_start_from_their_own_searches(dps):
     minima = [np.array(configs[int(np.argmin(e))]) for e in energies]
     for k in range(2):
         np.testing.assert_allclose(priors[k].best_moments, minima[k])
+        np.testing.assert_allclose(states[k], minima[k])
     assert value == pytest.approx(np.mean(minima[0] != minima[1]))
 
 

@@ -23,7 +23,7 @@ from spingen.labelers.vasp import compress, parse_incar
 from spingen.loop import StageContext
 from spingen.schema import (InputError, LabelSettings, MachineSection, VaspSettings, label_settings, load_machine,
                             load_param)
-from spingen.stages.label import LabelStage, moment_violation
+from spingen.stages.label import LabelStage, TotalMomentRule, moment_violation
 
 HERE = Path(__file__).parent
 VASP = HERE / "data" / "vasp"
@@ -129,6 +129,46 @@ def test_vasp_inputs_follow_poscar_species_order(tmp_path):
     frame = mixed_frame()
     order = [2, 6, 1, 8, 3, 5, 0, 4, 7, 9]
     np.testing.assert_allclose(written.positions, frame.positions[order], atol=1e-8)
+
+
+def test_total_moment_rule_fitted_on_earlier_labels():
+    # LiNiO2 in GPAW: two Ni at +1.67 uB (sphere moments) make a total of 2; antiparallel ones 0
+    entries = [{"ok": True, "total_moment": 2.0, "moment_sums": {"Ni": 3.36}},
+               {"ok": True, "total_moment": 2.0, "moment_sums": {"Ni": -3.30 + 6.66}},
+               {"ok": True, "total_moment": 0.0, "moment_sums": {"Ni": 0.01}},
+               {"ok": False, "reason": "SCF not converged"},
+               {"ok": True, "total_moment": None, "moment_sums": {"Ni": 3.4}}]  # a code without a total
+    rule = TotalMomentRule.fit(entries, ["Ni", "Co"])
+    assert rule.scales["Ni"] == pytest.approx(2.0 / 3.36, rel=0.02) and rule.scales["Co"] == 1.0
+    assert rule.total(["Li", "Ni", "Ni", "O"], [0.0, 1.67, 1.67, 0.0]) == 2.0  # the plain sum rounds to 3
+    assert rule.total(["Ni", "Ni", "Co"], [1.67, -1.67, 2.6]) == 3.0  # Co keeps the plain sum
+    # antiparallel frames only say nothing about the scale: plain rounded sums
+    assert TotalMomentRule.fit(entries[2:], ["Ni"]).scales == {"Ni": 1.0}
+    assert TotalMomentRule.fit([], ["Ni"]).total(["Ni", "Ni"], [1.67, 1.67]) == 3.0
+
+
+def test_members_strategy_labels_each_disputed_state_with_the_fitted_total(tmp_path):
+    param = load_param(vasp_param(tmp_path, "members"))
+    stage = LabelStage(param, local_machine("vasp_std", tmp_path))
+    earlier = tmp_path / "iter.000000" / "02.fp"
+    earlier.mkdir(parents=True)
+    (earlier / "labels.json").write_text(json.dumps(
+        [{"task": "task.000.000000", "ok": True, "total_moment": 2.0, "moment_sums": {"Ni": 3.4, "Mn": 0.0}}]))
+    predicted = [0, 1.7, 0, 0, 0, 3, 0, 0, 1.7, 0]
+    flipped = [0, 1.7, 0, 0, 0, 3, 0, 0, -1.7, 0]
+    # four members: two agree with the ensemble, one has the other state, one that state reversed
+    members = np.array([predicted, predicted, flipped, np.negative(flipped)]).T
+    frame = candidate(mixed_frame(), predicted, np.array([[0, 1.7, 0, 0, 0, 4, 0, 0, 1.7, 0]]).T)
+    frame.arrays["member_magmoms"] = members
+    write_candidates(tmp_path, 0, [frame, candidate(mixed_frame(), predicted)], iteration=1)
+    ctx = make_stage(tmp_path, stage, iteration=1)
+    tasks = sorted(stage.path(ctx).glob("task.*"))
+    assert [t.name for t in tasks] == ["task.000.000000", "task.000.000001", "task.000.000002"]
+    # Ni sums x 2/3.4 (fitted), Mn 3 x 1 (no label informs Mn): 3.4 * 0.588 + 3 = 5; antiparallel Ni: 3
+    assert incar_of(tasks[0])["NUPDOWN"] == "5" and incar_of(tasks[1])["NUPDOWN"] == "3"
+    assert incar_of(tasks[1])["MAGMOM"] == "2*0 1.7 -1.7 0 3 4*0"  # sorted: Li Li Ni Ni Co Mn O*4
+    states = [int(ase.io.read(t / "frame.extxyz").info["state"]) for t in tasks]
+    assert states == [0, 1, 0]  # the excited state of the search is not a member's: not labeled
 
 
 @pytest.mark.parametrize("mode", ["predicted", "random"])
@@ -308,6 +348,9 @@ def test_fake_vasp_make_run_collect(tmp_path):
     assert not (path / "data.002").exists()
     report = {e["task"]: e for e in json.loads((path / "labels.json").read_text())}
     assert report["task.000.000001"]["ok"] is False and report["task.000.000000"]["state"] == 0
+    # the OUTCAR's total moment and the per-element sums the total-moment rule is fitted on
+    assert report["task.000.000000"]["total_moment"] == pytest.approx(4.0)
+    assert report["task.000.000000"]["moment_sums"] == {"Fe": pytest.approx(3.007 + 1.397)}
     # a tolerant ratio lets the run go on; collecting again adds nothing (no duplicate frames)
     lenient = LabelStage(None, stage.machine, vasp_settings(tmp_path, type_map, "states", 0.5, {"Fe": (1.4, 3.0)}))
     lenient.post(ctx)

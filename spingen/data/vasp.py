@@ -22,6 +22,7 @@ without an OUTCAR of the same run next to it (vasprun.xml holds no per-ion momen
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,7 @@ class VaspFrame:
     virial: np.ndarray | None  # (3, 3) or None without stress
     moments: np.ndarray  # (natoms,)
     outcar: Path  # the OUTCAR the moments and the SCF check came from (source itself for an OUTCAR)
+    total_moment: float | None = None  # the cell's total moment ("number of electron ... magnetization")
 
     def to_system(self, type_map: Sequence[str] | None = None) -> dpdata.LabeledSystem:
         return build_system(
@@ -190,7 +192,8 @@ def _read_vasprun(path: Path) -> VaspFrame:
     ):
         msg = f"{outcar.name} next to it is not from the same run (steps, atoms, geometry or energy differ)"
         raise VaspImportError(path, msg)
-    return _frame(path, from_outcar.ionic_step, atoms, from_outcar.moments, outcar)
+    frame = _frame(path, from_outcar.ionic_step, atoms, from_outcar.moments, outcar)
+    return dataclasses.replace(frame, total_moment=from_outcar.total_moment)
 
 
 def _outcar_candidates(vasprun: Path) -> list[Path]:
@@ -217,6 +220,7 @@ def _frame(path: Path, step: int, atoms, moments: np.ndarray, outcar: Path) -> V
         cell=np.array(atoms.cell[:], dtype=float), positions=atoms.get_positions(),
         energy=float(results["free_energy"]), forces=np.array(results["forces"], dtype=float),
         virial=virial, moments=moments.copy(), outcar=outcar,
+        total_moment=None if results.get("magmom") is None else float(results["magmom"]),
     )
 
 

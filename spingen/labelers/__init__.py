@@ -39,6 +39,7 @@ class LabelResult:
     moments: np.ndarray | None = None
     cell: np.ndarray | None = None
     positions: np.ndarray | None = None
+    total_moment: float | None = None  # the cell's total moment (uB) when the code reports it
 
     @classmethod
     def failed(cls, reason: str) -> "LabelResult":

@@ -102,4 +102,5 @@ class GpawLabeler(Labeler):
         virial = data.get("virial")
         return LabelResult(True, energy=float(data["energy"]), forces=np.array(data["forces"], float),
                            virial=None if virial is None else np.array(virial, float),
-                           moments=np.array(data["moments"], float))
+                           moments=np.array(data["moments"], float),
+                           total_moment=None if data.get("total_moment") is None else float(data["total_moment"]))

@@ -206,7 +206,8 @@ class VaspLabeler(Labeler):
                 return LabelResult.failed(f"{source.name}: positions differ from the POSCAR by {shift:.3g} A "
                                           "(a relaxation, or the output of another task)")
         return LabelResult(True, energy=frame.energy, forces=frame.forces, virial=frame.virial,
-                           moments=frame.moments, cell=frame.cell, positions=frame.positions)
+                           moments=frame.moments, cell=frame.cell, positions=frame.positions,
+                           total_moment=frame.total_moment)
 
     @staticmethod
     def _read_poscar(task_dir: Path):

@@ -14,7 +14,8 @@ spin disagreement above model_devi_spin_trust), else accurate. Candidates are sa
 recorded seed, at most fp_task_max per system and fp_task_max_total in all, none for a system
 with fewer than fp_task_min. Writes `candidates.SSS.extxyz` for the label stage (each frame:
 cell/pbc/positions/symbols, arrays `initial_magmoms` (predicted ground state, uB, 0 on
-non-magnetic atoms) and, when the search found them, `excited_magmoms` (natoms, k); info `task`,
+non-magnetic atoms) and, when the search found them, `excited_magmoms` (natoms, k) and
+`member_magmoms` (natoms, members: each member's own ground state); info `task`,
 `step`, `max_devi_f`, plus `max_devi_v`, `devi_e`, `spin_disagree`), DP-GEN's
 `candidate/rest_accurate/rest_failed.shuffled.SSS.out` lists and `selection.json` (counts).
 """
@@ -417,9 +418,9 @@ def write_candidates(stage_dir: Path, out: Path, picks: Sequence[tuple[str, int,
             frame = Atoms(source.get_chemical_symbols(), positions=source.positions, cell=source.cell,
                           pbc=source.pbc)
             frame.set_initial_magnetic_moments(source.get_initial_magnetic_moments())
-            if "excited_magmoms" in source.arrays:
-                frame.arrays["excited_magmoms"] = np.asarray(source.arrays["excited_magmoms"],
-                                                             dtype=float).reshape(len(source), -1)
+            for key in ("excited_magmoms", "member_magmoms"):
+                if key in source.arrays:
+                    frame.arrays[key] = np.asarray(source.arrays[key], dtype=float).reshape(len(source), -1)
             frame.info.update(task=task, step=int(step), max_devi_f=float(row[_COL["max_devi_f"]]),
                               max_devi_v=float(row[_COL["max_devi_v"]]), devi_e=float(row[_COL["devi_e"]]),
                               spin_disagree=float(row[_COL["spin_disagree"]]))

@@ -14,6 +14,7 @@ stop the run with one message naming each failed task and its reason.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -48,11 +49,59 @@ class SpinStart:
     nupdown: float | None
 
 
-def spin_starts(atoms, strategy: str) -> list[SpinStart]:
+@dataclass(frozen=True)
+class TotalMomentRule:
+    """The fixed total moment (NUPDOWN) of a state to label: round(sum over magnetic elements e of
+    scale_e x the sum of e's moments in the state).
+
+    The moments of a state are PAW-sphere / LORBIT moments, which do not add up to the cell's total
+    (oxygen and the interstitial carry the rest: two Ni at +1.67 uB in LiNiO2 make a total of 2, not
+    3). `fit` learns scale_e from the labels already made (each frame's DFT total against its
+    per-element moment sums); an element no label informs keeps scale 1 (the plain rounded sum).
+    """
+
+    scales: Mapping[str, float]
+
+    def total(self, symbols: Sequence[str], moments: np.ndarray) -> float:
+        moments = np.asarray(moments, dtype=float)
+        symbols = np.asarray(symbols)
+        weighted = sum(self.scales.get(e, 1.0) * moments[symbols == e].sum() for e in set(symbols.tolist()))
+        return float(np.round(weighted))
+
+    @classmethod
+    def fit(cls, entries: Sequence[Mapping], magnetic: Sequence[str]) -> "TotalMomentRule":
+        """From labels.json entries with `total_moment` and `moment_sums` ({element: sum of moments})."""
+        rows = [e for e in entries if e.get("ok") and e.get("total_moment") is not None and e.get("moment_sums")]
+        if not rows:
+            return cls({})
+        sums = np.array([[float(r["moment_sums"].get(e, 0.0)) for e in magnetic] for r in rows])
+        totals = np.array([float(r["total_moment"]) for r in rows])
+        informed = np.sum(sums ** 2, axis=0) >= 1.0  # frames whose moments do not cancel (not all AFM)
+        scales = dict.fromkeys(magnetic, 1.0)
+        if informed.any():
+            rest = totals - sums[:, ~informed].sum(axis=1)
+            fitted = np.linalg.lstsq(sums[:, informed], rest, rcond=None)[0]
+            for element, scale in zip(np.asarray(magnetic)[informed], fitted):
+                if np.isfinite(scale) and scale > 0:
+                    scales[str(element)] = float(scale)
+        return cls(scales)
+
+    def describe(self) -> str:
+        return ", ".join(f"{e} x {s:.3f}" for e, s in self.scales.items()) or "plain rounded sums"
+
+
+def _rounded_sum(symbols: Sequence[str], moments: np.ndarray) -> float:
+    return float(np.round(np.sum(moments)))
+
+
+def spin_starts(atoms, strategy: str, total=_rounded_sum) -> list[SpinStart]:
     """The DFT runs of one candidate under fp_spin_init `strategy`.
 
-    states: the predicted ground state and each distinct excited state (NaN columns, repeats and
-    globally reversed repeats skipped), each with NUPDOWN = its moment sum rounded to an integer.
+    states: the predicted ground state and each distinct excited state of the ensemble's search
+    (`excited_magmoms`); members: the predicted ground state and each member model's own ground
+    state (`member_magmoms`, written where the spin disagreement was computed). Columns with NaN,
+    repeats and globally reversed repeats are skipped; each state gets the fixed total
+    `total(symbols, moments)` (a TotalMomentRule's `total`).
     """
     if strategy == "random":
         return [SpinStart(0, None, None)]
@@ -61,14 +110,28 @@ def spin_starts(atoms, strategy: str) -> list[SpinStart]:
         nupdown = atoms.info.get("nupdown")  # a candidate may pin its total moment (the initial data do)
         return [SpinStart(0, predicted, None if nupdown is None else float(nupdown))]
     states = [predicted]
-    excited = atoms.arrays.get("excited_magmoms")
-    if excited is not None:
-        excited = np.asarray(excited, dtype=float).reshape(len(atoms), -1)
-        for column in excited.T:
+    others = atoms.arrays.get("excited_magmoms" if strategy == "states" else "member_magmoms")
+    if others is not None:
+        others = np.asarray(others, dtype=float).reshape(len(atoms), -1)
+        for column in others.T:
             if np.all(np.isfinite(column)) and not any(
                     np.allclose(column, s, atol=1e-6) or np.allclose(column, -s, atol=1e-6) for s in states):
                 states.append(column)
-    return [SpinStart(k, m, float(np.round(m.sum()))) for k, m in enumerate(states)]
+    symbols = atoms.get_chemical_symbols()
+    return [SpinStart(k, m, total(symbols, m)) for k, m in enumerate(states)]
+
+
+def earlier_label_entries(workdir: Path) -> list[dict]:
+    """Every labels.json entry of the run so far (initial data and finished iterations)."""
+    entries = []
+    for pattern in (f"iter.[0-9]*/{LabelStage.dirname}/{REPORT_FILE}",
+                    f"*/iter.[0-9]*/{LabelStage.dirname}/{REPORT_FILE}"):  # init/iter.000000: the initial data
+        for path in sorted(Path(workdir).glob(pattern)):
+            try:
+                entries.extend(json.loads(path.read_text()))
+            except (OSError, json.JSONDecodeError) as exc:
+                log.warning("fp: %s unreadable (%s), not used for the total-moment rule", path, exc)
+    return entries
 
 
 def sort_by_types(atoms, type_map: Sequence[str]):
@@ -122,6 +185,10 @@ class LabelStage(Stage):
 
         path = self.path(ctx)
         n_frames = n_tasks = 0
+        total_rule = TotalMomentRule({})
+        if self.settings.spin_init in ("states", "members"):
+            total_rule = TotalMomentRule.fit(earlier_label_entries(ctx.workdir), self.settings.magnetic)
+            log.info("fp: fixed total moment of each state = round(sum of moments, %s)", total_rule.describe())
         for file in sorted((ctx.iter_dir / self.candidates_dir).glob(CANDIDATES_GLOB)):
             system = int(file.name.split(".")[1])
             frames = ase.io.read(file, index=":", format="extxyz") if file.stat().st_size else []
@@ -136,7 +203,7 @@ class LabelStage(Stage):
             count = 0
             for index, frame in enumerate(frames):
                 atoms = sort_by_types(frame, self.settings.type_map)
-                for start in spin_starts(atoms, self.settings.spin_init):
+                for start in spin_starts(atoms, self.settings.spin_init, total_rule.total):
                     task = path / f"task.{system:03d}.{count:06d}"
                     task.mkdir()
                     self.labeler.write_inputs(task, atoms, start.moments, start.nupdown)
@@ -179,7 +246,10 @@ class LabelStage(Stage):
                      "reason": result.reason}
             if result.ok:
                 converged.setdefault(system, []).append((atoms, result))
-                entry.update(energy=result.energy, moments=np.round(result.moments, 3).tolist())
+                entry.update(energy=result.energy, moments=np.round(result.moments, 3).tolist(),
+                             total_moment=result.total_moment,
+                             moment_sums=_moment_sums(atoms.get_chemical_symbols(), result.moments,
+                                                      self.settings.magnetic))
             else:
                 failed.append((task, result.reason))
                 log.warning("fp: %s failed: %s", task, result.reason)
@@ -297,15 +367,20 @@ def _with_geometry(atoms, result: LabelResult) -> LabelResult:
     """A result with the geometry set: the code's own if it reported one, else the task's input."""
     if result.cell is not None and result.positions is not None:
         return result
-    return LabelResult(True, result.reason, result.energy, result.forces, result.virial, result.moments,
-                       np.asarray(atoms.cell[:], dtype=float), atoms.get_positions())
+    return dataclasses.replace(result, cell=np.asarray(atoms.cell[:], dtype=float), positions=atoms.get_positions())
+
+
+def _moment_sums(symbols: Sequence[str], moments: np.ndarray, magnetic: Sequence[str]) -> dict[str, float]:
+    """{magnetic element: sum of its atoms' moments} (what TotalMomentRule.fit reads)."""
+    symbols = np.asarray(symbols)
+    return {e: round(float(np.sum(moments[symbols == e])), 4) for e in magnetic if np.any(symbols == e)}
 
 
 def _write_frame(path: Path, atoms, start: SpinStart, system: int, source: str, index: int) -> None:
     import ase.io
 
     frame = atoms.copy()
-    for key in ("initial_magmoms", "excited_magmoms"):
+    for key in ("initial_magmoms", "excited_magmoms", "member_magmoms"):
         frame.arrays.pop(key, None)
     if start.moments is not None:
         frame.arrays["initial_magmoms"] = np.asarray(start.moments, dtype=float)

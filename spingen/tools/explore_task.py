@@ -8,6 +8,8 @@ steps, streamed and flushed:
 
 * `traj.extxyz`: the frame (cell, positions, `initial_magmoms` = the optimized moments, 0 on
   non-magnetic atoms; `excited_magmoms` (natoms, k) = the other low states of that frame's search;
+  `member_magmoms` (natoms, members) = each member's own ground state, where the spin disagreement
+  was computed;
   info `step`, `model_energy` (eV, the driving model(s); ASE would turn a key `energy` into a
   calculator result when reading));
 * `model_devi.out`: one row per frame, columns ``DEVI_COLUMNS``. The first seven are DP-GEN's and
@@ -106,8 +108,9 @@ def model_deviation(energies: np.ndarray, forces: np.ndarray, virials: np.ndarra
                      f_devi.max(), f_devi.min(), f_devi.mean(), e_devi])
 
 
-def spin_disagreement(calc, atoms, seed: int, priors: list | None = None) -> float:
-    """Fraction of magnetic ions whose moment differs between the members' own ground states.
+def spin_disagreement(calc, atoms, seed: int, priors: list | None = None) -> tuple[float, np.ndarray | None]:
+    """Fraction of magnetic ions whose moment differs between the members' own ground states, and
+    those states (members x magnetic ions; None when not computed).
 
     Each member searches alone, warm-started from the calculator's current moments with its own
     energy and -dE/dS there (from the deviation's evaluation, free) and, when `priors` is given,
@@ -115,7 +118,7 @@ def spin_disagreement(calc, atoms, seed: int, priors: list | None = None) -> flo
     their own landscapes, frame after frame. NaN when a member's search ends on a non-finite energy.
     """
     if len(calc.models) < 2:
-        return 0.0
+        return 0.0, None
     energies = calc.ensemble_predictions(atoms)[0]
     minus_grads = calc.member_minus_spin_grad
     states = []
@@ -126,10 +129,10 @@ def spin_disagreement(calc, atoms, seed: int, priors: list | None = None) -> flo
         if priors is not None:
             priors[k] = result
         if not np.isfinite(result.best_energy):
-            return float("nan")
+            return float("nan"), None
         states.append(np.asarray(result.best_moments, dtype=float))
     states = np.array(states)
-    return float(np.mean(np.any(np.abs(states - states[0]) > 1e-6, axis=0)))
+    return float(np.mean(np.any(np.abs(states - states[0]) > 1e-6, axis=0))), states
 
 
 def header() -> str:
@@ -157,13 +160,16 @@ class FrameWriter:
         values = list(model_deviation(energies, forces, virials))
         self.timings["deviation"] += time.perf_counter() - start
         start = time.perf_counter()
+        member_states = None
         if self.spin_devi_freq > 0 and self.frames % self.spin_devi_freq == 0:
-            values.append(spin_disagreement(self.calc, atoms, self.seed + 7919 * step, self.member_searches))
+            disagreement, member_states = spin_disagreement(self.calc, atoms, self.seed + 7919 * step,
+                                                            self.member_searches)
+            values.append(disagreement)
         else:
             values.append(SPIN_NOT_COMPUTED)
         self.timings["spin_disagree"] += time.perf_counter() - start
         start = time.perf_counter()
-        self._write_frame(step, atoms)
+        self._write_frame(step, atoms, member_states)
         self._append(format_row(step, values))
         self.frames += 1
         self.timings["write"] += time.perf_counter() - start
@@ -172,7 +178,7 @@ class FrameWriter:
         """The row of a step whose driving evaluation was not finite: every value NaN."""
         self._append(format_row(step, [float("nan")] * (len(DEVI_COLUMNS) - 1)))
 
-    def _write_frame(self, step: int, atoms) -> None:
+    def _write_frame(self, step: int, atoms, member_states: np.ndarray | None) -> None:
         import ase.io
         from ase import Atoms
 
@@ -181,6 +187,8 @@ class FrameWriter:
         excited = self.calc.excited_magmoms()
         if excited.shape[1]:
             frame.arrays["excited_magmoms"] = excited
+        if member_states is not None:  # each member's own ground state, a column per member
+            frame.arrays["member_magmoms"] = np.array([self.calc.full_moments(m) for m in member_states]).T
         frame.info["step"] = int(step)
         frame.info["model_energy"] = float(self.calc.results["energy"])  # "energy" would become a calc on read
         with open(self.traj, "a") as handle:
