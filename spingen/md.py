@@ -37,6 +37,7 @@ from ase.calculators.calculator import Calculator, all_changes
 
 from spingen.spin.encoding import SpinEncoding
 from spingen.spin.levels import MomentLevels, infer_magnitudes
+from spingen.spin.model import SymmetrizedModel
 from spingen.spin.search import SearchResult, SearchSettings, search_ground_state
 
 SEARCH_KEYS = tuple(f.name for f in dataclasses.fields(SearchSettings))  # the search's knobs
@@ -84,7 +85,10 @@ class SpinModelCalculator(Calculator):
     magnetic ion has one, else a cold search. They are snapped to the nearest allowed level.
     search: settings of ``search_ground_state`` (SEARCH_KEYS, e.g. {"max_evaluations": 8}); seed: the first search's
     seed (search n uses seed + n). total_moment: fixed sum of the moments (like NUPDOWN).
-    fix_global_sign: search one of each pair S, -S (right for flip-augmented models).
+    fix_global_sign: search one of each pair S, -S (right for flip-augmented or symmetrized models).
+    symmetrize: use E_sym(S) = (E(S) + E(-S)) / 2 and its forces, virial and -dE/dS everywhere (the
+    MD, the search, the deviations): exact reversal symmetry for models trained without flip
+    augmentation, at twice the cost of each evaluation.
     optimize_jit: let TorchScript's profiling executor optimize the graphs (slow first calls).
 
     After a calculation: ``results["magmoms"]`` (natoms,), ``moments`` (magnetic ions),
@@ -98,7 +102,7 @@ class SpinModelCalculator(Calculator):
                  encoding: SpinEncoding | None = None, drive: str | int = "mean", spin_opt_freq: int = 1,
                  moments: np.ndarray | None = None, search: Mapping[str, Any] | None = None, seed: int = 0,
                  total_moment: float | None = None, fix_global_sign: bool = True, optimize_jit: bool = False,
-                 **kwargs: Any) -> None:
+                 symmetrize: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         from spingen.deepmd_model import load_models, model_spin_settings
 
@@ -138,6 +142,7 @@ class SpinModelCalculator(Calculator):
         self.total_moment = total_moment
         self.fix_global_sign = bool(fix_global_sign)
         self.optimize_jit = bool(optimize_jit)
+        self.symmetrize = bool(symmetrize)
         self._start = None if moments is None else np.asarray(moments, dtype=float)
         self.levels: MomentLevels | None = None
         self.moments: np.ndarray | None = None  # current moments of levels.magnetic_indices
@@ -226,7 +231,7 @@ class SpinModelCalculator(Calculator):
 
     # -- the work ----------------------------------------------------------------------------
     def spin_model(self, atoms, models: Sequence[Any] | None = None):
-        """The search's energy model (``DeepmdSpinModel``) of this geometry, driving models by default."""
+        """The ``DeepmdSpinModel`` of this geometry, driving models by default (not symmetrized)."""
         from spingen.deepmd_model import DeepmdSpinModel
 
         cell = atoms.cell.array if atoms.pbc.any() else None
@@ -246,7 +251,8 @@ class SpinModelCalculator(Calculator):
         if prior is None and adopt:
             prior = self.last_search
         model = self.spin_model(atoms, models)
-        result = search_ground_state(model, self.levels, start=self.moments, prior=prior, known=known,
+        searched = SymmetrizedModel(model) if self.symmetrize else model
+        result = search_ground_state(searched, self.levels, start=self.moments, prior=prior, known=known,
                                      seed=self.seed + self.n_searches if seed is None else seed,
                                      **self.search_kwargs)
         for dp, ok in zip(model.models, model.fast_ok):  # checked on the first geometry: trusted from then on
@@ -283,20 +289,26 @@ class SpinModelCalculator(Calculator):
 
     def predict(self, atoms, models: Sequence[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Energies (M,), forces (M, natoms, 3), virials (M, 9) and -dE/dS (M, n_magnetic) of
-        `models` at the current moments (-dE/dS: the z component of force_mag, as in the search)."""
-        cell = atoms.cell.array.reshape(1, 9) if atoms.pbc.any() else None
+        `models` at the current moments (-dE/dS: the z component of force_mag, as in the search);
+        symmetrized: the means over S and -S (one batched call of two frames per model)."""
         if atoms.pbc.any() and not atoms.pbc.all():
             raise ValueError("partly periodic structures are not supported: deepmd-kit needs pbc on all axes or none")
-        spin = self.encoding.to_deepmd(self.full_moments(), self.symbols).reshape(1, -1)
-        coords = atoms.positions.reshape(1, -1)
+        signs = (1.0, -1.0) if self.symmetrize else (1.0,)
+        nf, natoms = len(signs), len(atoms)
+        cell = np.tile(atoms.cell.array.reshape(1, 9), (nf, 1)) if atoms.pbc.any() else None
+        spin = np.stack([self.encoding.to_deepmd(sign * self.full_moments(), self.symbols).reshape(-1)
+                         for sign in signs])
+        coords = np.tile(atoms.positions.reshape(1, -1), (nf, 1))
+        sign_column = np.array(signs)[:, None]
         energies, forces, virials, minus_grads = [], [], [], []
         with self._jit():
             for dp in models:
                 e, f, v, force_mag = dp.eval(coords, cell, self.atom_types, spin=spin)[:4]
-                energies.append(float(np.reshape(e, -1)[0]))
-                forces.append(np.reshape(f, (len(atoms), 3)))
-                virials.append(np.reshape(v, 9))
-                minus_grads.append(np.reshape(force_mag, (len(atoms), 3))[self.levels.magnetic_indices, 2])
+                energies.append(float(np.mean(np.reshape(e, nf))))
+                forces.append(np.reshape(f, (nf, natoms, 3)).mean(axis=0))
+                virials.append(np.reshape(v, (nf, 9)).mean(axis=0))
+                grads = np.reshape(force_mag, (nf, natoms, 3))[:, self.levels.magnetic_indices, 2]
+                minus_grads.append(np.mean(sign_column * grads, axis=0))  # d/dS of E(-S) is -E'(-S)
         return np.array(energies), np.array(forces), np.array(virials), np.array(minus_grads)
 
     def _evaluate(self, atoms) -> None:

@@ -246,6 +246,10 @@ def param_arginfo() -> Argument:
                      "combined with the iteration index and recorded in 01.model_devi/seed.json."),
         Argument("model_devi_compressibility", float, optional=True, default=1e-6,
                  doc="Compressibility (1/bar) of the npt-berendsen barostat (about 1e-6 for an oxide)."),
+        Argument("model_devi_spin_symmetrize", bool, optional=True, default=False,
+                 doc="Explore with the symmetrized energy E_sym(S) = (E(S) + E(-S)) / 2 (and its forces, "
+                     "virial and spin forces): exact reversal symmetry for models trained without "
+                     "spin/flip_augmentation, at twice the cost of every model evaluation (batched)."),
         Argument("model_devi_spin_search", dict, optional=True, default={},
                  doc="Settings of the spin searches during MD (each warm-started from the current moments and "
                      "the previous search). Each key is a field of spingen.spin.search.SearchSettings; "

@@ -190,6 +190,29 @@ def test_members_warm_start_from_their_own_searches(dps):
     assert value == pytest.approx(np.mean(minima[0] != minima[1]))
 
 
+def test_symmetrized_calculator_is_exactly_reversal_symmetric(dps):
+    """model_devi_spin_symmetrize: E_sym(S) = (E(S) + E(-S)) / 2, its forces and -dE/dS, for
+    models whose own energies are not symmetric."""
+    from spingen.md import SpinModelCalculator
+
+    atoms = cell16(seed=12)
+    start = np.zeros(len(atoms))
+    start[atoms.symbols == "Ni"] = [3.0, -1.0, 1.0, -3.0]
+    out = {}
+    for sign in (1.0, -1.0):
+        calc = SpinModelCalculator(dps, MAGNITUDES, encoding=SPIN.encoding, drive="mean", spin_opt_freq=0,
+                                   moments=sign * start, symmetrize=True, fix_global_sign=False)
+        atoms.calc = calc
+        out[sign] = (atoms.get_potential_energy(), atoms.get_forces(), calc.minus_spin_grad.copy())
+    energies, forces, _ = predict(dps, [atoms, atoms], [start, -start])  # plain models, (M, 2)
+    assert np.abs(energies[:, 0] - energies[:, 1]).max() > 1e-4  # the models alone are not symmetric
+    assert out[1.0][0] == pytest.approx(out[-1.0][0], abs=1e-9)
+    assert out[1.0][0] == pytest.approx(energies.mean(), abs=1e-6)
+    np.testing.assert_allclose(out[1.0][1], out[-1.0][1], atol=1e-9)
+    np.testing.assert_allclose(out[1.0][1], forces.mean(axis=(0, 1)), atol=1e-6)
+    np.testing.assert_allclose(out[1.0][2], -out[-1.0][2], atol=1e-9)  # -dE_sym/dS is odd in S
+
+
 def test_forces_and_stress_finite_difference_at_fixed_spins(dps):
     from spingen.md import SpinModelCalculator
 

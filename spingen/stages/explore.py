@@ -69,6 +69,7 @@ class ExploreSettings:
     seed: int
     compressibility: float
     spin_search: Mapping[str, Any]
+    symmetrize: bool
     task_max: int
     task_max_total: int | None
     task_min: int
@@ -124,7 +125,7 @@ def explore_settings(param: Param) -> ExploreSettings:
     return ExploreSettings(
         float(raw["model_devi_f_trust_lo"]), float(raw["model_devi_f_trust_hi"]), float(raw["model_devi_spin_trust"]),
         int(raw["model_devi_skip"]), v_lo, v_hi, float(raw["model_devi_dt"]), raw["model_devi_driver"], int(raw["model_devi_seed"]),
-        float(raw["model_devi_compressibility"]), search, int(raw["fp_task_max"]),
+        float(raw["model_devi_compressibility"]), search, bool(raw["model_devi_spin_symmetrize"]), int(raw["fp_task_max"]),
         None if total is None else int(total), int(raw["fp_task_min"]))
 
 
@@ -251,7 +252,8 @@ class ExploreStage(Stage):
             pressure=None if pressure is None else float(pressure), nsteps=int(job["nsteps"]), dt_ps=s.dt_ps,
             trj_freq=int(job["trj_freq"]), taut_ps=float(job["taut"]), taup_ps=float(job["taup"]),
             compressibility=s.compressibility, spin_opt_freq=int(job["spin_opt_freq"]),
-            spin_devi_freq=int(job["spin_devi_freq"]), seed=seed, spin_search=dict(s.spin_search))
+            spin_devi_freq=int(job["spin_devi_freq"]), seed=seed, spin_search=dict(s.spin_search),
+            symmetrize=s.symmetrize)
 
     # ---- run
     def task_dirs(self, ctx: StageContext) -> list[str]:

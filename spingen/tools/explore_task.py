@@ -70,6 +70,7 @@ class ExploreTaskSettings:
     spin_devi_freq: int
     seed: int
     spin_search: Mapping[str, Any] = field(default_factory=dict)
+    symmetrize: bool = False
 
     def save(self, path: Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=1) + "\n")
@@ -78,7 +79,7 @@ class ExploreTaskSettings:
     def load(cls, path: Path) -> "ExploreTaskSettings":
         data = json.loads(Path(path).read_text())
         names = set(cls.__dataclass_fields__)
-        unknown, missing = sorted(set(data) - names), sorted(names - set(data) - {"spin_search"})
+        unknown, missing = sorted(set(data) - names), sorted(names - set(data) - {"spin_search", "symmetrize"})
         if unknown or missing:
             raise ValueError(f"{path}: unknown keys {unknown}, missing keys {missing}")
         data["models"] = tuple(data["models"])
@@ -215,7 +216,8 @@ def run(task_dir: str | Path, models: Sequence[Any] | None = None) -> int:
     begin = time.perf_counter()
     calc = SpinModelCalculator(list(models) if models is not None else [task_dir / m for m in settings.models],
                                settings.magnitudes, encoding=settings.encoding, drive=settings.drive,
-                               spin_opt_freq=settings.spin_opt_freq, search=settings.spin_search, seed=settings.seed)
+                               spin_opt_freq=settings.spin_opt_freq, search=settings.spin_search, seed=settings.seed,
+                               symmetrize=settings.symmetrize)
     writer = FrameWriter(task_dir, calc, settings.spin_devi_freq, settings.seed)
     status = "finished"
     try:
