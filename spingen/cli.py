@@ -129,7 +129,7 @@ def cmd_spin_search(args: argparse.Namespace) -> int:
         raise InputError("give at least one MODEL and the STRUCTURE")
     return run(args.paths[:-1], args.paths[-1], args.moments, magnetic=args.magnetic, eta=args.eta,
                offset=args.offset, nupdown=args.nupdown, k=args.k, seed=args.seed, output=args.output,
-               batch_size=args.batch_size, max_evaluations=args.max_evaluations)
+               batch_size=args.batch_size, max_evaluations=args.max_evaluations, symmetrize=args.symmetrize)
 
 
 def cmd_test(args: argparse.Namespace) -> int:
@@ -237,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--seed", type=int, default=0, help="random seed of the genetic search (default 0)")
     search.add_argument("--batch-size", type=int, default=256, help="most configurations per model call")
     search.add_argument("--max-evaluations", type=int, help="stop the search after this many evaluations")
+    search.add_argument("--symmetrize", action="store_true",
+                        help="search E_sym(S) = (E(S) + E(-S)) / 2 (models trained without flip augmentation)")
     search.add_argument("-o", "--output", help="write the MAGMOM lines here (default: print them)")
     search.set_defaults(func=cmd_spin_search)
 

@@ -239,6 +239,22 @@ def test_cli_spin_search(models, deeppots, tmp_path, capsys):
     np.testing.assert_array_equal(magmom, expected)
 
 
+def test_cli_spin_search_symmetrized(models, deeppots, tmp_path, capsys):
+    from ase.io import read
+
+    poscar = write_poscar(tmp_path / "POSCAR")
+    assert main(["spin-search", str(models[0]), str(poscar), "--moments", "Ni=1,3", "--offset", "0.2",
+                 "--symmetrize"]) == 0
+    printed = capsys.readouterr().out
+    atoms = read(poscar)
+    model = bind(deeppots[:1], atoms)
+    every = np.concatenate(list(MomentLevels({"Ni": [1, 3]}, atoms.get_chemical_symbols()).iter_moments()))
+    plain = model.evaluate(every)[0]
+    symmetric = 0.5 * (plain + model.evaluate(-every)[0])
+    assert np.abs(plain - symmetric).max() > 1e-5  # the model alone is not reversal symmetric
+    assert f"ground state energy {symmetric.min():.6f} eV" in printed and "E_sym" in printed
+
+
 @pytest.mark.parametrize("args,message", [
     (["--moments", "Ni=1,3"], "--offset is required"),
     (["--moments", "Co=1,3", "--offset", "0.2"], "['Co'] are not in the model's type_map"),

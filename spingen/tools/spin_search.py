@@ -67,7 +67,7 @@ def read_structure(path: str):
 def run(models: Sequence[str], structure: str, moments: Sequence[str], *, magnetic: Sequence[int] | None = None,
         eta: float | None = None, offset: float | None = None, nupdown: float | None = None, k: int = 5,
         seed: int = 0, output: str | None = None, batch_size: int = 256, max_evaluations: int | None = None,
-        out: TextIO | None = None) -> int:
+        symmetrize: bool = False, out: TextIO | None = None) -> int:
     """The tool itself; returns the exit code. Bad input raises InputError."""
     out = out or sys.stdout
     magnitudes = parse_moments(moments)
@@ -83,7 +83,7 @@ def run(models: Sequence[str], structure: str, moments: Sequence[str], *, magnet
                          "model; use spin.offset of the spingen param.json the model was trained with")
 
     from spingen.deepmd_model import DeepmdSpinModel, load_models, model_spin_settings
-    from spingen.spin import MomentLevels, SpinEncoding, search_ground_state
+    from spingen.spin import MomentLevels, SpinEncoding, SymmetrizedModel, search_ground_state
 
     dps = load_models(list(models))
     type_map = list(dps[0].get_type_map())
@@ -134,7 +134,10 @@ def run(models: Sequence[str], structure: str, moments: Sequence[str], *, magnet
         raise InputError(str(err)) from None
     assert np.array_equal(levels.magnetic_indices, model.magnetic_indices)
 
-    result = search_ground_state(model, levels, seed=seed, n_lowest=k, max_evaluations=max_evaluations)
+    if symmetrize and np.any(np.delete(background, sel) != 0):
+        raise InputError("--symmetrize reverses every moment: the atoms outside --magnetic must have no moment")
+    searched = SymmetrizedModel(model) if symmetrize else model
+    result = search_ground_state(searched, levels, seed=seed, n_lowest=k, max_evaluations=max_evaluations)
     states = [np.asarray(m, dtype=float) for m, _ in result.lowest]
     energies = np.array([e for _, e in result.lowest])
 
@@ -152,9 +155,12 @@ def run(models: Sequence[str], structure: str, moments: Sequence[str], *, magnet
           + (f"; total moment {nupdown}" if nupdown is not None else "") + " (global sign fixed)", file=out)
     print(f"search      {result.method}; {result.n_evaluations} evaluations of {levels.n_configurations} "
           f"configurations ({100.0 * result.n_evaluations / levels.n_configurations:.3g}%)", file=out)
-    print(f"ground state energy {result.best_energy:.6f} eV", file=out)
+    print(f"ground state energy {result.best_energy:.6f} eV" + (" (E_sym = (E(S) + E(-S)) / 2)" if symmetrize else ""),
+          file=out)
     if model.n_models > 1:
         members, _ = model.evaluate_members(states)
+        if symmetrize:
+            members = 0.5 * (members + model.evaluate_members(-np.asarray(states))[0])
         spread = members.std(axis=0)
         print(f"ensemble spread (std of {model.n_models} models) of the ground state: {1000 * spread[0]:.2f} meV",
               file=out)
