@@ -90,18 +90,17 @@ class TotalMomentRule:
         return ", ".join(f"{e} x {s:.3f}" for e, s in self.scales.items()) or "plain rounded sums"
 
 
-def _rounded_sum(symbols: Sequence[str], moments: np.ndarray) -> float:
-    return float(np.round(np.sum(moments)))
+PLAIN_TOTALS = TotalMomentRule({})  # the rounded sum of the moments
 
 
-def spin_starts(atoms, strategy: str, total=_rounded_sum) -> list[SpinStart]:
+def spin_starts(atoms, strategy: str, totals: TotalMomentRule = PLAIN_TOTALS) -> list[SpinStart]:
     """The DFT runs of one candidate under fp_spin_init `strategy`.
 
     states: the predicted ground state and each distinct excited state of the ensemble's search
     (`excited_magmoms`); members: the predicted ground state and each member model's own ground
     state (`member_magmoms`, written where the spin disagreement was computed). Columns with NaN,
     repeats and globally reversed repeats are skipped; each state gets the fixed total
-    `total(symbols, moments)` (a TotalMomentRule's `total`).
+    `totals.total(symbols, moments)`.
     """
     if strategy == "random":
         return [SpinStart(0, None, None)]
@@ -118,7 +117,7 @@ def spin_starts(atoms, strategy: str, total=_rounded_sum) -> list[SpinStart]:
                     np.allclose(column, s, atol=1e-6) or np.allclose(column, -s, atol=1e-6) for s in states):
                 states.append(column)
     symbols = atoms.get_chemical_symbols()
-    return [SpinStart(k, m, total(symbols, m)) for k, m in enumerate(states)]
+    return [SpinStart(k, m, totals.total(symbols, m)) for k, m in enumerate(states)]
 
 
 def earlier_label_entries(workdir: Path) -> list[dict]:
@@ -185,10 +184,10 @@ class LabelStage(Stage):
 
         path = self.path(ctx)
         n_frames = n_tasks = 0
-        total_rule = TotalMomentRule({})
+        totals = PLAIN_TOTALS
         if self.settings.spin_init in ("states", "members"):
-            total_rule = TotalMomentRule.fit(earlier_label_entries(ctx.workdir), self.settings.magnetic)
-            log.info("fp: fixed total moment of each state = round(sum of moments, %s)", total_rule.describe())
+            totals = TotalMomentRule.fit(earlier_label_entries(ctx.workdir), self.settings.magnetic)
+            log.info("fp: fixed total moment of each state = round(sum of moments, %s)", totals.describe())
         for file in sorted((ctx.iter_dir / self.candidates_dir).glob(CANDIDATES_GLOB)):
             system = int(file.name.split(".")[1])
             frames = ase.io.read(file, index=":", format="extxyz") if file.stat().st_size else []
@@ -203,7 +202,7 @@ class LabelStage(Stage):
             count = 0
             for index, frame in enumerate(frames):
                 atoms = sort_by_types(frame, self.settings.type_map)
-                for start in spin_starts(atoms, self.settings.spin_init, total_rule.total):
+                for start in spin_starts(atoms, self.settings.spin_init, totals):
                     task = path / f"task.{system:03d}.{count:06d}"
                     task.mkdir()
                     self.labeler.write_inputs(task, atoms, start.moments, start.nupdown)
