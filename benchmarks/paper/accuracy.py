@@ -48,6 +48,7 @@ BIN = Path(sys.executable).parent
 DOC = REPO / "docs" / "benchmarks" / "paper.md"
 DOC_BEGIN = "<!-- results:begin (written by benchmarks/paper/accuracy.py) -->"
 DOC_END = "<!-- results:end -->"
+RESULTS = DOC.parent / "paper" / "results.json"  # every system's last results, rendered together
 
 SUPERCELL = (3, 1, 1)  # the 8-atom cells of <system>/POSCAR -> 24 atoms, 6 magnetic ions
 
@@ -274,17 +275,19 @@ def run_system(system: str, args) -> dict:
             "dft_kind": {"moments": [float(x) for x in dft_kind], "geometries": lowest.count(dft_kind), "of": len(lowest)}}
 
 
-def render(out: dict, args, command: str) -> str:
-    lines = [f"Measured {out['date']} on `{out['machine']}` ({out['cpu']}, {os.cpu_count()} cores); "
-             f"peak RSS of the driver {out['peak_rss_mib']:.0f} MiB (trainings are separate `dp` processes, "
-             f"{args.parallel} at a time). Command:", "", f"    {command}", "",
-             f"Networks (every model): se_e2_a neuron {NETWORK['descriptor']['neuron']}, axis "
-             f"{NETWORK['descriptor']['axis_neuron']}, rcut {NETWORK['descriptor']['rcut']} A, fitting "
-             f"{NETWORK['fitting_net']['neuron']}; {args.steps} steps, batch 2, lr 2e-3 -> 2e-5; spin models "
-             "with flip augmentation (ener_spin, magnetic-force prefactor 0).", ""]
+def render(systems: dict) -> str:
+    """The results block: one section per system, each with when, where and how it was measured."""
+    lines = []
     for system, res in out["systems"].items():
-        c = res["counts"]
+        c, run = res["counts"], res["run"]
         lines += [f"### {system}", "",
+                  f"Measured {run['date']} on `{run['machine']}` ({run['cpu']}, {run['cores']} cores); peak RSS "
+                  f"of the driver {run['peak_rss_mib']:.0f} MiB (trainings are separate `dp` processes, "
+                  f"{run['parallel']} at a time). Command:", "", f"    {run['command']}", "",
+                  f"Networks (every model): se_e2_a neuron {NETWORK['descriptor']['neuron']}, axis "
+                  f"{NETWORK['descriptor']['axis_neuron']}, rcut {NETWORK['descriptor']['rcut']} A, fitting "
+                  f"{NETWORK['fitting_net']['neuron']}; {run['steps']} steps, batch 2, lr 2e-3 -> 2e-5; spin "
+                  "models with flip augmentation unless said (ener_spin, magnetic-force prefactor 0).", "",
                   f"{c['frames']} frames = {c['geometries']} geometries x {c['states_per_geometry']} converged "
                   f"state(s); held out: {c['test_geometries']} geometries ({c['test_all']} frames, "
                   f"{c['test_ground']} ground states). Mean energy spread between the states of one geometry: "
@@ -329,7 +332,7 @@ def render(out: dict, args, command: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--systems", nargs="+", default=["linio2"],
+    parser.add_argument("--systems", nargs="+", default=["linio2", "licoo2"],
                         help="folders of data/ (magnetic elements from <system>/param.json)")
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--etas", type=float, nargs="+", default=[0.1, 0.3, 0.5])
@@ -339,13 +342,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--workdir", default="/tmp/spingen_paper_benchmark")
     args = parser.parse_args(argv)
-    out = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": " ".join(platform.uname()[:3]),
-           "cpu": platform.processor() or platform.machine(),
-           "systems": {s: run_system(s, args) for s in args.systems}}
-    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    (Path(args.workdir) / "results.json").write_text(json.dumps(out, indent=1, default=str))
     command = "python benchmarks/paper/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    block = render(out, args, command)
+    stored = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    for system in args.systems:  # systems not run this time keep their stored results
+        res = run_system(system, args)
+        res["run"] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                      "machine": " ".join(platform.uname()[:3]), "cpu": platform.processor() or platform.machine(),
+                      "cores": os.cpu_count(), "parallel": args.parallel, "steps": args.steps, "command": command,
+                      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        stored[system] = json.loads(json.dumps(res, default=float))
+        RESULTS.write_text(json.dumps(stored, indent=1) + "\n")
+    block = render(stored)
     print(block)
     from results_block import write_results
 
