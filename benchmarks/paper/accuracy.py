@@ -278,7 +278,7 @@ def run_system(system: str, args) -> dict:
 def render(systems: dict) -> str:
     """The results block: one section per system, each with when, where and how it was measured."""
     lines = []
-    for system, res in out["systems"].items():
+    for system, res in systems.items():
         c, run = res["counts"], res["run"]
         lines += [f"### {system}", "",
                   f"Measured {run['date']} on `{run['machine']}` ({run['cpu']}, {run['cores']} cores); peak RSS "
@@ -332,8 +332,8 @@ def render(systems: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--systems", nargs="+", default=["linio2", "licoo2"],
-                        help="folders of data/ (magnetic elements from <system>/param.json)")
+    parser.add_argument("--systems", nargs="*", default=["linio2", "licoo2"],
+                        help="folders of data/ (magnetic elements from <system>/param.json); none: only render the stored results")
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--etas", type=float, nargs="+", default=[0.1, 0.3, 0.5])
     parser.add_argument("--offsets", type=float, nargs="+", default=[0.2])
