@@ -77,6 +77,13 @@ def geometry_groups(coords: np.ndarray, decimals: int = 4) -> np.ndarray:
     return np.array([index[k] for k in keys])
 
 
+def complete_groups(groups: np.ndarray) -> list[int]:
+    """Geometries labeled in every state (the most frames of any geometry): only there is the
+    lowest labeled state known to be the ground state (a state whose SCF failed is missing)."""
+    sizes = np.bincount(groups)
+    return [g for g in range(len(sizes)) if sizes[g] == sizes.max()]
+
+
 def split(system_path: Path, out: Path, test_fraction: float, seed: int) -> dict:
     """Write train_all / train_ground / test_all / test_ground deepmd/npy systems; return counts."""
     from spingen.data.npy import load_system
@@ -88,7 +95,7 @@ def split(system_path: Path, out: Path, test_fraction: float, seed: int) -> dict
     test_groups = set(order[: max(1, round(test_fraction * n_groups))].tolist())
     energies = system.data["energies"]
     ground = np.zeros(len(groups), bool)
-    for g in range(n_groups):
+    for g in complete_groups(groups):
         members = np.flatnonzero(groups == g)
         ground[members[np.argmin(energies[members])]] = True
     is_test = np.array([g in test_groups for g in groups])
@@ -101,7 +108,8 @@ def split(system_path: Path, out: Path, test_fraction: float, seed: int) -> dict
     gaps = [np.ptp(energies[groups == g]) / system.get_natoms() * 1000 for g in range(n_groups)
             if np.sum(groups == g) > 1]
     return {"frames": len(groups), "geometries": int(n_groups), "states_per_geometry": sorted(states),
-            "test_geometries": len(test_groups), **{k: int(v.sum()) for k, v in parts.items()},
+            "test_geometries": len(test_groups), "complete_geometries": len(complete_groups(groups)),
+            **{k: int(v.sum()) for k, v in parts.items()},
             "state_gap_meV_atom_mean": float(np.mean(gaps)) if gaps else 0.0,
             "moment_range": [float(np.min(np.abs(moments[:, moments.any(0)]))),
                              float(np.max(np.abs(moments)))]}
@@ -159,7 +167,7 @@ def canonical(config: np.ndarray) -> tuple:
 
 
 def ground_state_agreement(model: Path, test: Path, magnetic: tuple[str, ...], levels: dict) -> dict:
-    """Per held-out geometry: is the DFT-lowest labeled state (snapped to the levels, up to a global
+    """Per held-out geometry labeled in every state: is the DFT-lowest labeled state (snapped to the levels, up to a global
     flip) the model's minimum over every sign and level combination of its magnetic ions?"""
     from ase import Atoms
 
@@ -174,7 +182,7 @@ def ground_state_agreement(model: Path, test: Path, magnetic: tuple[str, ...], l
     groups = geometry_groups(system.data["coords"])
     encoding = SpinEncoding.beside(model)
     agree, total, evaluations = 0, 0, 0
-    for g in range(groups.max() + 1):
+    for g in complete_groups(groups):
         members = np.flatnonzero(groups == g)
         lowest = members[np.argmin(system.data["energies"][members])]
         atoms = Atoms(symbols, positions=system.data["coords"][lowest], cell=system.data["cells"][lowest], pbc=True)
@@ -190,7 +198,7 @@ def ground_state_agreement(model: Path, test: Path, magnetic: tuple[str, ...], l
 
 
 def snapped_lowest_states(system_path: Path, levels: dict) -> list[tuple]:
-    """Per geometry of a data set: its lowest labeled state, snapped to the levels, up to a global flip."""
+    """Per geometry of a data set labeled in every state: its lowest labeled state, snapped to the levels, up to a global flip."""
     from spingen.data.npy import load_system
     from spingen.spin.levels import MomentLevels
 
@@ -199,7 +207,7 @@ def snapped_lowest_states(system_path: Path, levels: dict) -> list[tuple]:
     space = MomentLevels(levels, symbols)
     groups = geometry_groups(system.data["coords"])
     states = []
-    for g in range(groups.max() + 1):
+    for g in complete_groups(groups):
         members = np.flatnonzero(groups == g)
         lowest = members[np.argmin(system.data["energies"][members])]
         dft = system.data["spins"][lowest, space.magnetic_indices, 2]
@@ -289,8 +297,9 @@ def render(systems: dict) -> str:
                   f"{NETWORK['fitting_net']['neuron']}; {run['steps']} steps, batch 2, lr 2e-3 -> 2e-5; spin "
                   "models with flip augmentation unless said (ener_spin, magnetic-force prefactor 0).", "",
                   f"{c['frames']} frames = {c['geometries']} geometries x {c['states_per_geometry']} converged "
-                  f"state(s); held out: {c['test_geometries']} geometries ({c['test_all']} frames, "
-                  f"{c['test_ground']} ground states). Mean energy spread between the states of one geometry: "
+                  f"state(s) ({c.get('complete_geometries', c['geometries'])} labeled in every state: only their "
+                  f"lowest state counts as a ground state); held out: {c['test_geometries']} geometries "
+                  f"({c['test_all']} frames, {c['test_ground']} ground states). Mean energy spread between the states of one geometry: "
                   f"{c['state_gap_meV_atom_mean']:.1f} meV/atom; |moments| of magnetic ions "
                   f"{c['moment_range'][0]:.2f}-{c['moment_range'][1]:.2f} uB.", "",
                   f"Moment levels for the ground-state check (clustered from the data, tolerance 0.1 uB): "
