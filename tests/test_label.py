@@ -169,6 +169,7 @@ def test_members_strategy_labels_each_disputed_state_with_the_fitted_total(tmp_p
     assert incar_of(tasks[1])["MAGMOM"] == "2*0 1.7 -1.7 0 3 4*0"  # sorted: Li Li Ni Ni Co Mn O*4
     states = [int(ase.io.read(t / "frame.extxyz").info["state"]) for t in tasks]
     assert states == [0, 1, 0]  # the excited state of the search is not a member's: not labeled
+    assert "NUPDOWN" not in incar_of(tasks[2])  # no dispute on the second frame: total free, as `predicted`
 
 
 @pytest.mark.parametrize("mode", ["predicted", "random"])

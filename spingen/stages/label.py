@@ -98,16 +98,18 @@ def spin_starts(atoms, strategy: str, totals: TotalMomentRule = PLAIN_TOTALS) ->
 
     states: the predicted ground state and each distinct excited state of the ensemble's search
     (`excited_magmoms`); members: the predicted ground state and each member model's own ground
-    state (`member_magmoms`, written where the spin disagreement was computed). Columns with NaN,
+    state (`member_magmoms`, written where the spin disagreement was computed; a frame the members
+    agree on is labeled as under `predicted`, total free). Columns with NaN,
     repeats and globally reversed repeats are skipped; each state gets the fixed total
     `totals.total(symbols, moments)`.
     """
     if strategy == "random":
         return [SpinStart(0, None, None)]
     predicted = np.asarray(atoms.arrays.get("initial_magmoms", np.zeros(len(atoms))), dtype=float)
+    nupdown = atoms.info.get("nupdown")  # a candidate may pin its total moment (the initial data do)
+    as_predicted = [SpinStart(0, predicted, None if nupdown is None else float(nupdown))]
     if strategy == "predicted":
-        nupdown = atoms.info.get("nupdown")  # a candidate may pin its total moment (the initial data do)
-        return [SpinStart(0, predicted, None if nupdown is None else float(nupdown))]
+        return as_predicted
     states = [predicted]
     others = atoms.arrays.get("excited_magmoms" if strategy == "states" else "member_magmoms")
     if others is not None:
@@ -116,6 +118,8 @@ def spin_starts(atoms, strategy: str, totals: TotalMomentRule = PLAIN_TOTALS) ->
             if np.all(np.isfinite(column)) and not any(
                     np.allclose(column, s, atol=1e-6) or np.allclose(column, -s, atol=1e-6) for s in states):
                 states.append(column)
+    if strategy == "members" and len(states) == 1:  # no dispute: labeled as under `predicted`
+        return as_predicted
     symbols = atoms.get_chemical_symbols()
     return [SpinStart(k, m, totals.total(symbols, m)) for k, m in enumerate(states)]
 
