@@ -305,6 +305,11 @@ def test_nvt_task_deviations_equal_an_independent_recomputation(tmp_path, model_
     assert list(spin[1::2]) == [SPIN_NOT_COMPUTED] * 2  # spin_devi_freq 2: frames 0 and 2 only
     assert np.all((spin[::2] >= 0) & (spin[::2] <= 1))
 
+    # a second copy of the same job (resubmitted while the first ran) leaves the outputs as they are
+    outputs = {name: (task / name).read_bytes() for name in ("traj.extxyz", "model_devi.out")}
+    assert run(task, models=dps) == 0
+    assert {name: (task / name).read_bytes() for name in outputs} == outputs
+
 
 class NaNAfter:
     """A DeepPot whose eval returns NaN energies and forces after `calls` calls."""

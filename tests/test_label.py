@@ -453,6 +453,28 @@ def test_gpaw_states_converge_to_different_moments_and_energies(tmp_path):
     assert result["ok"] and result["total_moment"] == pytest.approx(2.0, abs=1e-4)
 
 
+def test_a_second_copy_of_a_label_job_waits_for_the_first_and_keeps_its_result(tmp_path):
+    from spingen.tools.task_lock import LOCK_FILE, exclusive_task
+
+    stage = gpaw_stage(tmp_path)
+    write_candidates(tmp_path, 0, [candidate(nio_cell(), [1.8, 0.0])])
+    task = stage.path(make_stage(tmp_path, stage)) / "task.000.000000"
+    first = {"ok": False, "reason": "written by the first copy"}
+    with exclusive_task(task):  # the first copy is running
+        second = subprocess.Popen([str(BIN / "spingen"), "label-task", str(task)], stdout=subprocess.PIPE, text=True)
+        lock = str(task / LOCK_FILE)
+        deadline = time.time() + 60
+        while time.time() < deadline and not any(os.path.realpath(fd) == lock
+                                                 for fd in Path(f"/proc/{second.pid}/fd").glob("*")):
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert second.poll() is None, "the second copy must wait for the lock"
+        (task / "result.json").write_text(json.dumps(first))
+    out, _ = second.communicate(timeout=60)
+    assert second.returncode == 0 and "label-task: failed: written by the first copy" in out
+    assert json.loads((task / "result.json").read_text()) == first
+
+
 @pytest.mark.slow
 def test_gpaw_unconverged_is_a_failed_frame(tmp_path):
     stage = gpaw_stage(tmp_path, maxiter=2)

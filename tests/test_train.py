@@ -74,6 +74,21 @@ def test_flip_augmentation_off(tmp_path):
     assert write_training_data([source], tmp_path / "out", ["Li", "Ni", "O"], off) == [("sys.000", 4, 0)]
 
 
+def test_a_second_copy_of_a_training_job_waits_for_the_first(tmp_path):
+    from spingen.stages.train import train_command
+    from spingen.tools.task_lock import exclusive_task
+
+    fake_dp = tmp_path / "dp"
+    fake_dp.write_text("#!/bin/sh\necho \"$@\" >> calls\n")
+    fake_dp.chmod(0o755)
+    with exclusive_task(tmp_path):  # the first copy is running
+        second = subprocess.Popen(["bash", "-c", train_command(str(fake_dp))], cwd=tmp_path)
+        time.sleep(1.0)
+        assert second.poll() is None and not (tmp_path / "calls").exists(), "the second copy must wait"
+    assert second.wait(timeout=30) == 0
+    assert (tmp_path / "calls").read_text().splitlines() == ["--pt train input.json", "--pt freeze -o frozen_model.pth"]
+
+
 def test_read_lcurve(tmp_path):
     lcurve = tmp_path / "lcurve.out"
     lcurve.write_text("#  step  rmse_val  rmse_trn  rmse_e_val  rmse_e_trn  rmse_fr_val  rmse_fr_trn  lr\n"

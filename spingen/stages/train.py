@@ -21,6 +21,7 @@ from spingen.dispatch import TaskSpec, run_tasks
 from spingen.loop import Stage, StageContext
 from spingen.schema import MachineSection, Param, SpinSettings, thaw
 from spingen.spin.encoding import SIDECAR
+from spingen.tools.task_lock import LOCK_FILE
 
 log = logging.getLogger("spingen")
 
@@ -110,10 +111,12 @@ def training_systems(param: Param, ctx: StageContext) -> list[Path]:
 
 
 def train_command(command: str) -> str:
-    """The shell line of one training task: train (restarting from a checkpoint if any, else from the
+    """The shell line of one training task: wait for any other copy of this job to end (flock, where
+    installed; see spingen.tools.task_lock), train (restarting from a checkpoint if any, else from the
     previous iteration's model if given), freeze."""
     dp = command if "--pt" in command.split() else f"{command} --pt"
-    return (f"if [ -f checkpoint ]; then {dp} train input.json --restart $(cat checkpoint); "
+    return (f"exec 9>>{LOCK_FILE}; flock 9 2>/dev/null; "
+            f"if [ -f checkpoint ]; then {dp} train input.json --restart $(cat checkpoint); "
             f"elif [ -f {INIT_MODEL_FILE} ]; then {dp} train input.json --init-frz-model {INIT_MODEL_FILE}; "
             f"else {dp} train input.json; fi && {dp} freeze -o {MODEL_FILE}")
 

@@ -37,6 +37,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from spingen.tools.task_lock import exclusive_task
+
 TASK_FILE = "task.json"
 CONF_FILE = "conf.extxyz"
 TRAJ_FILE = "traj.extxyz"
@@ -203,12 +205,21 @@ class FrameWriter:
 
 
 def run(task_dir: str | Path, models: Sequence[Any] | None = None) -> int:
-    """Run the task in task_dir; `models` (loaded DeepPot objects) replaces task.json's paths (tests)."""
+    """Run the task in task_dir unless a copy of it already finished there; `models` (loaded DeepPot
+    objects) replaces task.json's paths (tests)."""
+    task_dir = Path(task_dir).resolve()
+    with exclusive_task(task_dir):
+        if (task_dir / FINISHED_TAG).exists():
+            print(f"explore-task {task_dir.name}: finished by an earlier copy of this job; outputs kept")
+            return 0
+        return _run_locked(task_dir, models)
+
+
+def _run_locked(task_dir: Path, models: Sequence[Any] | None) -> int:
     import ase.io
 
     from spingen.md import NonFiniteError, SpinModelCalculator, run_md
 
-    task_dir = Path(task_dir).resolve()
     settings = ExploreTaskSettings.load(task_dir / TASK_FILE)
     for name in (TRAJ_FILE, DEVI_FILE, FINISHED_TAG):
         (task_dir / name).unlink(missing_ok=True)

@@ -14,6 +14,8 @@ import os
 import time
 from pathlib import Path
 
+from spingen.tools.task_lock import exclusive_task
+
 # the file names the gpaw labeler writes and reads; no heavy import here, so that the thread
 # variables below are set before numpy/BLAS load
 INPUT_FILE = "gpaw_input.json"
@@ -31,7 +33,15 @@ def _write_atomic(path: Path, data: dict) -> None:
 
 
 def run_label_task(task_dir: str | Path) -> dict:
-    """Label the frame of one task directory; returns what it wrote to result.json."""
+    """Label the frame of one task directory, unless a copy of this job already did; returns result.json."""
+    task_dir = Path(task_dir)
+    with exclusive_task(task_dir):
+        if (task_dir / RESULT_FILE).exists():
+            return json.loads((task_dir / RESULT_FILE).read_text())
+        return _label(task_dir)
+
+
+def _label(task_dir: Path) -> dict:
     for variable in THREAD_VARIABLES:
         os.environ.setdefault(variable, "1")
     import numpy as np
@@ -40,7 +50,6 @@ def run_label_task(task_dir: str | Path) -> dict:
     from gpaw import GPAW, PW, FermiDirac, KohnShamConvergenceError
     from gpaw import __version__ as gpaw_version
 
-    task_dir = Path(task_dir)
     inp = json.loads((task_dir / INPUT_FILE).read_text())
     atoms = Atoms(inp["symbols"], positions=inp["positions"], cell=inp["cell"], pbc=inp["pbc"])
     atoms.set_initial_magnetic_moments(inp["initial_magmoms"])
