@@ -269,6 +269,15 @@ class SpinModelCalculator(Calculator):
             self.last_search = result
         return result
 
+    def state_energies(self, atoms, moments: np.ndarray) -> np.ndarray:
+        """Every model's energy (M, n) at n configurations of the magnetic moments (n, n_magnetic) at
+        this geometry (symmetrized when the calculator is); one batched call per model."""
+        energies = []
+        for dp in self.models:
+            model = self.spin_model(atoms, [dp])
+            energies.append((SymmetrizedModel(model) if self.symmetrize else model).evaluate(moments)[0])
+        return np.array(energies)
+
     def full_moments(self, moments: np.ndarray | None = None) -> np.ndarray:
         """Moments of every atom (natoms,), 0 on non-magnetic atoms."""
         full = np.zeros(len(self.symbols))

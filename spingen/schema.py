@@ -236,7 +236,13 @@ def param_arginfo() -> Argument:
                      "virial deviation makes it a candidate (DP-GEN's rule); null: no virial limit."),
         Argument("model_devi_spin_trust", float, optional=True, default=0.2,
                  doc="Fraction of magnetic ions whose ground-state moment the ensemble disagrees on, "
-                     "above which a frame is a candidate."),
+                     "above which a frame is a candidate (if model_devi_spin_e_trust lets it)."),
+        Argument("model_devi_spin_e_trust", float, optional=True, default=0.002,
+                 doc="Energy deviation (eV/atom) of the disputed spin states above which a spin disagreement "
+                     "makes a frame a candidate: the std over members of each member's ground state's energy "
+                     "above the frame's state (model_devi.out's spin_devi_e). Members that order nearly "
+                     "degenerate states differently but agree on their energies within this level do not make "
+                     "a candidate; 0: every disagreement above model_devi_spin_trust does."),
         Argument("model_devi_driver", str, optional=True, default="first",
                  doc="Which model drives the MD and its spin searches: \"first\" (model 0, as DP-GEN's LAMMPS "
                      "runs; the cheapest) or \"mean\" (the ensemble mean: numb_models times the cost). The "

@@ -176,7 +176,7 @@ def test_members_warm_start_from_their_own_searches(dps):
     cold = [r.n_evaluations for r in priors]
     atoms.positions[0, 0] += 0.002
     atoms.get_potential_energy()
-    value, states = spin_disagreement(calc, atoms, seed=2, priors=priors)
+    value, energy_devi, states = spin_disagreement(calc, atoms, seed=2, priors=priors)
     assert all(r.n_evaluations < c for r, c in zip(priors, cold)), (cold, [r.n_evaluations for r in priors])
     ni = [i for i, s in enumerate(atoms.get_chemical_symbols()) if s == "Ni"]
     configs = [(a,) + rest for a in (1.0, 3.0) for rest in itertools.product((-3.0, -1.0, 1.0, 3.0), repeat=3)]
@@ -188,6 +188,11 @@ def test_members_warm_start_from_their_own_searches(dps):
         np.testing.assert_allclose(priors[k].best_moments, minima[k])
         np.testing.assert_allclose(states[k], minima[k])
     assert value == pytest.approx(np.mean(minima[0] != minima[1]))
+    # the members' energy deviation on the disputed states, relative to the frame's state
+    assert value > 0  # these two untrained members disagree
+    reference = tuple(calc.moments)
+    above = [[e[configs.index(tuple(m))] - e[configs.index(reference)] for m in minima] for e in energies]
+    assert energy_devi == pytest.approx(np.max(np.std(above, axis=0)) / len(atoms), rel=1e-5)
 
 
 def test_symmetrized_calculator_is_exactly_reversal_symmetric(dps):
@@ -346,33 +351,36 @@ def test_nan_from_the_model_is_written_and_counted_failed(tmp_path, model_paths,
 # ---------------------------------------------------------------- selection
 def test_selection_of_a_hand_made_model_devi(tmp_path):
     nan, inf = float("nan"), float("inf")
-    table = [  # step, v(3), max_devi_f, min_f, avg_f, devi_e, spin_disagree
-        (0, 0.1, 0.0, 0.1, 0.40, 0, 0, 0.01, 0.5),  # skipped (step < 10), even though it would fail
-        (10, 0.1, 0.0, 0.1, 0.01, 0, 0, 0.01, -1),  # accurate
-        (20, 0.1, 0.0, 0.1, 0.05, 0, 0, 0.01, -1),  # candidate: f == lo
-        (30, 0.1, 0.0, 0.1, 0.29, 0, 0, 0.01, 0.0),  # candidate
-        (40, 0.1, 0.0, 0.1, 0.30, 0, 0, 0.01, 0.0),  # failed: f == hi
-        (50, 0.1, 0.0, 0.1, 0.01, 0, 0, 0.01, 0.25),  # candidate by spin disagreement only
-        (60, 0.1, 0.0, 0.1, 0.01, 0, 0, 0.01, 0.2),  # accurate: spin == trust is not above it
-        (70, nan, nan, nan, nan, nan, nan, nan, nan),  # failed: NaN row
-        (80, 0.1, 0.0, 0.1, 0.01, 0, 0, inf, -1),  # failed: inf in devi_e
-        (90, 0.1, 0.0, 0.1, 0.01, 0, 0, 0.01, nan),  # failed: the spin search met NaN
+    table = [  # step, v(3), max_devi_f, min_f, avg_f, devi_e, spin_disagree, spin_devi_e
+        (0, 0.1, 0.0, 0.1, 0.40, 0, 0, 0.01, 0.5, 0.1),  # skipped (step < 10), even though it would fail
+        (10, 0.1, 0.0, 0.1, 0.01, 0, 0, 0.01, -1, -1),  # accurate
+        (20, 0.1, 0.0, 0.1, 0.05, 0, 0, 0.01, -1, -1),  # candidate: f == lo
+        (30, 0.1, 0.0, 0.1, 0.29, 0, 0, 0.01, 0.0, 0.0),  # candidate
+        (40, 0.1, 0.0, 0.1, 0.30, 0, 0, 0.01, 0.0, 0.0),  # failed: f == hi
+        (50, 0.1, 0.0, 0.1, 0.01, 0, 0, 0.01, 0.25, 0.01),  # candidate by spin disagreement only
+        (60, 0.1, 0.0, 0.1, 0.01, 0, 0, 0.01, 0.2, 0.01),  # accurate: spin == trust is not above it
+        (65, 0.1, 0.0, 0.1, 0.01, 0, 0, 0.01, 0.5, 0.001),  # accurate: members agree on the states' energies
+        (70, nan, nan, nan, nan, nan, nan, nan, nan, nan),  # failed: NaN row
+        (80, 0.1, 0.0, 0.1, 0.01, 0, 0, inf, -1, -1),  # failed: inf in devi_e
+        (90, 0.1, 0.0, 0.1, 0.01, 0, 0, 0.01, nan, nan),  # failed: the spin search met NaN
     ]
     path = tmp_path / "model_devi.out"
     path.write_text("# " + " ".join(DEVI_COLUMNS) + "\n" + "".join(" ".join(str(v) for v in r) + "\n" for r in table))
     rows = read_model_devi(path)
-    assert classify(rows, lo=0.05, hi=0.3, spin_trust=0.2, skip=10) == [
-        None, "accurate", "candidate", "candidate", "failed", "candidate", "accurate", "failed", "failed", "failed"]
+    assert classify(rows, lo=0.05, hi=0.3, spin_trust=0.2, skip=10, spin_e_trust=0.002) == [
+        None, "accurate", "candidate", "candidate", "failed", "candidate", "accurate", "accurate", "failed", "failed",
+        "failed"]
+    assert classify(rows, lo=0.05, hi=0.3, spin_trust=0.2, skip=10)[7] == "candidate"  # no energy level
 
 
 def test_virial_trust_levels_follow_dpgen_rule():
-    table = np.array([  # step, max/min/avg_devi_v, max/min/avg_devi_f, devi_e, spin_disagree
-        (0, 0.10, 0, 0, 0.01, 0, 0, 0.01, -1),  # candidate by virial only
-        (1, 0.25, 0, 0, 0.01, 0, 0, 0.01, -1),  # failed by virial
-        (2, 0.25, 0, 0, 0.10, 0, 0, 0.01, -1),  # candidate by force, although the virial is beyond hi
-        (3, 0.10, 0, 0, 0.40, 0, 0, 0.01, -1),  # candidate by virial, although the force is beyond hi
-        (4, 0.01, 0, 0, 0.40, 0, 0, 0.01, 0.9),  # failed: spin disagreement does not rescue a failed force
-        (5, 0.01, 0, 0, 0.01, 0, 0, 0.01, -1),  # accurate
+    table = np.array([  # step, max/min/avg_devi_v, max/min/avg_devi_f, devi_e, spin_disagree, spin_devi_e
+        (0, 0.10, 0, 0, 0.01, 0, 0, 0.01, -1, -1),  # candidate by virial only
+        (1, 0.25, 0, 0, 0.01, 0, 0, 0.01, -1, -1),  # failed by virial
+        (2, 0.25, 0, 0, 0.10, 0, 0, 0.01, -1, -1),  # candidate by force, although the virial is beyond hi
+        (3, 0.10, 0, 0, 0.40, 0, 0, 0.01, -1, -1),  # candidate by virial, although the force is beyond hi
+        (4, 0.01, 0, 0, 0.40, 0, 0, 0.01, 0.9, 0.05),  # failed: spin disagreement does not rescue a failed force
+        (5, 0.01, 0, 0, 0.01, 0, 0, 0.01, -1, -1),  # accurate
     ])
     assert classify(table, 0.05, 0.3, 0.2, 0, v_lo=0.05, v_hi=0.2) == [
         "candidate", "failed", "candidate", "candidate", "failed", "accurate"]
@@ -480,6 +488,7 @@ def test_stage_runs_through_dpdispatcher_and_resumes_after_a_kill(tmp_path, mode
     ({"model_devi_driver": "median"}, "model_devi_driver"),
     ({"model_devi_v_trust_lo": 0.3, "model_devi_v_trust_hi": 0.1}, "model_devi_v_trust_lo"),
     ({"model_devi_spin_trust": 1.5}, "model_devi_spin_trust"),
+    ({"model_devi_spin_e_trust": -0.01}, "model_devi_spin_e_trust"),
     ({"fp_task_max_total": 0}, "fp_task_max_total"),
     ({"model_devi_spin_search": {"population": 1}}, "model_devi_spin_search/population"),
     ({"model_devi_jobs": [{"sys_idx": [0], "temps": [300], "nsteps": 10, "ensemble": "npt"}]}, "press"),

@@ -10,13 +10,14 @@ run: `<model_devi command> explore-task .` through dpdispatcher for the tasks wi
 `finished` tag: a finished task is never run again, whatever changed in machine.json.
 post: classifies every row of every model_devi.out (steps < model_devi_skip left out):
 failed (max_devi_f >= hi, or NaN/inf anywhere), candidate (lo <= max_devi_f < hi, or a computed
-spin disagreement above model_devi_spin_trust), else accurate. Candidates are sampled with the
+spin disagreement above model_devi_spin_trust whose energy deviation on the disputed states is
+above model_devi_spin_e_trust), else accurate. Candidates are sampled with the
 recorded seed, at most fp_task_max per system and fp_task_max_total in all, none for a system
 with fewer than fp_task_min. Writes `candidates.SSS.extxyz` for the label stage (each frame:
 cell/pbc/positions/symbols, arrays `initial_magmoms` (predicted ground state, uB, 0 on
 non-magnetic atoms) and, when the search found them, `excited_magmoms` (natoms, k) and
 `member_magmoms` (natoms, members: each member's own ground state); info `task`,
-`step`, `max_devi_f`, plus `max_devi_v`, `devi_e`, `spin_disagree`), DP-GEN's
+`step`, `max_devi_f`, plus `max_devi_v`, `devi_e`, `spin_disagree`, `spin_devi_e`), DP-GEN's
 `candidate/rest_accurate/rest_failed.shuffled.SSS.out` lists and `selection.json` (counts).
 """
 
@@ -61,6 +62,7 @@ class ExploreSettings:
     f_trust_lo: float
     f_trust_hi: float
     spin_trust: float
+    spin_e_trust: float
     skip: int
     v_trust_lo: float  # inf: virial deviations are not used
     v_trust_hi: float
@@ -84,6 +86,9 @@ def explore_settings(param: Param) -> ExploreSettings:
     if not 0.0 <= raw["model_devi_spin_trust"] <= 1.0:
         raise InputError(f"{where} 'model_devi_spin_trust': expected a fraction in [0, 1], "
                          f"got {raw['model_devi_spin_trust']}")
+    if raw["model_devi_spin_e_trust"] < 0:
+        raise InputError(f"{where} 'model_devi_spin_e_trust': expected an energy >= 0 (eV/atom), "
+                         f"got {raw['model_devi_spin_e_trust']}")
     for key in ("model_devi_dt", "model_devi_compressibility"):
         if raw[key] <= 0:
             raise InputError(f"{where} '{key}': expected a positive number, got {raw[key]}")
@@ -124,7 +129,7 @@ def explore_settings(param: Param) -> ExploreSettings:
             raise InputError(f"{key}/temps': expected at least one temperature (K)")
     return ExploreSettings(
         float(raw["model_devi_f_trust_lo"]), float(raw["model_devi_f_trust_hi"]), float(raw["model_devi_spin_trust"]),
-        int(raw["model_devi_skip"]), v_lo, v_hi, float(raw["model_devi_dt"]), raw["model_devi_driver"], int(raw["model_devi_seed"]),
+        float(raw["model_devi_spin_e_trust"]), int(raw["model_devi_skip"]), v_lo, v_hi, float(raw["model_devi_dt"]), raw["model_devi_driver"], int(raw["model_devi_seed"]),
         float(raw["model_devi_compressibility"]), search, bool(raw["model_devi_spin_symmetrize"]), int(raw["fp_task_max"]),
         None if total is None else int(total), int(raw["fp_task_min"]))
 
@@ -288,11 +293,12 @@ class ExploreStage(Stage):
                 raise RuntimeError(f"model_devi: task {path / task} did not finish; see its {ERRLOG}")
             system = int(task.split(".")[1])
             rows = read_model_devi(path / task / DEVI_FILE)
-            labels = classify(rows, s.f_trust_lo, s.f_trust_hi, s.spin_trust, s.skip, s.v_trust_lo, s.v_trust_hi)
+            labels = classify(rows, s.f_trust_lo, s.f_trust_hi, s.spin_trust, s.skip, s.v_trust_lo, s.v_trust_hi,
+                              s.spin_e_trust)
             count = counts.setdefault(system, {c: 0 for c in CLASSES} | {"nan": 0, "spin_only": 0})
             lists = classified.setdefault(system, {c: [] for c in CLASSES})
             finite = np.all(np.isfinite(rows[:, 1:]), axis=1)
-            spin_only = spin_flags(rows, s.spin_trust) & (rows[:, _COL["max_devi_f"]] < s.f_trust_lo)
+            spin_only = spin_flags(rows, s.spin_trust, s.spin_e_trust) & (rows[:, _COL["max_devi_f"]] < s.f_trust_lo)
             for row, label, ok, by_spin in zip(rows, labels, finite, spin_only):
                 if label is None:
                     continue
@@ -303,6 +309,7 @@ class ExploreStage(Stage):
         candidates = {system: lists["candidate"] for system, lists in classified.items()}
         selected = sample_candidates(candidates, s.task_max, s.task_max_total, s.task_min, seed)
         report = {"seed": seed, "f_trust_lo": s.f_trust_lo, "f_trust_hi": s.f_trust_hi, "spin_trust": s.spin_trust,
+                  "spin_e_trust": s.spin_e_trust,
                   "skip": s.skip, "fp_task_max": s.task_max, "fp_task_max_total": s.task_max_total,
                   "fp_task_min": s.task_min, "systems": {}}
         for system in sorted(counts):
@@ -346,20 +353,22 @@ def read_model_devi(path: Path) -> np.ndarray:
     return rows
 
 
-def spin_flags(rows: np.ndarray, spin_trust: float) -> np.ndarray:
-    """Rows whose spin disagreement was computed (>= 0) and exceeds spin_trust."""
-    spin = rows[:, _COL["spin_disagree"]]
+def spin_flags(rows: np.ndarray, spin_trust: float, spin_e_trust: float = 0.0) -> np.ndarray:
+    """Rows whose spin disagreement was computed (>= 0) and exceeds spin_trust, and whose members'
+    energy deviation on the disputed states exceeds spin_e_trust."""
+    spin, energy = rows[:, _COL["spin_disagree"]], rows[:, _COL["spin_devi_e"]]
     with np.errstate(invalid="ignore"):
-        return (spin >= 0) & (spin > spin_trust)
+        return (spin >= 0) & (spin > spin_trust) & (energy > spin_e_trust)
 
 
 def classify(rows: np.ndarray, lo: float, hi: float, spin_trust: float, skip: int, v_lo: float = math.inf,
-             v_hi: float = math.inf) -> list[str | None]:
+             v_hi: float = math.inf, spin_e_trust: float = 0.0) -> list[str | None]:
     """'accurate' / 'candidate' / 'failed' per row; None for steps < skip.
 
     DP-GEN's rule, plus spins and NaN: failed if any deviation is NaN/inf; else candidate if
     lo <= max_devi_f < hi, or v_lo <= max_devi_v < v_hi, or (below both hi) a computed spin
-    disagreement (the -1 of 'not computed' excluded) is above spin_trust; else failed if
+    disagreement (the -1 of 'not computed' excluded) is above spin_trust with an energy deviation on
+    the disputed states above spin_e_trust; else failed if
     max_devi_f >= hi or max_devi_v >= v_hi; else accurate.
     """
     rows = np.asarray(rows, dtype=float).reshape(-1, len(DEVI_COLUMNS))
@@ -368,7 +377,7 @@ def classify(rows: np.ndarray, lo: float, hi: float, spin_trust: float, skip: in
     finite = np.all(np.isfinite(rows[:, 1:]), axis=1)
     with np.errstate(invalid="ignore"):
         below_hi = (f < hi) & (v < v_hi)
-        in_window = ((f >= lo) & (f < hi)) | ((v >= v_lo) & (v < v_hi)) | (spin_flags(rows, spin_trust) & below_hi)
+        in_window = ((f >= lo) & (f < hi)) | ((v >= v_lo) & (v < v_hi)) | (spin_flags(rows, spin_trust, spin_e_trust) & below_hi)
         candidate = finite & in_window
         failed = ~finite | (~candidate & ((f >= hi) | (v >= v_hi)))
     labels: list[str | None] = []
@@ -425,7 +434,8 @@ def write_candidates(stage_dir: Path, out: Path, picks: Sequence[tuple[str, int,
                     frame.arrays[key] = np.asarray(source.arrays[key], dtype=float).reshape(len(source), -1)
             frame.info.update(task=task, step=int(step), max_devi_f=float(row[_COL["max_devi_f"]]),
                               max_devi_v=float(row[_COL["max_devi_v"]]), devi_e=float(row[_COL["devi_e"]]),
-                              spin_disagree=float(row[_COL["spin_disagree"]]))
+                              spin_disagree=float(row[_COL["spin_disagree"]]),
+                              spin_devi_e=float(row[_COL["spin_devi_e"]]))
             frames.append(frame)
     ase.io.write(out, frames, format="extxyz")
 

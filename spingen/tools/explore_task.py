@@ -18,8 +18,11 @@ steps, streamed and flushed:
   over atoms; virial (divided by natoms) std over models per component, then max/min over the 9
   components and avg = |std|/3 (deepmd's definition); `devi_e` = std over models of energy per
   atom; `spin_disagree` = fraction of magnetic ions whose ground-state moment differs between
-  members when each member searches alone from the frame's moments (every spin_devi_freq-th
-  frame; ``SPIN_NOT_COMPUTED`` (-1) on the others; NaN when a member's search met NaN).
+  members when each member searches alone from the frame's moments; `spin_devi_e` (eV/atom) =
+  how much the members disagree on the energies of those ground states: std over members of
+  each state's energy above the frame's state, max over the states (0 when all members agree).
+  Both every spin_devi_freq-th frame; ``SPIN_NOT_COMPUTED`` (-1) on the others; NaN when a
+  member's search met NaN.
 
 When the driving model returns NaN/inf, the failing step gets a row of NaN, the MD stops and the
 task still finishes (the stage's post counts the row as failed). Finally an empty `finished` file
@@ -45,7 +48,7 @@ TRAJ_FILE = "traj.extxyz"
 DEVI_FILE = "model_devi.out"
 FINISHED_TAG = "finished"
 DEVI_COLUMNS = ("step", "max_devi_v", "min_devi_v", "avg_devi_v", "max_devi_f", "min_devi_f", "avg_devi_f",
-                "devi_e", "spin_disagree")
+                "devi_e", "spin_disagree", "spin_devi_e")
 SPIN_NOT_COMPUTED = -1.0
 
 
@@ -111,9 +114,11 @@ def model_deviation(energies: np.ndarray, forces: np.ndarray, virials: np.ndarra
                      f_devi.max(), f_devi.min(), f_devi.mean(), e_devi])
 
 
-def spin_disagreement(calc, atoms, seed: int, priors: list | None = None) -> tuple[float, np.ndarray | None]:
-    """Fraction of magnetic ions whose moment differs between the members' own ground states, and
-    those states (members x magnetic ions; None when not computed).
+def spin_disagreement(calc, atoms, seed: int, priors: list | None = None
+                      ) -> tuple[float, float, np.ndarray | None]:
+    """Fraction of magnetic ions whose moment differs between the members' own ground states, the
+    members' energy deviation on those states (eV/atom, see `spin_devi_e`), and the states
+    (members x magnetic ions; None when not computed).
 
     Each member searches alone, warm-started from the calculator's current moments with its own
     energy and -dE/dS there (from the deviation's evaluation, free) and, when `priors` is given,
@@ -121,7 +126,7 @@ def spin_disagreement(calc, atoms, seed: int, priors: list | None = None) -> tup
     their own landscapes, frame after frame. NaN when a member's search ends on a non-finite energy.
     """
     if len(calc.models) < 2:
-        return 0.0, None
+        return 0.0, 0.0, None
     energies = calc.ensemble_predictions(atoms)[0]
     minus_grads = calc.member_minus_spin_grad
     states = []
@@ -132,10 +137,16 @@ def spin_disagreement(calc, atoms, seed: int, priors: list | None = None) -> tup
         if priors is not None:
             priors[k] = result
         if not np.isfinite(result.best_energy):
-            return float("nan"), None
+            return float("nan"), float("nan"), None
         states.append(np.asarray(result.best_moments, dtype=float))
     states = np.array(states)
-    return float(np.mean(np.any(np.abs(states - states[0]) > 1e-6, axis=0))), states
+    differs = np.any(np.abs(states - states[0]) > 1e-6, axis=0)
+    if not differs.any():
+        return 0.0, 0.0, states
+    disputed = np.unique(states, axis=0)
+    energies = calc.state_energies(atoms, np.vstack([calc.moments[None], disputed]))
+    above = (energies[:, 1:] - energies[:, :1]) / len(atoms)
+    return float(np.mean(differs)), float(np.max(np.std(above, axis=0))), states
 
 
 def header() -> str:
@@ -165,11 +176,11 @@ class FrameWriter:
         start = time.perf_counter()
         member_states = None
         if self.spin_devi_freq > 0 and self.frames % self.spin_devi_freq == 0:
-            disagreement, member_states = spin_disagreement(self.calc, atoms, self.seed + 7919 * step,
-                                                            self.member_searches)
-            values.append(disagreement)
+            disagreement, energy_devi, member_states = spin_disagreement(self.calc, atoms, self.seed + 7919 * step,
+                                                                         self.member_searches)
+            values += [disagreement, energy_devi]
         else:
-            values.append(SPIN_NOT_COMPUTED)
+            values += [SPIN_NOT_COMPUTED, SPIN_NOT_COMPUTED]
         self.timings["spin_disagree"] += time.perf_counter() - start
         start = time.perf_counter()
         self._write_frame(step, atoms, member_states)
