@@ -26,7 +26,8 @@ steps, streamed and flushed:
 
 When the driving model returns NaN/inf, the failing step gets a row of NaN, the MD stops and the
 task still finishes (the stage's post counts the row as failed). Finally an empty `finished` file
-marks the task complete. A restarted task starts from scratch (old outputs are removed first).
+marks the task complete. A restarted task that had not finished starts from scratch (old outputs
+are removed first); one that finished is left as it is (``spingen.tools.task_lock``).
 """
 
 from __future__ import annotations
