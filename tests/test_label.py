@@ -414,6 +414,71 @@ def test_kill_during_run_then_resume(tmp_path):
     assert frame_hashes(load_system(fp / "data.000")) == hashes
 
 
+def fill(path: Path) -> None:
+    """Take every free byte of path's file system with one file."""
+    with open(path, "wb") as handle:
+        try:
+            while True:
+                handle.write(b"\0" * 65536)
+                handle.flush()
+        except OSError:
+            pass
+
+
+def drive_into_a_full_disk(workdir: str, command: str) -> None:
+    """drive(), with the file system filled at the start of the label stage's post (data collection)."""
+    from spingen.loop import Loop, setup_logging
+
+    class FullDiskAtPost(LabelStage):
+        def post(self, ctx):
+            fill(Path(workdir) / "ballast")
+            super().post(ctx)
+
+    workdir = Path(workdir)
+    setup_logging(workdir)
+    settings = vasp_settings(workdir, ["K", "Sn", "O"], "predicted")
+    os.chdir(workdir)
+    Loop(workdir, [FullDiskAtPost(None, local_machine(command, workdir), settings)], 1, closing_stages=0).run()
+
+
+@pytest.fixture
+def small_file_system(tmp_path):
+    """A 32 MiB tmpfs at tmp_path/work (needs root, as the cluster tests do)."""
+    work = tmp_path / "work"
+    work.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(work)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs for the disk-full test: {mounted.stderr.strip()}")
+    yield work
+    subprocess.run(["umount", "-l", str(work)], check=True)
+
+
+def test_disk_full_at_data_collection_keeps_the_results_and_resumes(small_file_system):
+    work = small_file_system
+    ksno = outcar_atoms(KSNO)
+    write_candidates(work, 0, [candidate(ksno, np.eye(14)[4 + i] * (i + 1)) for i in range(3)])
+    command = fake_vasp(work, {"K Sn O|-": KSNO}, energy_from_magmom=True)
+    env = {**os.environ, "PYTHONPATH": str(HERE)}
+    full = subprocess.run([sys.executable, "-c", DRIVER.replace("drive(", "drive_into_a_full_disk("), str(HERE),
+                           str(work), command], env=env, capture_output=True, text=True, timeout=120)
+    assert full.returncode != 0 and "No space left on device" in full.stderr, full.stderr[-2000:]
+    fp = work / "iter.000000" / "02.fp"
+    assert (work / "record.spingen").read_text().split("\n")[-2] == "0 1", "post_fp is not recorded"
+    assert not (fp / "data.000").exists()
+    assert [p.name for p in fp.iterdir() if p.name.startswith(".")] == [], "no temporary folder left"
+    assert len(list(fp.glob("task.*/OUTCAR"))) == 3, "the labels already run are kept"
+    started = {p.name: p.stat().st_mtime_ns for p in (work / "started").iterdir()}
+    (work / "ballast").unlink()
+    again = subprocess.run([sys.executable, "-c", DRIVER, str(HERE), str(work), command], env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (work / "record.spingen").read_text().split("\n")[-2] == "0 2"
+    system = load_system(fp / "data.000")
+    assert system.get_nframes() == 3 and len(set(frame_hashes(system))) == 3
+    assert {p.name: p.stat().st_mtime_ns for p in (work / "started").iterdir()} == started, "no label task ran again"
+
+
 # ---------------------------------------------------------------- real GPAW
 gpaw = pytest.importorskip("gpaw", reason="GPAW is not installed: run scripts/install_gpaw.sh")
 
