@@ -144,9 +144,7 @@ def spin_disagreement(calc, atoms, seed: int, priors: list | None = None
     differs = np.any(np.abs(states - states[0]) > 1e-6, axis=0)
     if not differs.any():
         return 0.0, 0.0, states
-    disputed = np.unique(states, axis=0)
-    energies = calc.state_energies(atoms, np.vstack([calc.moments[None], disputed]))
-    above = (energies[:, 1:] - energies[:, :1]) / len(atoms)
+    above = (calc.state_energies(atoms, np.unique(states, axis=0)) - energies[:, None]) / len(atoms)
     return float(np.mean(differs)), float(np.max(np.std(above, axis=0))), states
 
 
