@@ -283,8 +283,33 @@ text = Path(cfg["outcars"][" ".join(species) + "|" + incar.get("NUPDOWN", "-")])
 if cfg.get("energy_from_magmom"):  # distinct labels for distinct starts of one geometry
     shift = (zlib.crc32(incar.get("MAGMOM", "").encode()) % 1000) * 1e-4
     text = re.sub(r"(free  energy   TOTEN  =\s+)(-?\d+\.\d+)", lambda m: f"{m.group(1)}{float(m.group(2)) - shift:.8f}", text)
-Path("OUTCAR").write_text(text)
-Path("vasprun.xml").write_text("<?xml version='1.0'?>\n<modeling></modeling>\n")
+if cfg.get("turn_to_poscar"):  # the cell was turned (dpdata's perturb): turn the output's vectors with it
+    import numpy as np
+    lines = Path("POSCAR").read_text().splitlines()
+    target = np.array([l.split()[:3] for l in lines[2:5]], float) * float(lines[1])
+    lattice = r"(direct lattice vectors.*\n)((?:.*\n){3})"
+    source = np.array([l.split()[:3] for l in re.findall(lattice, text)[-1][1].splitlines()], float)
+    turn = np.linalg.solve(source, target)
+    def rows(block, width):
+        values = np.array([l.split()[:width] for l in block.splitlines()], float).reshape(-1, width // 3, 3)
+        return "".join(" ".join(f"{v:14.8f}" for v in row) + "\n" for row in (values @ turn).reshape(-1, width))
+    text = re.sub(lattice, lambda m: m.group(1) + rows(m.group(2), 6), text)
+    table = r"(POSITION +TOTAL-FORCE.*\n -+\n)((?:(?! -).*\n)+)"
+    text = re.sub(table, lambda m: m.group(1) + rows(m.group(2), 6), text)
+task = Path.cwd().name
+if task in cfg.get("truncated", []):  # the job died while writing: cut inside the first SCF
+    text = text[:30000]
+if task not in cfg.get("silent", []):  # killed before writing anything
+    Path("OUTCAR").write_text(text)
+    Path("vasprun.xml").write_text("<?xml version='1.0'?>\n<modeling></modeling>\n")
+if len(list(Path(cfg["started_dir"]).iterdir())) >= cfg.get("fill_when_started", 1 << 30):
+    with open(cfg["ballast"], "wb") as ballast:  # the disk fills up as the last job ends
+        try:
+            while True:
+                ballast.write(bytes(65536))
+                ballast.flush()
+        except OSError:
+            pass
 '''
 
 
@@ -362,6 +387,35 @@ def test_fake_vasp_make_run_collect(tmp_path):
     assert not result.ok and "atom 1 (Fe) is 2.60 uB from the allowed magnitudes [4.0, 5.0]" in result.reason
 
 
+def test_truncated_and_missing_outputs_are_excluded_counted_and_reported(tmp_path, caplog):
+    """Jobs killed while writing (OUTCAR cut inside an SCF) or before (no OUTCAR), through the stage."""
+    ksno = outcar_atoms(KSNO)
+    write_candidates(tmp_path, 0, [candidate(ksno, np.eye(14)[4 + i] * (i + 1)) for i in range(4)])
+    command = fake_vasp(tmp_path, {"K Sn O|-": KSNO}, energy_from_magmom=True,
+                        truncated=["task.000.000001"], silent=["task.000.000002"])
+    stage = LabelStage(None, local_machine(command, tmp_path), vasp_settings(tmp_path, ["K", "Sn", "O"],
+                                                                             "predicted", ratio_failed=0.5))
+    ctx = make_stage(tmp_path, stage)
+    stage.run(ctx)
+    with caplog.at_level("INFO", logger="spingen"):
+        stage.post(ctx)
+    path = stage.path(ctx)
+    report = {e["task"]: e for e in json.loads((path / "labels.json").read_text())}
+    assert [report[t]["ok"] for t in sorted(report)] == [True, False, False, True]
+    assert "OUTCAR ends before VASP's closing timing block" in report["task.000.000001"]["reason"]
+    assert report["task.000.000002"]["reason"].startswith("not finished: VASP wrote no OUTCAR")
+    # both are unfinished: a resumed run_fp would run them again
+    assert stage.labeler.is_finished(path / "task.000.000000") and not stage.labeler.is_finished(
+        path / "task.000.000001")
+    assert load_system(path / "data.000").get_nframes() == 2
+    assert "fp: failed tasks: 2 in 4   50.00 %" in caplog.text
+    assert "fp system 000: 2 converged, 2 failed in 4 task(s); +2 frame(s) in data.000" in caplog.text
+    strict = LabelStage(None, stage.machine, vasp_settings(tmp_path, ["K", "Sn", "O"], "predicted", 0.25))
+    with pytest.raises(RuntimeError, match=r"2 of 4 label tasks failed \(50.0 % > ratio_failed 25.0 %\)"):
+        strict.post(ctx)
+    assert load_system(path / "data.000").get_nframes() == 2, "collecting again adds nothing"
+
+
 # ---------------------------------------------------------------- kill and resume
 DRIVER = r'''
 import sys
@@ -425,20 +479,25 @@ def fill(path: Path) -> None:
             pass
 
 
-def drive_into_a_full_disk(workdir: str, command: str) -> None:
-    """drive(), with the file system filled at the start of the label stage's post (data collection)."""
+def drive_into_a_broken_disk(workdir: str, command: str, fault: str) -> None:
+    """drive(), with the file system filled or made read-only at the start of the label stage's post."""
     from spingen.loop import Loop, setup_logging
 
-    class FullDiskAtPost(LabelStage):
+    class BrokenDiskAtPost(LabelStage):
         def post(self, ctx):
-            fill(Path(workdir) / "ballast")
+            if fault == "full":
+                fill(Path(workdir) / "ballast")
+            else:  # the stage folder becomes a read-only bind mount of itself
+                folder = str(self.path(ctx))
+                subprocess.run(["mount", "--bind", folder, folder], check=True)
+                subprocess.run(["mount", "-o", "remount,bind,ro", folder], check=True)
             super().post(ctx)
 
     workdir = Path(workdir)
     setup_logging(workdir)
     settings = vasp_settings(workdir, ["K", "Sn", "O"], "predicted")
     os.chdir(workdir)
-    Loop(workdir, [FullDiskAtPost(None, local_machine(command, workdir), settings)], 1, closing_stages=0).run()
+    Loop(workdir, [BrokenDiskAtPost(None, local_machine(command, workdir), settings)], 1, closing_stages=0).run()
 
 
 @pytest.fixture
@@ -454,22 +513,30 @@ def small_file_system(tmp_path):
     subprocess.run(["umount", "-l", str(work)], check=True)
 
 
-def test_disk_full_at_data_collection_keeps_the_results_and_resumes(small_file_system):
+@pytest.mark.parametrize("fault, error", [("full", "No space left on device"),
+                                          ("read-only", "Read-only file system")])
+def test_broken_disk_at_data_collection_keeps_the_results_and_resumes(small_file_system, fault, error):
     work = small_file_system
     ksno = outcar_atoms(KSNO)
     write_candidates(work, 0, [candidate(ksno, np.eye(14)[4 + i] * (i + 1)) for i in range(3)])
     command = fake_vasp(work, {"K Sn O|-": KSNO}, energy_from_magmom=True)
     env = {**os.environ, "PYTHONPATH": str(HERE)}
-    full = subprocess.run([sys.executable, "-c", DRIVER.replace("drive(", "drive_into_a_full_disk("), str(HERE),
-                           str(work), command], env=env, capture_output=True, text=True, timeout=120)
-    assert full.returncode != 0 and "No space left on device" in full.stderr, full.stderr[-2000:]
+    broken_driver = DRIVER.replace("test_label.drive(sys.argv[2], sys.argv[3])",
+                                   "test_label.drive_into_a_broken_disk(*sys.argv[2:5])")
+    broken = subprocess.run([sys.executable, "-c", broken_driver, str(HERE), str(work), command, fault], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert broken.returncode != 0 and error in broken.stderr, broken.stderr[-2000:]
     fp = work / "iter.000000" / "02.fp"
     assert (work / "record.spingen").read_text().split("\n")[-2] == "0 1", "post_fp is not recorded"
     assert not (fp / "data.000").exists()
     assert [p.name for p in fp.iterdir() if p.name.startswith(".")] == [], "no temporary folder left"
     assert len(list(fp.glob("task.*/OUTCAR"))) == 3, "the labels already run are kept"
     started = {p.name: p.stat().st_mtime_ns for p in (work / "started").iterdir()}
-    (work / "ballast").unlink()
+    if fault == "full":
+        (work / "ballast").unlink()
+    else:
+        assert subprocess.run(["touch", str(fp / "probe")], capture_output=True).returncode != 0
+        subprocess.run(["umount", str(fp)], check=True)
     again = subprocess.run([sys.executable, "-c", DRIVER, str(HERE), str(work), command], env=env,
                            capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -477,6 +544,46 @@ def test_disk_full_at_data_collection_keeps_the_results_and_resumes(small_file_s
     system = load_system(fp / "data.000")
     assert system.get_nframes() == 3 and len(set(frame_hashes(system))) == 3
     assert {p.name: p.stat().st_mtime_ns for p in (work / "started").iterdir()} == started, "no label task ran again"
+
+
+def test_disk_filled_by_the_last_job_through_the_spingen_command(small_file_system, tmp_path):
+    """`spingen init` (fake VASP) whose last job fills the disk: one message, run_fp not recorded, resumed
+    after freeing space without running a job again."""
+    work = small_file_system / "run"
+    feo = outcar_atoms(FEO)
+    ase.io.write(tmp_path / "POSCAR", feo, format="vasp")
+    pp = fake_potcars(tmp_path / "pp", ["Fe", "O"])
+    (tmp_path / "INCAR.tmpl").write_text("ENCUT = 520\nNELM = 100\n")
+    training = make_param(tmp_path)["default_training_param"]
+    training["model"]["descriptor"]["sel"] = [8, 16]
+    param = make_param(tmp_path, type_map=["Fe", "O"], init_data_sys=[], sys_configs=[["POSCAR"]],
+                       default_training_param=training, fp_style="vasp", fp_pp_path="pp", fp_pp_files=pp,
+                       fp_incar="INCAR.tmpl", fp_ldau={"Fe": {"L": 2, "U": 4.0, "J": 0}},
+                       spin={"magnetic": ["Fe"], "moments": {"Fe": [1.4, 3.0]}},
+                       init_data_gen={"configs": ["POSCAR"], "pert_numb": 1, "pert_atom": 0, "pert_box": 0,
+                                      "spin_states": [[3, 3], [3, -3]]})
+    command = fake_vasp(tmp_path, {"Fe O|6": FEO, "Fe O|0": FEO}, energy_from_magmom=True, turn_to_poscar=True,
+                        fill_when_started=2,
+                        ballast=str(small_file_system / "ballast"))
+    machine = make_machine(command)
+    machine["fp"][0]["resources"].update(group_size=2, para_deg=1)  # one job, its two tasks in turn
+    param_path, machine_path = write_inputs(tmp_path, param, machine)
+    spingen = [str(BIN / "spingen"), "init", str(param_path), str(machine_path), "-w", str(work)]
+    full = subprocess.run(spingen, capture_output=True, text=True, timeout=120)
+    assert full.returncode == 1, full.stderr[-3000:]
+    last = full.stderr.strip().splitlines()[-1]
+    assert re.match(r"spingen: stopped: No space left on device \(.+\); nothing recorded for the unfinished step: "
+                    r"free the space or fix the permission and run the same command again$", last), last
+    fp = work / "init" / "iter.000000" / "02.fp"
+    assert (work / "init" / "record.spingen").read_text().split("\n")[-2] == "0 3", "make_fp done, run_fp not"
+    assert not (fp / "data.000").exists()
+    started = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "started").iterdir()}
+    (small_file_system / "ballast").unlink()
+    again = subprocess.run(spingen, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.split() == [str(fp / "data.000")]
+    assert load_system(fp / "data.000").get_nframes() == 2
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "started").iterdir()} == started, "no job ran again"
 
 
 # ---------------------------------------------------------------- real GPAW

@@ -88,6 +88,10 @@ class Labeler(ABC):
         """Whether the task ran to its end (converged or not): then it is never run again."""
         return (Path(task_dir) / self.result_file).is_file()
 
+    def unfinished_reason(self, task_dir: Path) -> str:
+        """Why a task that has run is not finished (the reason reported for its excluded frame)."""
+        return "not finished: no result after the run"
+
     @abstractmethod
     def read_result(self, task_dir: Path) -> LabelResult:
         """Parse a finished task; a frame that must not become training data is a failed result."""

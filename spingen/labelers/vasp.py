@@ -185,6 +185,13 @@ class VaspLabeler(Labeler):
             fh.seek(max(0, outcar.stat().st_size - 65536))
             return _FINISHED_MARK in fh.read()
 
+    def unfinished_reason(self, task_dir: Path) -> str:
+        outcar = Path(task_dir) / OUTCAR
+        if not outcar.is_file() or outcar.stat().st_size == 0:
+            return f"not finished: VASP wrote no {OUTCAR} (its stderr is kept in the task folder)"
+        return (f"not finished: {OUTCAR} ends before VASP's closing timing block (the run was killed or its "
+                "disk filled while writing)")
+
     def read_result(self, task_dir: Path) -> LabelResult:
         from spingen.data.vasp import VaspImportError, read_vasp_frames
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -227,7 +228,12 @@ class LabelStage(Stage):
         tasks = self.task_dirs(ctx)
         todo = [t for t in tasks if not self.labeler.is_finished(path / t)]
         log.info("fp: %d task(s) to run, %d already finished", len(todo), len(tasks) - len(todo))
-        spec = TaskSpec(command=self.labeler.command(self.machine.command),
+        # dpdispatcher refuses to download a finished job with a missing backward file (a DFT code that
+        # exits 0 without writing its output), which would stop the stage; an empty file instead makes
+        # the task an unfinished label, excluded and reported by post. A failing command is left to
+        # dpdispatcher's retries.
+        outputs = " ".join(shlex.quote(name) for name in self.labeler.backward_files())
+        spec = TaskSpec(command=f"{{ {self.labeler.command(self.machine.command)}; }} && touch {outputs}",
                         forward_files=[*self.labeler.forward_files(), *self.machine.user_forward_files],
                         backward_files=[*self.labeler.backward_files(), OUTLOG, ERRLOG,
                                         *self.machine.user_backward_files],
@@ -318,7 +324,7 @@ class LabelStage(Stage):
 
         atoms = ase.io.read(task_dir / FRAME_FILE, format="extxyz")
         if not self.labeler.is_finished(task_dir):
-            return atoms, LabelResult.failed("not finished: no result after the run")
+            return atoms, LabelResult.failed(self.labeler.unfinished_reason(task_dir))
         result = self.labeler.read_result(task_dir)
         if not result.ok:
             return atoms, result
