@@ -96,7 +96,7 @@ def paper_size_models(workdir: Path, n_models: int) -> list[Path]:
     from spingen.schema import SpinSettings
     from spingen.stages.train import training_input, write_training_data
 
-    spin = SpinSettings(True, ("Ni",), 0.3, 0.2, "auto", 0.05, True)
+    spin = SpinSettings(True, ("Ni",), 0.3, 0.2, "auto", 0.05, "augment")
     models = [workdir / f"{k:03d}" / "frozen_model.pth" for k in range(n_models)]
     if all(m.is_file() for m in models):
         return models

@@ -159,7 +159,7 @@ def train_model(root: Path, steps: int, n_frames: int, env: dict) -> dict:
             shutil.rmtree(root / old)
     t0 = time.perf_counter()
     write_data(root / "raw", n_frames, seed=7)
-    spin = SpinSettings(True, ("Ni",), ETA, OFFSET, "auto", 0.05, True)
+    spin = SpinSettings(True, ("Ni",), ETA, OFFSET, "auto", 0.05, "augment")
     written = write_training_data([root / "raw"], root / "data", TYPE_MAP, spin)
     inp = training_input(training_param(steps), TYPE_MAP, spin, ["data/sys.000"], seed=11)
     (root / "input.json").write_text(json.dumps(inp, indent=1))

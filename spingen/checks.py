@@ -69,7 +69,7 @@ def check_param_data(param: "Param") -> None:
         for element, levels in spin.moments.items():
             values[element] = np.concatenate([values[element], levels, np.negative(levels)])
     for element, moments in values.items():
-        if spin.flip_augmentation or param.raw.get("model_devi_spin_symmetrize"):  # -S is evaluated too
+        if spin.flip_symmetry != "none" or param.raw.get("model_devi_spin_symmetrize"):  # -S is evaluated too
             moments = np.concatenate([moments, -moments])
         bad = spin.encoding.overlapping_moments(moments, spin.min_virtual_distance)
         if bad:

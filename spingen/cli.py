@@ -81,7 +81,7 @@ def summary(param, machines) -> str:
     if spin.enabled:
         moments = dict(spin.moments) if not isinstance(spin.moments, str) else auto_levels(param)
         lines.append(f"spin     magnetic {' '.join(spin.magnetic)}; eta {spin.virtual_scale} A/uB, d {spin.offset} A; "
-                     f"moments {moments}; flip augmentation {'on' if spin.flip_augmentation else 'off'}")
+                     f"moments {moments}; flip symmetry {spin.flip_symmetry}")
     else:
         lines.append("spin     disabled: pristine Deep Potential baseline")
     lines.append(f"label    fp_style {param.raw['fp_style']}, at most {param.raw['fp_task_max']} per system")
@@ -231,14 +231,15 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--magnetic", nargs="+", type=int, metavar="INDEX",
                         help="search only these atoms (0-based; default: every atom of a --moments element)")
     search.add_argument("--eta", type=float, help="virtual_scale eta (A/uB); default: read from the model")
-    search.add_argument("--offset", type=float, help="offset d (A) of the encoding used in training (required)")
+    search.add_argument("--offset", type=float, help="offset d (A) of the encoding used in training; default: spin_encoding.json "
+                        "beside the model")
     search.add_argument("--nupdown", type=float, help="fixed total moment of the searched ions (like VASP NUPDOWN)")
     search.add_argument("--k", type=int, default=5, help="how many lowest distinct states to list (default 5)")
     search.add_argument("--seed", type=int, default=0, help="random seed of the genetic search (default 0)")
     search.add_argument("--batch-size", type=int, default=256, help="most configurations per model call")
     search.add_argument("--max-evaluations", type=int, help="stop the search after this many evaluations")
     search.add_argument("--symmetrize", action="store_true",
-                        help="search E_sym(S) = (E(S) + E(-S)) / 2 (models trained without flip augmentation)")
+                        help="search E_sym(S) = (E(S) + E(-S)) / 2 (models trained with spin/flip_symmetry none)")
     search.add_argument("-o", "--output", help="write the MAGMOM lines here (default: print them)")
     search.set_defaults(func=cmd_spin_search)
 

@@ -250,10 +250,15 @@ class DeepmdSpinModel(EnergyModel):
     # -- evaluation --------------------------------------------------------------------------
     def spin_vectors(self, moments: np.ndarray) -> np.ndarray:
         """Raw moments of the magnetic ions (nconf, n_magnetic) -> deepmd spin (nconf, natoms*3)."""
+        full = self.full_moments(moments)
+        return self.encoding.to_deepmd(full, self.symbols).reshape(len(full), -1)
+
+    def full_moments(self, moments: np.ndarray) -> np.ndarray:
+        """Raw moments of the magnetic ions (nconf, n_magnetic) -> of every atom (nconf, natoms)."""
         m = np.atleast_2d(np.asarray(moments, dtype=float))
         full = np.repeat(self.background[None, :], len(m), axis=0)
         full[:, self.magnetic_indices] = m
-        return self.encoding.to_deepmd(full, self.symbols).reshape(len(m), -1)
+        return full
 
     def calculate(self, moments, gradient):
         energies, minus_grad = self._members(moments, gradient)
@@ -284,11 +289,12 @@ class DeepmdSpinModel(EnergyModel):
             for start in range(0, n, self.batch_size):
                 part = moments[start: start + self.batch_size]
                 spin = self.spin_vectors(part)
+                signs = self.encoding.gauge_signs(self.full_moments(part), self.symbols)  # force_mag -> -dE/dS
                 for k in range(self.n_models):
                     e, g = self._eval_one(k, spin, gradient)
                     energies[k, start: start + len(part)] = e
                     if gradient:
-                        minus_grad[k, start: start + len(part)] = g
+                        minus_grad[k, start: start + len(part)] = signs[:, None] * g
         return energies, minus_grad
 
     def _frames(self, nframes: int) -> tuple[np.ndarray, np.ndarray | None]:

@@ -85,10 +85,11 @@ class SpinModelCalculator(Calculator):
     magnetic ion has one, else a cold search. They are snapped to the nearest allowed level.
     search: settings of ``search_ground_state`` (SEARCH_KEYS, e.g. {"max_evaluations": 8}); seed: the first search's
     seed (search n uses seed + n). total_moment: fixed sum of the moments (like NUPDOWN).
-    fix_global_sign: search one of each pair S, -S (right for flip-augmented or symmetrized models).
+    fix_global_sign: search one of each pair S, -S (right for flip-augmented, canonical-sign or
+    symmetrized models).
     symmetrize: use E_sym(S) = (E(S) + E(-S)) / 2 and its forces, virial and -dE/dS everywhere (the
-    MD, the search, the deviations): exact reversal symmetry for models trained without flip
-    augmentation, at twice the cost of each evaluation.
+    MD, the search, the deviations): exact reversal symmetry for models trained without it
+    (spin/flip_symmetry "none" or "augment"), at twice the cost of each evaluation.
     optimize_jit: let TorchScript's profiling executor optimize the graphs (slow first calls).
 
     After a calculation: ``results["magmoms"]`` (natoms,), ``moments`` (magnetic ions),
@@ -305,10 +306,11 @@ class SpinModelCalculator(Calculator):
         signs = (1.0, -1.0) if self.symmetrize else (1.0,)
         nf, natoms = len(signs), len(atoms)
         cell = np.tile(atoms.cell.array.reshape(1, 9), (nf, 1)) if atoms.pbc.any() else None
-        spin = np.stack([self.encoding.to_deepmd(sign * self.full_moments(), self.symbols).reshape(-1)
-                         for sign in signs])
+        states = np.array([sign * self.full_moments() for sign in signs])
+        spin = self.encoding.to_deepmd(states, self.symbols).reshape(nf, -1)
         coords = np.tile(atoms.positions.reshape(1, -1), (nf, 1))
-        sign_column = np.array(signs)[:, None]
+        # d/dS of E(-S) is -E'(-S); a canonical encoding flips the sign of force_mag the same way
+        sign_column = (np.array(signs) * self.encoding.gauge_signs(states, self.symbols))[:, None]
         energies, forces, virials, minus_grads = [], [], [], []
         with self._jit():
             for dp in models:
@@ -317,7 +319,7 @@ class SpinModelCalculator(Calculator):
                 forces.append(np.reshape(f, (nf, natoms, 3)).mean(axis=0))
                 virials.append(np.reshape(v, (nf, 9)).mean(axis=0))
                 grads = np.reshape(force_mag, (nf, natoms, 3))[:, self.levels.magnetic_indices, 2]
-                minus_grads.append(np.mean(sign_column * grads, axis=0))  # d/dS of E(-S) is -E'(-S)
+                minus_grads.append(np.mean(sign_column * grads, axis=0))
         return np.array(energies), np.array(forces), np.array(virials), np.array(minus_grads)
 
     def _evaluate(self, atoms) -> None:

@@ -23,6 +23,7 @@ from spingen.spin.encoding import SpinEncoding
 MACHINE_SECTIONS = ("train", "model_devi", "fp")
 FP_STYLES = ("gpaw", "vasp")
 SPIN_INIT_STRATEGIES = ("predicted", "random", "states", "members")
+FLIP_SYMMETRIES = ("augment", "canonical", "none")
 MD_ENSEMBLES = ("nvt", "nvt-langevin", "nvt-berendsen", "nvt-nose-hoover", "npt", "npt-berendsen")
 
 
@@ -52,10 +53,16 @@ def _spin_arginfo() -> Argument:
             Argument("min_virtual_distance", float, optional=True, default=0.05,
                      doc="Smallest allowed |eta*S + d| (A) for any moment in the data or the levels; "
                          "below it the virtual atom sits on its real atom."),
-            Argument("flip_augmentation", bool, optional=True, default=True,
-                     doc="Add the globally reversed twin (all moments negated, same energy and forces) of "
-                         "every frame to the training inputs: collinear DFT+U energies are invariant "
-                         "under reversing all moments. Stored data is not rewritten."),
+            Argument("flip_symmetry", str, optional=True, default="augment",
+                     doc="How the models learn that collinear DFT+U energies do not change when every moment "
+                         "is reversed, E(S) = E(-S). \"augment\": add each frame's globally reversed twin (all "
+                         "moments negated, same energy and forces) to the training inputs; the symmetry is "
+                         "learned, approximately. \"canonical\": deepmd-kit sees one representative of each "
+                         "pair {S, -S}, in training and in every evaluation (positive total moment of the "
+                         "magnetic ions; when |total| <= 0.5 uB, the first magnetic ion beyond 0.5 uB up): "
+                         "exact symmetry, no twins (training data not doubled), no extra evaluation; recorded "
+                         "in spin_encoding.json beside each model. \"none\": neither (then consider "
+                         "model_devi_spin_symmetrize). Stored data is never rewritten."),
         ],
     )
 
@@ -254,8 +261,10 @@ def param_arginfo() -> Argument:
                  doc="Compressibility (1/bar) of the npt-berendsen barostat (about 1e-6 for an oxide)."),
         Argument("model_devi_spin_symmetrize", bool, optional=True, default=False,
                  doc="Explore with the symmetrized energy E_sym(S) = (E(S) + E(-S)) / 2 (and its forces, "
-                     "virial and spin forces): exact reversal symmetry for models trained without "
-                     "spin/flip_augmentation, at twice the cost of every model evaluation (batched)."),
+                     "virial and spin forces): exact reversal symmetry for models trained with "
+                     "spin/flip_symmetry \"none\" (or \"augment\", whose symmetry is learned only "
+                     "approximately), at twice the cost of every model evaluation (batched). Models of "
+                     "\"canonical\" are exactly symmetric already."),
         Argument("model_devi_spin_search", dict, optional=True, default={},
                  doc="Settings of the spin searches during MD (each warm-started from the current moments and "
                      "the previous search). Each key is a field of spingen.spin.search.SearchSettings; "
@@ -319,11 +328,11 @@ class SpinSettings:
     offset: float
     moments: Mapping[str, tuple[float, ...]] | str
     min_virtual_distance: float
-    flip_augmentation: bool
+    flip_symmetry: str  # one of FLIP_SYMMETRIES
 
     @property
     def encoding(self) -> SpinEncoding:
-        return SpinEncoding(self.magnetic, self.virtual_scale, self.offset)
+        return SpinEncoding(self.magnetic, self.virtual_scale, self.offset, canonical=self.flip_symmetry == "canonical")
 
 
 @dataclass(frozen=True)
@@ -507,8 +516,11 @@ def _spin_settings(spin: dict, type_map: tuple[str, ...], path: Path) -> SpinSet
         if missing:
             raise InputError(f"{path}: key 'spin/moments': no magnitudes for {missing}; give them or use \"auto\"")
         moments = MappingProxyType({e: tuple(float(m) for m in v) for e, v in moments.items()})
+    if spin["flip_symmetry"] not in FLIP_SYMMETRIES:
+        raise InputError(f"{path}: key 'spin/flip_symmetry': expected one of {list(FLIP_SYMMETRIES)}, "
+                         f"got \"{spin['flip_symmetry']}\"")
     return SpinSettings(spin["enabled"], magnetic, float(spin["virtual_scale"]), float(spin["offset"]),
-                        moments, float(spin["min_virtual_distance"]), spin["flip_augmentation"])
+                        moments, float(spin["min_virtual_distance"]), spin["flip_symmetry"])
 
 
 def _mass_map(mass_map: list | str, type_map: tuple[str, ...], path: Path) -> tuple[float, ...]:

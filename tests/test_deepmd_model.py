@@ -14,7 +14,7 @@ from spingen.schema import SpinSettings
 from spingen.spin import MomentLevels, SpinEncoding, search_ground_state
 from spingen.stages.train import training_input, write_training_data
 
-SPIN = SpinSettings(True, ("Ni",), 0.3, 0.2, "auto", 0.05, True)
+SPIN = SpinSettings(True, ("Ni",), 0.3, 0.2, "auto", 0.05, "augment")
 ENCODING = SPIN.encoding
 TYPE_MAP = ["Li", "Ni", "O"]
 NI = [4, 6]  # the Ni atoms of conftest's Li2Ni2O4 cell

@@ -20,7 +20,7 @@ from spingen.stages.explore import classify, read_model_devi, sample_candidates
 from spingen.tools.explore_task import DEVI_COLUMNS, SPIN_NOT_COMPUTED, ExploreTaskSettings
 
 TYPE_MAP = ["Li", "Ni", "O"]
-SPIN = SpinSettings(True, ("Ni",), 0.3, 0.2, "auto", 0.05, True)
+SPIN = SpinSettings(True, ("Ni",), 0.3, 0.2, "auto", 0.05, "augment")
 MAGNITUDES = {"Ni": [1.0, 3.0]}
 
 

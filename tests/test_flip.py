@@ -1,20 +1,23 @@
-"""Spin-flip symmetry: flip augmentation teaches a real deepmd-kit spin model that E(S) = E(-S)."""
+"""Spin-flip symmetry of real deepmd-kit spin models: flip augmentation teaches E(S) = E(-S), the
+canonical encoding makes it exact."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 
+import numpy as np
 import pytest
-from conftest import BIN, tiny_training_param, write_spin_system
+from conftest import BIN, lini_frames, tiny_training_param, write_spin_system
 
 from spingen.schema import SpinSettings
+from spingen.spin.encoding import SpinEncoding
 from spingen.stages.train import training_input, write_training_data
 from spingen.tools.model_test import run as evaluate_models
 
 
-def train_model(root, source, augment: bool):
-    spin = SpinSettings(True, ("Ni",), 0.3, 0.2, "auto", 0.05, augment)
+def train_model(root, source, symmetry: str):
+    spin = SpinSettings(True, ("Ni",), 0.3, 0.2, "auto", 0.05, symmetry)
     write_training_data([source], root / "data", ["Li", "Ni", "O"], spin)
     task = root / "model"
     task.mkdir()
@@ -28,19 +31,51 @@ def train_model(root, source, augment: bool):
     return task / "frozen_model.pth"
 
 
+def test_canonical_signs_are_odd_and_pick_one_of_each_pair():
+    encoding = SpinEncoding(("Ni",), 0.3, 0.2, canonical=True)
+    symbols = ["Li", "Ni", "Ni", "Ni", "O"]
+    rows = np.array([[0, 1.6, 1.8, 1.7, 0],        # parallel: total > 0 -> kept
+                     [0, -1.6, -1.8, -1.7, 0],     # its reversal -> flipped
+                     [0.3, -1.7, 1.68, 0.0, 0],    # antiparallel, total -0.02 (DFT noise): first Ni beyond 0.5 up
+                     [0, 0.2, -0.1, 0.0, 0],       # all small: the first nonzero Ni up
+                     [0, 0.0, 0.0, 0.0, 0.4]])     # no Ni moment at all: kept
+    assert encoding.gauge_signs(rows, symbols).tolist() == [1, -1, -1, 1, 1]
+    rng = np.random.default_rng(0)
+    random = rng.choice([-3.0, -1.6, 0.0, 1.6, 3.0], size=(200, 5)) + rng.normal(0, 0.05, (200, 5))
+    signs = encoding.gauge_signs(random, symbols)
+    assert np.all(encoding.gauge_signs(-random, symbols) == -signs)  # odd: S and -S share a representative
+    np.testing.assert_array_equal(encoding.to_deepmd(random, symbols), encoding.to_deepmd(-random, symbols))
+    plain = SpinEncoding(("Ni",), 0.3, 0.2)
+    assert np.all(plain.gauge_signs(random, symbols) == 1)
+    assert not np.allclose(plain.to_deepmd(random, symbols), plain.to_deepmd(-random, symbols))
+
+
 @pytest.mark.slow
-def test_augmentation_reduces_flip_asymmetry_on_held_out_frames(tmp_path):
+def test_augmentation_reduces_and_the_canonical_encoding_removes_flip_asymmetry(tmp_path):
+    from spingen.deepmd_model import DeepmdSpinModel
+
     # DFT data rarely holds both signs of a state: train on spin-up moments only, as in real data
     source = write_spin_system(tmp_path / "train", n_frames=16, seed=1, levels=(1.0, 3.0))
     held_out = write_spin_system(tmp_path / "test", n_frames=8, seed=2, levels=(1.0, 3.0))
-    asymmetry = {}
-    for augment in (False, True):
-        root = tmp_path / f"augment_{augment}"
+    asymmetry, models = {}, {}
+    for symmetry in ("none", "augment", "canonical"):
+        root = tmp_path / symmetry
         root.mkdir()
-        (errors,) = evaluate_models([str(train_model(root, source, augment))], [str(held_out)])
-        asymmetry[augment] = errors.flip_asymmetry
-    print("flip asymmetry (meV/atom) without, with augmentation:", asymmetry[False], asymmetry[True])
-    assert asymmetry[True] < asymmetry[False], asymmetry
+        models[symmetry] = train_model(root, source, symmetry)
+        (errors,) = evaluate_models([str(models[symmetry])], [str(held_out)])
+        asymmetry[symmetry] = errors.flip_asymmetry
+    print("flip asymmetry (meV/atom) none, augment, canonical:", asymmetry)
+    assert asymmetry["augment"] < asymmetry["none"], asymmetry
+    assert asymmetry["canonical"] < 1e-9 < asymmetry["augment"], asymmetry
+    assert SpinEncoding.beside(models["canonical"]).canonical
+    # -dE/dS is odd under reversal (E even), through the evaluation that feeds the search
+    atoms = lini_frames(1, 5)[0][0]
+    model = DeepmdSpinModel.from_atoms(atoms, str(models["canonical"]), SpinEncoding.beside(models["canonical"]))
+    states = np.array([[1.0, 3.0], [3.0, -1.0], [1.0, -1.0]])
+    energies, minus_grad = model.evaluate(np.concatenate([states, -states]), gradient=True)
+    np.testing.assert_allclose(energies[:3], energies[3:], rtol=0, atol=1e-10)
+    np.testing.assert_allclose(minus_grad[:3], -minus_grad[3:], rtol=0, atol=1e-8)
+    assert np.abs(minus_grad).max() > 1e-6
 
 
 def test_model_test_reports_clear_errors(tmp_path):

@@ -41,6 +41,7 @@ PARAM_CASES = [
     ("eta not positive", "spin/virtual_scale", 0.0, "key 'spin/virtual_scale': expected a positive eta"),
     ("no magnetic element", "spin/magnetic", [], "key 'spin/magnetic': expected at least one magnetic element"),
     ("unknown spin key", "spin/virtual_sacle", 0.3, "Did you mean: virtual_scale?"),
+    ("unknown flip symmetry", "spin/flip_symmetry", "twins", "key 'spin/flip_symmetry': expected one of ['augment', 'canonical', 'none'], got \"twins\""),
     ("trust lo > hi", "model_devi_f_trust_lo", 0.5, "'model_devi_f_trust_lo' (0.5) > 'model_devi_f_trust_hi' (0.3)"),
     ("no model_devi_jobs", "model_devi_jobs", [], "key 'model_devi_jobs': expected at least one job (iteration 0)"),
     ("sys_idx out of range", "model_devi_jobs/0/sys_idx", [3], "key 'model_devi_jobs[0]/sys_idx': index 3 is not in 0..0"),

@@ -17,7 +17,7 @@ from conftest import BIN, make_machine, make_param, tiny_training_param, write_i
 from spingen.schema import SpinSettings
 from spingen.stages.train import missing_reversed_twins, read_lcurve, training_input, write_training_data
 
-SPIN = SpinSettings(True, ("Ni",), 0.3, 0.2, "auto", 0.05, True)
+SPIN = SpinSettings(True, ("Ni",), 0.3, 0.2, "auto", 0.05, "augment")
 
 
 def test_training_input_spin_model():
@@ -31,7 +31,7 @@ def test_training_input_spin_model():
 
 
 def test_training_input_pristine_model():
-    pristine = SpinSettings(False, ("Ni",), 0.3, 0.2, "auto", 0.05, True)
+    pristine = SpinSettings(False, ("Ni",), 0.3, 0.2, "auto", 0.05, "augment")
     inp = training_input(tiny_training_param(), ["Li", "Ni", "O"], pristine, ["d"], seed=1)
     assert "spin" not in inp["model"]
     assert inp["loss"]["type"] == "ener" and inp["loss"]["start_pref_f"] == 10
@@ -70,8 +70,25 @@ def test_no_twin_added_when_data_already_holds_it():
 
 def test_flip_augmentation_off(tmp_path):
     source = write_spin_system(tmp_path / "raw", n_frames=4)
-    off = SpinSettings(True, ("Ni",), 0.3, 0.2, "auto", 0.05, False)
+    off = SpinSettings(True, ("Ni",), 0.3, 0.2, "auto", 0.05, "none")
     assert write_training_data([source], tmp_path / "out", ["Li", "Ni", "O"], off) == [("sys.000", 4, 0)]
+
+
+def test_canonical_flip_symmetry_writes_one_sign_of_each_frame_and_no_twins(tmp_path):
+    from spingen.data.npy import load_system
+
+    source = write_spin_system(tmp_path / "raw", n_frames=12)
+    canonical = SpinSettings(True, ("Ni",), 0.3, 0.2, "auto", 0.05, "canonical")
+    assert canonical.encoding.canonical
+    assert write_training_data([source], tmp_path / "out", ["Li", "Ni", "O"], canonical) == [("sys.000", 12, 0)]
+    raw, out = load_system(source), load_system(tmp_path / "out" / "sys.000")
+    ni = np.array(raw.data["atom_types"]) == 1
+    stored = raw.data["spins"][..., 2][:, ni]
+    moments = out.data["spins"][..., 2][:, ni] - canonical.offset / canonical.virtual_scale
+    signs = np.where(np.abs(stored.sum(axis=1)) > 0.5, np.sign(stored.sum(axis=1)), np.sign(stored[:, 0]))
+    assert {-1.0, 1.0} <= set(signs), "the data holds both signs: some frames are reversed"
+    np.testing.assert_allclose(moments, signs[:, None] * stored)
+    np.testing.assert_allclose(out.data["energies"], raw.data["energies"])
 
 
 def test_a_second_copy_of_a_training_job_waits_for_the_first(tmp_path):

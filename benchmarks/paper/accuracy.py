@@ -10,7 +10,9 @@ train-stage functions (training_input, write_training_data) and `dp --pt train/f
   - pristine_ground: no spin, the lowest-energy state of each training geometry only;
   - pristine_mixed: no spin, every state;
   - spin_mixed: collinear spin model (flip augmentation on), every state, eta 0.3, d 0.2;
-  - an eta x d scan of the spin model (0.1-0.5 A, the paper's Fig. S1).
+  - an eta x d scan of the spin model (0.1-0.5 A, the paper's Fig. S1);
+  - at eta 0.3, d 0.2: without any flip symmetry, and with the canonical-sign encoding instead of
+    the augmentation (spin/flip_symmetry "none" and "canonical").
 Each spin model also searches the 24-atom (3x1x1) supercell of <system>/POSCAR exhaustively (every
 sign and level of its 6 magnetic ions): is its minimum the kind of state DFT puts lowest (issue #11)?
 Errors: spingen.tools.model_test on the held-out geometries: ground states only for
@@ -116,13 +118,13 @@ def split(system_path: Path, out: Path, test_fraction: float, seed: int) -> dict
 
 
 def prepare(name: str, root: Path, train_system: Path, spin_on: bool, eta: float, offset: float, steps: int,
-            seed: int, magnetic: tuple[str, ...], type_map: list[str], augment: bool = True) -> Path:
+            seed: int, magnetic: tuple[str, ...], type_map: list[str], symmetry: str = "augment") -> Path:
     """A training folder made by spingen's train-stage functions; returns it."""
     from spingen.schema import SpinSettings
     from spingen.spin.encoding import SIDECAR
     from spingen.stages.train import training_input, write_training_data
 
-    spin = SpinSettings(spin_on, magnetic, eta, offset, "auto", 0.05, augment)
+    spin = SpinSettings(spin_on, magnetic, eta, offset, "auto", 0.05, symmetry)
     folder = root / name
     if folder.exists():
         shutil.rmtree(folder)
@@ -252,8 +254,9 @@ def run_system(system: str, args) -> dict:
         for d in args.offsets:
             jobs[f"spin_eta{eta}_d{d}"] = ("train_all", True, eta, d)
     jobs["spin_noaug_eta0.3_d0.2"] = ("train_all", True, 0.3, 0.2)
+    jobs["spin_canonical_eta0.3_d0.2"] = ("train_all", True, 0.3, 0.2)
     folders = {name: prepare(name, root, root / "split" / part, spin_on, eta, d, args.steps, args.seed,
-                             magnetic, type_map, augment="noaug" not in name)
+                             magnetic, type_map, symmetry=flip_symmetry(name))
                for name, (part, spin_on, eta, d) in jobs.items()
                if not (root / name / "frozen_model.pth").is_file()}
     folders.update({name: root / name for name in jobs if name not in folders})
@@ -281,6 +284,11 @@ def run_system(system: str, args) -> dict:
                                                       DOC.parent / "paper" / f"{system}_{name}_all.png")
     return {"counts": counts, "results": results, "levels": levels,
             "dft_kind": {"moments": [float(x) for x in dft_kind], "geometries": lowest.count(dft_kind), "of": len(lowest)}}
+
+
+def flip_symmetry(name: str) -> str:
+    """spin/flip_symmetry of a model of the benchmark, by its name."""
+    return "none" if "noaug" in name else "canonical" if "canonical" in name else "augment"
 
 
 def render(systems: dict) -> str:
@@ -325,7 +333,8 @@ def render(systems: dict) -> str:
         spins = {k: v for k, v in r.items() if k.startswith("spin_")}
         for name, s in spins.items():
             found = s["ground_state"]
-            kind = "spin, no flip augmentation" if "noaug" in name else "spin"
+            kind = {"none": "spin, no flip symmetry", "canonical": "spin, canonical sign (no augmentation)",
+                    "augment": "spin"}[flip_symmetry(name)]
             cell = s["supercell"]
             lines.append(f"| {kind} (eta {s['eta']}, d {s['d']}) | all states | all states | {s['rmse_e']:.2f} | "
                          f"{s['rmse_f']:.0f} | {s['flip']:.2f} | {found['agree']}/{found['geometries']} | "
@@ -359,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
                       "machine": " ".join(platform.uname()[:3]), "cpu": platform.processor() or platform.machine(),
                       "cores": os.cpu_count(), "parallel": args.parallel, "steps": args.steps, "command": command,
                       "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        stored = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}  # another run may have written
         stored[system] = json.loads(json.dumps(res, default=float))
         RESULTS.write_text(json.dumps(stored, indent=1) + "\n")
     block = render(stored)

@@ -3,6 +3,13 @@
 Stored data keeps raw DFT moments S (uB). deepmd-kit places the virtual atom at
 position + spin_vector * virtual_scale, so with virtual_scale = eta the spin vector it must see
 is (0, 0, S + d/eta). Only training inputs and model evaluation go through this module.
+
+Canonical sign (``canonical``): collinear DFT+U energies do not change when every moment is
+reversed, E(S) = E(-S). A canonical encoding shows deepmd-kit one representative of each pair
+{S, -S}, in training and in evaluation alike, so a model is exactly reversal-symmetric and never
+sees the sector it was not trained on. The representative has a positive total moment of the
+magnetic ions; when |total| is within BALANCE_TOLERANCE (antiparallel states, DFT noise
+included), the first magnetic ion beyond it points up (else the first nonzero one).
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import numpy as np
 
 
 SIDECAR = "spin_encoding.json"
+BALANCE_TOLERANCE = 0.5  # uB: a canonical state with |total moment| up to this is "antiparallel"
 
 
 @dataclass(frozen=True)
@@ -25,6 +33,7 @@ class SpinEncoding:
     magnetic: tuple[str, ...]
     virtual_scale: float
     offset: float
+    canonical: bool = False
 
     def virtual_shift(self, moments: np.ndarray | float) -> np.ndarray:
         """Height (A) of the virtual atom above its real atom: eta*S + d."""
@@ -37,15 +46,31 @@ class SpinEncoding:
         """
         moments = np.atleast_2d(np.asarray(moments, dtype=float))
         mask = self.magnetic_mask(symbols)
+        moments = moments * self.gauge_signs(moments, symbols)[:, None]
         spin = np.zeros(moments.shape + (3,))
         spin[..., 2] = np.where(mask, moments + self.offset / self.virtual_scale, 0.0)
         return spin
 
-    def from_deepmd(self, spin: np.ndarray, symbols: Sequence[str]) -> np.ndarray:
-        """deepmd-kit spin vectors (nframes, natoms, 3) -> raw moments (nframes, natoms)."""
-        spin = np.asarray(spin, dtype=float)
-        mask = self.magnetic_mask(symbols)
-        return np.where(mask, spin[..., 2] - self.offset / self.virtual_scale, 0.0)
+    def gauge_signs(self, moments: np.ndarray, symbols: Sequence[str]) -> np.ndarray:
+        """+1 or -1 per frame (nframes,): the factor ``to_deepmd`` applies to the moments (all +1 unless
+        canonical). Odd: reversing a frame's moments reverses its sign, so S and -S are encoded alike;
+        -dE/dS of the model at S is this sign times the z component of deepmd-kit's force_mag."""
+        moments = np.atleast_2d(np.asarray(moments, dtype=float))
+        if not self.canonical:
+            return np.ones(len(moments))
+        magnetic = moments[:, self.magnetic_mask(symbols)]
+        total = magnetic.sum(axis=1)
+
+        def first_sign(threshold: float) -> np.ndarray:
+            beyond = np.abs(magnetic) > threshold
+            first = np.argmax(beyond, axis=1)
+            values = magnetic[np.arange(len(magnetic)), first] if magnetic.shape[1] else np.zeros(len(magnetic))
+            return np.where(beyond.any(axis=1), np.sign(values), 0.0)
+
+        signs = np.where(np.abs(total) > BALANCE_TOLERANCE, np.sign(total), 0.0)
+        for fallback in (first_sign(BALANCE_TOLERANCE), first_sign(0.0)):
+            signs = np.where(signs == 0, fallback, signs)
+        return np.where(signs == 0, 1.0, signs)
 
     def magnetic_mask(self, symbols: Sequence[str]) -> np.ndarray:
         """Boolean mask of the magnetic atoms among the given chemical symbols."""
@@ -62,7 +87,8 @@ class SpinEncoding:
     @classmethod
     def load(cls, path: str | Path) -> "SpinEncoding":
         data = json.loads(Path(path).read_text())
-        return cls(tuple(data["magnetic"]), float(data["virtual_scale"]), float(data["offset"]))
+        return cls(tuple(data["magnetic"]), float(data["virtual_scale"]), float(data["offset"]),
+                   bool(data.get("canonical", False)))
 
     @classmethod
     def beside(cls, model: str | Path) -> "SpinEncoding | None":

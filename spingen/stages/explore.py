@@ -258,7 +258,7 @@ class ExploreStage(Stage):
             trj_freq=int(job["trj_freq"]), taut_ps=float(job["taut"]), taup_ps=float(job["taup"]),
             compressibility=s.compressibility, spin_opt_freq=int(job["spin_opt_freq"]),
             spin_devi_freq=int(job["spin_devi_freq"]), seed=seed, spin_search=dict(s.spin_search),
-            symmetrize=s.symmetrize)
+            symmetrize=s.symmetrize, canonical=encoding.canonical)
 
     # ---- run
     def task_dirs(self, ctx: StageContext) -> list[str]:

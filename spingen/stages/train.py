@@ -47,8 +47,10 @@ class TrainStage(Stage):
         written = write_training_data(systems, path / "data", self.param.type_map, self.param.spin)
         frames = sum(n for _, n, _ in written)
         twins = sum(t for _, _, t in written)
-        log.info("training data: %d systems, %d frames + %d globally reversed twins", len(written),
-                 frames, twins)
+        symmetry = {"augment": f"+ {twins} globally reversed twins", "none": "(no reversal symmetry)",
+                    "canonical": "(moments in canonical sign: E(S) = E(-S) exactly)"}
+        log.info("training data: %d systems, %d frames %s", len(written), frames,
+                 symmetry[self.param.spin.flip_symmetry] if self.param.spin.enabled else "(no spin)")
         data_dirs = [f"../data/{name}" for name, _, _ in written]
         for index in range(self.param.train.numb_models):
             task = path / f"{index:03d}"
@@ -158,8 +160,9 @@ def write_training_data(systems: Sequence[Path], out: Path, type_map: Sequence[s
                         spin: SpinSettings) -> list[tuple[str, int, int]]:
     """Write every system as deepmd-kit will train on it; return (name, frames, twins added) each.
 
-    Moments are encoded S -> S + d/eta; with flip augmentation each frame's globally reversed twin
-    (moments negated, same energy and forces) is added unless the data already holds it.
+    Moments are encoded S -> S + d/eta (canonical sign if spin/flip_symmetry says so); with "augment"
+    each frame's globally reversed twin (moments negated, same energy and forces) is added unless the
+    data already holds it.
     """
     from spingen.data.npy import load_system
 
@@ -174,7 +177,7 @@ def write_training_data(systems: Sequence[Path], out: Path, type_map: Sequence[s
         if spin.enabled:
             symbols = [system.data["atom_names"][t] for t in system.data["atom_types"]]
             moments = system.data["spins"][..., 2]
-            if spin.flip_augmentation:
+            if spin.flip_symmetry == "augment":
                 reversed_frames = missing_reversed_twins(system.data["coords"], system.data["energies"], moments)
                 if reversed_frames.size:
                     twin = system.sub_system(reversed_frames)

@@ -77,6 +77,7 @@ class ExploreTaskSettings:
     seed: int
     spin_search: Mapping[str, Any] = field(default_factory=dict)
     symmetrize: bool = False
+    canonical: bool = False  # the models' encoding: canonical sign (spin_encoding.json)
 
     def save(self, path: Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=1) + "\n")
@@ -85,7 +86,7 @@ class ExploreTaskSettings:
     def load(cls, path: Path) -> "ExploreTaskSettings":
         data = json.loads(Path(path).read_text())
         names = set(cls.__dataclass_fields__)
-        unknown, missing = sorted(set(data) - names), sorted(names - set(data) - {"spin_search", "symmetrize"})
+        unknown, missing = sorted(set(data) - names), sorted(names - set(data) - {"spin_search", "symmetrize", "canonical"})
         if unknown or missing:
             raise ValueError(f"{path}: unknown keys {unknown}, missing keys {missing}")
         data["models"] = tuple(data["models"])
@@ -97,7 +98,7 @@ class ExploreTaskSettings:
     def encoding(self):
         from spingen.spin.encoding import SpinEncoding
 
-        return SpinEncoding(self.magnetic, self.virtual_scale, self.offset)
+        return SpinEncoding(self.magnetic, self.virtual_scale, self.offset, canonical=self.canonical)
 
 
 def model_deviation(energies: np.ndarray, forces: np.ndarray, virials: np.ndarray) -> np.ndarray:

@@ -6,8 +6,9 @@ ase, builds the moment levels from --moments, runs ``search_ground_state`` throu
 distinct states, and MAGMOM lines for VASP (to -o or stdout).
 
 eta (A/uB) is the model's virtual_scale, read from the model unless --eta is given. The offset d
-(A) is not stored in a deepmd-kit model: --offset is required (spin.offset of the spingen
-param.json the model was trained with).
+(A) and the sign convention (spin/flip_symmetry "canonical") are not stored in a deepmd-kit model:
+they are read from the spin_encoding.json that spingen's train stage puts beside each model;
+without one, --offset is required (spin.offset of the param.json the model was trained with).
 """
 
 from __future__ import annotations
@@ -78,12 +79,17 @@ def run(models: Sequence[str], structure: str, moments: Sequence[str], *, magnet
             raise InputError(f"model file '{path}' does not exist")
     atoms = read_structure(structure)
     symbols = atoms.get_chemical_symbols()
-    if offset is None:
-        raise InputError("--offset is required: the offset d (A) of the spin encoding is not stored in a deepmd-kit "
-                         "model; use spin.offset of the spingen param.json the model was trained with")
 
     from spingen.deepmd_model import DeepmdSpinModel, load_models, model_spin_settings
     from spingen.spin import MomentLevels, SpinEncoding, SymmetrizedModel, search_ground_state
+
+    saved = SpinEncoding.beside(models[0])
+    if offset is None:
+        if saved is None:
+            raise InputError(f"--offset is required: no spin_encoding.json lies beside '{models[0]}' and the offset "
+                             "d (A) is not stored in a deepmd-kit model; use spin.offset of the spingen param.json "
+                             "the model was trained with")
+        offset = saved.offset
 
     dps = load_models(list(models))
     type_map = list(dps[0].get_type_map())
@@ -112,7 +118,8 @@ def run(models: Sequence[str], structure: str, moments: Sequence[str], *, magnet
     elif spin_scales and any(abs(spin_scales[el] - eta) > 1e-9 for el in present_spin if el in spin_scales):
         print(f"warning: --eta {eta} differs from the model's virtual_scale "
               f"{({el: spin_scales[el] for el in present_spin})}", file=sys.stderr)
-    encoding = SpinEncoding(tuple(present_spin), float(eta), float(offset))
+    encoding = SpinEncoding(tuple(present_spin), float(eta), float(offset),
+                            canonical=saved is not None and saved.canonical)
 
     natoms = len(symbols)
     if magnetic:
