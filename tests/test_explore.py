@@ -218,6 +218,30 @@ def test_symmetrized_calculator_is_exactly_reversal_symmetric(dps):
     np.testing.assert_allclose(out[1.0][2], -out[-1.0][2], atol=1e-9)  # -dE_sym/dS is odd in S
 
 
+def test_canonical_encoding_makes_the_calculator_reversal_symmetric_at_one_evaluation(dps):
+    """spin/flip_symmetry "canonical": S and -S are one input to the models, so energy and forces are
+    equal, -dE/dS is reversed, and each evaluation is one model call (not two as symmetrized)."""
+    from dataclasses import replace
+
+    from spingen.md import SpinModelCalculator
+
+    atoms = cell16(seed=12)
+    start = np.zeros(len(atoms))
+    start[atoms.symbols == "Ni"] = [3.0, -1.0, 1.0, 1.0]
+    out = {}
+    for sign in (1.0, -1.0):
+        calc = SpinModelCalculator(dps, MAGNITUDES, encoding=replace(SPIN.encoding, canonical=True), drive="mean",
+                                   spin_opt_freq=0, moments=sign * start, fix_global_sign=False)
+        atoms.calc = calc
+        out[sign] = (atoms.get_potential_energy(), atoms.get_forces(), calc.minus_spin_grad.copy())
+        np.testing.assert_array_equal(calc.results["magmoms"], sign * start)  # the user sees the real moments
+    energies = predict(dps, [atoms, atoms], [start, -start])[0]
+    assert out[1.0][0] == pytest.approx(energies[:, 0].mean(), abs=1e-6)  # total +4 > 0: S is its representative
+    assert out[1.0][0] == pytest.approx(out[-1.0][0], abs=1e-9)
+    np.testing.assert_allclose(out[1.0][1], out[-1.0][1], atol=1e-9)
+    np.testing.assert_allclose(out[1.0][2], -out[-1.0][2], atol=1e-9)
+
+
 def test_forces_and_stress_finite_difference_at_fixed_spins(dps):
     from spingen.md import SpinModelCalculator
 
