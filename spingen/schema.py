@@ -53,9 +53,10 @@ def _spin_arginfo() -> Argument:
             Argument("min_virtual_distance", float, optional=True, default=0.05,
                      doc="Smallest allowed |eta*S + d| (A) for any moment in the data or the levels; "
                          "below it the virtual atom sits on its real atom."),
-            Argument("flip_symmetry", str, optional=True, default="augment",
+            Argument("flip_symmetry", str, optional=True, default="canonical",
                      doc="How the models learn that collinear DFT+U energies do not change when every moment "
-                         "is reversed, E(S) = E(-S). \"augment\": add each frame's globally reversed twin (all "
+                         "is reversed, E(S) = E(-S). \"canonical\" (default) is exact and as accurate as no symmetry at "
+                         "all on the benchmark data (docs/benchmarks/paper.md). \"augment\": add each frame's globally reversed twin (all "
                          "moments negated, same energy and forces) to the training inputs; the symmetry is "
                          "learned, approximately. \"canonical\": deepmd-kit sees one representative of each "
                          "pair {S, -S}, in training and in every evaluation (positive total moment of the "
