@@ -288,8 +288,10 @@ class DeepmdSpinModel(EnergyModel):
         with torch.jit.optimized_execution(self.optimize_jit):
             for start in range(0, n, self.batch_size):
                 part = moments[start: start + self.batch_size]
-                spin = self.spin_vectors(part)
-                signs = self.encoding.gauge_signs(self.full_moments(part), self.symbols)  # force_mag -> -dE/dS
+                full = self.full_moments(part)
+                spin = self.encoding.to_deepmd(full, self.symbols).reshape(len(part), -1)
+                if gradient:  # force_mag is the derivative at the encoded sign: -dE/dS = sign * force_mag
+                    signs = self.encoding.gauge_signs(full, self.symbols)
                 for k in range(self.n_models):
                     e, g = self._eval_one(k, spin, gradient)
                     energies[k, start: start + len(part)] = e

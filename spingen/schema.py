@@ -55,14 +55,14 @@ def _spin_arginfo() -> Argument:
                          "below it the virtual atom sits on its real atom."),
             Argument("flip_symmetry", str, optional=True, default="canonical",
                      doc="How the models learn that collinear DFT+U energies do not change when every moment "
-                         "is reversed, E(S) = E(-S). \"canonical\" (default) is exact and as accurate as no symmetry at "
-                         "all on the benchmark data (docs/benchmarks/paper.md). \"augment\": add each frame's globally reversed twin (all "
-                         "moments negated, same energy and forces) to the training inputs; the symmetry is "
-                         "learned, approximately. \"canonical\": deepmd-kit sees one representative of each "
-                         "pair {S, -S}, in training and in every evaluation (positive total moment of the "
+                         "is reversed, E(S) = E(-S). \"canonical\" (default): deepmd-kit sees one representative "
+                         "of each pair {S, -S}, in training and in every evaluation (positive total moment of the "
                          "magnetic ions; when |total| <= 0.5 uB, the first magnetic ion beyond 0.5 uB up): "
-                         "exact symmetry, no twins (training data not doubled), no extra evaluation; recorded "
-                         "in spin_encoding.json beside each model. \"none\": neither (then consider "
+                         "exact symmetry, no twins (training data not doubled), no extra evaluation, and as "
+                         "accurate as no symmetry at all on the benchmark data (docs/benchmarks/paper.md); "
+                         "recorded in spin_encoding.json beside each model. \"augment\": add each frame's "
+                         "globally reversed twin (all moments negated, same energy and forces) to the training "
+                         "inputs; the symmetry is learned, approximately. \"none\": neither (then consider "
                          "model_devi_spin_symmetrize). Stored data is never rewritten."),
         ],
     )

@@ -286,6 +286,10 @@ def run_system(system: str, args) -> dict:
             "dft_kind": {"moments": [float(x) for x in dft_kind], "geometries": lowest.count(dft_kind), "of": len(lowest)}}
 
 
+SYMMETRY_LABELS = {"augment": "spin, flip augmentation", "none": "spin, no flip symmetry",
+                   "canonical": "spin, canonical sign (no augmentation)"}  # in table order
+
+
 def flip_symmetry(name: str) -> str:
     """spin/flip_symmetry of a model of the benchmark, by its name."""
     return "none" if "noaug" in name else "canonical" if "canonical" in name else "augment"
@@ -331,13 +335,12 @@ def render(systems: dict) -> str:
         m = r["pristine_mixed"]
         lines.append(f"| pristine DP | all states | all states | {m['rmse_e']:.2f} | {m['rmse_f']:.0f} | - | - | - | "
                      f"{m['train_s']:.0f} |")
-        order = {"augment": 0, "none": 1, "canonical": 2}
+        order = list(SYMMETRY_LABELS)
         spins = dict(sorted(((k, v) for k, v in r.items() if k.startswith("spin_")),
-                            key=lambda item: order[flip_symmetry(item[0])]))
+                            key=lambda item: order.index(flip_symmetry(item[0]))))
         for name, s in spins.items():
             found = s["ground_state"]
-            kind = {"none": "spin, no flip symmetry", "canonical": "spin, canonical sign (no augmentation)",
-                    "augment": "spin, flip augmentation"}[flip_symmetry(name)]
+            kind = SYMMETRY_LABELS[flip_symmetry(name)]
             cell = s["supercell"]
             lines.append(f"| {kind} (eta {s['eta']}, d {s['d']}) | all states | all states | {s['rmse_e']:.2f} | "
                          f"{s['rmse_f']:.0f} | {s['flip']:.2f} | {found['agree']}/{found['geometries']} | "
