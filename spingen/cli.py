@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "model_devi.out and the finished tag are written there")
     explore.set_defaults(func=cmd_explore_task)
 
-    test = sub.add_parser("test", help="energy/force RMSE and flip asymmetry of model(s) on deepmd/npy data")
+    test = sub.add_parser("test", help="energy/force RMSE, flip asymmetry and spin-state ranking of model(s) on deepmd/npy data")
     test.add_argument("models", nargs="+", help="frozen model(s) (.pth); several = ensemble mean")
     test.add_argument("-s", "--data", nargs="+", required=True, help="deepmd/npy systems or folders of them")
     test.add_argument("--offset", type=float, help="spin offset d (A); default: spin_encoding.json beside the model")

@@ -37,14 +37,29 @@ def lini_frames(n_frames: int, seed: int, levels=(1.0, -1.0, 3.0, -3.0)):
         ni = [i for i, s in enumerate(symbols) if s == "Ni"]
         moments = np.zeros(len(atoms))
         moments[ni] = rng.choice(levels, size=len(ni))
-        spin_energy = 0.4 * np.sum(np.abs(moments[ni]) - 1.0) + 0.05 * moments[ni[0]] * moments[ni[1]]
-        frames.append((atoms, atoms.get_potential_energy() + spin_energy, atoms.get_forces(), moments))
+        frames.append((atoms, atoms.get_potential_energy() + spin_energy(moments[ni]), atoms.get_forces(), moments))
     return frames
 
 
-def write_spin_system(path: Path, n_frames: int = 12, seed: int = 0, levels=(1.0, -1.0, 3.0, -3.0)) -> Path:
-    """A deepmd/npy system with raw moments in spin.npy, as spingen stores data."""
+def spin_energy(ni_moments: np.ndarray) -> float:
+    """The spin-state energy of lini_frames (eV): a level term and a Ni-Ni exchange term."""
+    return float(0.4 * np.sum(np.abs(ni_moments) - 1.0) + 0.05 * ni_moments[0] * ni_moments[1])
+
+
+def write_spin_system(path: Path, n_frames: int = 12, seed: int = 0, levels=(1.0, -1.0, 3.0, -3.0),
+                      states: list[tuple[float, float]] | None = None) -> Path:
+    """A deepmd/npy system with raw moments in spin.npy, as spingen stores data. With `states` (Ni
+    moment pairs): each of the n_frames geometries labeled in every one of those states."""
     frames = lini_frames(n_frames, seed, levels)
+    if states:
+        relabeled = []
+        for atoms, energy, forces, moments in frames:
+            ni = [i for i, symbol in enumerate(atoms.get_chemical_symbols()) if symbol == "Ni"]
+            for state in states:
+                new = np.zeros_like(moments)
+                new[ni] = state
+                relabeled.append((atoms, energy - spin_energy(moments[ni]) + spin_energy(new[ni]), forces, new))
+        frames, n_frames = relabeled, len(relabeled)
     atoms0 = frames[0][0]
     type_map = ["Li", "Ni", "O"]
     path.mkdir(parents=True)

@@ -68,6 +68,18 @@ def test_augmentation_reduces_and_the_canonical_encoding_removes_flip_asymmetry(
     assert asymmetry["augment"] < asymmetry["none"], asymmetry
     assert asymmetry["canonical"] < 1e-9 < asymmetry["augment"], asymmetry
     assert SpinEncoding.beside(models["canonical"]).canonical
+    # `spingen test` on geometries labeled in several states: how well the model ranks them
+    states = write_spin_system(tmp_path / "states", n_frames=3, seed=4, levels=(1.0, 3.0),
+                               states=[(1.0, 1.0), (1.0, -1.0), (3.0, 3.0)])
+    (ranked,) = evaluate_models([str(models["canonical"])], [str(states)])
+    dft, model = (e.reshape(3, 3) for e in ranked.energies)  # 3 geometries x 3 states, in the order written
+    relative_error = (model - model.mean(1, keepdims=True)) - (dft - dft.mean(1, keepdims=True))
+    assert ranked.state_gap_rmse == pytest.approx(np.sqrt(np.mean(relative_error ** 2)) * 1000)
+    assert ranked.lowest_state == (int(np.sum(model.argmin(1) == dft.argmin(1))), 3)
+    printed = subprocess.run([str(BIN / "spingen"), "test", str(models["canonical"]), "-s", str(states)],
+                             check=True, capture_output=True, text=True).stdout
+    assert "state gap rmse meV/atom" in printed and f"{ranked.state_gap_rmse:.2f}" in printed
+    assert f"{ranked.lowest_state[0]}/3" in printed
     # -dE/dS is odd under reversal (E even), through the evaluation that feeds the search
     atoms = lini_frames(1, 5)[0][0]
     model = DeepmdSpinModel.from_atoms(atoms, str(models["canonical"]), SpinEncoding.beside(models["canonical"]))
@@ -83,3 +95,24 @@ def test_model_test_reports_clear_errors(tmp_path):
 
     with pytest.raises(InputError, match=r"model file\(s\) not found"):
         evaluate_models([str(tmp_path / "nothing.pth")], [str(tmp_path)])
+
+
+def test_state_ranking_compares_energies_within_each_geometry():
+    from spingen.tools.model_test import geometry_groups, state_ranking
+
+    coords = np.zeros((5, 2, 3))
+    coords[2:4, 0, 0] = 0.5  # geometries: frames 0-1, 2-3, and 4 alone
+    coords[4, 0, 0] = 1.0
+    cells = np.tile(np.eye(3) * 4, (5, 1, 1))
+    groups = geometry_groups(coords, cells)
+    assert groups.tolist() == [0, 0, 1, 1, 2]
+    other_cell = cells.copy()
+    other_cell[1] *= 1.01  # same coordinates in another cell: another geometry
+    assert len(set(geometry_groups(coords, other_cell)[:2])) == 2
+    dft = np.array([0.0, 0.010, 5.0, 5.004, 7.0])
+    # the model is off by a constant per geometry (does not matter) and swaps the second pair (does)
+    model = np.array([0.3, 0.310, 4.0, 3.998, 0.0])
+    rmse, lowest = state_ranking(dft, model, groups)
+    assert lowest == (1, 2)
+    assert rmse == pytest.approx(np.sqrt((0 + 0 + 0.003 ** 2 * 2) / 4) * 1000)
+    assert state_ranking(dft[[0, 2, 4]], model[[0, 2, 4]], np.arange(3)) == (None, None)

@@ -46,6 +46,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE.parent))  # results_block
+from spingen.tools.model_test import geometry_groups  # noqa: E402
+
 BIN = Path(sys.executable).parent
 DOC = REPO / "docs" / "benchmarks" / "paper.md"
 DOC_BEGIN = "<!-- results:begin (written by benchmarks/paper/accuracy.py) -->"
@@ -61,22 +63,16 @@ NETWORK = {
 }
 
 
-def training_param(steps: int) -> dict:
+def training_param(steps: int, pref_e: tuple[float, float], pref_f: tuple[float, float]) -> dict:
+    """deepmd-kit's learning_rate/loss/training for every model; pref_e, pref_f: (start, limit) prefactors."""
     return {
         "model": json.loads(json.dumps(NETWORK)),
         "learning_rate": {"type": "exp", "start_lr": 0.002, "stop_lr": 2e-5, "decay_steps": max(1, steps // 40)},
-        "loss": {"start_pref_e": 0.5, "limit_pref_e": 5, "start_pref_f": 20, "limit_pref_f": 1,
+        "loss": {"start_pref_e": pref_e[0], "limit_pref_e": pref_e[1], "start_pref_f": pref_f[0], "limit_pref_f": pref_f[1],
                  "start_pref_v": 0, "limit_pref_v": 0},
         "training": {"numb_steps": steps, "disp_freq": max(1, steps // 10), "save_freq": steps,
                      "training_data": {"batch_size": 2}},
     }
-
-
-def geometry_groups(coords: np.ndarray, decimals: int = 4) -> np.ndarray:
-    """Group index of each frame: frames with the same coordinates are one geometry."""
-    keys = [np.round(c, decimals).tobytes() for c in coords]
-    index = {k: i for i, k in enumerate(dict.fromkeys(keys))}
-    return np.array([index[k] for k in keys])
 
 
 def complete_groups(groups: np.ndarray) -> list[int]:
@@ -91,7 +87,7 @@ def split(system_path: Path, out: Path, test_fraction: float, seed: int) -> dict
     from spingen.data.npy import load_system
 
     system = load_system(system_path)
-    groups = geometry_groups(system.data["coords"])
+    groups = geometry_groups(system.data["coords"], system.data["cells"])
     n_groups = groups.max() + 1
     order = np.random.default_rng(seed).permutation(n_groups)
     test_groups = set(order[: max(1, round(test_fraction * n_groups))].tolist())
@@ -117,19 +113,28 @@ def split(system_path: Path, out: Path, test_fraction: float, seed: int) -> dict
                              float(np.max(np.abs(moments)))]}
 
 
-def prepare(name: str, root: Path, train_system: Path, spin_on: bool, eta: float, offset: float, steps: int,
+def prepare(name: str, root: Path, train_system: Path, spin_on: bool, eta: float, offset: float, param: dict,
             seed: int, magnetic: tuple[str, ...], type_map: list[str], symmetry: str = "augment") -> Path:
-    """A training folder made by spingen's train-stage functions; returns it."""
+    """A training folder made by spingen's train-stage functions; returns it. A model already trained
+    there from the same input is kept (its folder is left as it is)."""
     from spingen.schema import SpinSettings
     from spingen.spin.encoding import SIDECAR
     from spingen.stages.train import training_input, write_training_data
 
     spin = SpinSettings(spin_on, magnetic, eta, offset, "auto", 0.05, symmetry)
     folder = root / name
+    staging = root / f".{name}.new"
+    if staging.exists():
+        shutil.rmtree(staging)
+    written = write_training_data([train_system], staging / "data", type_map, spin)
+    inp = training_input(param, type_map, spin, [f"data/{n}" for n, _, _ in written], seed)
+    trained = (folder / "frozen_model.pth").is_file() and (folder / "input.json").is_file()
+    if trained and json.loads((folder / "input.json").read_text()) == json.loads(json.dumps(inp)):
+        shutil.rmtree(staging)
+        return folder
     if folder.exists():
         shutil.rmtree(folder)
-    written = write_training_data([train_system], folder / "data", type_map, spin)
-    inp = training_input(training_param(steps), type_map, spin, [f"data/{n}" for n, _, _ in written], seed)
+    staging.rename(folder)
     (folder / "input.json").write_text(json.dumps(inp, indent=1))
     if spin_on:
         spin.encoding.save(folder / SIDECAR)
@@ -158,7 +163,8 @@ def evaluate(folder: Path, test: Path, plot: Path) -> dict:
     results = run([str(folder / "frozen_model.pth")], [str(test)], plot=None)
     parity_plot(results, plot)
     r = results[0]
-    return {"rmse_e": r.rmse_e, "rmse_f": r.rmse_f, "flip": r.flip_asymmetry, "frames": r.n_frames}
+    return {"rmse_e": r.rmse_e, "rmse_f": r.rmse_f, "flip": r.flip_asymmetry, "frames": r.n_frames,
+            "state_gap": r.state_gap_rmse}
 
 
 def canonical(config: np.ndarray) -> tuple:
@@ -181,7 +187,7 @@ def ground_state_agreement(model: Path, test: Path, magnetic: tuple[str, ...], l
 
     system = load_system(test)
     symbols = [system.data["atom_names"][t] for t in system.data["atom_types"]]
-    groups = geometry_groups(system.data["coords"])
+    groups = geometry_groups(system.data["coords"], system.data["cells"])
     encoding = SpinEncoding.beside(model)
     agree, total, evaluations = 0, 0, 0
     for g in complete_groups(groups):
@@ -207,7 +213,7 @@ def snapped_lowest_states(system_path: Path, levels: dict) -> list[tuple]:
     system = load_system(system_path)
     symbols = [system.data["atom_names"][t] for t in system.data["atom_types"]]
     space = MomentLevels(levels, symbols)
-    groups = geometry_groups(system.data["coords"])
+    groups = geometry_groups(system.data["coords"], system.data["cells"])
     states = []
     for g in complete_groups(groups):
         members = np.flatnonzero(groups == g)
@@ -255,11 +261,10 @@ def run_system(system: str, args) -> dict:
             jobs[f"spin_eta{eta}_d{d}"] = ("train_all", True, eta, d)
     jobs["spin_noaug_eta0.3_d0.2"] = ("train_all", True, 0.3, 0.2)
     jobs["spin_canonical_eta0.3_d0.2"] = ("train_all", True, 0.3, 0.2)
-    folders = {name: prepare(name, root, root / "split" / part, spin_on, eta, d, args.steps, args.seed,
+    param = training_param(args.steps, tuple(args.pref_e), tuple(args.pref_f))
+    folders = {name: prepare(name, root, root / "split" / part, spin_on, eta, d, param, args.seed,
                              magnetic, type_map, symmetry=flip_symmetry(name))
-               for name, (part, spin_on, eta, d) in jobs.items()
-               if not (root / name / "frozen_model.pth").is_file()}
-    folders.update({name: root / name for name in jobs if name not in folders})
+               for name, (part, spin_on, eta, d) in jobs.items()}
     with ThreadPoolExecutor(args.parallel) as pool:
         times = dict(zip(folders, pool.map(train, folders.values())))
     from spingen.md import magnitudes_from_data
@@ -295,6 +300,11 @@ def flip_symmetry(name: str) -> str:
     return "none" if "noaug" in name else "canonical" if "canonical" in name else "augment"
 
 
+def gap(result: dict) -> str:
+    """A result's state gap RMSE for the table ("-" where not measured)."""
+    return "-" if result.get("state_gap") is None else f"{result['state_gap']:.2f}"
+
+
 def render(systems: dict) -> str:
     """The results block: one section per system, each with when, where and how it was measured."""
     lines = []
@@ -306,7 +316,9 @@ def render(systems: dict) -> str:
                   f"{run['parallel']} at a time). Command:", "", f"    {run['command']}", "",
                   f"Networks (every model): se_e2_a neuron {NETWORK['descriptor']['neuron']}, axis "
                   f"{NETWORK['descriptor']['axis_neuron']}, rcut {NETWORK['descriptor']['rcut']} A, fitting "
-                  f"{NETWORK['fitting_net']['neuron']}; {run['steps']} steps, batch 2, lr 2e-3 -> 2e-5; spin "
+                  f"{NETWORK['fitting_net']['neuron']}; {run['steps']} steps, batch 2, lr 2e-3 -> 2e-5; loss prefactors energy "
+                  f"{run.get('pref_e', [0.5, 5])[0]:g} -> {run.get('pref_e', [0.5, 5])[1]:g}, force "
+                  f"{run.get('pref_f', [20, 1])[0]:g} -> {run.get('pref_f', [20, 1])[1]:g}; spin "
                   "models: ener_spin loss, magnetic-force prefactor 0; \"train s\" is wall time with other work "
                   "on the machine.", "",
                   f"{c['frames']} frames = {c['geometries']} geometries x {c['states_per_geometry']} converged "
@@ -323,17 +335,21 @@ def render(systems: dict) -> str:
                   f"of {res['dft_kind']['of']}). \"24-atom minimum\": the model's minimum over every sign and level "
                   "combination of the 6 magnetic ions of the 3x1x1 supercell of the POSCAR (global sign fixed; "
                   "enumerated), and how far below that DFT kind (tiled) it lies.", "",
-                  "| model | trained on | tested on | energy RMSE meV/atom | force RMSE meV/A | flip asymmetry "
-                  "meV/atom | DFT ground state found | 24-atom minimum: DFT kind? (gap meV/atom) | train s |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "\"State gap RMSE\": energies relative to their geometry's mean state energy, on the held-out "
+                  "geometries labeled in several states (`spingen test` reports it): the error the ranking of spin "
+                  "states sees.", "",
+                  "| model | trained on | tested on | energy RMSE meV/atom | state gap RMSE meV/atom | force RMSE "
+                  "meV/A | flip asymmetry meV/atom | DFT ground state found | 24-atom minimum: DFT kind? (gap "
+                  "meV/atom) | train s |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         r = res["results"]
         g = r["pristine_ground"]
-        lines.append(f"| pristine DP | ground states | ground states | {g['rmse_e']:.2f} | {g['rmse_f']:.0f} | - | - | - | "
+        lines.append(f"| pristine DP | ground states | ground states | {g['rmse_e']:.2f} | - | {g['rmse_f']:.0f} | - | - | - | "
                      f"{g['train_s']:.0f} |")
         lines.append(f"| pristine DP | ground states | all states | {g['on_all_states']['rmse_e']:.2f} | "
-                     f"{g['on_all_states']['rmse_f']:.0f} | - | - | - | |")
+                     f"{gap(g['on_all_states'])} | {g['on_all_states']['rmse_f']:.0f} | - | - | - | |")
         m = r["pristine_mixed"]
-        lines.append(f"| pristine DP | all states | all states | {m['rmse_e']:.2f} | {m['rmse_f']:.0f} | - | - | - | "
+        lines.append(f"| pristine DP | all states | all states | {m['rmse_e']:.2f} | {gap(m)} | {m['rmse_f']:.0f} | - | - | - | "
                      f"{m['train_s']:.0f} |")
         order = list(SYMMETRY_LABELS)
         spins = dict(sorted(((k, v) for k, v in r.items() if k.startswith("spin_")),
@@ -343,7 +359,7 @@ def render(systems: dict) -> str:
             kind = SYMMETRY_LABELS[flip_symmetry(name)]
             cell = s["supercell"]
             lines.append(f"| {kind} (eta {s['eta']}, d {s['d']}) | all states | all states | {s['rmse_e']:.2f} | "
-                         f"{s['rmse_f']:.0f} | {s['flip']:.2f} | {found['agree']}/{found['geometries']} | "
+                         f"{gap(s)} | {s['rmse_f']:.0f} | {s['flip']:.2f} | {found['agree']}/{found['geometries']} | "
                          f"{'yes' if cell['is_dft_kind'] else 'no'} ({cell['gap_meV_atom']:.1f}) | {s['train_s']:.0f} |")
         ref = spins.get("spin_eta0.3_d0.2") or next(iter(spins.values()))
         lines += ["", f"Targets: spin on mixed <= 1/10 of pristine on mixed: {ref['rmse_e']:.2f} vs "
@@ -368,6 +384,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--systems", nargs="*", default=["linio2", "licoo2"],
                         help="folders of data/ (magnetic elements from <system>/param.json); none: only render the stored results")
     parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--pref-e", type=float, nargs=2, default=[0.5, 5.0], metavar=("START", "LIMIT"),
+                        help="energy loss prefactor, start and limit")
+    parser.add_argument("--pref-f", type=float, nargs=2, default=[20.0, 1.0], metavar=("START", "LIMIT"),
+                        help="force loss prefactor, start and limit")
     parser.add_argument("--etas", type=float, nargs="+", default=[0.1, 0.3, 0.5])
     parser.add_argument("--offsets", type=float, nargs="+", default=[0.2])
     parser.add_argument("--test-fraction", type=float, default=0.2)
@@ -382,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         res["run"] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                       "machine": " ".join(platform.uname()[:3]), "cpu": platform.processor() or platform.machine(),
                       "cores": os.cpu_count(), "parallel": args.parallel, "steps": args.steps, "command": command,
+                      "pref_e": args.pref_e, "pref_f": args.pref_f,
                       "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
         stored = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}  # another run may have written
         stored[system] = json.loads(json.dumps(res, default=float))

@@ -3,6 +3,12 @@
 Reports the energy RMSE (meV/atom), force RMSE (meV/A) and, for spin models, the flip asymmetry:
 mean |E(-S) - E(S)| per atom (meV/atom). Collinear DFT+U energies do not change when every moment
 is reversed; a model that has not learned it shows it here.
+
+Where the data holds one geometry in several spin states (frames with the same cell and
+coordinates), it also reports how well the model ranks them, which is what the spin search needs
+and what a small energy RMSE does not promise: the RMSE of the energies relative to each
+geometry's mean state energy (meV/atom) and on how many geometries the model's lowest labeled
+state is DFT's lowest.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ class SystemErrors:
     rmse_e: float  # meV/atom
     rmse_f: float  # meV/A
     flip_asymmetry: float | None  # meV/atom
+    state_gap_rmse: float | None  # meV/atom, energies relative to their geometry's mean state; None: one state each
+    lowest_state: tuple[int, int] | None  # (geometries whose DFT-lowest state is the model's lowest, geometries)
     energies: tuple[np.ndarray, np.ndarray] = field(repr=False)  # (DFT, model) per atom, eV
     forces: tuple[np.ndarray, np.ndarray] = field(repr=False)  # (DFT, model) components, eV/A
 
@@ -88,6 +96,31 @@ class Ensemble:
         return energies, forces
 
 
+def geometry_groups(coords: np.ndarray, cells: np.ndarray, decimals: int = 4) -> np.ndarray:
+    """Group index of each frame: frames with the same cell and coordinates (to `decimals` A) are one geometry."""
+    keys = [np.round(np.concatenate([c.ravel(), b.ravel()]), decimals).tobytes() for c, b in zip(coords, cells)]
+    index = {k: i for i, k in enumerate(dict.fromkeys(keys))}
+    return np.array([index[k] for k in keys], dtype=int)
+
+
+def state_ranking(e_dft: np.ndarray, e_model: np.ndarray, groups: np.ndarray) -> tuple[float | None, tuple[int, int] | None]:
+    """For geometries labeled in several states: RMSE of the energies relative to the geometry's mean
+    state energy (same unit as the energies, x1000) and (geometries whose lowest state the model also
+    puts lowest, geometries); (None, None) when every geometry has one state."""
+    deviations, agree, geometries = [], 0, 0
+    for g in np.unique(groups):
+        members = np.flatnonzero(groups == g)
+        if len(members) < 2:
+            continue
+        dft, model = e_dft[members], e_model[members]
+        deviations.append((model - model.mean()) - (dft - dft.mean()))
+        agree += int(np.argmin(model) == np.argmin(dft))
+        geometries += 1
+    if not geometries:
+        return None, None
+    return float(np.sqrt(np.mean(np.concatenate(deviations) ** 2)) * 1000), (agree, geometries)
+
+
 def errors_of_system(ensemble: Ensemble, path: Path) -> SystemErrors:
     from spingen.data.npy import load_system
 
@@ -104,11 +137,12 @@ def errors_of_system(ensemble: Ensemble, path: Path) -> SystemErrors:
     if ensemble.has_spin:
         flipped, _ = ensemble.energy_forces(coords, cells, atypes, symbols, -moments)
         flip = float(np.mean(np.abs(flipped - energies)) / natoms * 1000)
+    gap_rmse, lowest = state_ranking(e_dft, energies / natoms, geometry_groups(coords, cells))
     return SystemErrors(
         name=str(path), n_frames=len(coords), n_atoms=natoms,
         rmse_e=float(np.sqrt(np.mean((energies / natoms - e_dft) ** 2)) * 1000),
         rmse_f=float(np.sqrt(np.mean((forces - f_dft) ** 2)) * 1000),
-        flip_asymmetry=flip, energies=(e_dft, energies / natoms), forces=(f_dft.ravel(), forces.ravel()))
+        flip_asymmetry=flip, state_gap_rmse=gap_rmse, lowest_state=lowest, energies=(e_dft, energies / natoms), forces=(f_dft.ravel(), forces.ravel()))
 
 
 def run(models: Sequence[str], data: Sequence[str], offset: float | None = None,
@@ -148,7 +182,8 @@ def summary(models: Sequence[str | Path], systems: Sequence[Path], max_parity_po
         "rmse_f": float(np.sqrt(np.mean((f_model - f_dft) ** 2)) * 1000),
         "max_f_error": float(np.max(np.abs(f_model - f_dft)) * 1000),
         "systems": [{"name": Path(r.name).name, "n_frames": r.n_frames, "rmse_e": r.rmse_e, "rmse_f": r.rmse_f,
-                     "flip_asymmetry": r.flip_asymmetry} for r in results],
+                     "flip_asymmetry": r.flip_asymmetry, "state_gap_rmse": r.state_gap_rmse,
+                     "lowest_state": None if r.lowest_state is None else list(r.lowest_state)} for r in results],
         "parity": {"e_dft": e_dft.tolist(), "e_model": e_model.tolist(),
                    "f_dft": f_dft[keep].tolist(), "f_model": f_model[keep].tolist()},
     }
@@ -156,10 +191,13 @@ def summary(models: Sequence[str | Path], systems: Sequence[Path], max_parity_po
 
 def format_table(results: Sequence[SystemErrors]) -> str:
     lines = [f"{'system':<40} {'frames':>6} {'atoms':>5} {'E rmse meV/atom':>16} {'F rmse meV/A':>13} "
-             f"{'flip asym meV/atom':>19}"]
+             f"{'flip asym meV/atom':>19} {'state gap rmse meV/atom':>24} {'lowest state right':>19}"]
     for r in results:
         flip = "-" if r.flip_asymmetry is None else f"{r.flip_asymmetry:.2f}"
-        lines.append(f"{r.name[-40:]:<40} {r.n_frames:>6} {r.n_atoms:>5} {r.rmse_e:>16.2f} {r.rmse_f:>13.1f} {flip:>19}")
+        gap = "-" if r.state_gap_rmse is None else f"{r.state_gap_rmse:.2f}"
+        lowest = "-" if r.lowest_state is None else f"{r.lowest_state[0]}/{r.lowest_state[1]}"
+        lines.append(f"{r.name[-40:]:<40} {r.n_frames:>6} {r.n_atoms:>5} {r.rmse_e:>16.2f} {r.rmse_f:>13.1f} {flip:>19} "
+                     f"{gap:>24} {lowest:>19}")
     if len(results) > 1:
         e = np.concatenate([r.energies[1] - r.energies[0] for r in results])
         f = np.concatenate([r.forces[1] - r.forces[0] for r in results])
