@@ -103,7 +103,8 @@ def geometry_groups(coords: np.ndarray, cells: np.ndarray, decimals: int = 4) ->
     return np.array([index[k] for k in keys], dtype=int)
 
 
-def state_ranking(e_dft: np.ndarray, e_model: np.ndarray, groups: np.ndarray) -> tuple[float | None, tuple[int, int] | None]:
+def state_ranking(e_dft: np.ndarray, e_model: np.ndarray,
+                  groups: np.ndarray) -> tuple[float | None, tuple[int, int] | None]:
     """For geometries labeled in several states: RMSE of the energies relative to the geometry's mean
     state energy (same unit as the energies, x1000) and (geometries whose lowest state the model also
     puts lowest, geometries); (None, None) when every geometry has one state."""
@@ -142,7 +143,8 @@ def errors_of_system(ensemble: Ensemble, path: Path) -> SystemErrors:
         name=str(path), n_frames=len(coords), n_atoms=natoms,
         rmse_e=float(np.sqrt(np.mean((energies / natoms - e_dft) ** 2)) * 1000),
         rmse_f=float(np.sqrt(np.mean((forces - f_dft) ** 2)) * 1000),
-        flip_asymmetry=flip, state_gap_rmse=gap_rmse, lowest_state=lowest, energies=(e_dft, energies / natoms), forces=(f_dft.ravel(), forces.ravel()))
+        flip_asymmetry=flip, state_gap_rmse=gap_rmse, lowest_state=lowest,
+        energies=(e_dft, energies / natoms), forces=(f_dft.ravel(), forces.ravel()))
 
 
 def run(models: Sequence[str], data: Sequence[str], offset: float | None = None,
