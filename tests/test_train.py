@@ -161,6 +161,9 @@ def check_models(workdir: Path, spin: bool) -> None:
 def test_loop_trains_a_real_ensemble(tmp_path, spin):
     param = make_param(tmp_path)
     param["spin"]["enabled"] = spin
+    # 2 geometries x 3 spin states beside the 12 single-state frames: the spin ensemble's ranking is reported
+    write_spin_system(tmp_path / "data" / "states", n_frames=2, seed=9, states=[(1, 1), (1, -1), (3, 3)])
+    param["init_data_sys"].append("data/states")
     param_path, machine_path = write_inputs(tmp_path, param)
     result = subprocess.run(train_only(param_path, machine_path), cwd=tmp_path, capture_output=True,
                             text=True, timeout=600)
@@ -169,7 +172,15 @@ def test_loop_trains_a_real_ensemble(tmp_path, spin):
     assert (tmp_path / "record.spingen").read_text().split("\n")[:3] == ["0 0", "0 1", "0 2"]
     log = (tmp_path / "spingen.log").read_text()
     assert "iter 000000 step 01: run_train" in log
-    assert ("12 frames (moments in canonical sign" if spin else "12 frames (no spin)") in log
+    assert ("18 frames (moments in canonical sign" if spin else "18 frames (no spin)") in log
+    ranking_file = tmp_path / "iter.000000" / "00.train" / "state_ranking.json"
+    assert ranking_file.is_file() is spin and ("training geometries labeled in several spin states" in log) is spin
+    if spin:
+        ranking = json.loads(ranking_file.read_text())
+        assert (ranking["geometries"], ranking["frames"]) == (2, 6)
+        assert ranking["state_gap_rmse"] > 0 and 0 <= ranking["lowest_state_right"] <= 2
+        wrong = 2 - ranking["lowest_state_right"]
+        assert (f"wrong spin state lowest on {wrong} of the 2" in log) is (wrong > 0)
     assert not (tmp_path / "spingen.lock").read_text().strip(), "the lock is released at exit"
 
 

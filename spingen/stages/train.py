@@ -3,7 +3,9 @@
 make: encode the stored raw moments for deepmd-kit (S -> S + d/eta, plus globally reversed twins)
 into `00.train/data/`, and write one input.json per model with its own seeds.
 run: `dp --pt train` then `dp --pt freeze` for each model through dpdispatcher.
-post: every model must exist; its lcurve.out RMSEs are recorded in `00.train/models.json`.
+post: every model must exist; its lcurve.out RMSEs are recorded in `00.train/models.json`; for spin
+models, how the ensemble ranks the spin states of the training geometries labeled in several
+states goes to `00.train/state_ranking.json` and the log (a warning where it puts a wrong one lowest).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ MODEL_FILE = "frozen_model.pth"
 INIT_MODEL_FILE = "init_model.pth"  # the previous iteration's model, with training_init_model
 LCURVE_FILE = "lcurve.out"
 MODELS_REPORT = "models.json"
+STATE_RANKING_REPORT = "state_ranking.json"
 MODEL_LINK_GLOB = "graph.[0-9][0-9][0-9].pth"  # post's links to every model of the stage folder
 
 
@@ -99,6 +102,28 @@ class TrainStage(Stage):
                 link.symlink_to(f"{task}/{MODEL_FILE}")
             log.info("train: model %s  %s", task, "  ".join(f"{k} {v:.4g}" for k, v in rmse.items()))
         (path / MODELS_REPORT).write_text(json.dumps(report, indent=2))
+        if self.param.spin.enabled:
+            self.report_state_ranking(path, [path / task / MODEL_FILE for task in self.task_dirs(ctx)],
+                                      self.training_systems(ctx))
+
+    @staticmethod
+    def report_state_ranking(path: Path, models: list[Path], systems: list[Path]) -> None:
+        """Whether the ensemble has learned the spin states of its own training geometries (those
+        labeled in several states): a model that ranks them wrongly cannot guide the spin search."""
+        from spingen.tools.model_test import state_ranking_on
+
+        ranking = state_ranking_on(models, systems)
+        if ranking is None:
+            return
+        (path / STATE_RANKING_REPORT).write_text(json.dumps(ranking, indent=2))
+        log.info("train: on the %d training geometries labeled in several spin states, the ensemble's state gap "
+                 "RMSE is %.2f meV/atom and its lowest state is DFT's on %d of them", ranking["geometries"],
+                 ranking["state_gap_rmse"], ranking["lowest_state_right"])
+        wrong = ranking["geometries"] - ranking["lowest_state_right"]
+        if wrong:
+            log.warning("train: the models put a wrong spin state lowest on %d of the %d training geometries "
+                        "labeled in several states: they have not learned the spin states yet (more numb_steps or "
+                        "a larger energy prefactor; docs/cathode-guide.md section 2)", wrong, ranking["geometries"])
 
 
 def training_systems(param: Param, ctx: StageContext) -> list[Path]:

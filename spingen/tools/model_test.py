@@ -122,14 +122,43 @@ def state_ranking(e_dft: np.ndarray, e_model: np.ndarray,
     return float(np.sqrt(np.mean(np.concatenate(deviations) ** 2)) * 1000), (agree, geometries)
 
 
-def errors_of_system(ensemble: Ensemble, path: Path) -> SystemErrors:
+def load_for(ensemble: Ensemble, path: Path):
+    """A stored system as the ensemble evaluates it: (system, symbols, atom types, moments or None)."""
     from spingen.data.npy import load_system
 
     system = load_system(path, require_spins=ensemble.has_spin)
     symbols = [system.data["atom_names"][t] for t in system.data["atom_types"]]
-    atypes = ensemble.atom_types(symbols, str(path))
-    coords, cells = system.data["coords"], system.data["cells"]
     moments = system.data["spins"][..., 2] if ensemble.has_spin else None
+    return system, symbols, ensemble.atom_types(symbols, str(path)), moments
+
+
+def state_ranking_on(models: Sequence[str | Path], systems: Sequence[Path]) -> dict | None:
+    """How the ensemble of `models` ranks the spin states of the geometries of `systems` labeled in
+    several states (state_ranking over all of them); None when no geometry is."""
+    ensemble = Ensemble(models)
+    e_dft, e_model, groups, next_group = [], [], [], 0
+    for path in systems:
+        system, symbols, atypes, moments = load_for(ensemble, Path(path))
+        own = geometry_groups(system.data["coords"], system.data["cells"])
+        several = np.flatnonzero(np.bincount(own)[own] > 1)
+        if not several.size:
+            continue
+        energies, _ = ensemble.energy_forces(system.data["coords"][several], system.data["cells"][several], atypes,
+                                             symbols, None if moments is None else moments[several])
+        e_dft.append(system.data["energies"][several] / len(symbols))
+        e_model.append(energies / len(symbols))
+        groups.append(own[several] + next_group)  # group numbers unique across systems
+        next_group += int(own.max()) + 1
+    if not groups:
+        return None
+    rmse, (agree, geometries) = state_ranking(np.concatenate(e_dft), np.concatenate(e_model), np.concatenate(groups))
+    return {"state_gap_rmse": rmse, "lowest_state_right": agree, "geometries": geometries,
+            "frames": int(sum(len(g) for g in groups))}
+
+
+def errors_of_system(ensemble: Ensemble, path: Path) -> SystemErrors:
+    system, symbols, atypes, moments = load_for(ensemble, path)
+    coords, cells = system.data["coords"], system.data["cells"]
     energies, forces = ensemble.energy_forces(coords, cells, atypes, symbols, moments)
     natoms = len(symbols)
     e_dft = system.data["energies"] / natoms
