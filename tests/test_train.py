@@ -179,6 +179,12 @@ def test_loop_trains_a_real_ensemble(tmp_path, spin):
         ranking = json.loads(ranking_file.read_text())
         assert (ranking["geometries"], ranking["frames"]) == (2, 6)
         assert ranking["state_gap_rmse"] > 0 and 0 <= ranking["lowest_state_right"] <= 2
+        from spingen.data.npy import load_system
+
+        states = load_system(tmp_path / "data" / "states")
+        dft = states.data["energies"].reshape(2, 3) / 8 * 1000  # meV/atom, 2 geometries x 3 states
+        next_gap = np.mean([np.diff(np.sort(row)[:2])[0] for row in dft])
+        assert ranking["dft_next_state_gap_mean"] == pytest.approx(next_gap)
         wrong = 2 - ranking["lowest_state_right"]
         assert (f"wrong spin state lowest on {wrong} of the 2" in log) is (wrong > 0)
     assert not (tmp_path / "spingen.lock").read_text().strip(), "the lock is released at exit"

@@ -117,12 +117,13 @@ class TrainStage(Stage):
             return
         (path / STATE_RANKING_REPORT).write_text(json.dumps(ranking, indent=2))
         log.info("train: on the %d training geometries labeled in several spin states, the ensemble's state gap "
-                 "RMSE is %.2f meV/atom and its lowest state is DFT's on %d of them", ranking["geometries"],
-                 ranking["state_gap_rmse"], ranking["lowest_state_right"])
+                 "RMSE is %.2f meV/atom (DFT's lowest two states: %.2f meV/atom apart on average) and its lowest "
+                 "state is DFT's on %d of them", ranking["geometries"], ranking["state_gap_rmse"],
+                 ranking["dft_next_state_gap_mean"], ranking["lowest_state_right"])
         wrong = ranking["geometries"] - ranking["lowest_state_right"]
         if wrong:
             log.warning("train: the models put a wrong spin state lowest on %d of the %d training geometries "
-                        "labeled in several states: they have not learned the spin states yet (more numb_steps or "
+                        "labeled in several states: they do not resolve those spin states yet (more numb_steps or "
                         "a larger energy prefactor; docs/cathode-guide.md section 2)", wrong, ranking["geometries"])
 
 

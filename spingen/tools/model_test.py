@@ -134,7 +134,8 @@ def load_for(ensemble: Ensemble, path: Path):
 
 def state_ranking_on(models: Sequence[str | Path], systems: Sequence[Path]) -> dict | None:
     """How the ensemble of `models` ranks the spin states of the geometries of `systems` labeled in
-    several states (state_ranking over all of them); None when no geometry is."""
+    several states (state_ranking over all of them), beside the mean DFT gap between each geometry's
+    two lowest states (meV/atom: what the ranking has to resolve); None when no geometry is."""
     ensemble = Ensemble(models)
     e_dft, e_model, groups, next_group = [], [], [], 0
     for path in systems:
@@ -151,9 +152,11 @@ def state_ranking_on(models: Sequence[str | Path], systems: Sequence[Path]) -> d
         next_group += int(own.max()) + 1
     if not groups:
         return None
-    rmse, (agree, geometries) = state_ranking(np.concatenate(e_dft), np.concatenate(e_model), np.concatenate(groups))
+    e_dft, groups = np.concatenate(e_dft), np.concatenate(groups)
+    rmse, (agree, geometries) = state_ranking(e_dft, np.concatenate(e_model), groups)
+    next_state_gaps = [np.diff(np.sort(e_dft[groups == g])[:2])[0] for g in np.unique(groups)]
     return {"state_gap_rmse": rmse, "lowest_state_right": agree, "geometries": geometries,
-            "frames": int(sum(len(g) for g in groups))}
+            "frames": int(len(groups)), "dft_next_state_gap_mean": float(np.mean(next_state_gaps) * 1000)}
 
 
 def errors_of_system(ensemble: Ensemble, path: Path) -> SystemErrors:
