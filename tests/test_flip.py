@@ -74,12 +74,13 @@ def test_augmentation_reduces_and_the_canonical_encoding_removes_flip_asymmetry(
     (ranked,) = evaluate_models([str(models["canonical"])], [str(states)])
     dft, model = (e.reshape(3, 3) for e in ranked.energies)  # 3 geometries x 3 states, in the order written
     relative_error = (model - model.mean(1, keepdims=True)) - (dft - dft.mean(1, keepdims=True))
-    assert ranked.state_gap_rmse == pytest.approx(np.sqrt(np.mean(relative_error ** 2)) * 1000)
-    assert ranked.lowest_state == (int(np.sum(model.argmin(1) == dft.argmin(1))), 3)
+    assert ranked.ranking.state_gap_rmse == pytest.approx(np.sqrt(np.mean(relative_error ** 2)) * 1000)
+    assert (ranked.ranking.lowest_state_right, ranked.ranking.geometries) == (
+        int(np.sum(model.argmin(1) == dft.argmin(1))), 3)
     printed = subprocess.run([str(BIN / "spingen"), "test", str(models["canonical"]), "-s", str(states)],
                              check=True, capture_output=True, text=True).stdout
-    assert "state gap rmse meV/atom" in printed and f"{ranked.state_gap_rmse:.2f}" in printed
-    assert f"{ranked.lowest_state[0]}/3" in printed
+    assert "state gap rmse meV/atom" in printed and f"{ranked.ranking.state_gap_rmse:.2f}" in printed
+    assert f"{ranked.ranking.lowest_state_right}/3" in printed
     # -dE/dS is odd under reversal (E even), through the evaluation that feeds the search
     atoms = lini_frames(1, 5)[0][0]
     model = DeepmdSpinModel.from_atoms(atoms, str(models["canonical"]), SpinEncoding.beside(models["canonical"]))
@@ -112,7 +113,8 @@ def test_state_ranking_compares_energies_within_each_geometry():
     dft = np.array([0.0, 0.010, 5.0, 5.004, 7.0])
     # the model is off by a constant per geometry (does not matter) and swaps the second pair (does)
     model = np.array([0.3, 0.310, 4.0, 3.998, 0.0])
-    rmse, lowest = state_ranking(dft, model, groups)
-    assert lowest == (1, 2)
-    assert rmse == pytest.approx(np.sqrt((0 + 0 + 0.003 ** 2 * 2) / 4) * 1000)
-    assert state_ranking(dft[[0, 2, 4]], model[[0, 2, 4]], np.arange(3)) == (None, None)
+    ranking = state_ranking(dft, model, groups)
+    assert (ranking.lowest_state_right, ranking.geometries) == (1, 2)
+    assert ranking.state_gap_rmse == pytest.approx(np.sqrt((0 + 0 + 0.003 ** 2 * 2) / 4) * 1000)
+    assert ranking.dft_next_state_gap_mean == pytest.approx((10 + 4) / 2)
+    assert state_ranking(dft[[0, 2, 4]], model[[0, 2, 4]], np.arange(3)) is None

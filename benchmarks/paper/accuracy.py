@@ -164,7 +164,7 @@ def evaluate(folder: Path, test: Path, plot: Path) -> dict:
     parity_plot(results, plot)
     r = results[0]
     return {"rmse_e": r.rmse_e, "rmse_f": r.rmse_f, "flip": r.flip_asymmetry, "frames": r.n_frames,
-            "state_gap": r.state_gap_rmse}
+            "state_gap": None if r.ranking is None else r.ranking.state_gap_rmse}
 
 
 def canonical(config: np.ndarray) -> tuple:

@@ -89,8 +89,8 @@ class TrainStage(Stage):
     # ---- post
     def post(self, ctx: StageContext) -> None:
         path = self.path(ctx)
-        report = []
-        for task in self.task_dirs(ctx):
+        report, tasks = [], self.task_dirs(ctx)
+        for task in tasks:
             model = path / task / MODEL_FILE
             if not model.is_file():
                 raise RuntimeError(f"train: model {model} is missing after run_train; see "
@@ -103,8 +103,7 @@ class TrainStage(Stage):
             log.info("train: model %s  %s", task, "  ".join(f"{k} {v:.4g}" for k, v in rmse.items()))
         (path / MODELS_REPORT).write_text(json.dumps(report, indent=2))
         if self.param.spin.enabled:
-            self.report_state_ranking(path, [path / task / MODEL_FILE for task in self.task_dirs(ctx)],
-                                      self.training_systems(ctx))
+            self.report_state_ranking(path, [path / task / MODEL_FILE for task in tasks], self.training_systems(ctx))
 
     @staticmethod
     def report_state_ranking(path: Path, models: list[Path], systems: list[Path]) -> None:

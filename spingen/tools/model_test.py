@@ -13,7 +13,7 @@ state is DFT's lowest.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -26,6 +26,15 @@ FRAMES_PER_CALL = 256
 
 
 @dataclass
+class StateRanking:
+    """How a model ranks the spin states of the geometries labeled in several states."""
+    state_gap_rmse: float  # meV/atom, energies relative to their geometry's mean state energy
+    lowest_state_right: int  # geometries whose DFT-lowest state is also the model's lowest
+    geometries: int
+    dft_next_state_gap_mean: float  # meV/atom, DFT's gap between each geometry's two lowest states: what to resolve
+
+
+@dataclass
 class SystemErrors:
     name: str
     n_frames: int
@@ -33,8 +42,7 @@ class SystemErrors:
     rmse_e: float  # meV/atom
     rmse_f: float  # meV/A
     flip_asymmetry: float | None  # meV/atom
-    state_gap_rmse: float | None  # meV/atom, energies relative to their geometry's mean state; None: one state each
-    lowest_state: tuple[int, int] | None  # (geometries whose DFT-lowest state is the model's lowest, geometries)
+    ranking: StateRanking | None  # None: every geometry in one state
     energies: tuple[np.ndarray, np.ndarray] = field(repr=False)  # (DFT, model) per atom, eV
     forces: tuple[np.ndarray, np.ndarray] = field(repr=False)  # (DFT, model) components, eV/A
 
@@ -103,23 +111,22 @@ def geometry_groups(coords: np.ndarray, cells: np.ndarray, decimals: int = 4) ->
     return np.array([index[k] for k in keys], dtype=int)
 
 
-def state_ranking(e_dft: np.ndarray, e_model: np.ndarray,
-                  groups: np.ndarray) -> tuple[float | None, tuple[int, int] | None]:
-    """For geometries labeled in several states: RMSE of the energies relative to the geometry's mean
-    state energy (same unit as the energies, x1000) and (geometries whose lowest state the model also
-    puts lowest, geometries); (None, None) when every geometry has one state."""
-    deviations, agree, geometries = [], 0, 0
+def state_ranking(e_dft: np.ndarray, e_model: np.ndarray, groups: np.ndarray) -> StateRanking | None:
+    """The ranking of the states of the geometries (`groups`) labeled in several states, from energies
+    per atom in eV; None when every geometry has one state."""
+    deviations, next_gaps, agree = [], [], 0
     for g in np.unique(groups):
         members = np.flatnonzero(groups == g)
         if len(members) < 2:
             continue
         dft, model = e_dft[members], e_model[members]
         deviations.append((model - model.mean()) - (dft - dft.mean()))
+        next_gaps.append(np.diff(np.sort(dft)[:2])[0])
         agree += int(np.argmin(model) == np.argmin(dft))
-        geometries += 1
-    if not geometries:
-        return None, None
-    return float(np.sqrt(np.mean(np.concatenate(deviations) ** 2)) * 1000), (agree, geometries)
+    if not deviations:
+        return None
+    return StateRanking(float(np.sqrt(np.mean(np.concatenate(deviations) ** 2)) * 1000), agree, len(deviations),
+                        float(np.mean(next_gaps) * 1000))
 
 
 def load_for(ensemble: Ensemble, path: Path):
@@ -134,8 +141,8 @@ def load_for(ensemble: Ensemble, path: Path):
 
 def state_ranking_on(models: Sequence[str | Path], systems: Sequence[Path]) -> dict | None:
     """How the ensemble of `models` ranks the spin states of the geometries of `systems` labeled in
-    several states (state_ranking over all of them), beside the mean DFT gap between each geometry's
-    two lowest states (meV/atom: what the ranking has to resolve); None when no geometry is."""
+    several states (state_ranking over all of them, and the frames it took), as JSON; None when no
+    geometry is."""
     ensemble = Ensemble(models)
     e_dft, e_model, groups, next_group = [], [], [], 0
     for path in systems:
@@ -152,11 +159,8 @@ def state_ranking_on(models: Sequence[str | Path], systems: Sequence[Path]) -> d
         next_group += int(own.max()) + 1
     if not groups:
         return None
-    e_dft, groups = np.concatenate(e_dft), np.concatenate(groups)
-    rmse, (agree, geometries) = state_ranking(e_dft, np.concatenate(e_model), groups)
-    next_state_gaps = [np.diff(np.sort(e_dft[groups == g])[:2])[0] for g in np.unique(groups)]
-    return {"state_gap_rmse": rmse, "lowest_state_right": agree, "geometries": geometries,
-            "frames": int(len(groups)), "dft_next_state_gap_mean": float(np.mean(next_state_gaps) * 1000)}
+    ranking = state_ranking(np.concatenate(e_dft), np.concatenate(e_model), np.concatenate(groups))
+    return {**asdict(ranking), "frames": int(sum(len(g) for g in groups))}
 
 
 def errors_of_system(ensemble: Ensemble, path: Path) -> SystemErrors:
@@ -170,12 +174,11 @@ def errors_of_system(ensemble: Ensemble, path: Path) -> SystemErrors:
     if ensemble.has_spin:
         flipped, _ = ensemble.energy_forces(coords, cells, atypes, symbols, -moments)
         flip = float(np.mean(np.abs(flipped - energies)) / natoms * 1000)
-    gap_rmse, lowest = state_ranking(e_dft, energies / natoms, geometry_groups(coords, cells))
     return SystemErrors(
         name=str(path), n_frames=len(coords), n_atoms=natoms,
         rmse_e=float(np.sqrt(np.mean((energies / natoms - e_dft) ** 2)) * 1000),
         rmse_f=float(np.sqrt(np.mean((forces - f_dft) ** 2)) * 1000),
-        flip_asymmetry=flip, state_gap_rmse=gap_rmse, lowest_state=lowest,
+        flip_asymmetry=flip, ranking=state_ranking(e_dft, energies / natoms, geometry_groups(coords, cells)),
         energies=(e_dft, energies / natoms), forces=(f_dft.ravel(), forces.ravel()))
 
 
@@ -216,8 +219,8 @@ def summary(models: Sequence[str | Path], systems: Sequence[Path], max_parity_po
         "rmse_f": float(np.sqrt(np.mean((f_model - f_dft) ** 2)) * 1000),
         "max_f_error": float(np.max(np.abs(f_model - f_dft)) * 1000),
         "systems": [{"name": Path(r.name).name, "n_frames": r.n_frames, "rmse_e": r.rmse_e, "rmse_f": r.rmse_f,
-                     "flip_asymmetry": r.flip_asymmetry, "state_gap_rmse": r.state_gap_rmse,
-                     "lowest_state": None if r.lowest_state is None else list(r.lowest_state)} for r in results],
+                     "flip_asymmetry": r.flip_asymmetry,
+                     "state_ranking": None if r.ranking is None else asdict(r.ranking)} for r in results],
         "parity": {"e_dft": e_dft.tolist(), "e_model": e_model.tolist(),
                    "f_dft": f_dft[keep].tolist(), "f_model": f_model[keep].tolist()},
     }
@@ -228,8 +231,9 @@ def format_table(results: Sequence[SystemErrors]) -> str:
              f"{'flip asym meV/atom':>19} {'state gap rmse meV/atom':>24} {'lowest state right':>19}"]
     for r in results:
         flip = "-" if r.flip_asymmetry is None else f"{r.flip_asymmetry:.2f}"
-        gap = "-" if r.state_gap_rmse is None else f"{r.state_gap_rmse:.2f}"
-        lowest = "-" if r.lowest_state is None else f"{r.lowest_state[0]}/{r.lowest_state[1]}"
+        ranked = r.ranking
+        gap = "-" if ranked is None else f"{ranked.state_gap_rmse:.2f}"
+        lowest = "-" if ranked is None else f"{ranked.lowest_state_right}/{ranked.geometries}"
         lines.append(f"{r.name[-40:]:<40} {r.n_frames:>6} {r.n_atoms:>5} {r.rmse_e:>16.2f} {r.rmse_f:>13.1f} {flip:>19} "
                      f"{gap:>24} {lowest:>19}")
     if len(results) > 1:
