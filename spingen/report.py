@@ -24,7 +24,7 @@ from spingen.stages.explore import CLASSES, SELECTION_FILE, ExploreStage
 from spingen.stages.init import INIT_DIR, PerturbStage
 from spingen.stages.label import MODEL_ERRORS_FILE, LabelStage
 from spingen.stages.label import REPORT_FILE as LABELS_FILE
-from spingen.stages.train import MODELS_REPORT, TrainStage
+from spingen.stages.train import MODELS_REPORT, STATE_RANKING_REPORT, TrainStage
 from spingen.tools.explore_task import DEVI_FILE
 
 STAGES = (TrainStage, ExploreStage, LabelStage)
@@ -114,9 +114,10 @@ def explore_summary(selection) -> dict:
 def label_summary(labels) -> dict:
     """Converged and failed label tasks from labels.json."""
     if not isinstance(labels, list):
-        return {"labeled": None, "label_failed": None}
+        return {"labeled": None, "label_failed": None, "labeled_other_states": None}
     labeled = sum(1 for entry in labels if entry.get("ok"))
-    return {"labeled": labeled, "label_failed": len(labels) - labeled}
+    other_states = sum(1 for entry in labels if entry.get("ok") and entry.get("state", 0) > 0)
+    return {"labeled": labeled, "label_failed": len(labels) - labeled, "labeled_other_states": other_states}
 
 
 def model_rmses(models) -> list[dict] | None:
@@ -147,6 +148,15 @@ def ensemble_summary(errors) -> dict:
     return {"ensemble_frames": errors.get("n_frames"), "ensemble_rmse_e_meV_atom": finite(errors.get("rmse_e")),
             "ensemble_rmse_f_meV_A": finite(errors.get("rmse_f")),
             "spin_agree_pct": 100.0 * fraction if fraction is not None else None}
+
+
+def ranking_summary(ranking) -> dict:
+    """How the iteration's ensemble ranks the spin states of its training geometries labeled in
+    several states (00.train/state_ranking.json): lowest state right (k of n) and state gap RMSE."""
+    if not isinstance(ranking, dict):
+        return {"ranking_right": None, "ranking_geometries": None, "state_gap_rmse_meV_atom": None}
+    return {"ranking_right": ranking.get("lowest_state_right"), "ranking_geometries": ranking.get("geometries"),
+            "state_gap_rmse_meV_atom": finite(ranking.get("state_gap_rmse"))}
 
 
 def iteration_dirs(workdir: Path) -> dict[int, Path]:
@@ -196,6 +206,7 @@ def gather(workdir: Path) -> Status:
                      **explore_summary(read_json(path / ExploreStage.dirname / SELECTION_FILE)),
                      **label_summary(read_json(path / LabelStage.dirname / LABELS_FILE)),
                      "models": model_rmses(read_json(path / TrainStage.dirname / MODELS_REPORT)),
+                     **ranking_summary(read_json(path / TrainStage.dirname / STATE_RANKING_REPORT)),
                      **ensemble_summary(read_json(path / LabelStage.dirname / MODEL_ERRORS_FILE))})
     return Status(workdir, rows, last, finished, init)
 
@@ -212,15 +223,17 @@ def _number(value, fmt: str) -> str:
 def format_status(status: Status) -> str:
     """An aligned text table, a legend and the record's last finished step."""
     names = sorted({m["model"] for row in status.rows for m in row["models"] or []})
-    header = ["iter", "step", "explored", "acc %", "cand %", "(spin) %", "fail %", "selected", "labeled", "lbl failed",
-              *(f"m{name} E/F" for name in names), "new E", "new F", "spin %"]
+    header = ["iter", "step", "explored", "acc %", "cand %", "(spin) %", "fail %", "selected", "labeled",
+              "(states)", "lbl failed", *(f"m{name} E/F" for name in names), "ranked", "gap", "new E", "new F",
+              "spin %"]
     table = [header]
     for row in status.rows:
         models = {m["model"]: m for m in row["models"] or []}
         cells = [f"{row['iteration']:06d}", row["step"], _number(row["explore_frames"], "d"),
                  _number(row["accurate_pct"], ".1f"), _number(row["candidate_pct"], ".1f"),
                  _number(row["spin_only_pct"], ".1f"), _number(row["failed_pct"], ".1f"), _number(row["selected"], "d"),
-                 _number(row["labeled"], "d"), _number(row["label_failed"], "d")]
+                 _number(row["labeled"], "d"), _number(row["labeled_other_states"], "d"),
+                 _number(row["label_failed"], "d")]
         for name in names:
             model = models.get(name)
             if model is None or model["set"] is None:
@@ -228,7 +241,9 @@ def format_status(status: Status) -> str:
             else:
                 cells.append(f"{_number(model['rmse_e_eV_atom'], '.3g')}/{_number(model['rmse_f_eV_A'], '.3g')}"
                              + ("*" if model["set"] == "trn" else ""))
-        cells += [_number(row["ensemble_rmse_e_meV_atom"], ".2f"), _number(row["ensemble_rmse_f_meV_A"], ".1f"),
+        ranked = (MISSING if row["ranking_geometries"] is None
+                  else f"{row['ranking_right']}/{row['ranking_geometries']}")
+        cells += [ranked, _number(row["state_gap_rmse_meV_atom"], ".1f"), _number(row["ensemble_rmse_e_meV_atom"], ".2f"), _number(row["ensemble_rmse_f_meV_A"], ".1f"),
                   _number(row["spin_agree_pct"], ".1f")]
         table.append(cells)
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
@@ -240,6 +255,9 @@ def format_status(status: Status) -> str:
               "(* on the training set: no validation data)",
               "(spin) %: candidates only because the models disagree on the ground-state moments (force "
               "deviation below the lower trust level)",
+              "(states): labels in a state other than the predicted ground state (fp_spin_init states/members)",
+              "ranked, gap: training geometries labeled in several spin states on which the ensemble's lowest "
+              "state is DFT's (k/n), and its state gap RMSE there, meV/atom",
               "new E/F: the ensemble's RMSE on the iteration's new labels before training on them, meV/atom / "
               "meV/A; spin %: magnetic ions whose predicted moment agrees with DFT's",
               last_line(status)]
@@ -305,9 +323,18 @@ def _plot_ratios(ax, rows: list[dict]) -> None:
     bottom = np.zeros(len(shown))
     for label, color in zip(CLASSES, ("tab:green", "tab:orange", "tab:red")):
         height = np.array([r[f"{label}_pct"] for r in shown])
-        ax.bar(x, height, bottom=bottom, color=color, label=label)
+        if label == "candidate":  # the candidates found by spin disagreement only, hatched at its base
+            spin_only = np.array([r["spin_only_pct"] or 0.0 for r in shown])
+            ax.bar(x, spin_only, bottom=bottom, color="none", edgecolor="k", hatch="//", lw=0,
+                   label="candidate by spin only")
+        ax.bar(x, height, bottom=bottom, color=color, label=label, zorder=0)
         bottom += height
+    for r in shown:  # how the iteration's ensemble ranks the spin states of its training geometries
+        if r["ranking_geometries"]:
+            ax.annotate(f"ranked {r['ranking_right']}/{r['ranking_geometries']}", (r["iteration"], 100), ha="center",
+                        va="bottom", fontsize=7)
     _iteration_axis(ax)
+    ax.set_ylim(0, 110)
     ax.set_ylabel("%")
     ax.legend(fontsize=7)
 

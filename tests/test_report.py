@@ -47,7 +47,8 @@ def selection(accurate: int, candidate: int, failed: int) -> dict:
 
 
 def labels(n_ok: int, n_failed: int) -> list[dict]:
-    ok = [{"task": f"task.000.{i:06d}", "system": 0, "state": 0, "ok": True, "reason": "",
+    """n_ok converged labels (every second one in an excited state of its candidate), n_failed failed."""
+    ok = [{"task": f"task.000.{i:06d}", "system": 0, "state": i % 2, "ok": True, "reason": "",
            "energy": -10.0 - i, "moments": [1.0, -1.0]} for i in range(n_ok)]
     failed = [{"task": f"task.000.{n_ok + i:06d}", "system": 0, "state": 0, "ok": False,
                "reason": "SCF did not converge"} for i in range(n_failed)]
@@ -71,6 +72,9 @@ def workdir(tmp_path: Path) -> Path:
             [(50, 30, 20, 3, 1, 12.5, 150.0, 6), (90, 8, 2, 2, 0, 4.25, 80.0, 8)]):
         it = work / f"iter.{iteration:06d}"
         write_json(it / "00.train/models.json", models(0.003 - 0.001 * iteration))
+        write_json(it / "00.train/state_ranking.json", {"state_gap_rmse": 9.5 - 5 * iteration,
+                                                         "lowest_state_right": 3 + iteration, "geometries": 5,
+                                                         "dft_next_state_gap_mean": 8.0, "frames": 12})
         write_json(it / "01.model_devi/selection.json", selection(acc, cand, fail))
         write_devi(it / "01.model_devi/task.000.000000/model_devi.out", [0.02, 0.08, 0.2])
         write_json(it / "02.fp/labels.json", labels(n_ok, n_failed))
@@ -92,6 +96,10 @@ def test_status_rows(workdir):
     assert (first["accurate_pct"], first["candidate_pct"], first["failed_pct"]) == pytest.approx((50, 30, 20))
     assert first["spin_only_pct"] == pytest.approx(10.0) and rows[1]["spin_only_pct"] == pytest.approx(2.0)
     assert (first["selected"], first["labeled"], first["label_failed"]) == (3, 3, 1)
+    assert first["labeled_other_states"] == 1 and rows[1]["labeled_other_states"] == 1
+    assert (first["ranking_right"], first["ranking_geometries"], first["state_gap_rmse_meV_atom"]) == (3, 5, 9.5)
+    assert (rows[1]["ranking_right"], rows[1]["state_gap_rmse_meV_atom"]) == (4, 4.5)
+    assert rows[2]["ranking_geometries"] is None and rows[2]["labeled_other_states"] is None
     assert first["models"] == [
         {"model": "000", "set": "val", "rmse_e_eV_atom": 0.003, "rmse_f_eV_A": 0.07},
         {"model": "001", "set": "trn", "rmse_e_eV_atom": 0.004, "rmse_f_eV_A": 0.05}]
@@ -108,7 +116,8 @@ def test_status_table(workdir, capsys):
     assert main(["status", str(workdir)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[:4] == ["iter", "step", "explored", "acc"]
-    assert "m000 E/F" in lines[0] and "new E" in lines[0]
+    assert "m000 E/F" in lines[0] and "new E" in lines[0] and "(states)" in lines[0] and "ranked" in lines[0]
+    assert "3/5" in lines[1].split() and "9.5" in lines[1].split() and "4/5" in lines[2].split()
     assert lines[1].split()[:3] == ["000000", "done", "100"]
     assert "0.003/0.07" in lines[1] and "0.004/0.05*" in lines[1] and "12.50" in lines[1] and "75.0" in lines[1]
     assert lines[3].startswith("000002  01.model_devi post") and lines[3].rstrip().endswith("-")
@@ -129,7 +138,7 @@ def test_status_of_a_run_still_making_its_initial_data(tmp_path):
     (tmp_path / "init" / "record.spingen").write_text("0 0\n0 1\n0 2\n0 3\n")
     status = gather(tmp_path)
     assert status.rows == [] and status.init == {"step": "02.fp run", "tasks": 3, "labeled": None,
-                                                 "label_failed": None}
+                                                 "label_failed": None, "labeled_other_states": None}
     (fp / "labels.json").write_text(json.dumps([{"ok": True}, {"ok": True}, {"ok": False}]))
     (tmp_path / "init" / "record.spingen").write_text("0 0\n0 1\n0 2\n0 3\n0 4\n0 5\n")
     assert format_status(gather(tmp_path)).splitlines()[0] == \
