@@ -94,15 +94,18 @@ def summary(param, machines) -> str:
 
 def auto_levels(param) -> str:
     """What "auto" moment levels will be at iteration 0: clustered from init_data_sys when it has data."""
-    from spingen.md import magnitudes_from_data
+    from spingen.md import supported_magnitudes
 
     if not param.init_data_sys:
         return "auto (clustered from the initial data once it is made)"
     try:
-        levels = magnitudes_from_data(param.init_data_sys, param.spin.magnetic)
+        levels = supported_magnitudes(param.init_data_sys, param.spin.magnetic, param.spin.min_level_support)
     except ValueError as err:
         return f"auto ({err})"
-    return f"auto, from init_data_sys: {levels}" + (" + the data init_data_gen makes" if param.init_gen else "")
+    refused = (f"; levels in fewer than spin/min_level_support {param.spin.min_level_support} frames are refused "
+               "(list them in spin/moments to keep them)" if levels.refused else "")
+    return (f"auto, from init_data_sys: {levels.kept} ({levels.describe()}{refused})"
+            + (" + the data init_data_gen makes" if param.init_gen else ""))
 
 
 def cmd_doc(args: argparse.Namespace) -> int:

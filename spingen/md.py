@@ -36,7 +36,7 @@ from ase import units
 from ase.calculators.calculator import Calculator, all_changes
 
 from spingen.spin.encoding import SpinEncoding
-from spingen.spin.levels import MomentLevels, infer_magnitudes
+from spingen.spin.levels import MomentLevels, infer_magnitudes, level_support
 from spingen.spin.model import SymmetrizedModel
 from spingen.spin.search import SearchResult, SearchSettings, search_ground_state
 
@@ -49,10 +49,9 @@ class NonFiniteError(RuntimeError):
     step: int | None = None
 
 
-def magnitudes_from_data(systems: Sequence[Any], magnetic: Sequence[str], tol: float = 0.3
-                         ) -> dict[str, list[float]]:
-    """Allowed |moment| levels of each magnetic element, clustered (``infer_magnitudes``) from the
-    raw moments of deepmd/npy systems as spingen stores them (spin.npy)."""
+def moments_by_frame(systems: Sequence[Any], magnetic: Sequence[str]) -> dict[str, list[np.ndarray]]:
+    """The raw moments of each magnetic element in deepmd/npy systems as spingen stores them
+    (spin.npy), one array per frame; ValueError when an element has none."""
     from spingen.data.npy import get_moments, load_system
 
     observed: dict[str, list[np.ndarray]] = {el: [] for el in magnetic}
@@ -62,12 +61,56 @@ def magnitudes_from_data(systems: Sequence[Any], magnetic: Sequence[str], tol: f
         moments = get_moments(system)
         for el in magnetic:
             if el in names:
-                observed[el].append(moments[:, types == names.index(el)].ravel())
-    values = {el: np.concatenate(v) if v else np.zeros(0) for el, v in observed.items()}
-    absent = sorted(el for el, v in values.items() if v.size == 0)
+                observed[el].extend(moments[:, types == names.index(el)])
+    absent = sorted(el for el, v in observed.items() if not v or not np.concatenate(v).size)
     if absent:
         raise ValueError(f"the data holds no moments of {absent} to infer their magnitudes from")
-    return infer_magnitudes(values, tol=tol)
+    return observed
+
+
+def magnitudes_from_data(systems: Sequence[Any], magnetic: Sequence[str], tol: float = 0.3
+                         ) -> dict[str, list[float]]:
+    """Allowed |moment| levels of each magnetic element, clustered (``infer_magnitudes``) from the
+    raw moments of deepmd/npy systems as spingen stores them (spin.npy)."""
+    frames = moments_by_frame(systems, magnetic)
+    return infer_magnitudes({el: np.concatenate(v) for el, v in frames.items()}, tol=tol)
+
+
+@dataclasses.dataclass(frozen=True)
+class InferredLevels:
+    """Levels clustered from data with their support (frames holding each level); `refused`: the
+    levels seen in fewer than min_support frames, left out of `kept`."""
+
+    kept: dict[str, list[float]]
+    support: dict[str, dict[float, int]]
+    refused: dict[str, list[float]]
+
+    def describe(self) -> str:
+        """'Ni 1.736 (87 frames); Co 0 (20 frames), 0.56 (1 frame, refused)'."""
+        def level(el, value):
+            n = self.support[el][value]
+            refused = ", refused" if value in self.refused.get(el, []) else ""
+            return f"{value:g} ({n} frame{'s' if n != 1 else ''}{refused})"
+        return "; ".join(f"{el} " + ", ".join(level(el, v) for v in levels) for el, levels in self.support.items())
+
+
+def supported_magnitudes(systems: Sequence[Any], magnetic: Sequence[str], min_support: int, tol: float = 0.3
+                         ) -> InferredLevels:
+    """``magnitudes_from_data`` with each level's support; levels held by fewer than min_support
+    frames (or than the data has frames, when it has fewer) are refused: a spin search would walk
+    into states the model has barely seen."""
+    frames = moments_by_frame(systems, magnetic)
+    levels = infer_magnitudes({el: np.concatenate(v) for el, v in frames.items()}, tol=tol)
+    kept, support, refused = {}, {}, {}
+    for el, values in levels.items():
+        counts = level_support(frames[el], values)
+        support[el] = dict(zip(values, counts))
+        needed = min(min_support, len(frames[el]))  # data of fewer frames than min_support: every level seen
+        keep = [v for v, n in zip(values, counts) if n >= needed]
+        kept[el] = keep
+        if len(keep) < len(values):
+            refused[el] = [v for v in values if v not in keep]
+    return InferredLevels(kept, support, refused)
 
 
 class SpinModelCalculator(Calculator):

@@ -50,6 +50,11 @@ def _spin_arginfo() -> Argument:
                      doc="Allowed moment magnitudes (uB) per magnetic element, e.g. {\"Co\": [0, 1, 4, 5]}; "
                          "each nonzero magnitude may point up or down. \"auto\": cluster the |moments| "
                          "observed in the training data."),
+            Argument("min_level_support", int, optional=True, default=3,
+                     doc="With moments \"auto\": a clustered level seen in fewer training frames than this is "
+                         "refused (left out of the spin search, with a warning naming it): a model that has "
+                         "barely seen a level makes false minima there that the search walks into. To keep "
+                         "such a level, list it in spin/moments."),
             Argument("min_virtual_distance", float, optional=True, default=0.05,
                      doc="Smallest allowed |eta*S + d| (A) for any moment in the data or the levels; "
                          "below it the virtual atom sits on its real atom."),
@@ -330,6 +335,7 @@ class SpinSettings:
     moments: Mapping[str, tuple[float, ...]] | str
     min_virtual_distance: float
     flip_symmetry: str  # one of FLIP_SYMMETRIES
+    min_level_support: int = 3  # frames; auto levels seen less are refused
 
     @property
     def encoding(self) -> SpinEncoding:
@@ -520,8 +526,12 @@ def _spin_settings(spin: dict, type_map: tuple[str, ...], path: Path) -> SpinSet
     if spin["flip_symmetry"] not in FLIP_SYMMETRIES:
         raise InputError(f"{path}: key 'spin/flip_symmetry': expected one of {list(FLIP_SYMMETRIES)}, "
                          f"got \"{spin['flip_symmetry']}\"")
+    if spin["min_level_support"] < 1:
+        raise InputError(f"{path}: key 'spin/min_level_support': expected at least 1 frame, "
+                         f"got {spin['min_level_support']}")
     return SpinSettings(spin["enabled"], magnetic, float(spin["virtual_scale"]), float(spin["offset"]),
-                        moments, float(spin["min_virtual_distance"]), spin["flip_symmetry"])
+                        moments, float(spin["min_virtual_distance"]), spin["flip_symmetry"],
+                        int(spin["min_level_support"]))
 
 
 def _mass_map(mass_map: list | str, type_map: tuple[str, ...], path: Path) -> tuple[float, ...]:

@@ -547,6 +547,34 @@ def test_magnitudes_inferred_from_training_data(tmp_path):
         magnitudes_from_data(systems, ["Ni", "Co"])
 
 
+def test_a_level_seen_in_one_frame_is_refused_on_real_licoo2_data(tmp_path):
+    """Real GPAW LiCoO2 data (Co 0 and ~3.1 uB, 55 frames) plus ONE frame whose first Co holds 1.46 uB,
+    as a stray SCF leaves behind: auto levels show each level's support and refuse the rare one."""
+    import shutil
+
+    from spingen.md import magnitudes_from_data, supported_magnitudes
+
+    data = tmp_path / "licoo2"
+    shutil.copytree(Path(__file__).resolve().parent.parent / "benchmarks/paper/data/licoo2", data)
+    sets = data / "set.000"
+    arrays = {f.stem: np.load(f) for f in sets.glob("*.npy")}
+    spin = arrays["spin"].reshape(len(arrays["energy"]), -1, 3)
+    types = np.loadtxt(data / "type.raw", dtype=int)
+    co = int(np.flatnonzero(types == (data / "type_map.raw").read_text().split().index("Co"))[0])
+    stray = spin[:1].copy()
+    stray[0, co, 2] = 1.46
+    for name, values in arrays.items():
+        added = stray.reshape(1, -1) if name == "spin" else values[:1]
+        np.save(sets / f"{name}.npy", np.concatenate([values, added]))
+
+    assert 1.46 in magnitudes_from_data([data], ["Co"])["Co"]  # plain clustering keeps it
+    levels = supported_magnitudes([data], ["Co"], min_support=3)
+    assert levels.kept == {"Co": [0.0, 3.132]} and levels.refused == {"Co": [1.46]}
+    assert levels.support["Co"][1.46] == 1 and levels.support["Co"][0.0] >= 20
+    assert "1.46 (1 frame, refused)" in levels.describe()
+    assert supported_magnitudes([data], ["Co"], min_support=1).refused == {}
+
+
 def test_pristine_param_is_refused_before_anything_runs(tmp_path, capsys):
     from spingen.cli import main
 

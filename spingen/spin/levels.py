@@ -374,3 +374,18 @@ def infer_magnitudes(moments_by_element: Mapping[str, Sequence[float]], tol: flo
         centres = [float(c.mean()) for c in clusters]
         levels[element] = [0.0 if c < tol else round(c, 3) for c in centres]
     return levels
+
+
+def level_support(frames: Sequence[np.ndarray], levels: Sequence[float]) -> list[int]:
+    """For each level, the frames in which at least one ion's |moment| is nearest to it.
+
+    frames: the moments of one element, one array per frame. A level that only one or two frames
+    hold is a weak basis for a spin search: the model has barely seen it (docs/cathode-guide.md).
+    """
+    centres = np.asarray(levels, dtype=float)
+    counts = np.zeros(len(centres), dtype=int)
+    for moments in frames:
+        m = np.abs(np.asarray(moments, dtype=float).ravel())
+        if m.size:
+            counts[np.unique(np.argmin(np.abs(m[:, None] - centres[None, :]), axis=1))] += 1
+    return counts.tolist()

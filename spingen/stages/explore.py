@@ -213,16 +213,23 @@ class ExploreStage(Stage):
         return found.pop() if found else self.param.spin.encoding
 
     def _magnitudes(self, ctx: StageContext, encoding) -> dict[str, list[float]]:
-        from spingen.md import magnitudes_from_data
+        from spingen.md import supported_magnitudes
 
         spin = self.param.spin
+        support = None
         if isinstance(spin.moments, str):
             systems = training_systems(self.param, ctx)
             try:
-                magnitudes = magnitudes_from_data(systems, spin.magnetic)
+                inferred = supported_magnitudes(systems, spin.magnetic, spin.min_level_support)
             except ValueError as err:
                 raise InputError(f"{self.param.path}: key 'spin/moments' is \"auto\" but {err}") from None
-            source = f"clustered from the moments of {len(systems)} training system(s)"
+            magnitudes, support = inferred.kept, inferred.describe()
+            source = f"clustered from the moments of {len(systems)} training system(s): {support}"
+            for element, refused in inferred.refused.items():
+                log.warning("model_devi: %s level(s) %s uB refused: seen in fewer than spin/min_level_support %d "
+                            "training frames (%s); the spin search leaves them out. To keep one, list the levels "
+                            "in spin/moments, e.g. {\"%s\": %s}", element, refused, spin.min_level_support,
+                            support, element, sorted(inferred.support[element]))
         else:
             magnitudes = {el: list(v) for el, v in spin.moments.items()}
             source = "spin/moments"

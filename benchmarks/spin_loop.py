@@ -1,0 +1,263 @@
+"""Does the loop learn spin where it matters? `spingen run` on a 6-Ni LiNiO2 supercell, judged by DFT.
+
+Runs `spingen run param_examples/linio2_spin_loop/param.json machine_examples/local.json` (the
+real loop: GPAW labels with fp_spin_init "states", spin disagreement on, 4 iterations at
+300-900 K on the 24-atom, 6-Ni cell) in a work dir, then judges every iteration's ensemble on the
+held-out DFT set of benchmarks/spin_loop/judge/ (made once by benchmarks/spin_loop/make_judge.py
+with the loop's own GPAW settings, never trained on):
+
+- energy RMSE, state gap RMSE and lowest state right, as `spingen test` computes them;
+- the ensemble's own supercell minimum: the spin search (the explore stage's levels) on each
+  judge geometry; its state is matched (sign pattern, up to a global flip) to the labeled ones,
+  or labeled by GPAW with the loop's settings (cached in WORKDIR/minima/); then whether DFT puts
+  it below every other labeled state of that geometry, and whether DFT kept its signs.
+
+Per iteration it also shows what `spingen status --json` reports (explored frames, candidate % and
+spin-only candidate %, labels made, in other states and failed, the error on new labels), and it
+prints the targets of issue 19 as met / NOT met. Results go to docs/benchmarks/spin_loop.md.
+
+Usage (the loop takes about 1.5 h on 2 idle cores; a rerun resumes the loop and reuses labels):
+
+    PATH=$PWD/.venv/bin:$PATH OMP_NUM_THREADS=1 .venv/bin/python benchmarks/spin_loop.py [--workdir /tmp/spin_loop]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+from results_block import write_results
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+PARAM = REPO / "param_examples" / "linio2_spin_loop" / "param.json"
+MACHINE = REPO / "machine_examples" / "local.json"
+JUDGE = REPO / "benchmarks" / "spin_loop" / "judge" / "data"
+DOC = REPO / "docs" / "benchmarks" / "spin_loop.md"
+DOC_BEGIN = "<!-- results:begin (written by benchmarks/spin_loop.py) -->"
+DOC_END = "<!-- results:end -->"
+LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) ")
+TARGET_GAP_RMSE = 3.0  # meV/atom
+TARGET_WALL_H = 2.0
+
+
+def env() -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{BIN}:{os.environ['PATH']}")
+
+
+def run_loop(work: Path) -> None:
+    """`spingen run` (resumes where a killed run stopped); the output appended to WORKDIR.out."""
+    command = [str(BIN / "spingen"), "run", str(PARAM), str(MACHINE), "-w", str(work)]
+    with open(work.parent / f"{work.name}.out", "a") as out:
+        subprocess.run(command, env=env(), check=True, stdout=out, stderr=subprocess.STDOUT)
+
+
+def loop_wall_s(work: Path) -> float:
+    """Seconds from the log's first line to its last (a resumed run: includes the pause)."""
+    stamps = [LOG_TIME.match(line) for line in (work / "spingen.log").read_text().splitlines()]
+    stamps = [datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S") for m in stamps if m]
+    return (stamps[-1] - stamps[0]).total_seconds()
+
+
+def iteration_models(work: Path) -> dict[int, list[Path]]:
+    """The frozen models of every finished training, by iteration."""
+    found = {}
+    for folder in sorted(work.glob("iter.[0-9]*/00.train")):
+        models = sorted(folder.glob("graph.*.pth"))
+        if models and (folder / "models.json").is_file():
+            found[int(folder.parent.name.split(".")[1])] = models
+    return found
+
+
+def judge_geometries():
+    """The judge as [(atoms, [(dft energy eV, Ni moments)...]), ...], one entry per geometry."""
+    from ase import Atoms
+
+    from spingen.data.npy import load_system
+    from spingen.tools.model_test import geometry_groups
+
+    system = load_system(JUDGE, require_spins=True)
+    d = system.data
+    symbols = [d["atom_names"][t] for t in d["atom_types"]]
+    groups = geometry_groups(d["coords"], d["cells"])
+    geometries = []
+    for g in np.unique(groups):
+        frames = np.flatnonzero(groups == g)
+        atoms = Atoms(symbols, positions=d["coords"][frames[0]], cell=d["cells"][frames[0]], pbc=True)
+        geometries.append((atoms, [(float(d["energies"][f]), d["spins"][f, :, 2].copy()) for f in frames]))
+    return geometries
+
+
+def search_minimum(models: list[Path], atoms, magnitudes: dict) -> np.ndarray:
+    """The ensemble's lowest-energy moments of every atom (spin search over the explore stage's levels)."""
+    from spingen.deepmd_model import DeepmdSpinModel, load_models
+    from spingen.spin import MomentLevels, SpinEncoding, search_ground_state
+
+    symbols = atoms.get_chemical_symbols()
+    encoding = SpinEncoding.beside(models[0])
+    levels = MomentLevels(magnitudes, symbols)
+    model = DeepmdSpinModel(load_models([str(m) for m in models]), atoms.positions, atoms.cell.array, symbols,
+                            encoding, levels.magnetic_indices)
+    result = search_ground_state(model, levels, seed=0, n_lowest=1)
+    moments = np.zeros(len(atoms))
+    moments[levels.magnetic_indices] = result.best_moments
+    return moments
+
+
+def same_signs(a: np.ndarray, b: np.ndarray, magnetic: np.ndarray) -> bool:
+    """Same sign pattern of the magnetic ions, up to reversing them all."""
+    sa, sb = np.sign(a[magnetic]), np.sign(b[magnetic])
+    return bool(np.array_equal(sa, sb) or np.array_equal(sa, -sb))
+
+
+def label_state(work: Path, name: str, atoms, moments: np.ndarray) -> dict:
+    """DFT (the loop's labeler and settings) of `atoms` started from `moments`, total fixed to the
+    sum of the signs (1 uB per Ni low-spin ion, as the judge's states); cached in WORKDIR/minima/name."""
+    from spingen.labelers import create_labeler
+    from spingen.schema import label_settings, load_param
+
+    task = work / "minima" / name
+    result = task / "result.json"
+    if not result.is_file():
+        task.mkdir(parents=True, exist_ok=True)
+        labeler = create_labeler(label_settings(load_param(PARAM)))
+        labeler.write_inputs(task, atoms, moments, float(np.sign(moments).sum()))
+        subprocess.run([str(BIN / "spingen"), "label-task", str(task)], env=env(), check=True,
+                       stdout=subprocess.DEVNULL)
+    data = json.loads(result.read_text())
+    return {"ok": bool(data.get("ok")), "energy": data.get("energy"), "moments": data.get("moments")}
+
+
+def judge_iteration(work: Path, iteration: int, models: list[Path], geometries, max_new_labels: int,
+                    budget: dict) -> dict:
+    """Held-out errors of one iteration's ensemble and the DFT verdict on its supercell minima."""
+    from spingen.tools.model_test import run as model_test
+
+    (errors,) = model_test([str(m) for m in models], [str(JUDGE)])
+    moments_file = next((work / f"iter.{i:06d}" / "01.model_devi" / "moments.json"
+                         for i in range(iteration, -1, -1)
+                         if (work / f"iter.{i:06d}" / "01.model_devi" / "moments.json").is_file()), None)
+    magnitudes = json.loads(moments_file.read_text())["magnitudes"]
+    verdicts = []
+    for index, (atoms, states) in enumerate(geometries):
+        magnetic = np.array([s in magnitudes for s in atoms.get_chemical_symbols()])
+        minimum = search_minimum(models, atoms, magnitudes)
+        labeled = [k for k, (_, m) in enumerate(states) if same_signs(minimum, m, magnetic)]
+        if labeled:  # the labeled state of that sign pattern nearest in magnitudes
+            k = min(labeled, key=lambda k: np.abs(np.abs(states[k][1]) - np.abs(minimum))[magnetic].sum())
+            verdicts.append({"geometry": index, "labeled": True, "kept": True,
+                             "lowest": states[k][0] <= min(e for e, _ in states) + 1e-9})
+            continue
+        name = f"g{index}_" + "".join("+" if m > 0 else "-" for m in np.sign(minimum[magnetic]) * np.sign(
+            minimum[magnetic][0]))
+        if not (work / "minima" / name / "result.json").is_file():
+            if budget["new"] >= max_new_labels:
+                verdicts.append({"geometry": index, "labeled": False, "kept": None, "lowest": None})
+                continue
+            budget["new"] += 1
+        result = label_state(work, name, atoms, minimum)
+        if not result["ok"]:
+            verdicts.append({"geometry": index, "labeled": False, "kept": None, "lowest": None})
+            continue
+        kept = same_signs(minimum, np.array(result["moments"]), magnetic)
+        verdicts.append({"geometry": index, "labeled": "new", "kept": kept,
+                         "lowest": kept and result["energy"] < min(e for e, _ in states)})
+    ranking = errors.ranking
+    return {"iteration": iteration, "rmse_e": errors.rmse_e, "rmse_f": errors.rmse_f,
+            "state_gap_rmse": ranking.state_gap_rmse, "lowest_right": ranking.lowest_state_right,
+            "geometries": ranking.geometries, "minima": verdicts}
+
+
+def render(rows: list[dict], judged: dict[int, dict], wall: float, rss_mib: float, info: dict) -> str:
+    def cell(value, fmt):
+        return "-" if value is None else format(value, fmt)
+
+    def minima(j):
+        if j is None:
+            return "-"
+        checked = [v for v in j["minima"] if v["lowest"] is not None]
+        lowest = sum(1 for v in checked if v["lowest"])
+        new = sum(1 for v in j["minima"] if v["labeled"] == "new")
+        lost = sum(1 for v in j["minima"] if v["kept"] is False)
+        return f"{lowest}/{len(checked)}" + (f" ({new} newly labeled, DFT left {lost})" if new else "")
+
+    lines = [f"Measured {info['date']} on `{info['uname']}` ({info['cpu']}, nproc {info['nproc']}).", "",
+             "    spingen run param_examples/linio2_spin_loop/param.json machine_examples/local.json -w WORKDIR", "",
+             f"- **loop wall time: {wall / 3600:.2f} h** (target {TARGET_WALL_H:g} h); peak resident memory of one "
+             f"process: {rss_mib:.0f} MiB",
+             f"- held-out judge: {JUDGE.relative_to(REPO)}", "",
+             "| iteration | explored frames | candidate % | spin-only candidate % | labels made | of which other "
+             "states | failed labels | error on new labels meV/atom | held-out E RMSE meV/atom | held-out state gap "
+             "RMSE meV/atom | held-out lowest state right | ensemble's supercell minimum lowest by DFT |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        j = judged.get(r["iteration"])
+        lines.append(
+            f"| {r['iteration']} | {cell(r['explore_frames'], 'd')} | {cell(r['candidate_pct'], '.1f')} | "
+            f"{cell(r['spin_only_pct'], '.1f')} | {cell(r['labeled'], 'd')} | {cell(r['labeled_other_states'], 'd')} | "
+            f"{cell(r['label_failed'], 'd')} | {cell(r['ensemble_rmse_e_meV_atom'], '.1f')} | "
+            f"{cell(j and j['rmse_e'], '.1f')} | {cell(j and j['state_gap_rmse'], '.2f')} | "
+            f"{'-' if j is None else str(j['lowest_right']) + '/' + str(j['geometries'])} | {minima(j)} |")
+    lines += ["", "Targets (issue 19), at the last iteration:", ""]
+    lines += [f"- {'met' if ok else 'NOT met'}: {text}" for ok, text in targets(rows, judged, wall)]
+    return "\n".join(lines)
+
+
+def targets(rows: list[dict], judged: dict[int, dict], wall: float) -> list[tuple[bool, str]]:
+    last, first = judged[max(judged)], judged[min(judged)]
+    spin_only = any((r["spin_only_pct"] or 0) > 0 for r in rows)
+    other_states = any((r["labeled_other_states"] or 0) > 0 for r in rows)
+    return [
+        (last["state_gap_rmse"] <= TARGET_GAP_RMSE,
+         f"held-out state gap RMSE {last['state_gap_rmse']:.2f} <= {TARGET_GAP_RMSE:g} meV/atom"),
+        (last["state_gap_rmse"] < first["state_gap_rmse"],
+         f"below the initial-data model's {first['state_gap_rmse']:.2f} meV/atom"),
+        (last["lowest_right"] == last["geometries"],
+         f"lowest state right on every held-out geometry ({last['lowest_right']}/{last['geometries']})"),
+        (spin_only, "spin-only candidates in at least one iteration"),
+        (other_states, "labels in other spin states (fp_spin_init states) in at least one iteration"),
+        (wall <= TARGET_WALL_H * 3600, f"loop wall time {wall / 3600:.2f} h <= {TARGET_WALL_H:g} h"),
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", default="/tmp/spin_loop")
+    parser.add_argument("--max-new-labels", type=int, default=12,
+                        help="most new GPAW labels of the ensembles' supercell minima (150 s each)")
+    parser.add_argument("--judge-only", action="store_true", help="judge an existing work dir, do not run the loop")
+    args = parser.parse_args(argv)
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    info = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "uname": " ".join(platform.uname()[:3]),
+            "cpu": platform.processor() or platform.machine(), "nproc": os.cpu_count()}
+    if not args.judge_only:
+        run_loop(work)
+    rss_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    status = subprocess.run([str(BIN / "spingen"), "status", str(work), "--json"], env=env(), check=True,
+                            capture_output=True, text=True)
+    rows = json.loads(status.stdout)["iterations"]
+    geometries = judge_geometries()
+    budget = {"new": 0}
+    judged = {i: judge_iteration(work, i, models, geometries, args.max_new_labels, budget)
+              for i, models in iteration_models(work).items()}
+    (work / "judged.json").write_text(json.dumps(judged, indent=1, default=str) + "\n")
+    block = render(rows, judged, loop_wall_s(work), rss_mib, info)
+    print(block)
+    write_results(DOC, DOC_BEGIN, DOC_END, block)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,73 @@
+"""Make the spin-loop benchmark's held-out DFT judge once, with the loop's own GPAW settings.
+
+The judge is `spingen init` run on a param derived from param_examples/linio2_spin_loop/param.json:
+every key the same (fp_style, fp_gpaw, fp_ldau, spin), except init_data_gen, which perturbs the
+24-atom explore cell (POSCAR.3x1x1, 6 Ni) with its own seed and labels each geometry in the
+JUDGE_STATES below with a fixed total moment. The labeled data (deepmd/npy with spin.npy) is copied
+to benchmarks/spin_loop/judge/ and never enters training.
+
+Usage (about 40 min on 2 idle cores):
+
+    PATH=$PWD/.venv/bin:$PATH OMP_NUM_THREADS=1 .venv/bin/python benchmarks/spin_loop/make_judge.py [--workdir /tmp/spin_judge]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+EXAMPLE = REPO / "param_examples" / "linio2_spin_loop"
+MACHINE = REPO / "machine_examples" / "local.json"
+JUDGE_DIR = Path(__file__).resolve().parent / "judge"
+
+# Ni of POSCAR.3x1x1 in file order: (0, 1) layer at x = 10.4 A, (2, 3) at 6.3 A, (4, 5) at 2.1 A
+JUDGE_STATES = {
+    "FM low spin": [1, 1, 1, 1, 1, 1],
+    "in-plane AFM": [1, -1, 1, -1, 1, -1],
+    "one layer reversed (reversed pair)": [1, 1, -1, -1, 1, 1],
+    "one high-spin ion": [3, 1, 1, 1, 1, 1],
+}
+JUDGE_GEOMETRIES = 8
+JUDGE_SEED = 7  # the loop's initial data use seed 0 on another cell
+
+
+def judge_param() -> dict:
+    """The loop's param with init_data_gen replaced by the judge's geometries and states."""
+    param = json.loads((EXAMPLE / "param.json").read_text())
+    param["init_data_gen"] = {
+        "configs": [str(EXAMPLE / "POSCAR.3x1x1")], "pert_numb": JUDGE_GEOMETRIES, "pert_box": 0.02,
+        "pert_atom": 0.1, "spin_states": list(JUDGE_STATES.values()), "fixed_total": True,
+        "ratio_failed": 0.5, "seed": JUDGE_SEED}
+    param["sys_configs"] = [[str(EXAMPLE / "POSCAR.3x1x1")]]
+    return param
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", default="/tmp/spin_judge")
+    args = parser.parse_args(argv)
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)  # rerun: `spingen init` resumes
+    (work / "param.json").write_text(json.dumps(judge_param(), indent=1) + "\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{BIN}:{os.environ['PATH']}")
+    subprocess.run([str(BIN / "spingen"), "init", str(work / "param.json"), str(MACHINE), "-w", str(work)],
+                   env=env, check=True)
+    labeled = work / "init" / "iter.000000" / "02.fp"
+    if JUDGE_DIR.exists():
+        shutil.rmtree(JUDGE_DIR)
+    shutil.copytree(labeled / "data.000", JUDGE_DIR / "data")
+    shutil.copy(labeled / "labels.json", JUDGE_DIR / "labels.json")
+    (JUDGE_DIR / "states.json").write_text(json.dumps(JUDGE_STATES, indent=1) + "\n")
+    print(f"judge written to {JUDGE_DIR}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
