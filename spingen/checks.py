@@ -36,7 +36,7 @@ def system_moments(system: Path, natoms: int) -> np.ndarray | None:
 
 def check_param_data(param: "Param") -> None:
     """type_map vs data, spins present, and no moment that puts a virtual atom on its ion."""
-    from spingen.schema import InputError
+    from spingen.errors import InputError
 
     spin = param.spin
     observed: dict[str, list[np.ndarray]] = {e: [] for e in spin.magnetic}

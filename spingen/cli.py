@@ -30,15 +30,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 def make_init_data(param, machines, workdir: Path) -> None:
     """Run (or resume, or skip when finished) the one-iteration loop of WORKDIR/init."""
     from spingen.loop import Loop
-    from spingen.stages.init import INIT_DIR, build_init_stages
+    from spingen.layout import INIT_DIR
+    from spingen.stages import build_init_stages
 
     Loop(workdir / INIT_DIR, build_init_stages(param, machines.fp), 1, closing_stages=0).run()
 
 
 def cmd_init(args: argparse.Namespace) -> int:
     from spingen.loop import setup_logging
-    from spingen.schema import InputError, load_machine, load_param
-    from spingen.stages.init import init_data_systems
+    from spingen.errors import InputError
+    from spingen.schema import load_machine, load_param
+    from spingen.layout import init_data_systems
 
     param = load_param(args.param)
     machines = load_machine(args.machine)
@@ -125,7 +127,7 @@ def cmd_init_data(args: argparse.Namespace) -> int:
 
 
 def cmd_spin_search(args: argparse.Namespace) -> int:
-    from spingen.schema import InputError
+    from spingen.errors import InputError
     from spingen.tools.spin_search import run
 
     if len(args.paths) < 2:
@@ -260,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from spingen.schema import InputError
+    from spingen.errors import InputError
 
     args = build_parser().parse_args(argv)
     try:

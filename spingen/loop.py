@@ -18,12 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from spingen.layout import LOCK_FILE, LOG_FILE, PHASES, RECORD_FILE, iteration_name
+
 log = logging.getLogger("spingen")
 
-RECORD_FILE = "record.spingen"
-LOCK_FILE = "spingen.lock"
-LOG_FILE = "spingen.log"
-PHASES = ("make", "run", "post")
 
 
 @dataclass(frozen=True)
@@ -39,10 +37,6 @@ class StageContext:
 
     def previous(self) -> list["StageContext"]:
         return [StageContext(self.workdir, i) for i in range(self.iteration)]
-
-
-def iteration_name(index: int) -> str:
-    return f"iter.{index:06d}"
 
 
 class Stage(ABC):

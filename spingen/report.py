@@ -18,19 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from spingen.loop import LOG_FILE, PHASES, RECORD_FILE, Record, iteration_name
-from spingen.schema import InputError
-from spingen.stages.explore import CLASSES, SELECTION_FILE, ExploreStage
-from spingen.stages.init import INIT_DIR, PerturbStage
-from spingen.stages.label import MODEL_ERRORS_FILE, LabelStage
-from spingen.stages.label import REPORT_FILE as LABELS_FILE
-from spingen.stages.train import MODELS_REPORT, STATE_RANKING_REPORT, TrainStage
-from spingen.tools.explore_task import DEVI_FILE
+from spingen.layout import (DEVI_FILE, EXPLORE_DIR, FP_DIR, INIT_DIR, INIT_STAGE_DIRS, ITER_GLOB, LABELS_FILE, LOG_FILE,
+                            MODEL_ERRORS_FILE, MODELS_REPORT, PHASES, RECORD_FILE, SELECTION_CLASSES, SELECTION_FILE,
+                            STAGE_DIRS, STAGE_NAMES, STATE_RANKING_REPORT, TRAIN_DIR, iteration_name)
+from spingen.loop import Record
+from spingen.errors import InputError
 
-STAGES = (TrainStage, ExploreStage, LabelStage)
-INIT_STAGES = (PerturbStage, LabelStage)
-LAST_STEP = len(STAGES) * len(PHASES) - 1
-ITER_GLOB = "iter.[0-9][0-9][0-9][0-9][0-9][0-9]"
+LAST_STEP = len(STAGE_DIRS) * len(PHASES) - 1
 LOG_STEP = re.compile(r"\biter \d{6} step \d{2}:")
 LOG_FINISHED = re.compile(r"\bfinished: (\d+) iterations")
 MISSING = "-"
@@ -47,10 +41,10 @@ class Status:
     init: dict | None = None  # the initial data of init_data_gen (WORKDIR/init), when there is one
 
 
-def step_label(step: int, dirname: bool = True, stages=STAGES) -> str:
+def step_label(step: int, dirname: bool = True, stages: tuple[str, ...] = STAGE_DIRS) -> str:
     """'02.fp run' (dirname) or 'fp run' for a step number of an iteration made of `stages`."""
     stage = stages[step // len(PHASES)]
-    return f"{stage.dirname if dirname else stage.name} {PHASES[step % len(PHASES)]}"
+    return f"{stage if dirname else STAGE_NAMES[stage]} {PHASES[step % len(PHASES)]}"
 
 
 def read_json(path: Path):
@@ -101,13 +95,13 @@ def explore_summary(selection) -> dict:
     """Explored frames, accurate/candidate/failed %, candidates by spin disagreement only (% of
     frames: their force deviation is below the lower trust level) and selected count from selection.json."""
     if not isinstance(selection, dict):
-        return {"explore_frames": None, **{f"{c}_pct": None for c in CLASSES}, "spin_only_pct": None,
+        return {"explore_frames": None, **{f"{c}_pct": None for c in SELECTION_CLASSES}, "spin_only_pct": None,
                 "selected": None}
     systems = list(selection.get("systems", {}).values())
-    counts = {c: sum(s.get(c, 0) for s in systems) for c in CLASSES}
+    counts = {c: sum(s.get(c, 0) for s in systems) for c in SELECTION_CLASSES}
     total = sum(counts.values())
     spin_only = sum(s.get("spin_only", 0) for s in systems)
-    return {"explore_frames": total, **{f"{c}_pct": 100.0 * counts[c] / total if total else None for c in CLASSES},
+    return {"explore_frames": total, **{f"{c}_pct": 100.0 * counts[c] / total if total else None for c in SELECTION_CLASSES},
             "spin_only_pct": 100.0 * spin_only / total if total else None, "selected": selection.get("selected")}
 
 
@@ -173,13 +167,13 @@ def init_summary(workdir: Path) -> dict | None:
         last = Record(root).last()
     except ValueError as err:
         raise InputError(str(err)) from None
-    n_steps = len(INIT_STAGES) * len(PHASES)
+    n_steps = len(INIT_STAGE_DIRS) * len(PHASES)
     if last is not None and last[1] == n_steps - 1:
         step = "done"
     else:
         index = 0 if last is None else last[1] + 1
-        step = step_label(index, stages=INIT_STAGES)
-    fp = root / iteration_name(0) / LabelStage.dirname
+        step = step_label(index, stages=INIT_STAGE_DIRS)
+    fp = root / iteration_name(0) / FP_DIR
     return {"step": step, "tasks": len(list(fp.glob("task.*"))),
             **label_summary(read_json(fp / LABELS_FILE))}
 
@@ -203,11 +197,11 @@ def gather(workdir: Path) -> Status:
     for iteration in indices:
         path = workdir / iteration_name(iteration)
         rows.append({"iteration": iteration, "step": iteration_step(iteration, last, finished),
-                     **explore_summary(read_json(path / ExploreStage.dirname / SELECTION_FILE)),
-                     **label_summary(read_json(path / LabelStage.dirname / LABELS_FILE)),
-                     "models": model_rmses(read_json(path / TrainStage.dirname / MODELS_REPORT)),
-                     **ranking_summary(read_json(path / TrainStage.dirname / STATE_RANKING_REPORT)),
-                     **ensemble_summary(read_json(path / LabelStage.dirname / MODEL_ERRORS_FILE))})
+                     **explore_summary(read_json(path / EXPLORE_DIR / SELECTION_FILE)),
+                     **label_summary(read_json(path / FP_DIR / LABELS_FILE)),
+                     "models": model_rmses(read_json(path / TRAIN_DIR / MODELS_REPORT)),
+                     **ranking_summary(read_json(path / TRAIN_DIR / STATE_RANKING_REPORT)),
+                     **ensemble_summary(read_json(path / FP_DIR / MODEL_ERRORS_FILE))})
     return Status(workdir, rows, last, finished, init)
 
 
@@ -321,7 +315,7 @@ def _plot_ratios(ax, rows: list[dict]) -> None:
         return _no_data(ax)
     x = [r["iteration"] for r in shown]
     bottom = np.zeros(len(shown))
-    for label, color in zip(CLASSES, ("tab:green", "tab:orange", "tab:red")):
+    for label, color in zip(SELECTION_CLASSES, ("tab:green", "tab:orange", "tab:red")):
         height = np.array([r[f"{label}_pct"] for r in shown])
         if label == "candidate":  # the candidates found by spin disagreement only, hatched at its base
             spin_only = np.array([r["spin_only_pct"] or 0.0 for r in shown])
@@ -369,7 +363,7 @@ def _plot_deviations(ax, workdir: Path, rows: list[dict]) -> None:
     positions, samples = [], []
     trust: dict[str, list[tuple[int, float]]] = {"f_trust_lo": [], "f_trust_hi": []}
     for row in rows:
-        explore_dir = workdir / iteration_name(row["iteration"]) / ExploreStage.dirname
+        explore_dir = workdir / iteration_name(row["iteration"]) / EXPLORE_DIR
         selection = read_json(explore_dir / SELECTION_FILE)
         selection = selection if isinstance(selection, dict) else {}
         values = max_devi_f(explore_dir, int(selection.get("skip") or 0))
@@ -399,7 +393,7 @@ def _plot_parity(axes, workdir: Path, rows: list[dict]) -> None:
     """DFT vs ensemble energy and forces of the latest iteration with parity data in model_errors.json."""
     parity, iteration = None, None
     for row in reversed(rows):
-        errors = read_json(workdir / iteration_name(row["iteration"]) / LabelStage.dirname / MODEL_ERRORS_FILE)
+        errors = read_json(workdir / iteration_name(row["iteration"]) / FP_DIR / MODEL_ERRORS_FILE)
         if isinstance(errors, dict) and isinstance(errors.get("parity"), dict) and errors["parity"].get("e_dft"):
             parity, iteration = errors["parity"], row["iteration"]
             break

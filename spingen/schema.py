@@ -18,6 +18,7 @@ from typing import Any, Mapping
 from dargs import Argument, Variant
 from dargs.dargs import ArgumentError
 
+from spingen.errors import InputError
 from spingen.spin.encoding import SpinEncoding
 
 MACHINE_SECTIONS = ("train", "model_devi", "fp")
@@ -25,10 +26,6 @@ FP_STYLES = ("gpaw", "vasp")
 SPIN_INIT_STRATEGIES = ("predicted", "random", "states", "members")
 FLIP_SYMMETRIES = ("augment", "canonical", "none")
 MD_ENSEMBLES = ("nvt", "nvt-langevin", "nvt-berendsen", "nvt-nose-hoover", "npt", "npt-berendsen")
-
-
-class InputError(ValueError):
-    """Bad user input: one message naming the file, the key and what was expected."""
 
 
 # ---------------------------------------------------------------- param.json schema

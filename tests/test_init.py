@@ -53,7 +53,8 @@ def test_perturb_stage_writes_every_geometry_in_every_state_reproducibly(tmp_pat
     import ase.io
 
     from spingen.loop import StageContext
-    from spingen.stages.init import INIT_DIR, PerturbStage
+    from spingen.layout import INIT_DIR
+    from spingen.stages.init import PerturbStage
 
     param_path, _ = write_inputs(tmp_path, gen_param(tmp_path, pert_numb=3))
     param = load_param(param_path)
@@ -107,7 +108,7 @@ def test_spingen_init_labels_both_states_with_gpaw(tmp_path):
     spins = np.load(fp / "data.000" / "set.000" / "spin.npy").reshape(2, 4, 3)[..., 2]
     assert np.allclose(spins[:, :2], [ferro[:2], antiferro[:2]], atol=1e-3)  # raw DFT moments stored
     # the train stage sees the new data; a second init changes nothing
-    from spingen.stages.init import init_data_systems
+    from spingen.layout import init_data_systems
 
     assert init_data_systems(work) == [fp / "data.000"]
     record = (work / "init" / "record.spingen").read_text()

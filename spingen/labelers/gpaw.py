@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from spingen.labelers import Labeler, LabelResult
+from spingen.labelers.base import Labeler, LabelResult
 from spingen.tools.label_task import INPUT_FILE, LOG_FILE, RESULT_FILE, THREAD_VARIABLES
 
 _SHELLS = "spdf"

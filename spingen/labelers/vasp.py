@@ -18,8 +18,9 @@ from typing import Sequence
 
 import numpy as np
 
-from spingen.labelers import Labeler, LabelResult
-from spingen.schema import InputError, LabelSettings
+from spingen.labelers.base import Labeler, LabelResult
+from spingen.errors import InputError
+from spingen.schema import LabelSettings
 
 INCAR, POSCAR, POTCAR, KPOINTS, OUTCAR, VASPRUN = "INCAR", "POSCAR", "POTCAR", "KPOINTS", "OUTCAR", "vasprun.xml"
 _FINISHED_MARK = b"General timing and accounting"

@@ -35,20 +35,18 @@ import numpy as np
 
 from spingen.cells import right_handed
 from spingen.dispatch import TaskSpec, run_tasks
+from spingen.layout import (CANDIDATES_FILE, EXPLORE_DIR, MODEL_LINK_GLOB, MOMENTS_FILE, SELECTION_CLASSES,
+                            SELECTION_FILE, TRAIN_DIR, training_systems)
 from spingen.loop import Stage, StageContext
-from spingen.schema import InputError, MachineSection, Param, param_arginfo, thaw
-from spingen.stages.train import MODEL_LINK_GLOB, TrainStage, training_systems
+from spingen.errors import InputError
+from spingen.schema import MachineSection, Param, param_arginfo, thaw
 from spingen.tools.explore_task import (CONF_FILE, DEVI_COLUMNS, DEVI_FILE, FINISHED_TAG, TASK_FILE, TRAJ_FILE,
                                         ExploreTaskSettings)
 
 log = logging.getLogger("spingen")
 
 SEED_FILE = "seed.json"
-MOMENTS_FILE = "moments.json"
-SELECTION_FILE = "selection.json"
-CANDIDATES_FILE = "candidates.{:03d}.extxyz"
 OUTLOG, ERRLOG = "explore.log", "explore.err"
-CLASSES = ("accurate", "candidate", "failed")
 DRIVERS = {"first": 0, "mean": "mean"}
 _COL = {name: i for i, name in enumerate(DEVI_COLUMNS)}
 
@@ -144,7 +142,7 @@ def task_seed(seed: int, system: int, counter: int) -> int:
 
 class ExploreStage(Stage):
     name = "model_devi"
-    dirname = "01.model_devi"
+    dirname = EXPLORE_DIR
 
     def __init__(self, param: Param, machine: MachineSection, settings: ExploreSettings | None = None):
         self.param = param
@@ -193,9 +191,9 @@ class ExploreStage(Stage):
 
     def _link_models(self, ctx: StageContext) -> list[str]:
         path = self.path(ctx)
-        sources = sorted((ctx.iter_dir / TrainStage.dirname).glob(MODEL_LINK_GLOB))
+        sources = sorted((ctx.iter_dir / TRAIN_DIR).glob(MODEL_LINK_GLOB))
         if not sources:
-            raise RuntimeError(f"model_devi: no model {MODEL_LINK_GLOB} in {ctx.iter_dir / TrainStage.dirname}")
+            raise RuntimeError(f"model_devi: no model {MODEL_LINK_GLOB} in {ctx.iter_dir / TRAIN_DIR}")
         for source in sources:
             link = path / source.name
             if not link.exists():
@@ -208,7 +206,7 @@ class ExploreStage(Stage):
         found = {SpinEncoding.beside(self.path(ctx) / m) for m in models}
         found.discard(None)
         if len(found) > 1:
-            raise RuntimeError(f"model_devi: the models of {ctx.iter_dir / TrainStage.dirname} were trained with different "
+            raise RuntimeError(f"model_devi: the models of {ctx.iter_dir / TRAIN_DIR} were trained with different "
                                f"spin encodings: {sorted(map(str, found))}")
         return found.pop() if found else self.param.spin.encoding
 
@@ -218,7 +216,7 @@ class ExploreStage(Stage):
         spin = self.param.spin
         support = None
         if isinstance(spin.moments, str):
-            systems = training_systems(self.param, ctx)
+            systems = training_systems(ctx.workdir, self.param.init_data_sys, ctx.iteration)
             try:
                 inferred = supported_magnitudes(systems, spin.magnetic, spin.min_level_support)
             except ValueError as err:
@@ -302,8 +300,8 @@ class ExploreStage(Stage):
             rows = read_model_devi(path / task / DEVI_FILE)
             labels = classify(rows, s.f_trust_lo, s.f_trust_hi, s.spin_trust, s.skip, s.v_trust_lo, s.v_trust_hi,
                               s.spin_e_trust)
-            count = counts.setdefault(system, {c: 0 for c in CLASSES} | {"nan": 0, "spin_only": 0})
-            lists = classified.setdefault(system, {c: [] for c in CLASSES})
+            count = counts.setdefault(system, {c: 0 for c in SELECTION_CLASSES} | {"nan": 0, "spin_only": 0})
+            lists = classified.setdefault(system, {c: [] for c in SELECTION_CLASSES})
             finite = np.all(np.isfinite(rows[:, 1:]), axis=1)
             spin_only = spin_flags(rows, s.spin_trust, s.spin_e_trust) & (rows[:, _COL["max_devi_f"]] < s.f_trust_lo)
             for row, label, ok, by_spin in zip(rows, labels, finite, spin_only):
@@ -320,13 +318,13 @@ class ExploreStage(Stage):
                   "skip": s.skip, "fp_task_max": s.task_max, "fp_task_max_total": s.task_max_total,
                   "fp_task_min": s.task_min, "systems": {}}
         for system in sorted(counts):
-            count, total = counts[system], sum(counts[system][c] for c in CLASSES)
-            for label in CLASSES:
+            count, total = counts[system], sum(counts[system][c] for c in SELECTION_CLASSES)
+            for label in SELECTION_CLASSES:
                 log.info("system %03d %-9s : %6d in %6d %6.2f %%", system, label, count[label], total,
                          100.0 * count[label] / total if total else 0.0)
             log.info("system %03d accurate/candidate/failed ratios %.4f / %.4f / %.4f; %d NaN/inf row(s), %d "
                      "candidate(s) by spin disagreement only; %d selected", system,
-                     *(count[c] / total if total else 0.0 for c in CLASSES), count["nan"], count["spin_only"],
+                     *(count[c] / total if total else 0.0 for c in SELECTION_CLASSES), count["nan"], count["spin_only"],
                      len(selected[system]))
             self._write_lists(path, system, classified[system], seed)
             if selected[system]:
@@ -344,7 +342,7 @@ class ExploreStage(Stage):
         names = {"candidate": "candidate", "accurate": "rest_accurate", "failed": "rest_failed"}
         for label, name in names.items():
             items = lists[label]
-            order = np.random.default_rng([seed, system, CLASSES.index(label)]).permutation(len(items))
+            order = np.random.default_rng([seed, system, SELECTION_CLASSES.index(label)]).permutation(len(items))
             lines = [f"{items[i][0]} {items[i][1]} {items[i][2][_COL['max_devi_f']]:.6e}\n" for i in order]
             (path / f"{name}.shuffled.{system:03d}.out").write_text("".join(lines))
 

@@ -11,26 +11,16 @@ label stage (02.fp) labels them as it labels any candidate. The train stage adds
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from spingen.cells import right_handed
-from spingen.loop import Stage, StageContext, iteration_name
-from spingen.schema import InitGenSettings, MachineSection, Param, label_settings
-from spingen.stages.label import LabelStage, labeled_systems
+from spingen.layout import CANDIDATES_FILE, PERTURB_DIR
+from spingen.loop import Stage, StageContext
+from spingen.schema import InitGenSettings, Param
 
 log = logging.getLogger("spingen")
-
-INIT_DIR = "init"
-PERTURB_DIR = "00.perturb"
-CANDIDATES_FILE = "candidates.{:03d}.extxyz"
-
-
-def init_data_systems(workdir: Path) -> list[Path]:
-    """The labeled systems of WORKDIR/init (none before `spingen init` has finished its label stage)."""
-    return labeled_systems(Path(workdir) / INIT_DIR / iteration_name(0) / LabelStage.dirname)
 
 
 def perturbed_frames(path: Path, fmt: str, gen: InitGenSettings, system: int) -> list:
@@ -95,10 +85,3 @@ class PerturbStage(Stage):
 
     def post(self, ctx: StageContext) -> None:
         """Nothing to collect: the label stage reads the candidates."""
-
-
-def build_init_stages(param: Param, fp_machine: MachineSection) -> list[Stage]:
-    """The stages of WORKDIR/init: perturb, then label every frame (no per-system cap)."""
-    settings = replace(label_settings(param), spin_init="predicted", task_max=10 ** 9, task_min=0,
-                       ratio_failed=param.init_gen.ratio_failed)
-    return [PerturbStage(param), LabelStage(param, fp_machine, settings, candidates_dir=PERTURB_DIR)]

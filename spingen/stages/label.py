@@ -26,17 +26,14 @@ import numpy as np
 
 from spingen.dispatch import TaskSpec, run_tasks
 from spingen.labelers import LabelResult, create_labeler
+from spingen.layout import (CANDIDATES_GLOB, EXPLORE_DIR, FP_DIR, LABELS_FILE, MODEL_ERRORS_FILE, MODEL_LINK_GLOB,
+                            TRAIN_DIR, labeled_systems)
 from spingen.loop import Stage, StageContext
 from spingen.schema import LabelSettings, MachineSection, Param, label_settings
 
 log = logging.getLogger("spingen")
 
-CANDIDATES_DIR = "01.model_devi"
-CANDIDATES_GLOB = "candidates.[0-9][0-9][0-9].extxyz"
 FRAME_FILE = "frame.extxyz"
-REPORT_FILE = "labels.json"
-MODEL_ERRORS_FILE = "model_errors.json"
-LABELED_DATA_GLOB = "data.[0-9][0-9][0-9]"
 OUTLOG, ERRLOG = "fp.log", "fp.err"  # the task's stdout/stderr, brought back with its results
 TASK_GLOB = "task.[0-9][0-9][0-9].[0-9][0-9][0-9][0-9][0-9][0-9]"
 
@@ -128,8 +125,8 @@ def spin_starts(atoms, strategy: str, totals: TotalMomentRule = PLAIN_TOTALS) ->
 def earlier_label_entries(workdir: Path) -> list[dict]:
     """Every labels.json entry of the run so far (initial data and finished iterations)."""
     entries = []
-    for pattern in (f"iter.[0-9]*/{LabelStage.dirname}/{REPORT_FILE}",
-                    f"*/iter.[0-9]*/{LabelStage.dirname}/{REPORT_FILE}"):  # init/iter.000000: the initial data
+    for pattern in (f"iter.[0-9]*/{FP_DIR}/{LABELS_FILE}",
+                    f"*/iter.[0-9]*/{FP_DIR}/{LABELS_FILE}"):  # init/iter.000000: the initial data
         for path in sorted(Path(workdir).glob(pattern)):
             try:
                 entries.extend(json.loads(path.read_text()))
@@ -173,10 +170,10 @@ def moment_violation(symbols: Sequence[str], moments: np.ndarray,
 
 class LabelStage(Stage):
     name = "fp"
-    dirname = "02.fp"
+    dirname = FP_DIR
 
     def __init__(self, param: Param | None, machine: MachineSection, settings: LabelSettings | None = None,
-                 candidates_dir: str = CANDIDATES_DIR):
+                 candidates_dir: str = EXPLORE_DIR):
         self.param = param
         self.machine = machine
         self.candidates_dir = candidates_dir
@@ -283,7 +280,7 @@ class LabelStage(Stage):
                 stored = "nothing stored"
             log.info("fp system %03d: %d converged, %d failed in %d task(s); %s", system, len(results),
                      n_system - len(results), n_system, stored)
-        (path / REPORT_FILE).write_text(json.dumps(report, indent=1) + "\n")
+        (path / LABELS_FILE).write_text(json.dumps(report, indent=1) + "\n")
         self._write_model_errors(ctx, [pair for results in converged.values() for pair in results])
         total = len(tasks)
         if not total:
@@ -300,10 +297,8 @@ class LabelStage(Stage):
 
     def _write_model_errors(self, ctx: StageContext, labeled: list[tuple[object, LabelResult]]) -> None:
         """`model_errors.json`: the iteration's ensemble on the frames it selected, before training on them."""
-        from spingen.stages.train import MODEL_LINK_GLOB, TrainStage
-
         path = self.path(ctx)
-        models = sorted((ctx.iter_dir / TrainStage.dirname).glob(MODEL_LINK_GLOB))
+        models = sorted((ctx.iter_dir / TRAIN_DIR).glob(MODEL_LINK_GLOB))
         systems = labeled_systems(path)
         if not models or not systems:
             return
@@ -339,11 +334,6 @@ class LabelStage(Stage):
         if violation:
             return atoms, LabelResult.failed(violation)
         return atoms, result
-
-
-def labeled_systems(stage_dir: Path) -> list[Path]:
-    """The deepmd/npy systems `post` collected in a label stage folder (data.SSS), sorted."""
-    return sorted(p for p in Path(stage_dir).glob(LABELED_DATA_GLOB) if (p / "type.raw").is_file())
 
 
 def spin_agreement(labeled: Sequence[tuple[object, LabelResult]], magnetic: Sequence[str],

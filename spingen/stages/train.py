@@ -19,7 +19,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from spingen import layout
 from spingen.dispatch import TaskSpec, run_tasks
+from spingen.layout import (INIT_MODEL_FILE, LCURVE_FILE, MODEL_FILE, MODEL_LINK_GLOB, MODELS_REPORT,
+                            STATE_RANKING_REPORT, TRAIN_DIR)
 from spingen.loop import Stage, StageContext
 from spingen.schema import MachineSection, Param, SpinSettings, thaw
 from spingen.spin.encoding import SIDECAR
@@ -27,17 +30,10 @@ from spingen.tools.task_lock import LOCK_FILE
 
 log = logging.getLogger("spingen")
 
-MODEL_FILE = "frozen_model.pth"
-INIT_MODEL_FILE = "init_model.pth"  # the previous iteration's model, with training_init_model
-LCURVE_FILE = "lcurve.out"
-MODELS_REPORT = "models.json"
-STATE_RANKING_REPORT = "state_ranking.json"
-MODEL_LINK_GLOB = "graph.[0-9][0-9][0-9].pth"  # post's links to every model of the stage folder
-
 
 class TrainStage(Stage):
     name = "train"
-    dirname = "00.train"
+    dirname = TRAIN_DIR
 
     def __init__(self, param: Param, machine: MachineSection):
         self.param = param
@@ -69,7 +65,8 @@ class TrainStage(Stage):
                 self.param.spin.encoding.save(task / SIDECAR)
 
     def training_systems(self, ctx: StageContext) -> list[Path]:
-        return training_systems(self.param, ctx)
+        """init_data_sys, the data made in WORKDIR/init and every set labeled by earlier iterations."""
+        return layout.training_systems(ctx.workdir, self.param.init_data_sys, ctx.iteration)
 
     # ---- run
     def task_dirs(self, ctx: StageContext) -> list[str]:
@@ -124,17 +121,6 @@ class TrainStage(Stage):
             log.warning("train: the models put a wrong spin state lowest on %d of the %d training geometries "
                         "labeled in several states: they do not resolve those spin states yet (more numb_steps or "
                         "a larger energy prefactor; docs/cathode-guide.md section 2)", wrong, ranking["geometries"])
-
-
-def training_systems(param: Param, ctx: StageContext) -> list[Path]:
-    """init_data_sys, the data made in WORKDIR/init and every set labeled by earlier iterations."""
-    from spingen.stages.init import init_data_systems
-    from spingen.stages.label import LabelStage, labeled_systems
-
-    systems = list(param.init_data_sys) + init_data_systems(ctx.workdir)
-    for previous in ctx.previous():
-        systems += labeled_systems(previous.iter_dir / LabelStage.dirname)
-    return systems
 
 
 def train_command(command: str) -> str:

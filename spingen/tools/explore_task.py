@@ -41,12 +41,12 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from spingen.layout import DEVI_FILE
 from spingen.tools.task_lock import exclusive_task
 
 TASK_FILE = "task.json"
 CONF_FILE = "conf.extxyz"
 TRAJ_FILE = "traj.extxyz"
-DEVI_FILE = "model_devi.out"
 FINISHED_TAG = "finished"
 DEVI_COLUMNS = ("step", "max_devi_v", "min_devi_v", "avg_devi_v", "max_devi_f", "min_devi_f", "avg_devi_f",
                 "devi_e", "spin_disagree", "spin_devi_e")

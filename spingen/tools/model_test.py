@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from spingen.schema import InputError
+from spingen.errors import InputError
 from spingen.spin.encoding import SpinEncoding
 
 FRAMES_PER_CALL = 256

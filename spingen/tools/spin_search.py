@@ -21,7 +21,7 @@ import numpy as np
 
 from spingen.cells import right_handed
 from spingen.labelers.vasp import compress
-from spingen.schema import InputError
+from spingen.errors import InputError
 
 
 def parse_moments(items: Sequence[str]) -> dict[str, list[float]]:
