@@ -121,7 +121,8 @@ def cmd_doc(args: argparse.Namespace) -> int:
 def cmd_init_data(args: argparse.Namespace) -> int:
     from spingen.data.vasp import import_vasp
 
-    report = import_vasp(args.files, Path(args.output), type_map=args.type_map)
+    report = import_vasp(args.files, Path(args.output), type_map=args.type_map, all_steps=args.all_steps,
+                         stride=args.stride)
     print(report.format())
     return report.exit_code
 
@@ -204,10 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
     doc.add_argument("which", choices=["param", "machine"])
     doc.set_defaults(func=cmd_doc)
 
-    init = sub.add_parser("init-data", help="import VASP single points (ISPIN=2) with moments into deepmd/npy")
-    init.add_argument("files", nargs="+", help="OUTCAR or vasprun.xml files")
+    init = sub.add_parser("init-data", help="import VASP runs (ISPIN=2) with their per-ion moments into deepmd/npy")
+    init.add_argument("files", nargs="+", help="OUTCAR or vasprun.xml files (also .gz, .xz, .bz2) or run folders")
     init.add_argument("-o", "--output", required=True, help="output folder of the deepmd/npy systems")
     init.add_argument("-t", "--type-map", nargs="+", help="element order of the types (default: as found)")
+    init.add_argument("--all-steps", action="store_true", help="import every complete ionic step (AIMD, "
+                      "relaxation) with that step's moments, not only the last; unconverged steps are left out")
+    init.add_argument("--stride", type=int, default=1, metavar="N",
+                      help="with --all-steps, import ionic steps 1, 1+N, 1+2N, ... (default 1)")
     init.set_defaults(func=cmd_init_data)
 
     label = sub.add_parser("label-task", help="run one GPAW DFT+U label task (what the fp stage submits)")

@@ -371,3 +371,250 @@ def test_stale_backup_after_a_kill_past_the_second_rename_is_dropped(tmp_path):
     shutil.copytree(target, tmp_path / ".sys.spingen-old")  # killed before the old copy was deleted
     assert load_system(target).get_nframes() == 3
     assert [p.name for p in tmp_path.iterdir()] == ["sys"]
+
+
+# ---- issue 22: compressed files, trajectories, poisoned frames, duplicates, data without moments ----
+
+
+def _compress(src: Path, dst: Path) -> Path:
+    import bz2
+    import gzip
+    import lzma
+
+    opener = {".gz": gzip.open, ".xz": lzma.open, ".bz2": bz2.open}[dst.suffix]
+    with opener(dst, "wb") as fh:
+        fh.write(src.read_bytes())
+    return dst
+
+
+def _moments_per_step(path: Path) -> dict[int, np.ndarray]:
+    """Independent of ASE: the tot column of the last 'magnetization (x)' table of each ionic step
+    (a table after the last step's energy, VASP's closing print, belongs to the last step)."""
+    lines = path.read_text().splitlines()
+    ends = [i for i, ln in enumerate(lines) if "free  energy   TOTEN" in ln]  # one per ionic step
+    out: dict[int, np.ndarray] = {}
+    for i, ln in enumerate(lines):
+        if "magnetization (x)" in ln:
+            step = min(sum(1 for e in ends if e < i) + 1, len(ends))
+            rows = []
+            for row in lines[i + 4:]:
+                if row.strip().startswith("---") or not row.split() or not row.split()[0].isdigit():
+                    break
+                rows.append(float(row.split()[-1]))
+            out[step] = np.array(rows)
+    return out
+
+
+def _poison(src: Path, dst: Path, energies: dict[int, float] | None = None,
+            forces: dict[int, float] | None = None) -> Path:
+    """Copy an OUTCAR with the free energy TOTEN of some ionic steps replaced, or the x force of
+    their first atom."""
+    energies, forces = energies or {}, forces or {}
+    lines = src.read_text().splitlines(keepends=True)
+    toten = [i for i, ln in enumerate(lines) if "free  energy   TOTEN" in ln]
+    force_blocks = [i for i, ln in enumerate(lines) if "TOTAL-FORCE" in ln]
+    for step, energy in energies.items():
+        lines[toten[step - 1]] = f"  free  energy   TOTEN  = {energy:18.8f} eV\n"
+    for step, fx in forces.items():
+        row = force_blocks[step - 1] + 2
+        parts = lines[row].split()
+        parts[3] = f"{fx:.6f}"
+        lines[row] = "   " + "   ".join(parts) + "\n"
+    dst.write_text("".join(lines))
+    return dst
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".xz", ".bz2"])
+def test_compressed_outcar_reads_as_the_plain_one(tmp_path, suffix):
+    packed = _compress(FEO, tmp_path / f"OUTCAR{suffix}")
+    (frame,) = read_vasp_frames(packed)
+    (plain,) = read_vasp_frames(FEO)
+    assert frame.source == packed and frame.ionic_step == 28
+    assert frame.energy == pytest.approx(-28.21851457, abs=1e-8)
+    np.testing.assert_allclose(frame.moments, [3.007, 1.397, -0.189, -0.189], atol=1e-9)
+    np.testing.assert_array_equal(frame.forces, plain.forces)
+    assert scan_outcar(packed).electronic_steps == scan_outcar(FEO).electronic_steps
+
+
+def test_gzipped_outcar_and_vasprun_import(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    _compress(FEO, run / "OUTCAR.gz")
+    report = import_vasp([run / "OUTCAR.gz"], tmp_path / "data")
+    assert report.exit_code == 0 and report.systems["Fe2O2"].added == 1, report.format()
+    np.testing.assert_allclose(get_moments(load_system(tmp_path / "data" / "Fe2O2"))[0], [3.007, 1.397, -0.189, -0.189])
+    (frame,) = read_vasp_frames(run)  # a run folder holding only OUTCAR.gz
+    assert frame.source == run / "OUTCAR.gz"
+    # vasprun.xml.gz takes its moments from the OUTCAR.gz next to it
+    _compress(FEO_XML, run / "vasprun.xml.gz")
+    (frame,) = read_vasp_frames(run / "vasprun.xml.gz")
+    assert frame.outcar == run / "OUTCAR.gz" and frame.ionic_step == 28
+    assert frame.energy == pytest.approx(-28.21851457, abs=1e-8)
+    np.testing.assert_allclose(frame.moments, [3.007, 1.397, -0.189, -0.189], atol=1e-9)
+
+
+def test_damaged_archive_is_refused_with_its_name(tmp_path):
+    packed = _compress(FEO, tmp_path / "OUTCAR.gz")
+    cut = tmp_path / "cut" / "OUTCAR.gz"
+    cut.parent.mkdir()
+    cut.write_bytes(packed.read_bytes()[: packed.stat().st_size // 2])
+    with pytest.raises(VaspImportError, match="cannot decompress this gzip file") as err:
+        read_vasp_frames(cut)
+    assert str(cut) in str(err.value)
+    report = import_vasp([cut, packed], tmp_path / "data")
+    assert [p for p, _ in report.refused] == [cut] and report.systems["Fe2O2"].added == 1
+
+
+def test_all_steps_imports_the_trajectory_with_each_steps_moments(tmp_path):
+    expected = _moments_per_step(FEO)
+    assert len(expected) == 28
+    frames = read_vasp_frames(FEO, all_steps=True)
+    assert [f.ionic_step for f in frames] == list(range(1, 29))
+    for f in frames:
+        np.testing.assert_allclose(f.moments, expected[f.ionic_step], atol=1e-9, err_msg=f"step {f.ionic_step}")
+    np.testing.assert_allclose(frames[0].moments, [2.833, -3.830, -0.346, -0.346])  # the AFM start ...
+    np.testing.assert_allclose(frames[-1].moments, [3.007, 1.397, -0.189, -0.189])  # ... ends in another state
+    assert frames[0].energy == pytest.approx(-20.66323714, abs=1e-8)
+    assert read_vasp_frames(FEO)[0].ionic_step == 28  # without all_steps: the last step, as before
+
+    strided = read_vasp_frames(FEO, all_steps=True, stride=5)
+    assert [f.ionic_step for f in strided] == [1, 6, 11, 16, 21, 26]
+    from_xml = read_vasp_frames(FEO_XML, all_steps=True, stride=5)  # vasprun: same steps, OUTCAR moments
+    assert [f.ionic_step for f in from_xml] == [1, 6, 11, 16, 21, 26]
+    for a, b in zip(from_xml, strided):
+        np.testing.assert_allclose(a.moments, b.moments)
+        assert a.energy == pytest.approx(b.energy, abs=1e-6)
+
+    report = import_vasp([FEO], tmp_path / "data", all_steps=True)
+    assert report.exit_code == 0 and not report.rejected, report.format()  # a real relaxation is no poison
+    system = load_system(tmp_path / "data" / "Fe2O2")
+    assert system.get_nframes() == 28
+    np.testing.assert_allclose(get_moments(system), np.array([expected[s] for s in range(1, 29)]))
+    np.testing.assert_allclose(system["energies"], [f.energy for f in frames])
+
+
+def test_all_steps_leaves_out_and_counts_unconverged_steps(tmp_path, capsys):
+    from spingen.cli import main
+
+    # NELM 10: steps 1-5, 8, 9, 15-17 took >= 10 electronic steps (40 14 21 20 11 .. 10 14 .. 10 11 10)
+    outcar = _with_nelm(FEO, tmp_path / "OUTCAR", 10)
+    frames = read_vasp_frames(outcar, all_steps=True)
+    unconverged = [1, 2, 3, 4, 5, 8, 9, 15, 16, 17]
+    assert [f.ionic_step for f in frames] == [s for s in range(1, 29) if s not in unconverged]
+    code = main(["init-data", str(outcar), "-o", str(tmp_path / "data"), "--all-steps"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "Fe2O2: +18 frame(s)" in out
+    assert "excluded 10 ionic step(s) whose SCF did not converge (NELM reached)" in out
+    assert f"{outcar}: step(s) 1-5, 8-9, 15-17" in out
+    assert load_system(tmp_path / "data" / "Fe2O2").get_nframes() == 18
+    code = main(["init-data", str(outcar), "-o", str(tmp_path / "data"), "--all-steps", "--stride", "7"])
+    out = capsys.readouterr().out  # steps 1, 8, 15, 22: three unconverged, 22 already stored
+    assert code == 0 and "+0 frame(s), 1 duplicate(s) skipped" in out and "excluded 3 ionic step(s)" in out
+    with pytest.raises(VaspImportError, match=r"SCF not converged in any of the 4 selected ionic step\(s\)"):
+        read_vasp_frames(_with_nelm(FEO, tmp_path / "OUTCAR.6", 6), all_steps=True, stride=9)
+
+
+def test_poisoned_frames_are_refused_and_reported(tmp_path):
+    bad = _poison(FEO, tmp_path / "OUTCAR.blown", energies={10: 5.25, 14: -400.0}, forces={12: 120.0})
+    report = import_vasp([bad], tmp_path / "data", all_steps=True)
+    assert report.exit_code == 1
+    rejected = {step: message for _, step, message in report.rejected}
+    assert set(rejected) == {10, 12, 14}
+    assert all(message.startswith(f"{bad}: ionic step ") for message in rejected.values())
+    assert "positive total energy +5.25 eV (test: total energy > 0" in rejected[10]
+    assert "force of 120 eV/A on one atom (test: |F| > 50 eV/A)" in rejected[12]
+    assert re.search(r"energy -100 eV/atom is 9\d\.\d+ eV/atom from the median .* of the 26 Fe2O2 frames.*"
+                     r"robust z-score .* > 10 and \|e - median\| > 2 eV/atom", rejected[14]), rejected[14]
+    system = load_system(tmp_path / "data" / "Fe2O2")
+    assert system.get_nframes() == 25  # not written
+    assert np.all(system["energies"] < -20) and np.abs(system["forces"]).max() < 50
+    text = report.format()
+    assert "refused 0 file(s) and 3 frame(s)" in text and "refused frames (not written):" in text
+    assert f"{bad}: ionic step 12: force" in text
+
+    # single points: the energy test compares the files of one composition with each other
+    outs = [_poison(FEO, tmp_path / f"OUTCAR.{i}", energies={28: e}) for i, e in enumerate([-28.2, -28.3, -29.0])]
+    assert import_vasp(outs, tmp_path / "sp").exit_code == 0
+    far = _poison(FEO, tmp_path / "OUTCAR.far", energies={28: -80.0})  # -20 eV/atom among ~-7
+    report = import_vasp(outs + [far], tmp_path / "sp2")
+    assert [(p, s) for p, s, _ in report.rejected] == [(far, 28)]
+    assert report.systems["Fe2O2"].added == 3
+
+
+def test_poison_thresholds_are_named_constants():
+    import dataclasses
+
+    from spingen.data import vasp
+
+    thresholds = (vasp.MAX_FORCE, vasp.ENERGY_Z_MAX, vasp.ENERGY_MIN_DEVIATION, vasp.ENERGY_MIN_FRAMES)
+    assert thresholds == (50.0, 10.0, 2.0, 3)
+    frames = read_vasp_frames(FEO, all_steps=True)
+    assert vasp.poison_reasons(frames) == [None] * 28  # spans 1.9 eV/atom, robust z up to 5.4
+    two = [frames[-1], dataclasses.replace(frames[0], energy=-2000.0)]
+    assert vasp.poison_reasons(two) == [None, None]  # too few frames for the energy test
+
+
+def test_reimport_with_another_type_map_order_adds_no_duplicate(tmp_path):
+    out = tmp_path / "data"
+    first = import_vasp([FEO], out, type_map=["Fe", "O"])
+    assert first.systems["Fe2O2"] == (1, 0, 1)
+    again = import_vasp([FEO], out, type_map=["O", "Fe"])  # atoms sorted O O Fe Fe this time
+    assert again.systems["Fe2O2"] == (0, 1, 1)
+    assert "1 duplicate(s) skipped" in again.format()
+    _compress(FEO, tmp_path / "OUTCAR.gz")  # the same frame from a compressed copy
+    assert import_vasp([tmp_path / "OUTCAR.gz", FEO], out).systems["Fe2O2"] == (0, 2, 1)
+    more = import_vasp([FEO], out, type_map=["O", "Fe"], all_steps=True, stride=9)  # steps 1, 10, 19, 28
+    assert more.systems["Fe2O2"] == (3, 1, 4)
+    system = load_system(out / "Fe2O2")
+    assert system.get_atom_names() == ["Fe", "O"]
+    np.testing.assert_allclose(get_moments(system)[0], [3.007, 1.397, -0.189, -0.189])
+
+
+@pytest.mark.parametrize("types, message", [
+    (["Fe", "O", "Fe"], "type map (-t) Fe O Fe: 'Fe' is given twice"),
+    (["Fe", "Xx"], "type map (-t) Fe Xx: 'Xx' is not a chemical element symbol"),
+    (["fe", "O"], "'fe' is not a chemical element symbol (did you mean 'Fe'?)"),
+])
+def test_bad_type_map_is_one_clear_error(tmp_path, capsys, types, message):
+    from spingen.cli import main
+    from spingen.schema import InputError
+
+    with pytest.raises(InputError) as err:
+        import_vasp([FEO], tmp_path / "data", type_map=types)
+    assert message in str(err.value)
+    code = main(["init-data", str(FEO), "-o", str(tmp_path / "data"), "-t", *types])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "data").exists()  # nothing written
+
+
+def test_bad_stride_is_refused(tmp_path, capsys):
+    from spingen.cli import main
+
+    assert main(["init-data", str(FEO), "-o", str(tmp_path / "data"), "--all-steps", "--stride", "0"]) == 2
+    assert "--stride must be a positive integer" in capsys.readouterr().err
+    assert not (tmp_path / "data").exists()
+
+
+def test_data_without_moments_says_what_is_missing_and_how_to_get_it(tmp_path):
+    from spingen.schema import InputError
+
+    s = _toy()
+    del s.data["spins"]
+    write_system_atomic(s, tmp_path / "npy")
+    with pytest.raises(InputError) as err:
+        load_system(tmp_path / "npy")
+    text = str(err.value)
+    assert text.startswith(f"{tmp_path / 'npy'}: deepmd/npy data without per-ion moments: no spin.npy")
+    assert "spingen init-data" in text and "OUTCAR" in text
+
+    s.to("deepmd/raw", str(tmp_path / "raw"))  # DP-GEN's other format
+    with pytest.raises(InputError, match=r"deepmd/raw data without per-ion moments: no spin.raw.*spingen init-data"):
+        load_system(tmp_path / "raw")
+    assert load_system(tmp_path / "raw", require_spins=False).get_nframes() == 3
+
+    with_spins = _toy()
+    with_spins.to("deepmd/raw", str(tmp_path / "raw_spin"))
+    assert (tmp_path / "raw_spin" / "spin.raw").is_file()
+    np.testing.assert_allclose(get_moments(load_system(tmp_path / "raw_spin")), get_moments(with_spins))

@@ -24,6 +24,8 @@ import dpdata
 import numpy as np
 from dpdata.data_type import Axis, DataType
 
+from spingen.errors import InputError
+
 SPINS = "spins"
 _BACKUP_SUFFIX = ".spingen-old"
 
@@ -134,6 +136,9 @@ def load_system(
 ) -> dpdata.LabeledSystem:
     """Read a deepmd/npy directory (with its raw moments) as a LabeledSystem.
 
+    A deepmd/raw directory (``*.raw`` files, no ``set.*``) is read too, its moments from
+    ``spin.raw``. With require_spins, data without moments raise InputError saying what is missing
+    (spin.npy / spin.raw) and how to get it (re-import the OUTCARs with ``spingen init-data``).
     A directory left renamed aside by a write killed between its two renames is restored first.
     """
     ensure_spin_dtype()
@@ -141,9 +146,16 @@ def load_system(
     _recover(path)
     if not (path / "type.raw").is_file():
         raise FileNotFoundError(f"{path} is not a deepmd/npy system (no type.raw)")
-    system = dpdata.LabeledSystem(str(path), fmt="deepmd/npy", type_map=list(type_map) if type_map else None)
+    raw = not any(path.glob("set.*")) and (path / "coord.raw").is_file()
+    fmt, spin_file = ("deepmd/raw", "spin.raw") if raw else ("deepmd/npy", "spin.npy")
+    system = dpdata.LabeledSystem(str(path), fmt=fmt, type_map=list(type_map) if type_map else None)
     if require_spins and SPINS not in system.data:
-        raise ValueError(f"{path} has no spin.npy: spingen data needs the per-atom moments")
+        raise InputError(
+            f"{path}: {fmt} data without per-ion moments: no {spin_file} (each atom's magnetic moment, "
+            f"stored as (0, 0, S) in uB), which spingen's spin models need. Re-import the VASP runs of these "
+            "frames (ISPIN = 2, LORBIT = 11) with `spingen init-data OUTCAR... -o DIR`, which writes spin.npy "
+            "beside the labels (add --all-steps for AIMD or relaxation trajectories)"
+        )
     return system
 
 
@@ -194,14 +206,16 @@ def append_frames(
 
     Read + concat + atomic rewrite (write_system_atomic). The existing type-map order is kept,
     new elements are added at its end. With skip_duplicates, frames whose ``frame_hashes`` already
-    occur (on disk or earlier in ``system``) are skipped.
+    occur (on disk or earlier in ``system``) are skipped; the hashes are taken with the atoms in
+    element-name order (stable), so a frame stored under another type-map order (atoms sorted by
+    type differently, e.g. ``init-data -t O Fe`` after ``-t Fe O``) still counts as a duplicate.
     """
     path = Path(path)
     _recover(path)
     old = load_system(path) if (path / "type.raw").is_file() else None
-    seen = set(frame_hashes(old)) if old is not None else set()
+    seen = set(_hashes_in_element_order(old)) if old is not None else set()
     keep = []
-    for i, h in enumerate(frame_hashes(system)):
+    for i, h in enumerate(_hashes_in_element_order(system)):
         if skip_duplicates and h in seen:
             continue
         seen.add(h)
@@ -219,6 +233,16 @@ def append_frames(
         new = merged
     write_system_atomic(new, path)
     return AppendResult(len(keep), duplicates, new.get_nframes())
+
+
+def _hashes_in_element_order(system: dpdata.System) -> list[str]:
+    """frame_hashes with the atoms stably sorted by element name: independent of the type-map order
+    a system was sorted by (atoms of one element keep their relative order)."""
+    names, types = system.data["atom_names"], system.data["atom_types"]
+    order = sorted(range(len(types)), key=lambda i: names[types[i]])
+    if order != list(range(len(types))):
+        system = system.pick_atom_idx(order)
+    return frame_hashes(system)
 
 
 def _backup_of(path: Path) -> Path:
