@@ -17,6 +17,7 @@ $(STAMP): setup.cfg pyproject.toml scripts/install_gpaw.sh
 	touch $(STAMP)
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest -q -x tests
 
 docs: $(STAMP)

@@ -267,7 +267,7 @@ def report(started, load_before, load_after, t_models, t_cold, cold_configs, t_e
         f"load average before: {' '.join(f'{x:.2f}' for x in load_before)}, "
         f"after: {' '.join(f'{x:.2f}' for x in load_after)}",
         f"- peak RSS of the benchmark process: {peak:.0f} MiB",
-        f"- model: paper-size se_e2_a (25/50/100, fitting 240x3, rcut 6 A), UNTRAINED (1 training step); "
+        "- model: paper-size se_e2_a (25/50/100, fitting 240x3, rcut 6 A), UNTRAINED (1 training step); "
         + (f"making 2 such models took {t_models:.0f} s" if t_models >= 1 else "the 2 models were reused from the "
            "work dir"),
         "- cell: Li16Ni16O32, 64 atoms, 16 magnetic Ni, levels +-1, +-3 uB; NVT Langevin 600 K, dt 2 fs",

@@ -160,11 +160,10 @@ def bench_overhead(work: Path, n: int) -> dict:
     """make + post per task without DFT, for gpaw and vasp."""
     import ase.io
 
+    from spingen.data.npy import ensure_spin_dtype
     from spingen.loop import StageContext
     from spingen.schema import LabelSettings, MachineSection, VaspSettings
     from spingen.stages.label import LabelStage
-
-    from spingen.data.npy import ensure_spin_dtype
 
     ensure_spin_dtype()  # one-off import/registration cost of dpdata, not per task
     out = {}

@@ -36,7 +36,6 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
-
 from results_block import write_results
 
 REPO = Path(__file__).resolve().parent.parent

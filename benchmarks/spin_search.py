@@ -25,8 +25,14 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from spingen.spin import (AnalyticSpinModel, Exchange, MomentLevels, SearchSettings,  # noqa: E402
-                          search_ground_state, triangular_layers)
+from spingen.spin import (  # noqa: E402
+    AnalyticSpinModel,
+    Exchange,
+    MomentLevels,
+    SearchSettings,
+    search_ground_state,
+    triangular_layers,
+)
 
 EXCHANGE = [Exchange(0.025, 0.5), Exchange(-0.004, 1.5, r_ref=5.0, cutoff=7.0)]  # AFM nn, weak FM
 BIQUADRATIC = Exchange(5e-4, 0.5)
@@ -147,7 +153,7 @@ def bench_ncm(quick: bool) -> str:
     rng = np.random.default_rng(27)
     rows = {k: [] for k in ("GA", "SA, same budget", "SA, 4x budget", "random, same budget")}
     evals, seconds = [], []
-    for f in range(n_frames):
+    for _ in range(n_frames):
         model = random_frame(3, 3, 3, SYMBOLS27, ONSITE27, rng)
         found = {k: [] for k in rows}
         for seed in range(n_seeds):

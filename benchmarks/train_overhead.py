@@ -191,7 +191,7 @@ class DpWatcher:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
-    def __enter__(self) -> "DpWatcher":
+    def __enter__(self) -> DpWatcher:
         self._thread.start()
         return self
 

@@ -34,7 +34,7 @@ def system_moments(system: Path, natoms: int) -> np.ndarray | None:
     return np.concatenate(spins)[..., 2]
 
 
-def check_param_data(param: "Param") -> None:
+def check_param_data(param: Param) -> None:
     """type_map vs data, spins present, and no moment that puts a virtual atom on its ion."""
     from spingen.errors import InputError
 
@@ -49,8 +49,9 @@ def check_param_data(param: "Param") -> None:
             continue
         moments = system_moments(system, len(symbols))
         if moments is None:
-            raise InputError(f"{param.path}: key 'init_data_sys': data '{system}': no spin.npy in its sets; a spin model needs the per-ion "
-                             "moments (import VASP runs with `spingen init-data`, or set spin/enabled false)")
+            raise InputError(f"{param.path}: key 'init_data_sys': data '{system}': no spin.npy in its sets; "
+                             "a spin model needs the per-ion moments (import VASP runs with `spingen init-data`, "
+                             "or set spin/enabled false)")
         for element in spin.magnetic:
             columns = [i for i, s in enumerate(symbols) if s == element]
             observed[element].append(moments[:, columns].ravel())

@@ -29,18 +29,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def make_init_data(param, machines, workdir: Path) -> None:
     """Run (or resume, or skip when finished) the one-iteration loop of WORKDIR/init."""
-    from spingen.loop import Loop
     from spingen.layout import INIT_DIR
+    from spingen.loop import Loop
     from spingen.stages import build_init_stages
 
     Loop(workdir / INIT_DIR, build_init_stages(param, machines.fp), 1, closing_stages=0).run()
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from spingen.loop import setup_logging
     from spingen.errors import InputError
-    from spingen.schema import load_machine, load_param
     from spingen.layout import init_data_systems
+    from spingen.loop import setup_logging
+    from spingen.schema import load_machine, load_param
 
     param = load_param(args.param)
     machines = load_machine(args.machine)

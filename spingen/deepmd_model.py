@@ -37,8 +37,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -223,7 +224,7 @@ class DeepmdSpinModel(EnergyModel):
     # -- construction helpers ----------------------------------------------------------------
     @classmethod
     def from_atoms(cls, atoms: Any, models: Any, encoding: SpinEncoding,
-                   magnetic: Sequence[int] | np.ndarray | None = None, **kwargs: Any) -> "DeepmdSpinModel":
+                   magnetic: Sequence[int] | np.ndarray | None = None, **kwargs: Any) -> DeepmdSpinModel:
         """Bind an ase.Atoms (positions, cell if periodic, symbols) to model path(s) or DeepPot(s)."""
         cell = atoms.cell.array if atoms.pbc.any() else None
         if atoms.pbc.any() and not atoms.pbc.all():

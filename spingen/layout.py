@@ -12,8 +12,8 @@ the layout here, so that no stage imports another one to find its inputs. DP-GEN
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 RECORD_FILE = "record.spingen"
 LOCK_FILE = "spingen.lock"

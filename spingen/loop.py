@@ -14,9 +14,9 @@ import shutil
 import socket
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from spingen.layout import LOCK_FILE, LOG_FILE, PHASES, RECORD_FILE, iteration_name
 
@@ -35,7 +35,7 @@ class StageContext:
     def iter_dir(self) -> Path:
         return self.workdir / iteration_name(self.iteration)
 
-    def previous(self) -> list["StageContext"]:
+    def previous(self) -> list[StageContext]:
         return [StageContext(self.workdir, i) for i in range(self.iteration)]
 
 
@@ -92,7 +92,7 @@ class RunLock:
         self.path = workdir / LOCK_FILE
         self._handle = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         self._handle = open(self.path, "a+")
         try:
             fcntl.flock(self._handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

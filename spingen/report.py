@@ -18,11 +18,29 @@ from pathlib import Path
 
 import numpy as np
 
-from spingen.layout import (DEVI_FILE, EXPLORE_DIR, FP_DIR, INIT_DIR, INIT_STAGE_DIRS, ITER_GLOB, LABELS_FILE, LOG_FILE,
-                            MODEL_ERRORS_FILE, MODELS_REPORT, PHASES, RECORD_FILE, SELECTION_CLASSES, SELECTION_FILE,
-                            STAGE_DIRS, STAGE_NAMES, STATE_RANKING_REPORT, TRAIN_DIR, iteration_name)
-from spingen.loop import Record
 from spingen.errors import InputError
+from spingen.layout import (
+    DEVI_FILE,
+    EXPLORE_DIR,
+    FP_DIR,
+    INIT_DIR,
+    INIT_STAGE_DIRS,
+    ITER_GLOB,
+    LABELS_FILE,
+    LOG_FILE,
+    MODEL_ERRORS_FILE,
+    MODELS_REPORT,
+    PHASES,
+    RECORD_FILE,
+    SELECTION_CLASSES,
+    SELECTION_FILE,
+    STAGE_DIRS,
+    STAGE_NAMES,
+    STATE_RANKING_REPORT,
+    TRAIN_DIR,
+    iteration_name,
+)
+from spingen.loop import Record
 
 LAST_STEP = len(STAGE_DIRS) * len(PHASES) - 1
 LOG_STEP = re.compile(r"\biter \d{6} step \d{2}:")
@@ -237,7 +255,8 @@ def format_status(status: Status) -> str:
                              + ("*" if model["set"] == "trn" else ""))
         ranked = (MISSING if row["ranking_geometries"] is None
                   else f"{row['ranking_right']}/{row['ranking_geometries']}")
-        cells += [ranked, _number(row["state_gap_rmse_meV_atom"], ".1f"), _number(row["ensemble_rmse_e_meV_atom"], ".2f"), _number(row["ensemble_rmse_f_meV_A"], ".1f"),
+        cells += [ranked, _number(row["state_gap_rmse_meV_atom"], ".1f"),
+                  _number(row["ensemble_rmse_e_meV_atom"], ".2f"), _number(row["ensemble_rmse_f_meV_A"], ".1f"),
                   _number(row["spin_agree_pct"], ".1f")]
         table.append(cells)
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]

@@ -133,7 +133,7 @@ def test_a_search_step_hands_its_own_evaluation_to_the_search(dps):
                                search={"enumerate_limit": 0, "max_evaluations": 6}, seed=1)
     atoms.calc = calc
     atoms.get_potential_energy()
-    for step in range(3):
+    for _ in range(3):
         atoms.positions[0, 0] += 0.002
         before, n_eval = calc.moments.copy(), calc.n_evaluations
         energy = atoms.get_potential_energy()
@@ -154,7 +154,7 @@ def test_standalone_schedule_counts_geometries(dps):
     atoms = cell16(seed=12)
     calc = SpinModelCalculator(dps, MAGNITUDES, encoding=SPIN.encoding, drive=0, spin_opt_freq=2, seed=4)
     atoms.calc = calc
-    for step in range(5):
+    for _ in range(5):
         atoms.positions[1, 1] += 0.01
         atoms.get_potential_energy()
     assert calc.n_calculations == 5 and calc.n_searches == 3  # geometries 0 (cold), 2 and 4

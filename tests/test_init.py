@@ -52,8 +52,8 @@ def test_auto_states_need_explicit_levels_and_empty_init_data_needs_gen(tmp_path
 def test_perturb_stage_writes_every_geometry_in_every_state_reproducibly(tmp_path):
     import ase.io
 
-    from spingen.loop import StageContext
     from spingen.layout import INIT_DIR
+    from spingen.loop import StageContext
     from spingen.stages.init import PerturbStage
 
     param_path, _ = write_inputs(tmp_path, gen_param(tmp_path, pert_numb=3))

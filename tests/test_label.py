@@ -21,8 +21,15 @@ from spingen.data.npy import frame_hashes, load_system
 from spingen.labelers import create_labeler
 from spingen.labelers.vasp import compress, parse_incar
 from spingen.loop import StageContext
-from spingen.schema import (InputError, LabelSettings, MachineSection, VaspSettings, label_settings, load_machine,
-                            load_param)
+from spingen.schema import (
+    InputError,
+    LabelSettings,
+    MachineSection,
+    VaspSettings,
+    label_settings,
+    load_machine,
+    load_param,
+)
 from spingen.stages.label import LabelStage, TotalMomentRule, moment_violation
 
 HERE = Path(__file__).parent

@@ -5,8 +5,17 @@ import itertools
 import numpy as np
 import pytest
 
-from spingen.spin import (AnalyticSpinModel, EnergyModel, Exchange, MomentLevels, SearchSettings,
-                          SymmetrizedModel, infer_magnitudes, search_ground_state, triangular_layers)
+from spingen.spin import (
+    AnalyticSpinModel,
+    EnergyModel,
+    Exchange,
+    MomentLevels,
+    SearchSettings,
+    SymmetrizedModel,
+    infer_magnitudes,
+    search_ground_state,
+    triangular_layers,
+)
 
 SYMBOLS8 = ["Ni", "Co", "Mn", "Ni", "Co", "Mn", "Ni", "Co"]
 MAGS8 = {"Ni": [1, 3], "Co": [1, 4], "Mn": [3, 4]}  # 4 signed states per ion

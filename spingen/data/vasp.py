@@ -42,9 +42,10 @@ import io
 import lzma
 import re
 import zlib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, NamedTuple, Sequence
+from typing import NamedTuple
 
 import ase.io
 import dpdata

@@ -8,16 +8,17 @@ task is finished (its result file exists) and reads the result (`read_result`).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Sequence
+from typing import ClassVar
 
 import numpy as np
 
 from spingen.errors import InputError
 from spingen.schema import LabelSettings
 
-LABELERS: dict[str, type["Labeler"]] = {}
+LABELERS: dict[str, type[Labeler]] = {}
 
 
 @dataclass(frozen=True, eq=False)
@@ -39,7 +40,7 @@ class LabelResult:
     total_moment: float | None = None  # the cell's total moment (uB) when the code reports it
 
     @classmethod
-    def failed(cls, reason: str) -> "LabelResult":
+    def failed(cls, reason: str) -> LabelResult:
         return cls(False, reason)
 
 

@@ -13,13 +13,13 @@ reached NELM is a failed frame.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
-from spingen.labelers.base import Labeler, LabelResult
 from spingen.errors import InputError
+from spingen.labelers.base import Labeler, LabelResult
 from spingen.schema import LabelSettings
 
 INCAR, POSCAR, POTCAR, KPOINTS, OUTCAR, VASPRUN = "INCAR", "POSCAR", "POTCAR", "KPOINTS", "OUTCAR", "vasprun.xml"

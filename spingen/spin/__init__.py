@@ -3,8 +3,14 @@ ground-state search over a calculator-style energy model. Imports nothing of dee
 
 from spingen.spin.encoding import SpinEncoding
 from spingen.spin.levels import MomentLevels, infer_magnitudes
-from spingen.spin.model import (AnalyticSpinModel, EnergyModel, Exchange, SymmetrizedModel,
-                                minimum_image_distances, triangular_layers)
+from spingen.spin.model import (
+                                AnalyticSpinModel,
+                                EnergyModel,
+                                Exchange,
+                                SymmetrizedModel,
+                                minimum_image_distances,
+                                triangular_layers,
+)
 from spingen.spin.search import SearchResult, SearchSettings, search_ground_state
 from spingen.spin.surrogate import PairSurrogate
 

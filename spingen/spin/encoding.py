@@ -15,12 +15,11 @@ included), the first magnetic ion beyond it points up (else the first nonzero on
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
-
 
 SIDECAR = "spin_encoding.json"
 BALANCE_TOLERANCE = 0.5  # uB: a canonical state with |total moment| up to this is "antiparallel"
@@ -85,13 +84,13 @@ class SpinEncoding:
         Path(path).write_text(json.dumps(asdict(self), indent=1) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> "SpinEncoding":
+    def load(cls, path: str | Path) -> SpinEncoding:
         data = json.loads(Path(path).read_text())
         return cls(tuple(data["magnetic"]), float(data["virtual_scale"]), float(data["offset"]),
                    bool(data.get("canonical", False)))
 
     @classmethod
-    def beside(cls, model: str | Path) -> "SpinEncoding | None":
+    def beside(cls, model: str | Path) -> SpinEncoding | None:
         """The encoding saved next to a frozen model (symlinks followed), or None."""
         sidecar = Path(model).resolve().parent / SIDECAR
         return cls.load(sidecar) if sidecar.is_file() else None

@@ -9,8 +9,8 @@ moment is positive is kept. Where -S is not allowed (pinned signs, nonzero total
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping, Sequence
 from functools import cached_property
-from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 

@@ -8,8 +8,8 @@ Moments are raw signed moments (uB) of the magnetic ions, in structure order.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import numpy as np
 

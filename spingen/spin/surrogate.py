@@ -122,7 +122,7 @@ class PairSurrogate:
     @property
     def coupling(self) -> np.ndarray:
         """Fitted J_ij (eV/uB^2), symmetric with a zero diagonal."""
-        self.theta
+        _ = self.theta  # fits on first access
         return self._coupling
 
     @property
@@ -169,7 +169,7 @@ class PairSurrogate:
             rows[active, ion] = level
         return rows
 
-    def carried(self, levels: MomentLevels, weight: float = 0.3) -> "PairSurrogate":
+    def carried(self, levels: MomentLevels, weight: float = 0.3) -> PairSurrogate:
         """A copy for `levels` whose data count `weight` times: the prior for a nearby geometry."""
         new = object.__new__(PairSurrogate)
         new.__dict__.update(self.__dict__)

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 from spingen.layout import PERTURB_DIR
 from spingen.loop import Stage
-from spingen.schema import MachineSection, Machines, Param, label_settings
+from spingen.schema import Machines, MachineSection, Param, label_settings
 from spingen.stages.explore import ExploreStage
 from spingen.stages.init import PerturbStage
 from spingen.stages.label import LabelStage

@@ -27,21 +27,37 @@ import json
 import logging
 import math
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
 from spingen.cells import right_handed
 from spingen.dispatch import TaskSpec, run_tasks
-from spingen.layout import (CANDIDATES_FILE, EXPLORE_DIR, MODEL_LINK_GLOB, MOMENTS_FILE, SELECTION_CLASSES,
-                            SELECTION_FILE, TRAIN_DIR, training_systems)
-from spingen.loop import Stage, StageContext
 from spingen.errors import InputError
+from spingen.layout import (
+    CANDIDATES_FILE,
+    EXPLORE_DIR,
+    MODEL_LINK_GLOB,
+    MOMENTS_FILE,
+    SELECTION_CLASSES,
+    SELECTION_FILE,
+    TRAIN_DIR,
+    training_systems,
+)
+from spingen.loop import Stage, StageContext
 from spingen.schema import MachineSection, Param, param_arginfo, thaw
-from spingen.tools.explore_task import (CONF_FILE, DEVI_COLUMNS, DEVI_FILE, FINISHED_TAG, TASK_FILE, TRAJ_FILE,
-                                        ExploreTaskSettings)
+from spingen.tools.explore_task import (
+    CONF_FILE,
+    DEVI_COLUMNS,
+    DEVI_FILE,
+    FINISHED_TAG,
+    TASK_FILE,
+    TRAJ_FILE,
+    ExploreTaskSettings,
+)
 
 log = logging.getLogger("spingen")
 
@@ -127,7 +143,8 @@ def explore_settings(param: Param) -> ExploreSettings:
             raise InputError(f"{key}/temps': expected at least one temperature (K)")
     return ExploreSettings(
         float(raw["model_devi_f_trust_lo"]), float(raw["model_devi_f_trust_hi"]), float(raw["model_devi_spin_trust"]),
-        float(raw["model_devi_spin_e_trust"]), int(raw["model_devi_skip"]), v_lo, v_hi, float(raw["model_devi_dt"]), raw["model_devi_driver"], int(raw["model_devi_seed"]),
+        float(raw["model_devi_spin_e_trust"]), int(raw["model_devi_skip"]), v_lo, v_hi, float(raw["model_devi_dt"]),
+        raw["model_devi_driver"], int(raw["model_devi_seed"]),
         float(raw["model_devi_compressibility"]), search, bool(raw["model_devi_spin_symmetrize"]), int(raw["fp_task_max"]),
         None if total is None else int(total), int(raw["fp_task_min"]))
 

@@ -1,8 +1,9 @@
 """Label stage (02.fp): DFT+U single points of the explore stage's candidates, collected with moments.
 
 make: reads `01.model_devi/candidates.SSS.extxyz` of this iteration (`00.perturb/` for the initial
-data of spingen.stages.init), at most fp_task_max per system and none below fp_task_min, sorts each frame's atoms by type_map (every element one run, the POSCAR species
-order), applies fp_spin_init and writes one `task.SSS.CCCCCC` per DFT run through the labeler,
+data of spingen.stages.init), at most fp_task_max per system and none below fp_task_min, sorts
+each frame's atoms by type_map (every element one run, the POSCAR species order), applies
+fp_spin_init and writes one `task.SSS.CCCCCC` per DFT run through the labeler,
 plus `frame.extxyz` (the geometry, its provenance and the start moments) for collection.
 run: dispatches only the tasks the labeler does not see finished (its result file exists), so
 finished tasks are never recomputed, whatever changed in machine.json.
@@ -18,16 +19,24 @@ import dataclasses
 import json
 import logging
 import shlex
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 
 from spingen.dispatch import TaskSpec, run_tasks
 from spingen.labelers import LabelResult, create_labeler
-from spingen.layout import (CANDIDATES_GLOB, EXPLORE_DIR, FP_DIR, LABELS_FILE, MODEL_ERRORS_FILE, MODEL_LINK_GLOB,
-                            TRAIN_DIR, labeled_systems)
+from spingen.layout import (
+    CANDIDATES_GLOB,
+    EXPLORE_DIR,
+    FP_DIR,
+    LABELS_FILE,
+    MODEL_ERRORS_FILE,
+    MODEL_LINK_GLOB,
+    TRAIN_DIR,
+    labeled_systems,
+)
 from spingen.loop import Stage, StageContext
 from spingen.schema import LabelSettings, MachineSection, Param, label_settings
 
@@ -67,7 +76,7 @@ class TotalMomentRule:
         return float(np.round(weighted))
 
     @classmethod
-    def fit(cls, entries: Sequence[Mapping], magnetic: Sequence[str]) -> "TotalMomentRule":
+    def fit(cls, entries: Sequence[Mapping], magnetic: Sequence[str]) -> TotalMomentRule:
         """From labels.json entries with `total_moment` and `moment_sums` ({element: sum of moments})."""
         rows = [e for e in entries if e.get("ok") and e.get("total_moment") is not None and e.get("moment_sums")]
         if not rows:

@@ -14,15 +14,22 @@ import copy
 import json
 import logging
 import shutil
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from spingen import layout
 from spingen.dispatch import TaskSpec, run_tasks
-from spingen.layout import (INIT_MODEL_FILE, LCURVE_FILE, MODEL_FILE, MODEL_LINK_GLOB, MODELS_REPORT,
-                            STATE_RANKING_REPORT, TRAIN_DIR)
+from spingen.layout import (
+    INIT_MODEL_FILE,
+    LCURVE_FILE,
+    MODEL_FILE,
+    MODELS_REPORT,
+    STATE_RANKING_REPORT,
+    TRAIN_DIR,
+)
 from spingen.loop import Stage, StageContext
 from spingen.schema import MachineSection, Param, SpinSettings, thaw
 from spingen.spin.encoding import SIDECAR

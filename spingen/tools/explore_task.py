@@ -35,9 +35,10 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -83,7 +84,7 @@ class ExploreTaskSettings:
         Path(path).write_text(json.dumps(asdict(self), indent=1) + "\n")
 
     @classmethod
-    def load(cls, path: Path) -> "ExploreTaskSettings":
+    def load(cls, path: Path) -> ExploreTaskSettings:
         data = json.loads(Path(path).read_text())
         names = set(cls.__dataclass_fields__)
         unknown, missing = sorted(set(data) - names), sorted(names - set(data) - {"spin_search", "symmetrize", "canonical"})

@@ -14,14 +14,15 @@ without one, --offset is required (spin.offset of the param.json the model was t
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence, TextIO
+from typing import TextIO
 
 import numpy as np
 
 from spingen.cells import right_handed
-from spingen.labelers.vasp import compress
 from spingen.errors import InputError
+from spingen.labelers.vasp import compress
 
 
 def parse_moments(items: Sequence[str]) -> dict[str, list[float]]:
@@ -157,7 +158,7 @@ def run(models: Sequence[str], structure: str, moments: Sequence[str], *, magnet
     print(f"structure   {structure}: {natoms} atoms, {atoms.get_chemical_formula()}", file=out)
     print(f"models      {len(dps)} ({', '.join(str(m) for m in models)}); eta {eta} A/uB, offset {offset} A",
           file=out)
-    print(f"levels      " + "; ".join(f"{el} x{counts[el]}: +-{', +-'.join(_fmt(v) for v in sorted(magnitudes[el]))}"
+    print("levels      " + "; ".join(f"{el} x{counts[el]}: +-{', +-'.join(_fmt(v) for v in sorted(magnitudes[el]))}"
                                       for el in magnitudes)
           + (f"; total moment {nupdown}" if nupdown is not None else "") + " (global sign fixed)", file=out)
     print(f"search      {result.method}; {result.n_evaluations} evaluations of {levels.n_configurations} "
