@@ -96,7 +96,7 @@ def summary(param, machines) -> str:
 
 def auto_levels(param) -> str:
     """What "auto" moment levels will be at iteration 0: clustered from init_data_sys when it has data."""
-    from spingen.md import supported_magnitudes
+    from spingen.data.levels import supported_magnitudes
 
     if not param.init_data_sys:
         return "auto (clustered from the initial data once it is made)"

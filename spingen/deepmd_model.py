@@ -121,6 +121,54 @@ def model_spin_settings(dp: Any) -> dict[str, float]:
     return {type_map[t]: s for t, s in per_type.items() if t < len(type_map)}
 
 
+def model_path(model: Any) -> str | None:
+    """The file of a model given as a path or as a loaded DeepPot (None when unknown)."""
+    if isinstance(model, (str, os.PathLike)):
+        return str(model)
+    return getattr(getattr(model, "deep_eval", None), "model_path", None)
+
+
+def resolve_encoding(models: Sequence[Any], offset: float | None = None, virtual_scale: float | None = None,
+                     path: str | os.PathLike | None = None) -> SpinEncoding:
+    """The spin encoding deepmd-kit saw in training, for models given as paths or loaded DeepPots.
+
+    eta (virtual_scale) and the magnetic elements are read from the models themselves and must agree
+    between them; the offset d and the sign convention are not stored in a deepmd-kit model and come
+    from the spin_encoding.json spingen's train stage puts beside each model. `offset` replaces d
+    (needed when no spin_encoding.json is there), `virtual_scale` replaces eta; `path`: the first
+    model's file when it is given loaded. ValueError names what is missing or inconsistent.
+    """
+    loaded = load_models(list(models))
+    scales = [model_spin_settings(dp) for dp in loaded]
+    if any(s != scales[0] for s in scales[1:]):
+        raise ValueError(f"the models' spin settings differ: {scales}")
+    path = path or model_path(models[0])
+    saved = SpinEncoding.beside(path) if path else None
+    magnetic = tuple(scales[0]) or (saved.magnetic if saved else ())
+    etas = set(scales[0].values())
+    if virtual_scale is None:
+        if len(etas) > 1:
+            raise ValueError(f"the model's virtual_scale differs between elements {scales[0]}: give eta explicitly")
+        virtual_scale = etas.pop() if etas else (saved.virtual_scale if saved else None)
+    if virtual_scale is None:
+        raise ValueError(f"'{path}': the model's virtual_scale (eta) cannot be read; give it")
+    if offset is None:
+        if saved is None:
+            raise ValueError(f"no spin_encoding.json lies beside '{path}' and the offset d (A) is "
+                             "not stored in a deepmd-kit model: give it (spin/offset of the param.json the model "
+                             "was trained with)")
+        offset = saved.offset
+    return SpinEncoding(magnetic, float(virtual_scale), float(offset), canonical=saved is not None and saved.canonical)
+
+
+def atom_types(type_map: Sequence[str], symbols: Sequence[str], where: str) -> np.ndarray:
+    """deepmd-kit's atom types of `symbols` under a model's type_map; ValueError names `where` and the elements."""
+    unknown = sorted(set(symbols) - set(type_map))
+    if unknown:
+        raise ValueError(f"elements {unknown} of {where} are not in the model's type_map {list(type_map)}")
+    return np.array([list(type_map).index(s) for s in symbols], dtype=int)
+
+
 class DeepmdSpinModel(EnergyModel):
     """Energies and -dE/dS of moment configurations of ONE geometry under deepmd-kit spin model(s).
 
@@ -173,11 +221,7 @@ class DeepmdSpinModel(EnergyModel):
         for dp in self.models:
             if not getattr(dp, "has_spin", False):
                 raise ValueError("a model of the ensemble is not a spin model (DeepPot.has_spin is False)")
-        missing = sorted(set(self.symbols) - set(self.type_map))
-        if missing:
-            raise ValueError(f"elements {missing} of the structure are not in the model's type_map "
-                             f"{self.type_map}")
-        self.atom_types = np.array([self.type_map.index(s) for s in self.symbols], dtype=np.int32)
+        self.atom_types = atom_types(self.type_map, self.symbols, "the structure").astype(np.int32)
 
         spin_elements = self._spin_elements()
         if magnetic is None:

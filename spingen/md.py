@@ -37,7 +37,7 @@ from ase import units
 from ase.calculators.calculator import Calculator, all_changes
 
 from spingen.spin.encoding import SpinEncoding
-from spingen.spin.levels import MomentLevels, infer_magnitudes, level_support
+from spingen.spin.levels import MomentLevels
 from spingen.spin.model import SymmetrizedModel
 from spingen.spin.search import SearchResult, SearchSettings, search_ground_state
 
@@ -50,76 +50,12 @@ class NonFiniteError(RuntimeError):
     step: int | None = None
 
 
-def moments_by_frame(systems: Sequence[Any], magnetic: Sequence[str]) -> dict[str, list[np.ndarray]]:
-    """The raw moments of each magnetic element in deepmd/npy systems as spingen stores them
-    (spin.npy), one array per frame; ValueError when an element has none."""
-    from spingen.data.npy import get_moments, load_system
-
-    observed: dict[str, list[np.ndarray]] = {el: [] for el in magnetic}
-    for path in systems:
-        system = load_system(path)
-        names, types = system.data["atom_names"], np.asarray(system.data["atom_types"])
-        moments = get_moments(system)
-        for el in magnetic:
-            if el in names:
-                observed[el].extend(moments[:, types == names.index(el)])
-    absent = sorted(el for el, v in observed.items() if not v or not np.concatenate(v).size)
-    if absent:
-        raise ValueError(f"the data holds no moments of {absent} to infer their magnitudes from")
-    return observed
-
-
-def magnitudes_from_data(systems: Sequence[Any], magnetic: Sequence[str], tol: float = 0.3
-                         ) -> dict[str, list[float]]:
-    """Allowed |moment| levels of each magnetic element, clustered (``infer_magnitudes``) from the
-    raw moments of deepmd/npy systems as spingen stores them (spin.npy)."""
-    frames = moments_by_frame(systems, magnetic)
-    return infer_magnitudes({el: np.concatenate(v) for el, v in frames.items()}, tol=tol)
-
-
-@dataclasses.dataclass(frozen=True)
-class InferredLevels:
-    """Levels clustered from data with their support (frames holding each level); `refused`: the
-    levels seen in fewer than min_support frames, left out of `kept`."""
-
-    kept: dict[str, list[float]]
-    support: dict[str, dict[float, int]]
-    refused: dict[str, list[float]]
-
-    def describe(self) -> str:
-        """'Ni 1.736 (87 frames); Co 0 (20 frames), 0.56 (1 frame, refused)'."""
-        def level(el, value):
-            n = self.support[el][value]
-            refused = ", refused" if value in self.refused.get(el, []) else ""
-            return f"{value:g} ({n} frame{'s' if n != 1 else ''}{refused})"
-        return "; ".join(f"{el} " + ", ".join(level(el, v) for v in levels) for el, levels in self.support.items())
-
-
-def supported_magnitudes(systems: Sequence[Any], magnetic: Sequence[str], min_support: int, tol: float = 0.3
-                         ) -> InferredLevels:
-    """``magnitudes_from_data`` with each level's support; levels held by fewer than min_support
-    frames (or than the data has frames, when it has fewer) are refused: a spin search would walk
-    into states the model has barely seen."""
-    frames = moments_by_frame(systems, magnetic)
-    levels = infer_magnitudes({el: np.concatenate(v) for el, v in frames.items()}, tol=tol)
-    kept, support, refused = {}, {}, {}
-    for el, values in levels.items():
-        counts = level_support(frames[el], values)
-        support[el] = dict(zip(values, counts))
-        needed = min(min_support, len(frames[el]))  # data of fewer frames than min_support: every level seen
-        keep = [v for v, n in zip(values, counts) if n >= needed]
-        kept[el] = keep
-        if len(keep) < len(values):
-            refused[el] = [v for v in values if v not in keep]
-    return InferredLevels(kept, support, refused)
-
-
 class SpinModelCalculator(Calculator):
     """ASE calculator: deepmd-kit spin model(s) with discrete moments re-optimized along the way.
 
     models: frozen model paths or loaded ``deepmd.infer.DeepPot`` objects (one type_map).
     magnitudes: allowed |moment| levels (uB) per magnetic element, e.g. {"Ni": [1, 3]} (see
-    ``magnitudes_from_data`` to infer them from training data). Every nonzero level may point up or down.
+    ``spingen.data.levels.magnitudes_from_data`` to infer them from training data). Every nonzero level may point up or down.
     encoding: eta/d of the training data; default: ``spin_encoding.json`` beside the first model.
     drive: "mean" (ensemble mean of energy, forces, virial and of the search's energies) or the
     index of the one model that drives (0: DP-GEN's choice; n_models times cheaper).
@@ -149,18 +85,16 @@ class SpinModelCalculator(Calculator):
                  total_moment: float | None = None, fix_global_sign: bool = True, optimize_jit: bool = False,
                  symmetrize: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        from spingen.deepmd_model import load_models, model_spin_settings
+        from spingen.deepmd_model import load_models, model_spin_settings, resolve_encoding
 
         paths = [models] if isinstance(models, (str, bytes)) or not isinstance(models, Sequence) else list(models)
         self.models = load_models(paths)
         if encoding is None:
-            first = paths[0]
-            if not isinstance(first, (str, bytes)) and not hasattr(first, "__fspath__"):  # a loaded DeepPot
-                first = getattr(getattr(first, "deep_eval", None), "model_path", None)
-            encoding = SpinEncoding.beside(first) if first else None
-            if encoding is None:
-                raise ValueError("no spin encoding: pass encoding= (eta and d of the training data) or keep "
-                                 "spin_encoding.json beside the model")
+            try:
+                encoding = resolve_encoding(self.models)
+            except ValueError as err:
+                raise ValueError(f"no spin encoding: pass encoding= (eta and d of the training data) or keep "
+                                 f"spin_encoding.json beside the model ({err})") from None
         self.encoding = encoding
         for k, dp in enumerate(self.models):
             scales = model_spin_settings(dp)
@@ -238,24 +172,19 @@ class SpinModelCalculator(Calculator):
         self._evaluate(atoms)
 
     def _set_structure(self, atoms) -> None:
+        from spingen.deepmd_model import atom_types
+
         symbols = atoms.get_chemical_symbols()
         present = sorted(set(symbols) & set(self.encoding.magnetic))
         missing = [el for el in present if el not in self.magnitudes]
         if missing:
             raise ValueError(f"no moment magnitudes for the magnetic element(s) {missing} of the structure")
         self.symbols = symbols
-        self.atom_types = self._atom_types(symbols)
+        self.atom_types = atom_types(self.models[0].get_type_map(), symbols, "the structure").astype(np.int32)
         self.levels = MomentLevels({el: self.magnitudes[el] for el in present}, symbols,
                                    total_moment=self.total_moment, fix_global_sign=self.fix_global_sign)
         self.moments = None
         self._adopt_start(atoms)
-
-    def _atom_types(self, symbols: Sequence[str]) -> np.ndarray:
-        type_map = list(self.models[0].get_type_map())
-        unknown = sorted(set(symbols) - set(type_map))
-        if unknown:
-            raise ValueError(f"elements {unknown} are not in the model's type_map {type_map}")
-        return np.array([type_map.index(s) for s in symbols], dtype=np.int32)
 
     def _adopt_start(self, atoms) -> None:
         """Moments to start from: the `moments` argument (once), else the atoms' initial moments if

@@ -538,7 +538,7 @@ def test_explore_settings_defaults(tmp_path):
 
 
 def test_magnitudes_inferred_from_training_data(tmp_path):
-    from spingen.md import magnitudes_from_data
+    from spingen.data.levels import magnitudes_from_data
 
     systems = [write_spin_system(tmp_path / "a", n_frames=4, seed=1),
                write_spin_system(tmp_path / "b", n_frames=4, seed=2, levels=(0.0, 2.0, -2.0))]
@@ -552,7 +552,7 @@ def test_a_level_seen_in_one_frame_is_refused_on_real_licoo2_data(tmp_path):
     as a stray SCF leaves behind: auto levels show each level's support and refuse the rare one."""
     import shutil
 
-    from spingen.md import magnitudes_from_data, supported_magnitudes
+    from spingen.data.levels import magnitudes_from_data, supported_magnitudes
 
     data = tmp_path / "licoo2"
     shutil.copytree(Path(__file__).resolve().parent.parent / "benchmarks/paper/data/licoo2", data)

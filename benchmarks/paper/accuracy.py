@@ -267,7 +267,7 @@ def run_system(system: str, args) -> dict:
                for name, (part, spin_on, eta, d) in jobs.items()}
     with ThreadPoolExecutor(args.parallel) as pool:
         times = dict(zip(folders, pool.map(train, folders.values())))
-    from spingen.md import magnitudes_from_data
+    from spingen.data.levels import magnitudes_from_data
 
     levels = magnitudes_from_data([data], magnetic, tol=0.1)
     lowest = snapped_lowest_states(data, levels)

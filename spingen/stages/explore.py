@@ -228,7 +228,7 @@ class ExploreStage(Stage):
         return found.pop() if found else self.param.spin.encoding
 
     def _magnitudes(self, ctx: StageContext, encoding) -> dict[str, list[float]]:
-        from spingen.md import supported_magnitudes
+        from spingen.data.levels import supported_magnitudes
 
         spin = self.param.spin
         support = None

@@ -14,13 +14,12 @@ state is DFT's lowest.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from spingen.errors import InputError
-from spingen.spin.encoding import SpinEncoding
 
 FRAMES_PER_CALL = 256
 
@@ -51,40 +50,28 @@ class Ensemble:
     """One or several frozen deepmd-kit models evaluated as their mean."""
 
     def __init__(self, paths: Sequence[str | Path], offset: float | None = None):
-        from spingen.deepmd_model import load_deeppot
+        from spingen.deepmd_model import load_models, resolve_encoding
 
         missing = [str(p) for p in paths if not Path(p).is_file()]
         if missing:
             raise InputError(f"model file(s) not found: {missing}")
-        self.models = [load_deeppot(p) for p in paths]
+        self.models = load_models(paths)
         self.type_map = list(self.models[0].get_type_map())
         self.has_spin = bool(self.models[0].has_spin)
         self.encoding = None
         if self.has_spin:
-            saved = SpinEncoding.beside(paths[0])
-            if offset is not None:
-                base = saved or SpinEncoding(tuple(self._magnetic()), self._scale(), 0.0)
-                saved = replace(base, offset=offset)
-            if saved is None:
-                raise InputError(f"'{paths[0]}' is a spin model but no spin_encoding.json lies beside it: "
-                                 "give --offset (spin/offset, A, of the param.json it was trained with)")
-            self.encoding = saved
-
-    def _magnetic(self) -> list[str]:
-        spin = self.models[0].get_model_def_script().get("spin", {})
-        use = spin.get("use_spin", [])
-        return [t for t, on in zip(self.type_map, use) if on]
-
-    def _scale(self) -> float:
-        spin = self.models[0].get_model_def_script().get("spin", {})
-        scales = [s for s in np.atleast_1d(spin.get("virtual_scale", [0.0])) if s > 0]
-        return float(scales[0]) if scales else 0.0
+            try:
+                self.encoding = resolve_encoding(self.models, offset=offset, path=paths[0])
+            except ValueError as err:
+                raise InputError(f"'{paths[0]}' is a spin model: {err} (--offset)") from None
 
     def atom_types(self, symbols: Sequence[str], where: str) -> np.ndarray:
-        unknown = sorted(set(symbols) - set(self.type_map))
-        if unknown:
-            raise InputError(f"data '{where}': elements {unknown} are not in the model's type_map {self.type_map}")
-        return np.array([self.type_map.index(s) for s in symbols])
+        from spingen.deepmd_model import atom_types
+
+        try:
+            return atom_types(self.type_map, symbols, f"data '{where}'")
+        except ValueError as err:
+            raise InputError(str(err)) from None
 
     def energy_forces(self, coords: np.ndarray, cells: np.ndarray, atypes: np.ndarray, symbols: Sequence[str],
                       moments: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:

@@ -14,6 +14,7 @@ without one, --offset is required (spin.offset of the param.json the model was t
 from __future__ import annotations
 
 import sys
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
@@ -75,22 +76,26 @@ def run(models: Sequence[str], structure: str, moments: Sequence[str], *, magnet
     magnitudes = parse_moments(moments)
     if k < 1:
         raise InputError(f"--k must be >= 1, got {k}")
+    if max_evaluations is not None and max_evaluations < 1:
+        raise InputError(f"--max-evaluations must be >= 1, got {max_evaluations}")
+    from deepmd.backend.backend import Backend
+
     for path in models:
         if not Path(path).is_file():
             raise InputError(f"model file '{path}' does not exist")
+        try:
+            Backend.detect_backend_by_model(str(path))
+            loadable = Path(path).suffix not in (".pth", ".pt") or zipfile.is_zipfile(path)  # torch writes zips
+        except ValueError:  # a suffix no deepmd-kit backend reads
+            loadable = False
+        if not loadable:
+            raise InputError(f"model file '{path}' is not a frozen deepmd-kit model (spingen's are the .pth zip "
+                             "archives of `dp --pt freeze`, e.g. iter.000000/00.train/graph.000.pth)")
     atoms = read_structure(structure)
     symbols = atoms.get_chemical_symbols()
 
-    from spingen.deepmd_model import DeepmdSpinModel, load_models, model_spin_settings
-    from spingen.spin import MomentLevels, SpinEncoding, SymmetrizedModel, search_ground_state
-
-    saved = SpinEncoding.beside(models[0])
-    if offset is None:
-        if saved is None:
-            raise InputError(f"--offset is required: no spin_encoding.json lies beside '{models[0]}' and the offset "
-                             "d (A) is not stored in a deepmd-kit model; use spin.offset of the spingen param.json "
-                             "the model was trained with")
-        offset = saved.offset
+    from spingen.deepmd_model import DeepmdSpinModel, load_models, model_spin_settings, resolve_encoding
+    from spingen.spin import MomentLevels, SymmetrizedModel, search_ground_state
 
     dps = load_models(list(models))
     type_map = list(dps[0].get_type_map())
@@ -108,19 +113,13 @@ def run(models: Sequence[str], structure: str, moments: Sequence[str], *, magnet
         no_spin = sorted(set(magnitudes) - set(spin_scales))
         if no_spin:
             raise InputError(f"--moments: the model has no spin for {no_spin} (spin elements: {sorted(spin_scales)})")
-    present_spin = sorted({s for s in symbols if s in spin_scales}) or sorted(magnitudes)
-    if eta is None:
-        scales = {spin_scales[el] for el in present_spin if el in spin_scales}
-        if len(scales) != 1:
-            raise InputError("--eta is required: the model's virtual_scale could not be read"
-                             if not scales else f"--eta is required: the model's virtual_scale differs between "
-                             f"elements {({el: spin_scales[el] for el in present_spin})}")
-        eta = scales.pop()
-    elif spin_scales and any(abs(spin_scales[el] - eta) > 1e-9 for el in present_spin if el in spin_scales):
-        print(f"warning: --eta {eta} differs from the model's virtual_scale "
-              f"{({el: spin_scales[el] for el in present_spin})}", file=sys.stderr)
-    encoding = SpinEncoding(tuple(present_spin), float(eta), float(offset),
-                            canonical=saved is not None and saved.canonical)
+    if eta is not None and any(abs(s - eta) > 1e-9 for s in spin_scales.values()):
+        print(f"warning: --eta {eta} differs from the model's virtual_scale {spin_scales}", file=sys.stderr)
+    try:
+        encoding = resolve_encoding(dps, offset=offset, virtual_scale=eta, path=models[0])
+    except ValueError as err:
+        flag = "--offset" if "offset" in str(err) else "--eta"
+        raise InputError(f"{flag} is required: {err}") from None
 
     natoms = len(symbols)
     if magnetic:
@@ -156,7 +155,8 @@ def run(models: Sequence[str], structure: str, moments: Sequence[str], *, magnet
 
     counts = {el: searched_symbols.count(el) for el in magnitudes}
     print(f"structure   {structure}: {natoms} atoms, {atoms.get_chemical_formula()}", file=out)
-    print(f"models      {len(dps)} ({', '.join(str(m) for m in models)}); eta {eta} A/uB, offset {offset} A",
+    print(f"models      {len(dps)} ({', '.join(str(m) for m in models)}); eta {encoding.virtual_scale} A/uB, "
+          f"offset {encoding.offset} A",
           file=out)
     print("levels      " + "; ".join(f"{el} x{counts[el]}: +-{', +-'.join(_fmt(v) for v in sorted(magnitudes[el]))}"
                                       for el in magnitudes)
