@@ -1,4 +1,4 @@
-"""The `spingen` command line: argument parsing only; work happens in the modules it calls."""
+"""spingen: concurrent learning of spin-aware Deep Potentials for cathodes from DFT+U (train, spin-minimized MD, label)."""
 
 from __future__ import annotations
 

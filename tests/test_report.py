@@ -12,7 +12,7 @@ from spingen.report import format_status, gather
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 DEVI_HEADER = ("#       step max_devi_v min_devi_v avg_devi_v max_devi_f min_devi_f avg_devi_f devi_e "
-               "spin_disagree\n")
+               "spin_disagree spin_devi_e\n")
 
 
 def write_json(path: Path, data) -> None:
@@ -22,7 +22,7 @@ def write_json(path: Path, data) -> None:
 
 def write_devi(path: Path, max_devi_f: list[float]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    rows = "".join(f"{10 * i:12d} 0.1 0.0 0.05 {f:.6e} 0.01 0.02 0.001 -1\n" for i, f in enumerate(max_devi_f))
+    rows = "".join(f"{10 * i:12d} 0.1 0.0 0.05 {f:.6e} 0.01 0.02 0.001 -1 -1\n" for i, f in enumerate(max_devi_f))
     path.write_text(DEVI_HEADER + rows + "     50 0.1 0.0")  # a row still being written
 
 
