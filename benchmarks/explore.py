@@ -77,18 +77,9 @@ def write_data(path: Path, n_frames: int = 8) -> None:
         atoms.calc = MorsePotential(epsilon=0.3, r0=2.1, rho0=4.0)
         moments = np.where(atoms.symbols == "Ni", rng.choice([1.0, -1.0, 3.0, -3.0], size=len(atoms)), 0.0)
         frames.append((atoms, atoms.get_potential_energy(), atoms.get_forces(), moments))
-    path.mkdir(parents=True)
-    (path / "type_map.raw").write_text("\n".join(TYPE_MAP) + "\n")
-    (path / "type.raw").write_text("\n".join(str(TYPE_MAP.index(s)) for s in frames[0][0].get_chemical_symbols()))
-    sets = path / "set.000"
-    sets.mkdir()
-    np.save(sets / "coord.npy", np.array([f[0].positions.ravel() for f in frames]))
-    np.save(sets / "box.npy", np.array([f[0].cell.array.ravel() for f in frames]))
-    np.save(sets / "energy.npy", np.array([f[1] for f in frames]))
-    np.save(sets / "force.npy", np.array([f[2].ravel() for f in frames]))
-    spin = np.zeros((n_frames, len(frames[0][0]), 3))
-    spin[..., 2] = np.array([f[3] for f in frames])
-    np.save(sets / "spin.npy", spin.reshape(n_frames, -1))
+    from spingen.data.npy import write_frames
+
+    write_frames(path, frames, TYPE_MAP)
 
 
 def paper_size_models(workdir: Path, n_models: int) -> list[Path]:

@@ -83,20 +83,9 @@ def lini_frames(n_frames: int, seed: int):
 
 def write_spin_system(path: Path, n_frames: int, seed: int = 0) -> None:
     """A deepmd/npy system with raw moments (uB) in spin.npy, as spingen stores data."""
-    frames = lini_frames(n_frames, seed)
-    atoms0 = frames[0][0]
-    path.mkdir(parents=True)
-    (path / "type_map.raw").write_text("\n".join(TYPE_MAP) + "\n")
-    (path / "type.raw").write_text("\n".join(str(TYPE_MAP.index(s)) for s in atoms0.get_chemical_symbols()) + "\n")
-    sets = path / "set.000"
-    sets.mkdir()
-    np.save(sets / "coord.npy", np.array([f[0].positions.ravel() for f in frames]))
-    np.save(sets / "box.npy", np.array([f[0].cell.array.ravel() for f in frames]))
-    np.save(sets / "energy.npy", np.array([f[1] for f in frames]))
-    np.save(sets / "force.npy", np.array([f[2].ravel() for f in frames]))
-    spin = np.zeros((n_frames, len(atoms0), 3))
-    spin[..., 2] = np.array([f[3] for f in frames])
-    np.save(sets / "spin.npy", spin.reshape(n_frames, -1))
+    from spingen.data.npy import write_frames
+
+    write_frames(path, lini_frames(n_frames, seed), TYPE_MAP)
 
 
 def training_param(steps: int) -> dict:

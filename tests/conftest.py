@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from spingen.data.npy import write_frames
+
 BIN = Path(sys.executable).parent
 
 
@@ -59,21 +61,8 @@ def write_spin_system(path: Path, n_frames: int = 12, seed: int = 0, levels=(1.0
                 new = np.zeros_like(moments)
                 new[ni] = state
                 relabeled.append((atoms, energy - spin_energy(moments[ni]) + spin_energy(new[ni]), forces, new))
-        frames, n_frames = relabeled, len(relabeled)
-    atoms0 = frames[0][0]
-    type_map = ["Li", "Ni", "O"]
-    path.mkdir(parents=True)
-    (path / "type_map.raw").write_text("\n".join(type_map) + "\n")
-    (path / "type.raw").write_text("\n".join(str(type_map.index(s)) for s in atoms0.get_chemical_symbols()) + "\n")
-    sets = path / "set.000"
-    sets.mkdir()
-    np.save(sets / "coord.npy", np.array([f[0].positions.ravel() for f in frames]))
-    np.save(sets / "box.npy", np.array([f[0].cell.array.ravel() for f in frames]))
-    np.save(sets / "energy.npy", np.array([f[1] for f in frames]))
-    np.save(sets / "force.npy", np.array([f[2].ravel() for f in frames]))
-    spin = np.zeros((n_frames, len(atoms0), 3))
-    spin[..., 2] = np.array([f[3] for f in frames])
-    np.save(sets / "spin.npy", spin.reshape(n_frames, -1))
+        frames = relabeled
+    write_frames(path, frames, ["Li", "Ni", "O"])
     return path
 
 

@@ -85,6 +85,16 @@ def build_system(
     return dpdata.LabeledSystem(data=data)
 
 
+def write_frames(path: str | os.PathLike, frames: Sequence[tuple], type_map: Sequence[str]) -> Path:
+    """A new deepmd/npy system at path from (ase.Atoms, energy eV, forces eV/A, moments uB) frames of
+    one composition, raw moments in spin.npy (tests and benchmarks make their data with it)."""
+    atoms0 = frames[0][0]
+    system = build_system(atoms0.get_chemical_symbols(), np.array([f[0].cell.array for f in frames]),
+                          np.array([f[0].positions for f in frames]), np.array([f[1] for f in frames]),
+                          np.array([f[2] for f in frames]), np.array([f[3] for f in frames]), type_map=type_map)
+    return write_system_atomic(system, path)
+
+
 def get_moments(system: dpdata.System) -> np.ndarray:
     """Raw moments (nframes, natoms) in uB; refuses spins with x/y components (not collinear)."""
     if SPINS not in system.data:
