@@ -25,6 +25,61 @@ def system_symbols(system: Path, type_map: tuple[str, ...]) -> list[str]:
     return symbols
 
 
+def read_structures(file: Path, fmt: str, type_map: tuple[str, ...]) -> list:
+    """Every frame of a structure file (ase.Atoms) as the explore stage reads it, its elements in type_map;
+    ValueError names the file and what is wrong with it."""
+    from ase.io import read
+
+    if file.is_dir():
+        raise ValueError(f"'{file}' is a directory; expected a structure file ({fmt})")
+    problem = poscar_problem(file) if fmt == "vasp" else None
+    if problem:
+        raise ValueError(f"'{file}': {problem}")
+    try:
+        frames = read(file, index=":", format=fmt)
+    except Exception as err:  # ase raises many types for unreadable files
+        raise ValueError(f"cannot read '{file}' as {fmt} ({type(err).__name__}: {' '.join(str(err).split())})") from None
+    if not frames:
+        raise ValueError(f"'{file}' holds no structure ({fmt})")
+    foreign = sorted({s for atoms in frames for s in atoms.get_chemical_symbols()} - set(type_map))
+    if foreign:
+        raise ValueError(f"'{file}': elements {foreign} are not in type_map {list(type_map)}")
+    return frames
+
+
+def poscar_problem(file: Path) -> str | None:
+    """What ASE misreads or reports obscurely in a VASP 5 POSCAR: a counts line that does not match the
+    species line, or counts that do not add up to the coordinate lines (up to the first blank line)."""
+    try:
+        lines = file.read_text(errors="replace").splitlines()
+    except OSError:
+        return None  # ase says why
+    if len(lines) < 8:
+        return None
+    species, counts = lines[5].split(), lines[6].split()
+    if not species or not counts or not all(c.isdigit() for c in counts) or any(_is_number(s) for s in species):
+        return None  # VASP 4 (no species line) or no POSCAR at all: ase says what it finds
+    if len(species) != len(counts):
+        return (f"its species line names {len(species)} element(s) ({' '.join(species)}) but its counts line has "
+                f"{len(counts)} number(s) ({' '.join(counts)})")
+    first = 9 if lines[7].strip().lower().startswith("s") else 8  # after 'Selective dynamics', 'Direct'/'Cartesian'
+    coordinates = 0
+    while first + coordinates < len(lines) and lines[first + coordinates].strip():
+        coordinates += 1
+    atoms = sum(int(c) for c in counts)
+    if coordinates != atoms:
+        return f"its counts ({' '.join(counts)}) add up to {atoms} atoms but {coordinates} coordinate lines follow"
+    return None
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def system_moments(system: Path, natoms: int) -> np.ndarray | None:
     """Raw moments (nframes, natoms) of every set of a system, or None without spin.npy."""
     sets = sorted(system.glob("set.*"))

@@ -35,6 +35,7 @@ def build_submission(section: MachineSection, work_base: Path, task_dirs: Sequen
     """
     from dpdispatcher import Machine, Resources, Submission, Task
 
+    log_dpdispatcher_to(workdir)
     machine_dict = thaw(section.machine)
     machine_dict["local_root"] = str(work_base)
     remote_root = machine_dict.get("remote_root")
@@ -48,6 +49,14 @@ def build_submission(section: MachineSection, work_base: Path, task_dirs: Sequen
              for d in task_dirs]
     return Submission(work_base=str(work_base), machine=machine, resources=resources, task_list=tasks,
                       forward_common_files=list(spec.forward_common_files))
+
+
+def log_dpdispatcher_to(workdir: Path) -> None:
+    """dpdispatcher's own log in the work dir: its file handler names the folder current at its import."""
+    for handler in logging.getLogger("dpdispatcher").handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.close()  # reopened, at the new name, by the next line logged
+            handler.baseFilename = str(Path(workdir).resolve() / "dpdispatcher.log")
 
 
 def run_tasks(section: MachineSection, work_base: Path, task_dirs: Sequence[str], spec: TaskSpec,

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from spingen.errors import InputError
 from spingen.layout import LOCK_FILE, LOG_FILE, PHASES, RECORD_FILE, iteration_name
 
 log = logging.getLogger("spingen")
@@ -64,17 +65,27 @@ class Record:
     def __init__(self, workdir: Path):
         self.path = workdir / RECORD_FILE
 
-    def last(self) -> tuple[int, int] | None:
+    def last(self, n_steps: int | None = None) -> tuple[int, int] | None:
+        """The last (iteration, step) recorded; InputError, naming the file, for a line that is not one
+        (ITER >= 0, 0 <= STEP < n_steps when given)."""
         if not self.path.is_file():
             return None
-        lines = [ln.split() for ln in self.path.read_text().splitlines() if ln.strip()]
+        try:
+            text = self.path.read_text()
+        except UnicodeDecodeError:
+            raise InputError(f"{self.path}: not a text file of 'ITER STEP' lines (undecodable bytes)") from None
+        lines = [ln.split() for ln in text.splitlines() if ln.strip()]
         if not lines:
             return None
+        line = " ".join(lines[-1])
         try:
-            iteration, step = lines[-1][:2]
-            return int(iteration), int(step)
+            iteration, step = (int(value) for value in lines[-1][:2])
         except ValueError:
-            raise ValueError(f"{self.path}: last line '{' '.join(lines[-1])}' is not 'ITER STEP'") from None
+            raise InputError(f"{self.path}: last line '{line}' is not 'ITER STEP'") from None
+        if iteration < 0 or step < 0 or (n_steps is not None and step >= n_steps):
+            steps = "STEP >= 0" if n_steps is None else f"STEP in 0..{n_steps - 1}"
+            raise InputError(f"{self.path}: last line '{line}' is not 'ITER STEP' with ITER >= 0 and {steps}")
+        return iteration, step
 
     def append(self, iteration: int, step: int) -> None:
         old = self.path.read_text() if self.path.is_file() else ""
@@ -149,7 +160,7 @@ class Loop:
     def run(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         with RunLock(self.workdir):
-            done = self.record.last()
+            done = self.record.last(len(self.stages) * len(PHASES))
             if done is not None:
                 log.info("resuming after iter %06d step %02d (%s)", done[0], done[1], self.record.path)
             for iteration, step, stage, phase in self.steps():

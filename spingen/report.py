@@ -43,6 +43,7 @@ from spingen.layout import (
 from spingen.loop import Record
 
 LAST_STEP = len(STAGE_DIRS) * len(PHASES) - 1
+DPGEN_RECORD = "record.dpgen"
 LOG_STEP = re.compile(r"\biter \d{6} step \d{2}:")
 LOG_FINISHED = re.compile(r"\bfinished: (\d+) iterations")
 MISSING = "-"
@@ -181,11 +182,8 @@ def init_summary(workdir: Path) -> dict | None:
     root = workdir / INIT_DIR
     if not root.is_dir():
         return None
-    try:
-        last = Record(root).last()
-    except ValueError as err:
-        raise InputError(str(err)) from None
     n_steps = len(INIT_STAGE_DIRS) * len(PHASES)
+    last = Record(root).last(n_steps)
     if last is not None and last[1] == n_steps - 1:
         step = "done"
     else:
@@ -201,10 +199,10 @@ def gather(workdir: Path) -> Status:
     workdir = Path(workdir)
     if not workdir.is_dir():
         raise InputError(f"work dir '{workdir}' does not exist")
-    try:
-        last = Record(workdir).last()
-    except ValueError as err:
-        raise InputError(str(err)) from None
+    if (workdir / DPGEN_RECORD).is_file() and not (workdir / RECORD_FILE).is_file():
+        raise InputError(f"'{workdir}' is a DP-GEN work dir ({DPGEN_RECORD}, no {RECORD_FILE}): spingen status "
+                         f"reads spingen's runs only; DP-GEN's progress is in its {DPGEN_RECORD} and dpgen.log")
+    last = Record(workdir).last(LAST_STEP + 1)
     dirs = iteration_dirs(workdir)
     init = init_summary(workdir)
     if last is None and not dirs and init is None:

@@ -10,6 +10,13 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
+import math
+import os
+import re
+import shlex
+import shutil
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +34,23 @@ FP_STYLES = ("gpaw", "vasp")
 SPIN_INIT_STRATEGIES = ("predicted", "random", "states", "members")
 FLIP_SYMMETRIES = ("augment", "canonical", "none")
 MD_ENSEMBLES = ("nvt", "nvt-langevin", "nvt-berendsen", "nvt-nose-hoover", "npt", "npt-berendsen")
+DPGEN_FORMATS = {"vasp/poscar": "vasp", "vasp/contcar": "vasp"}  # DP-GEN's (dpdata's) names of ASE formats
+DPGEN_ONLY_KEYS = {  # DP-GEN keys of param.json that spingen has no use for, and what to do
+    "model_devi_engine": "spingen has one exploration engine (ASE MD with spin search); remove model_devi_engine",
+}
+PRE_1_0_MACHINE_KEYS = {  # keys of DP-GEN's machine.json before api_version 1.0, where they sit
+    "top": ("train_machine", "train_resources", "model_devi_machine", "model_devi_resources", "fp_machine",
+            "fp_resources", "deepmd_path", "python_path", "lmp_command", "fp_command"),
+    "section": ("deepmd_path", "python_path"),
+    "machine": ("machine_type", "batch", "work_path"),
+}
+SHELL_WORDS = {"source", ".", "export", "cd", "exec", "eval", "env", "time", "nice", "nohup", "command", "module"}
+DPGEN_MACHINE_DOCS = "https://docs.deepmodeling.com/projects/dpgen/en/latest/run/example-of-machine.html"
+GPAW_XC = ("LDA", "PW91", "PBE", "PBEsol", "revPBE", "RPBE", "BLYP", "HCTH407", "WC", "AM05", "M06-L", "TPSS",
+           "revTPSS", "mBEEF", "SCAN", "vdW-DF", "vdW-DF2", "vdW-DF-cx", "optPBE-vdW", "optB88-vdW", "C09-vdW",
+           "mBEEF-vdW", "BEEF-vdW", "EXX", "PBE0", "B3LYP", "HSE03", "HSE06", "YS-PBE0", "LB94", "TB09", "QNA",
+           "PPLDA", "BEE2", "2D-MGGA", "null")  # gpaw.xc.XC's names (libxc names are read by pattern)
+LIBXC_NAME = re.compile(r"(HYB_)?(LDA|GGA|MGGA)_(X|C|XC|K)_\w+", re.IGNORECASE)
 
 
 # ---------------------------------------------------------------- param.json schema
@@ -224,8 +248,10 @@ def param_arginfo() -> Argument:
         Argument("sys_configs", list, optional=False,
                  doc="Start structures of exploration: a list of lists of globs (POSCAR/extxyz...)."),
         Argument("sys_format", str, optional=True, default="vasp",
-                 doc="ASE format name of the sys_configs files."),
-        Argument("numb_models", int, optional=True, default=4, doc="Models in the ensemble."),
+                 doc="ASE format name of the sys_configs (and init_data_gen/configs) files; DP-GEN's "
+                     "\"vasp/poscar\" is read as \"vasp\". Every file is opened when param.json is checked."),
+        Argument("numb_models", int, optional=True, default=4,
+                 doc="Models in the ensemble; at least 2 (frames are selected by the deviation of their predictions)."),
         Argument("training_init_model", bool, optional=True, default=False,
                  doc="From iteration 1 on, start each model from the same model of the previous iteration "
                      "(`dp --pt train --init-frz-model`) instead of from scratch (DP-GEN's key)."),
@@ -306,7 +332,12 @@ def param_arginfo() -> Argument:
 # ---------------------------------------------------------------- machine.json schema
 def machine_arginfo() -> Argument:
     """The schema of machine.json: DP-GEN's, plus spingen's optional `check_interval`."""
-    from dpgen.dispatcher.Dispatcher import mdata_arginfo
+    dpdispatcher_log = logging.getLogger("dpdispatcher")
+    dpdispatcher_log.disabled = True  # its first line, at import, makes dpdispatcher.log in the current folder
+    try:
+        from dpgen.dispatcher.Dispatcher import mdata_arginfo
+    finally:
+        dpdispatcher_log.disabled = False
 
     def section(name: str) -> Argument:
         fields = mdata_arginfo() + [
@@ -441,6 +472,10 @@ def load_machine(path: str | Path) -> Machines:
     """Read and check machine.json; a one-element list per section is accepted (DP-GEN)."""
     path = Path(path)
     data = _read_json(path, "machine")
+    if "type_map" in data:
+        raise InputError(f"{path}: this is a param.json (key 'type_map'), not a machine.json: give PARAM first, "
+                         "then MACHINE (swapped?)")
+    _refuse_pre_1_0_machine(data, path)
     for name in MACHINE_SECTIONS:
         section = data.get(name)
         if isinstance(section, list):
@@ -448,18 +483,82 @@ def load_machine(path: str | Path) -> Machines:
                 raise InputError(f"{path}: key '{name}': expected a dict or a list of one dict, "
                                  f"got a list of {len(section)}")
             data[name] = section = section[0]
+        if isinstance(section, dict) and "machine" not in section:
+            raise InputError(f"{path}: key '{name}/machine' is missing: each section needs command, machine "
+                             "(dpdispatcher's batch_type, context_type, local_root, ...) and resources")
         if isinstance(section, dict) and isinstance(section.get("machine"), dict) \
                 and isinstance(section.get("resources"), dict):
             section["resources"].setdefault("batch_type", section["machine"].get("batch_type"))
     data = _normalize(machine_arginfo(), data, path)
 
     def build(name: str) -> MachineSection:
-        s = data[name]
-        return MachineSection(s["command"], _freeze(s["machine"]), _freeze(s["resources"]),
+        s, key = data[name], f"{path}: key '{name}"
+        if not s["command"].strip():
+            raise InputError(f"{key}/command' is empty: expected the program each task runs (e.g. dp, spingen, "
+                             "or the full path of the one to use)")
+        if s["resources"]["group_size"] < 0:
+            raise InputError(f"{key}/resources/group_size': expected the tasks per job, >= 1 (0: every task in "
+                             f"one job), got {s['resources']['group_size']}")
+        command = s["command"]
+        if s["machine"]["batch_type"].lower() == "shell" and "local" in s["machine"]["context_type"].lower():
+            command = _local_command(command, s["resources"], f"{key}/command'")
+        return MachineSection(command, _freeze(s["machine"]), _freeze(s["resources"]),
                               s["check_interval"], tuple(s.get("user_forward_files", ())),
                               tuple(s.get("user_backward_files", ())))
 
     return Machines(*(build(name) for name in MACHINE_SECTIONS))
+
+
+def _refuse_pre_1_0_machine(data: dict, path: Path) -> None:
+    """DP-GEN's machine.json before api_version 1.0 is named as such, with where to read the new format."""
+    found = [key for key in PRE_1_0_MACHINE_KEYS["top"] if key in data]
+    for name in MACHINE_SECTIONS:
+        entries = data.get(name) if isinstance(data.get(name), list) else [data.get(name)]
+        for section in filter(lambda entry: isinstance(entry, dict), entries):
+            found += [f"{name}/{key}" for key in PRE_1_0_MACHINE_KEYS["section"] if key in section]
+            machine = section.get("machine")
+            if isinstance(machine, dict):
+                found += [f"{name}/machine/{key}" for key in PRE_1_0_MACHINE_KEYS["machine"] if key in machine]
+    try:
+        if float(data.get("api_version", "1.0")) < 1.0:
+            found.insert(0, "api_version")
+    except (TypeError, ValueError):
+        pass  # dargs names a value that is not a version
+    if found:
+        raise InputError(f"{path}: this is DP-GEN's pre-1.0 machine format (key '{found[0]}'); api_version 1.0 "
+                         "is expected: sections train, model_devi and fp, each with command, machine (dpdispatcher's "
+                         "batch_type, context_type, remote_root, remote_profile) and resources (number_node, "
+                         f"cpu_per_node, group_size, ...). DP-GEN's guide to the new format: {DPGEN_MACHINE_DOCS}; "
+                         "every key: `spingen doc machine`")
+
+
+def _local_command(command: str, resources: Mapping[str, Any], key: str) -> str:
+    """The command of tasks that run on this machine, its program resolved as the task's shell will.
+
+    A bare name not on PATH but beside this Python (the installation running spingen, e.g. a venv not
+    on PATH) is replaced by that file; one found nowhere is refused. Left as is when the resources
+    change the task's environment (source_list, module_list, envs PATH) or the program is a shell word.
+    """
+    if resources.get("source_list") or resources.get("module_list") or "PATH" in (resources.get("envs") or {}):
+        return command
+    try:
+        words = shlex.split(command)
+    except ValueError:  # unbalanced quotes: the shell will say
+        return command
+    program = next((w for w in words if not re.fullmatch(r"[A-Za-z_]\w*=.*", w)), None)
+    if program is None or program in SHELL_WORDS:
+        return command
+    if "/" in program:
+        if os.path.isabs(program) and not (os.path.isfile(program) and os.access(program, os.X_OK)):
+            raise InputError(f"{key}: '{program}' is not an executable file")
+        return command
+    if shutil.which(program):
+        return command
+    beside = Path(sys.executable).parent / program
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return re.sub(rf"(?<!\S){re.escape(program)}(?!\S)", lambda _: shlex.quote(str(beside)), command, count=1)
+    raise InputError(f"{key}: '{program}' is not on PATH (nor in {beside.parent}, beside this spingen): every "
+                     "local task would fail with 'command not found'; give its full path")
 
 
 def load_param(path: str | Path) -> Param:
@@ -467,7 +566,10 @@ def load_param(path: str | Path) -> Param:
     from spingen.checks import check_param_data
 
     path = Path(path).resolve()
-    raw = _normalize(param_arginfo(), _read_json(path, "param"), path)
+    data = _read_json(path, "param")
+    _refuse_foreign_param(data, path)
+    raw = _normalize(param_arginfo(), data, path)
+    raw["sys_format"] = _structure_format(raw["sys_format"], path)
     base = path.parent
     type_map = tuple(raw["type_map"])
     if len(set(type_map)) != len(type_map) or not type_map:
@@ -479,7 +581,7 @@ def load_param(path: str | Path) -> Param:
         type_map=type_map,
         mass_map=_mass_map(raw["mass_map"], type_map, path),
         init_data_sys=_data_paths(raw, base, path, required=init_gen is None),
-        sys_configs=_sys_configs(raw, base, path),
+        sys_configs=_sys_configs(raw, base, path, type_map, spin),
         spin=spin,
         train=TrainSettings(raw["numb_models"], _freeze(raw["default_training_param"]), raw["training_init_model"]),
         model_devi_jobs=_freeze(raw["model_devi_jobs"]),
@@ -490,6 +592,41 @@ def load_param(path: str | Path) -> Param:
     label_settings(param)
     check_param_data(param)
     return param
+
+
+def _refuse_foreign_param(data: dict, path: Path) -> None:
+    """What dargs would misname: a machine.json given as PARAM, a DP-GEN key spingen has no use for, a NaN."""
+    machine_keys = sorted(set(data) & {*MACHINE_SECTIONS, *PRE_1_0_MACHINE_KEYS["top"]})
+    if "type_map" not in data and machine_keys:
+        raise InputError(f"{path}: this is a machine.json (keys {machine_keys}), not a param.json: give PARAM "
+                         "first, then MACHINE (swapped?)")
+    for name, advice in DPGEN_ONLY_KEYS.items():
+        if name in data:
+            raise InputError(f"{path}: key '{name}' is DP-GEN's: {advice}")
+    _refuse_nan(data, path)
+
+
+def _refuse_nan(value: Any, path: Path, key: str = "") -> None:
+    """NaN, which Python's json reads, is no value of any key."""
+    if isinstance(value, float) and math.isnan(value):
+        raise InputError(f"{path}: key '{key}': NaN is not a value")
+    if isinstance(value, dict):
+        for name, child in value.items():
+            _refuse_nan(child, path, f"{key}/{name}" if key else name)
+    elif isinstance(value, list):
+        for index, child in enumerate(value):
+            _refuse_nan(child, path, f"{key}[{index}]")
+
+
+def _structure_format(name: str, path: Path) -> str:
+    """sys_format as ASE's format name (DP-GEN's "vasp/poscar" is ASE's "vasp")."""
+    from ase.io.formats import ioformats
+
+    fmt = DPGEN_FORMATS.get(name.lower(), name)
+    if fmt not in ioformats or not ioformats[fmt].can_read:
+        raise InputError(f"{path}: key 'sys_format': '{name}' is not a structure format ASE reads (e.g. vasp, "
+                         "extxyz, cif)")
+    return fmt
 
 
 def _spin_settings(spin: dict, type_map: tuple[str, ...], path: Path) -> SpinSettings:
@@ -646,34 +783,64 @@ def auto_spin_states(ions: list[str], levels: Mapping[str, tuple[float, ...]]) -
     return tuple(states)
 
 
-def _sys_configs(raw: dict, base: Path, path: Path) -> tuple[tuple[Path, ...], ...]:
+def _sys_configs(raw: dict, base: Path, path: Path, type_map: tuple[str, ...],
+                 spin: SpinSettings) -> tuple[tuple[Path, ...], ...]:
+    """The files of every sys_configs entry, each opened as the explore stage will read it."""
+    from spingen.checks import read_structures
+
     prefix = base / raw["sys_configs_prefix"]
     groups = []
     for index, patterns in enumerate(raw["sys_configs"]):
+        key = f"{path}: key 'sys_configs[{index}]'"
         patterns = [patterns] if isinstance(patterns, str) else patterns
         files = sorted({Path(f) for p in patterns for f in glob.glob(str(prefix / p))})
         if not files:
-            raise InputError(f"{path}: key 'sys_configs[{index}]': the globs {patterns} match no file "
-                             f"under '{prefix}'")
+            raise InputError(f"{key}: the globs {patterns} match no file under '{prefix}'")
+        for file in files:
+            try:
+                frames = read_structures(file, raw["sys_format"], type_map)
+            except ValueError as err:
+                raise InputError(f"{key}: {err}") from None
+            if spin.enabled and not any(set(a.get_chemical_symbols()) & set(spin.magnetic) for a in frames):
+                raise InputError(f"{key}: '{file}' holds no magnetic ion of spin/magnetic {list(spin.magnetic)} "
+                                 "to explore")
         groups.append(tuple(files))
     return tuple(groups)
 
 
 def _check_explore_keys(param: Param, path: Path) -> None:
     raw = param.raw
+    for name in ("model_devi_f_trust_lo", "model_devi_f_trust_hi", "model_devi_v_trust_lo", "model_devi_v_trust_hi"):
+        if raw[name] is not None and raw[name] < 0:
+            raise InputError(f"{path}: key '{name}': expected a deviation >= 0, got {raw[name]}")
     if raw["model_devi_f_trust_lo"] > raw["model_devi_f_trust_hi"]:
         raise InputError(f"{path}: keys 'model_devi_f_trust_lo' ({raw['model_devi_f_trust_lo']}) > "
                          f"'model_devi_f_trust_hi' ({raw['model_devi_f_trust_hi']}): expected lo <= hi")
+    if raw["model_devi_dt"] >= 0.1:
+        raise InputError(f"{path}: key 'model_devi_dt': {raw['model_devi_dt']} ps is no MD time step: the unit is "
+                         "ps, as in DP-GEN (0.001-0.002 ps for an oxide); expected < 0.1 ps")
     if not param.model_devi_jobs:
         raise InputError(f"{path}: key 'model_devi_jobs': expected at least one job (iteration 0)")
     for it, job in enumerate(param.model_devi_jobs):
+        key = f"{path}: key 'model_devi_jobs[{it}]"
+        if not job["sys_idx"]:
+            raise InputError(f"{key}/sys_idx': expected at least one index into sys_configs")
         for idx in job["sys_idx"]:
             if not isinstance(idx, int) or not 0 <= idx < len(param.sys_configs):
-                raise InputError(f"{path}: key 'model_devi_jobs[{it}]/sys_idx': index {idx} is not in "
+                raise InputError(f"{key}/sys_idx': index {idx} is not in "
                                  f"0..{len(param.sys_configs) - 1} (sys_configs)")
         if job["ensemble"] not in MD_ENSEMBLES:
-            raise InputError(f"{path}: key 'model_devi_jobs[{it}]/ensemble': expected one of "
-                             f"{list(MD_ENSEMBLES)}, got '{job['ensemble']}'")
+            raise InputError(f"{key}/ensemble': expected one of {list(MD_ENSEMBLES)}, got '{job['ensemble']}'")
+        for name, unit, least in (("temps", "K", 0), ("press", "bar", -math.inf)):
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= least for v in job[name]):
+                raise InputError(f"{key}/{name}': expected numbers ({unit}{', >= 0' if least == 0 else ''}), "
+                                 f"got {thaw(job[name])}")
+        last = job["nsteps"] - job["nsteps"] % job["trj_freq"] if job["trj_freq"] > 0 else -1  # -1: checked later
+        if last >= 0 and raw["model_devi_skip"] > last:
+            raise InputError(f"{path}: key 'model_devi_skip' ({raw['model_devi_skip']}): model_devi_jobs[{it}] "
+                             f"writes its last frame at step {last} (nsteps {job['nsteps']}, trj_freq "
+                             f"{job['trj_freq']}) and frames of steps < model_devi_skip are left out: that "
+                             "iteration would explore nothing")
 
 
 # ---------------------------------------------------------------- label stage settings
@@ -741,6 +908,10 @@ def label_settings(param: Param) -> LabelSettings:
     if raw["fp_task_max"] < 1 or raw["fp_task_min"] < 0:
         raise InputError(f"{where} 'fp_task_max'/'fp_task_min': expected fp_task_max >= 1 and fp_task_min >= 0, "
                          f"got {raw['fp_task_max']} and {raw['fp_task_min']}")
+    if raw["fp_task_min"] > raw["fp_task_max"]:
+        raise InputError(f"{where}s 'fp_task_min' ({raw['fp_task_min']}) > 'fp_task_max' ({raw['fp_task_max']}): "
+                         "expected fp_task_min <= fp_task_max (a system with fewer candidates than fp_task_min gets "
+                         "no label, one with more gets at most fp_task_max)")
     ldau = {}
     for element, entry in raw["fp_ldau"].items():
         key = f"{where} 'fp_ldau/{element}'"
@@ -754,6 +925,9 @@ def label_settings(param: Param) -> LabelSettings:
         for name, value in (("U", U), ("J", J)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise InputError(f"{key}/{name}: expected a number >= 0 (eV), got {value!r}")
+        if U < J:
+            raise InputError(f"{key}: U ({U}) < J ({J}): Dudarev's DFT+U (LDAUTYPE 2) applies U - J, which would be "
+                             "negative; expected U >= J")
         ldau[element] = LdauSettings(L, float(U), float(J))
     levels = None if isinstance(param.spin.moments, str) else param.spin.moments
     common = dict(style=raw["fp_style"], type_map=type_map, magnetic=param.spin.magnetic,
@@ -817,6 +991,18 @@ def _gpaw_settings(raw: Mapping[str, Any], path: Path) -> GpawSettings:
             raise InputError(f"{key}/{name}': expected a positive number, got {g[name]}")
     if g["maxiter"] < 1:
         raise InputError(f"{key}/maxiter': expected at least 1 SCF iteration, got {g['maxiter']}")
+    if not _gpaw_knows_xc(g["xc"]):
+        close = [name for name in GPAW_XC if name.lower() == g["xc"].lower()]
+        raise InputError(f"{key}/xc': '{g['xc']}' is no exchange-correlation functional GPAW knows"
+                         + (f"; did you mean {close[0]}?" if close else
+                            f" (one of {', '.join(GPAW_XC[:15])}, ..., or libxc names such as GGA_X_PBE+GGA_C_PBE)"))
     return GpawSettings(float(g["ecut"]), _kmesh(g["kpts"], f"{key}/kpts'"), float(g["kspacing"]),
                         float(g["width"]), int(g["maxiter"]), g["xc"], _freeze(g["convergence"]),
                         bool(g["stress"]), float(g["random_moment"]))
+
+
+def _gpaw_knows_xc(xc: str) -> bool:
+    """Whether gpaw.xc.XC takes this name (its own names, their variants, libxc names; options after ':')."""
+    name = xc.split(":")[0]
+    return (name in GPAW_XC or name.startswith(("GLLB", "LCY-", "CAMY-", "old", "py")) or name.endswith("PZ-SIC")
+            or name[:1].isdigit() or (bool(name) and all(LIBXC_NAME.fullmatch(part) for part in name.split("+"))))

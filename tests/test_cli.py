@@ -53,3 +53,28 @@ def test_reference_docs_do_not_drift():
 
     on_disk = (module.DOCS / "machine.md").read_text()
     assert key_paths(on_disk) == key_paths(module.reference("machine")), "docs/reference/machine.md is stale"
+
+
+def test_init_data_names_a_non_collinear_run(tmp_path, capsys):
+    """VASP prints ISPIN = 1 for LNONCOLLINEAR = T runs: the refusal says non-collinear, not unpolarized."""
+    outcar = tmp_path / "OUTCAR"
+    text = (VASP / "OUTCAR.CH4_ispin1_unconverged_vasp544").read_text()
+    outcar.write_text(text.replace("LNONCOLLINEAR =      F", "LNONCOLLINEAR =      T", 1))
+    assert main(["init-data", str(outcar), "-o", str(tmp_path / "out")]) == 1
+    out = capsys.readouterr().out
+    assert f"{outcar}: non-collinear run (LNONCOLLINEAR = T)" in out and "not spin-polarized" not in out
+
+
+@pytest.mark.parametrize("model_text,args,message", [
+    (None, ["--max-evaluations", "0"], "--max-evaluations must be >= 1, got 0"),
+    ("not a model\n", [], "model file '{model}' is not a frozen deepmd-kit model"),
+])
+def test_spin_search_bad_arguments(tmp_path, capsys, model_text, args, message):
+    from conftest import write_poscar
+
+    model = tmp_path / "graph.000.pth"
+    model.write_text(model_text or "")
+    poscar = write_poscar(tmp_path / "POSCAR")
+    assert main(["spin-search", str(model), str(poscar), "--moments", "Ni=1,3", "--offset", "0.2", *args]) == 2
+    err = capsys.readouterr().err
+    assert message.format(model=model) in err and err.count("\n") == 1

@@ -181,6 +181,25 @@ def test_no_work_dir_is_an_input_error(tmp_path, capsys, make):
     assert str(path) in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("content,message", [
+    (b"0 8\n1 9\n", "record.spingen: last line '1 9' is not 'ITER STEP' with ITER >= 0 and STEP in 0..8"),
+    (b"0 0\n-1 3\n", "record.spingen: last line '-1 3' is not 'ITER STEP' with ITER >= 0 and STEP in 0..8"),
+    (b"\x89PNG\r\n\x1a\n\xff\xfe", "record.spingen: not a text file of 'ITER STEP' lines (undecodable bytes)"),
+])
+def test_corrupt_record_is_one_message_naming_it(workdir, capsys, content, message):
+    (workdir / "record.spingen").write_bytes(content)
+    assert main(["status", str(workdir)]) == 2
+    err = capsys.readouterr().err
+    assert f"{workdir}/{message}" in err and err.count("\n") == 1
+
+
+def test_dpgen_work_dir_is_named(tmp_path, capsys):
+    (tmp_path / "iter.000000" / "00.train").mkdir(parents=True)
+    (tmp_path / "record.dpgen").write_text("0 0\n0 1\n")
+    assert main(["status", str(tmp_path)]) == 2
+    assert f"'{tmp_path}' is a DP-GEN work dir (record.dpgen, no record.spingen)" in capsys.readouterr().err
+
+
 def test_plot_writes_png(workdir, tmp_path, capsys):
     out = tmp_path / "report.png"
     assert main(["plot", str(workdir), "-o", str(out)]) == 0

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
+import ase.io
 import numpy as np
 import pytest
-from conftest import make_machine, make_param, write_inputs
+from conftest import make_machine, make_param, write_inputs, write_poscar
 
 from spingen.cli import main
 from spingen.schema import InputError, load_machine, load_param
@@ -55,7 +58,50 @@ PARAM_CASES = [
     ("duplicate type", "type_map", ["Li", "Ni", "Ni"], "key 'type_map': expected distinct element symbols"),
     ("trust level wrong type", "model_devi_f_trust_hi", "high", "key `model_devi_f_trust_hi` gets wrong value type"),
     ("empty init_data_sys", "init_data_sys", [], "key 'init_data_sys': expected at least one deepmd/npy system"),
+    ("DP-GEN's model_devi_engine", "model_devi_engine", "lammps", "key 'model_devi_engine' is DP-GEN's: spingen has "
+     "one exploration engine (ASE MD with spin search); remove model_devi_engine"),
+    ("unknown sys_format", "sys_format", "lammps/lmp", "key 'sys_format': 'lammps/lmp' is not a structure format ASE reads"),
+    ("NaN trust level", "model_devi_f_trust_lo", float("nan"), "key 'model_devi_f_trust_lo': NaN is not a value"),
+    ("negative trust level", "model_devi_f_trust_lo", -0.1, "key 'model_devi_f_trust_lo': expected a deviation >= 0, got -0.1"),
+    ("fp_task_min > fp_task_max", "fp_task_min", 5, "keys 'fp_task_min' (5) > 'fp_task_max' (4): expected fp_task_min <= fp_task_max"),
+    ("no ensemble", "numb_models", 1, "key 'numb_models': expected at least 2 models, got 1"),
+    ("no model", "numb_models", 0, "key 'numb_models': expected at least 2 models, got 0"),
+    ("skip beyond every frame", "model_devi_skip", 20, "key 'model_devi_skip' (20): model_devi_jobs[0] writes its last "
+     "frame at step 10 (nsteps 10, trj_freq 5)"),
+    ("time step of 2 ps", "model_devi_dt", 2.0, "key 'model_devi_dt': 2.0 ps is no MD time step: the unit is ps, as in DP-GEN"),
+    ("negative temperature", "model_devi_jobs/0/temps", [300, -300], "key 'model_devi_jobs[0]/temps': expected numbers "
+     "(K, >= 0), got [300, -300]"),
+    ("string temperature", "model_devi_jobs/0/temps", ["300 K"], "key 'model_devi_jobs[0]/temps': expected numbers (K, >= 0), "
+     "got ['300 K']"),
+    ("empty sys_idx", "model_devi_jobs/0/sys_idx", [], "key 'model_devi_jobs[0]/sys_idx': expected at least one index"),
+    ("virtual atom beyond rcut", "spin/moments", {"Ni": [1, 15]}, "keys 'spin/moments/Ni' and 'default_training_param/model/"
+     "descriptor/rcut': a moment of 15 uB puts the virtual atom eta*S + d = 4.7 A from its ion, beyond rcut 4 A"),
+    ("U < J", "fp_ldau", {"Ni": {"L": 2, "U": 1, "J": 2}}, "key 'fp_ldau/Ni': U (1) < J (2): Dudarev's DFT+U"),
+    ("unknown GPAW xc", "fp_gpaw", {"xc": "PBE96"}, "key 'fp_gpaw/xc': 'PBE96' is no exchange-correlation functional "
+     "GPAW knows (one of LDA, PW91, PBE"),
+    ("GPAW xc in lower case", "fp_gpaw", {"xc": "pbe"}, "key 'fp_gpaw/xc': 'pbe' is no exchange-correlation functional "
+     "GPAW knows; did you mean PBE?"),
+    ("empty training param", "default_training_param", {}, "key 'default_training_param': deepmd-kit refuses the "
+     "input.json the train stage writes from it: [at location `model/descriptor`] key `type` is required"),
+    ("misspelt descriptor", "default_training_param/model/descriptor/type", "se_e2a", "key 'default_training_param': "
+     "deepmd-kit refuses the input.json the train stage writes from it: [at location `model/descriptor`] get invalid "
+     "choice `se_e2a` for flag key `type`.Did you mean: se_e2_a?"),
+    ("sel of the wrong length", "default_training_param/model/descriptor/sel", [8, 8], "key 'default_training_param/"
+     "model/descriptor/sel': expected one neighbour count per type_map entry (3: Li Ni O), got [8, 8]"),
+    ("no training step", "default_training_param/training/numb_steps", 0, "key 'default_training_param/training/"
+     "numb_steps': expected at least 1 training step, got 0"),
 ]
+
+
+def assert_refused(capsys, root: Path, args: list[str], message: str, file: Path) -> str:
+    """`spingen ARGS` stops with one message naming the file, before anything is written or submitted."""
+    before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert err.count("\n") == 1 and str(file) in err, "one message naming the file"
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == before, "nothing written, nothing submitted"
+    return err
 
 
 @pytest.mark.parametrize("key,value,message", [c[1:] for c in PARAM_CASES], ids=[c[0] for c in PARAM_CASES])
@@ -63,12 +109,64 @@ def test_bad_param(tmp_path, capsys, key, value, message):
     param = make_param(tmp_path)
     set_key(param, key, value)
     param_path, machine_path = write_inputs(tmp_path, param)
-    before = sorted(p.name for p in tmp_path.iterdir())
-    assert main(["run", str(param_path), str(machine_path)]) == 2
-    err = capsys.readouterr().err
-    assert message in err
-    assert err.count("\n") == 1 and str(param_path) in err, "one message naming the file"
-    assert sorted(p.name for p in tmp_path.iterdir()) == before, "nothing written, nothing submitted"
+    assert_refused(capsys, tmp_path, ["run", str(param_path), str(machine_path)], message, param_path)
+
+
+def poscar_with(path: Path, species: str, counts: str) -> Path:
+    """A VASP 5 POSCAR of 8 atoms (written as Li Ni O, 2 2 4) whose species and counts lines are replaced."""
+    write_poscar(path)
+    atoms = ase.io.read(path, format="vasp")
+    ase.io.write(path, atoms, format="vasp", sort=True)
+    lines = path.read_text().splitlines()
+    lines[5], lines[6] = species, counts
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+STRUCTURE_CASES = [  # what sys_configs points to: a folder, a file and its text, or a POSCAR's species/counts
+    ("a directory", "dir", None, "is a directory; expected a structure file (vasp)"),
+    ("a text file", "notes.txt", "temperature ramp 300 -> 900 K\n", "notes.txt' as vasp (RuntimeError"),
+    ("an element not in type_map", "POSCAR", ("Li Ni Fe", "2 2 4"), "elements ['Fe'] are not in type_map ['Li', 'Ni', 'O']"),
+    ("counts vs species line", "POSCAR", ("Li Ni O", "2 2"), "its species line names 3 element(s) (Li Ni O) but its "
+     "counts line has 2 number(s) (2 2)"),
+    ("counts vs coordinates", "POSCAR", ("Li Ni O", "2 2 3"), "its counts (2 2 3) add up to 7 atoms but 8 coordinate "
+     "lines follow"),
+    ("no magnetic ion", "POSCAR", ("Li O", "4 4"), "holds no magnetic ion of spin/magnetic ['Ni'] to explore"),
+]
+
+
+@pytest.mark.parametrize("name,content,message", [c[1:] for c in STRUCTURE_CASES], ids=[c[0] for c in STRUCTURE_CASES])
+def test_bad_structure_to_explore(tmp_path, capsys, name, content, message):
+    """Every sys_configs file is opened at load time, not at the first explore step hours later."""
+    param = make_param(tmp_path, sys_configs=[[f"mine/{name}"]])
+    target = tmp_path / "mine" / name
+    target.parent.mkdir()
+    if content is None:
+        target.mkdir()
+    elif isinstance(content, str):
+        target.write_text(content)
+    else:
+        poscar_with(target, *content)
+    param_path, machine_path = write_inputs(tmp_path, param)
+    err = assert_refused(capsys, tmp_path, ["check", str(param_path), str(machine_path)], message, param_path)
+    assert "key 'sys_configs[0]': " in err and str(target) in err
+
+
+def test_dpgen_sys_format_is_read_as_ase_vasp(tmp_path, capsys):
+    param = make_param(tmp_path, sys_format="vasp/poscar")
+    param["init_data_gen"] = {"configs": ["confs/POSCAR"], "pert_numb": 1, "spin_states": [[1, 1]]}
+    param_path, machine_path = write_inputs(tmp_path, param)
+    assert load_param(param_path).raw["sys_format"] == "vasp"
+    assert main(["check", str(param_path), str(machine_path)]) == 0
+
+
+def test_swapped_arguments_are_named(tmp_path, capsys):
+    param_path, machine_path = write_inputs(tmp_path)
+    assert_refused(capsys, tmp_path, ["check", str(machine_path), str(param_path)], "machine.json: this is a "
+                   "machine.json (keys ['fp', 'model_devi', 'train']), not a param.json: give PARAM first, then MACHINE "
+                   "(swapped?)", machine_path)
+    with pytest.raises(InputError, match=r"param.json: this is a param.json \(key 'type_map'\), not a machine.json"):
+        load_machine(param_path)
 
 
 def test_vasp_style_needs_its_files(tmp_path):
@@ -114,6 +212,20 @@ MACHINE_CASES = [
     ("missing command", "model_devi/command", DELETE, "key `command` is required"),
     ("wrong type", "train/resources/cpu_per_node", "two", "key `cpu_per_node` gets wrong value type"),
     ("list of two", "fp", [{}, {}], "key 'fp': expected a dict or a list of one dict, got a list of 2"),
+    ("missing machine block", "model_devi/machine", DELETE, "key 'model_devi/machine' is missing: each section needs "
+     "command, machine"),
+    ("empty command", "train/command", " ", "key 'train/command' is empty"),
+    ("negative group_size", "train/resources/group_size", -1, "key 'train/resources/group_size': expected the "
+     "tasks per job, >= 1 (0: every task in one job), got -1"),
+    ("local command found nowhere", "train/command", "dp_nowhere --pt", "key 'train/command': 'dp_nowhere' is not on "
+     "PATH (nor in"),
+    ("local command path missing", "fp/command", "/nowhere/bin/spingen", "key 'fp/command': '/nowhere/bin/spingen' is "
+     "not an executable file"),
+    ("pre-1.0 top-level keys", "train_machine", {"machine_type": "slurm"}, "this is DP-GEN's pre-1.0 machine format "
+     "(key 'train_machine'); api_version 1.0 is expected"),
+    ("pre-1.0 machine_type", "train/machine/machine_type", "slurm", "this is DP-GEN's pre-1.0 machine format (key "
+     "'train/machine/machine_type'); api_version 1.0 is expected"),
+    ("pre-1.0 api_version", "api_version", "0.9", "pre-1.0 machine format (key 'api_version')"),
 ]
 
 
@@ -123,11 +235,42 @@ def test_bad_machine(tmp_path, capsys, key, value, message):
     machine["fp"] = machine["fp"][0] if key.startswith("fp/") else machine["fp"]
     set_key(machine, key, value)
     param_path, machine_path = write_inputs(tmp_path, machine=machine)
-    before = sorted(p.name for p in tmp_path.iterdir())
-    assert main(["check", str(param_path), str(machine_path)]) == 2
-    err = capsys.readouterr().err
-    assert message in err and str(machine_path) in err
-    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert_refused(capsys, tmp_path, ["check", str(param_path), str(machine_path)], message, machine_path)
+
+
+def test_pre_1_0_machine_points_to_the_conversion(tmp_path):
+    machine = {"train_machine": {"machine_type": "slurm", "hostname": "hpc", "work_path": "/scratch"},
+               "train_resources": {"numb_node": 1}, "deepmd_path": "/opt/deepmd", "model_devi_machine": {}}
+    path = tmp_path / "machine.json"
+    path.write_text(json.dumps(machine))
+    with pytest.raises(InputError) as err:
+        load_machine(path)
+    assert "https://docs.deepmodeling.com/projects/dpgen/en/latest/run/example-of-machine.html" in str(err.value)
+
+
+def test_local_command_beside_this_python_is_used(tmp_path, monkeypatch, capsys):
+    """`.venv/bin/spingen run` without the venv on PATH: local tasks run the venv's dp and spingen."""
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    machine = make_machine("dp")
+    machine["model_devi"]["command"] = "OMP_NUM_THREADS=1 spingen"
+    param_path, machine_path = write_inputs(tmp_path, machine=machine)
+    machines = load_machine(machine_path)
+    bin_dir = Path(sys.executable).parent
+    assert machines.train.command == str(bin_dir / "dp")
+    assert machines.model_devi.command == f"OMP_NUM_THREADS=1 {bin_dir / 'spingen'}"
+    assert main(["check", str(param_path), str(machine_path)]) == 0
+    assert f"Shell/LocalContext: {bin_dir / 'dp'}" in capsys.readouterr().out
+
+
+def test_check_writes_no_dpdispatcher_log(tmp_path):
+    """dpdispatcher's logger makes dpdispatcher.log in the current folder at import: not in `check`."""
+    param_path, machine_path = write_inputs(tmp_path)
+    here = tmp_path / "here"
+    here.mkdir()
+    result = subprocess.run([sys.executable, "-m", "spingen", "check", str(param_path), str(machine_path)], cwd=here,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert list(here.iterdir()) == []
 
 
 def test_dpgen_machine_file_works_unchanged(tmp_path):

@@ -234,12 +234,12 @@ def _read_outcar(path: Path, all_steps: bool = False, stride: int = 1) -> VaspRe
         raise _unreadable(path, exc) from exc
     if scan.ispin is None and not scan.electronic_steps:
         raise VaspImportError(path, "not a VASP OUTCAR (no ISPIN in the header, no electronic steps)")
+    if scan.noncollinear:  # VASP prints ISPIN = 1 for these
+        raise VaspImportError(path, "non-collinear run (LNONCOLLINEAR = T): spingen handles collinear moments")
     if scan.ispin != 2:
         raise VaspImportError(
             path, f"not spin-polarized: ISPIN = {scan.ispin}, no per-ion moments; {_NEEDS}"
         )
-    if scan.noncollinear:
-        raise VaspImportError(path, "non-collinear run (LNONCOLLINEAR = T): spingen handles collinear moments")
     try:
         with open_vasp_file(path) as fh:
             images = ase.io.read(fh, format="vasp-out", index=":")

@@ -94,6 +94,9 @@ class ExploreSettings:
 def explore_settings(param: Param) -> ExploreSettings:
     """The explore keys of param.json, checked; InputError names the key of a bad value."""
     raw, where = param.raw, f"{param.path}: key"
+    if param.train.numb_models < 2:
+        raise InputError(f"{where} 'numb_models': expected at least 2 models, got {param.train.numb_models}: frames "
+                         "are selected by the deviation of the ensemble's predictions (DP-GEN's examples use 4)")
     if raw["model_devi_driver"] not in DRIVERS:
         raise InputError(f"{where} 'model_devi_driver': expected one of {list(DRIVERS)}, got "
                          f"'{raw['model_devi_driver']}'")

@@ -22,6 +22,7 @@ import numpy as np
 
 from spingen import layout
 from spingen.dispatch import TaskSpec, run_tasks
+from spingen.errors import InputError
 from spingen.layout import (
     INIT_MODEL_FILE,
     LCURVE_FILE,
@@ -43,6 +44,7 @@ class TrainStage(Stage):
     dirname = TRAIN_DIR
 
     def __init__(self, param: Param, machine: MachineSection):
+        check_training_param(param)
         self.param = param
         self.machine = machine
 
@@ -172,6 +174,44 @@ def training_input(base: Mapping[str, Any], type_map: Sequence[str], spin: SpinS
     validation = training.setdefault("validation_data", {"batch_size": 1, "numb_btch": 1})
     validation["systems"] = list(data_dirs)
     return inp
+
+
+SEL_PER_TYPE = ("se_e2_a", "se_e2_r", "se_e3")  # descriptors whose sel is one neighbour count per type
+
+
+def check_training_param(param: Param) -> None:
+    """default_training_param as `dp --pt train` will read the input.json made from it (deepmd-kit's own
+    argument schema), and what that schema leaves to training time: numb_steps, one sel per type,
+    every virtual atom within rcut of its ion."""
+    from dargs.dargs import ArgumentError
+    from deepmd.utils.argcheck import normalize
+    from deepmd.utils.compat import update_deepmd_input
+
+    key = f"{param.path}: key 'default_training_param"
+    try:
+        inp = training_input(param.train.training_param, param.type_map, param.spin, ["data"], 1)
+        inp = normalize(update_deepmd_input(inp, warning=False))
+    except (ArgumentError, ValueError, TypeError, KeyError, AttributeError) as err:
+        raise InputError(f"{key}': deepmd-kit refuses the input.json the train stage writes from it: "
+                         f"{' '.join(str(err).split())}") from None
+    steps = inp["training"].get("numb_steps")
+    if steps is not None and steps < 1:
+        raise InputError(f"{key}/training/numb_steps': expected at least 1 training step, got {steps}")
+    descriptor = inp["model"]["descriptor"]
+    sel, rcut = descriptor.get("sel"), descriptor.get("rcut")
+    if descriptor["type"] in SEL_PER_TYPE and isinstance(sel, list) and len(sel) != len(param.type_map):
+        raise InputError(f"{key}/model/descriptor/sel': expected one neighbour count per type_map entry "
+                         f"({len(param.type_map)}: {' '.join(param.type_map)}), got {sel}")
+    spin = param.spin
+    if not spin.enabled or isinstance(spin.moments, str) or not isinstance(rcut, (int, float)):
+        return
+    for element, levels in spin.moments.items():
+        reach = spin.virtual_scale * max(levels) + abs(spin.offset)
+        if reach >= rcut:
+            raise InputError(f"{param.path}: keys 'spin/moments/{element}' and 'default_training_param/model/"
+                             f"descriptor/rcut': a moment of {max(levels):g} uB puts the virtual atom eta*S + d = "
+                             f"{reach:.3g} A from its ion, beyond rcut {rcut:g} A: the ion would not see its own "
+                             "spin; lower spin/virtual_scale or raise rcut")
 
 
 def write_training_data(systems: Sequence[Path], out: Path, type_map: Sequence[str],
