@@ -27,7 +27,6 @@ the moments are optimized at every frame step it reports to its observers.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -39,9 +38,7 @@ from ase.calculators.calculator import Calculator, all_changes
 from spingen.spin.encoding import SpinEncoding
 from spingen.spin.levels import MomentLevels
 from spingen.spin.model import SymmetrizedModel
-from spingen.spin.search import SearchResult, SearchSettings, search_ground_state
-
-SEARCH_KEYS = tuple(f.name for f in dataclasses.fields(SearchSettings))  # the search's knobs
+from spingen.spin.search import SEARCH_KEYS, SearchResult, search_ground_state
 
 
 class NonFiniteError(RuntimeError):

@@ -28,9 +28,11 @@ from dargs.dargs import ArgumentError
 
 from spingen.errors import InputError
 from spingen.spin.encoding import SpinEncoding
+from spingen.spin.search import SEARCH_KEYS
 
 MACHINE_SECTIONS = ("train", "model_devi", "fp")
 FP_STYLES = ("gpaw", "vasp")
+MODEL_DEVI_DRIVERS = {"first": 0, "mean": "mean"}  # model_devi_driver -> the MD calculator's drive
 SPIN_INIT_STRATEGIES = ("predicted", "random", "states", "members")
 FLIP_SYMMETRIES = ("augment", "canonical", "none")
 MD_ENSEMBLES = ("nvt", "nvt-langevin", "nvt-berendsen", "nvt-nose-hoover", "npt", "npt-berendsen")
@@ -423,6 +425,7 @@ class Param:
     model_devi_jobs: tuple[Mapping[str, Any], ...]
     raw: Mapping[str, Any] = field(repr=False)
     init_gen: InitGenSettings | None = None
+    sys_format: str = "vasp"  # ASE's name of the structure format of sys_configs and init_data_gen/configs
 
     @property
     def n_iterations(self) -> int:
@@ -587,6 +590,7 @@ def load_param(path: str | Path) -> Param:
         model_devi_jobs=_freeze(raw["model_devi_jobs"]),
         raw=_freeze(raw),
         init_gen=init_gen,
+        sys_format=raw["sys_format"],
     )
     _check_explore_keys(param, path)
     label_settings(param)
@@ -891,6 +895,89 @@ class LabelSettings:
     task_min: int
     vasp: VaspSettings | None = None
     gpaw: GpawSettings | None = None
+
+
+@dataclass(frozen=True)
+class ExploreSettings:
+    """The checked param.json keys of the explore stage."""
+
+    f_trust_lo: float
+    f_trust_hi: float
+    spin_trust: float
+    spin_e_trust: float
+    skip: int
+    v_trust_lo: float  # inf: virial deviations are not used
+    v_trust_hi: float
+    dt_ps: float
+    driver: str
+    seed: int
+    compressibility: float
+    spin_search: Mapping[str, Any]
+    symmetrize: bool
+    task_max: int
+    task_max_total: int | None
+    task_min: int
+
+
+def explore_settings(param: Param) -> ExploreSettings:
+    """The explore keys of param.json, checked; InputError names the key of a bad value."""
+    raw, where = param.raw, f"{param.path}: key"
+    if param.train.numb_models < 2:
+        raise InputError(f"{where} 'numb_models': expected at least 2 models, got {param.train.numb_models}: frames "
+                         "are selected by the deviation of the ensemble's predictions (DP-GEN's examples use 4)")
+    if raw["model_devi_driver"] not in MODEL_DEVI_DRIVERS:
+        raise InputError(f"{where} 'model_devi_driver': expected one of {list(MODEL_DEVI_DRIVERS)}, got "
+                         f"'{raw['model_devi_driver']}'")
+    if not 0.0 <= raw["model_devi_spin_trust"] <= 1.0:
+        raise InputError(f"{where} 'model_devi_spin_trust': expected a fraction in [0, 1], "
+                         f"got {raw['model_devi_spin_trust']}")
+    if raw["model_devi_spin_e_trust"] < 0:
+        raise InputError(f"{where} 'model_devi_spin_e_trust': expected an energy >= 0 (eV/atom), "
+                         f"got {raw['model_devi_spin_e_trust']}")
+    for key in ("model_devi_dt", "model_devi_compressibility"):
+        if raw[key] <= 0:
+            raise InputError(f"{where} '{key}': expected a positive number, got {raw[key]}")
+    if raw["model_devi_skip"] < 0:
+        raise InputError(f"{where} 'model_devi_skip': expected a step >= 0, got {raw['model_devi_skip']}")
+    v_lo, v_hi = (math.inf if raw[k] is None else float(raw[k]) for k in ("model_devi_v_trust_lo",
+                                                                          "model_devi_v_trust_hi"))
+    if v_lo > v_hi:
+        raise InputError(f"{where}s 'model_devi_v_trust_lo' ({v_lo}) > 'model_devi_v_trust_hi' ({v_hi}): "
+                         "expected lo <= hi")
+    total = raw["fp_task_max_total"]
+    if raw["fp_task_max"] < 1 or (total is not None and total < 1) or raw["fp_task_min"] < 0:
+        raise InputError(f"{where} 'fp_task_max'/'fp_task_max_total'/'fp_task_min': expected fp_task_max >= 1, "
+                         f"fp_task_max_total null or >= 1, fp_task_min >= 0; got {raw['fp_task_max']}, {total}, "
+                         f"{raw['fp_task_min']}")
+    search_arg = param_arginfo().sub_fields["model_devi_spin_search"]
+    search = search_arg.normalize_value(thaw(raw["model_devi_spin_search"]), trim_pattern="_*")
+    search = {key: value for key, value in search.items() if value is not None}  # None: the search's default
+    unknown = sorted(set(search) - set(SEARCH_KEYS))
+    if unknown:
+        raise InputError(f"{where} 'model_devi_spin_search': the spin search has no setting {unknown}")
+    for key, value in search.items():
+        if isinstance(value, int) and not isinstance(value, bool) and value < (2 if key == "population" else 1):
+            raise InputError(f"{where} 'model_devi_spin_search/{key}': expected a larger value, got {value}")
+    for it, job in enumerate(param.model_devi_jobs):
+        key = f"{where} 'model_devi_jobs[{it}]"
+        for name, least in (("nsteps", 0), ("trj_freq", 1), ("spin_opt_freq", 0), ("spin_devi_freq", 0)):
+            if job[name] < least:
+                raise InputError(f"{key}/{name}': expected an integer >= {least}, got {job[name]}")
+        for name in ("taut", "taup"):
+            if job[name] <= 0:
+                raise InputError(f"{key}/{name}': expected a positive time (ps), got {job[name]}")
+        if job["ensemble"].startswith("npt") and not job["press"]:
+            raise InputError(f"{key}/press': ensemble '{job['ensemble']}' needs at least one pressure (bar)")
+        if not job["temps"]:
+            raise InputError(f"{key}/temps': expected at least one temperature (K)")
+    return ExploreSettings(
+        f_trust_lo=float(raw["model_devi_f_trust_lo"]), f_trust_hi=float(raw["model_devi_f_trust_hi"]),
+        spin_trust=float(raw["model_devi_spin_trust"]), spin_e_trust=float(raw["model_devi_spin_e_trust"]),
+        skip=int(raw["model_devi_skip"]), v_trust_lo=v_lo, v_trust_hi=v_hi, dt_ps=float(raw["model_devi_dt"]),
+        driver=raw["model_devi_driver"], seed=int(raw["model_devi_seed"]),
+        compressibility=float(raw["model_devi_compressibility"]), spin_search=search,
+        symmetrize=bool(raw["model_devi_spin_symmetrize"]), task_max=int(raw["fp_task_max"]),
+        task_max_total=None if total is None else int(total), task_min=int(raw["fp_task_min"]))
 
 
 def label_settings(param: Param) -> LabelSettings:

@@ -519,8 +519,7 @@ def test_stage_runs_through_dpdispatcher_and_resumes_after_a_kill(tmp_path, mode
     ({"model_devi_jobs": [{"sys_idx": [0], "temps": [300], "nsteps": 10, "trj_freq": 0}]}, "trj_freq"),
 ])
 def test_explore_settings_name_the_bad_key(tmp_path, change, key):
-    from spingen.schema import InputError, load_param
-    from spingen.stages.explore import explore_settings
+    from spingen.schema import InputError, explore_settings, load_param
 
     param_path, _ = write_inputs(tmp_path, make_param(tmp_path, **change))
     with pytest.raises(InputError, match=key):
@@ -528,8 +527,7 @@ def test_explore_settings_name_the_bad_key(tmp_path, change, key):
 
 
 def test_explore_settings_defaults(tmp_path):
-    from spingen.schema import load_param
-    from spingen.stages.explore import explore_settings
+    from spingen.schema import explore_settings, load_param
 
     param_path, _ = write_inputs(tmp_path, make_param(tmp_path, model_devi_spin_search={"max_evaluations": 8}))
     settings = explore_settings(load_param(param_path))

@@ -9,7 +9,7 @@ dE ~ -(-dE/dS)_i * dS_i from the spin force of the current row orders local move
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 
@@ -54,6 +54,9 @@ class SearchSettings:
         for name in ("warm_fraction", "crossover_rate", "cluster_rate", "explore"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
+
+
+SEARCH_KEYS = tuple(f.name for f in fields(SearchSettings))  # the search's knobs
 
 
 @dataclass(frozen=True)

@@ -28,9 +28,8 @@ import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import numpy as np
 
@@ -48,7 +47,7 @@ from spingen.layout import (
     training_systems,
 )
 from spingen.loop import Stage, StageContext
-from spingen.schema import MachineSection, Param, param_arginfo, thaw
+from spingen.schema import MODEL_DEVI_DRIVERS, ExploreSettings, MachineSection, Param, explore_settings
 from spingen.tools.explore_task import (
     CONF_FILE,
     DEVI_COLUMNS,
@@ -63,93 +62,9 @@ log = logging.getLogger("spingen")
 
 SEED_FILE = "seed.json"
 OUTLOG, ERRLOG = "explore.log", "explore.err"
-DRIVERS = {"first": 0, "mean": "mean"}
 _COL = {name: i for i, name in enumerate(DEVI_COLUMNS)}
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class ExploreSettings:
-    """The checked param.json keys of the explore stage."""
-
-    f_trust_lo: float
-    f_trust_hi: float
-    spin_trust: float
-    spin_e_trust: float
-    skip: int
-    v_trust_lo: float  # inf: virial deviations are not used
-    v_trust_hi: float
-    dt_ps: float
-    driver: str
-    seed: int
-    compressibility: float
-    spin_search: Mapping[str, Any]
-    symmetrize: bool
-    task_max: int
-    task_max_total: int | None
-    task_min: int
-
-
-def explore_settings(param: Param) -> ExploreSettings:
-    """The explore keys of param.json, checked; InputError names the key of a bad value."""
-    raw, where = param.raw, f"{param.path}: key"
-    if param.train.numb_models < 2:
-        raise InputError(f"{where} 'numb_models': expected at least 2 models, got {param.train.numb_models}: frames "
-                         "are selected by the deviation of the ensemble's predictions (DP-GEN's examples use 4)")
-    if raw["model_devi_driver"] not in DRIVERS:
-        raise InputError(f"{where} 'model_devi_driver': expected one of {list(DRIVERS)}, got "
-                         f"'{raw['model_devi_driver']}'")
-    if not 0.0 <= raw["model_devi_spin_trust"] <= 1.0:
-        raise InputError(f"{where} 'model_devi_spin_trust': expected a fraction in [0, 1], "
-                         f"got {raw['model_devi_spin_trust']}")
-    if raw["model_devi_spin_e_trust"] < 0:
-        raise InputError(f"{where} 'model_devi_spin_e_trust': expected an energy >= 0 (eV/atom), "
-                         f"got {raw['model_devi_spin_e_trust']}")
-    for key in ("model_devi_dt", "model_devi_compressibility"):
-        if raw[key] <= 0:
-            raise InputError(f"{where} '{key}': expected a positive number, got {raw[key]}")
-    if raw["model_devi_skip"] < 0:
-        raise InputError(f"{where} 'model_devi_skip': expected a step >= 0, got {raw['model_devi_skip']}")
-    v_lo, v_hi = (math.inf if raw[k] is None else float(raw[k]) for k in ("model_devi_v_trust_lo",
-                                                                          "model_devi_v_trust_hi"))
-    if v_lo > v_hi:
-        raise InputError(f"{where}s 'model_devi_v_trust_lo' ({v_lo}) > 'model_devi_v_trust_hi' ({v_hi}): "
-                         "expected lo <= hi")
-    total = raw["fp_task_max_total"]
-    if raw["fp_task_max"] < 1 or (total is not None and total < 1) or raw["fp_task_min"] < 0:
-        raise InputError(f"{where} 'fp_task_max'/'fp_task_max_total'/'fp_task_min': expected fp_task_max >= 1, "
-                         f"fp_task_max_total null or >= 1, fp_task_min >= 0; got {raw['fp_task_max']}, {total}, "
-                         f"{raw['fp_task_min']}")
-    search_arg = param_arginfo().sub_fields["model_devi_spin_search"]
-    search = search_arg.normalize_value(thaw(raw["model_devi_spin_search"]), trim_pattern="_*")
-    search = {key: value for key, value in search.items() if value is not None}  # None: the search's default
-    from spingen.md import SEARCH_KEYS
-
-    unknown = sorted(set(search) - set(SEARCH_KEYS))
-    if unknown:
-        raise InputError(f"{where} 'model_devi_spin_search': the spin search has no setting {unknown}")
-    for key, value in search.items():
-        if isinstance(value, int) and not isinstance(value, bool) and value < (2 if key == "population" else 1):
-            raise InputError(f"{where} 'model_devi_spin_search/{key}': expected a larger value, got {value}")
-    for it, job in enumerate(param.model_devi_jobs):
-        key = f"{where} 'model_devi_jobs[{it}]"
-        for name, least in (("nsteps", 0), ("trj_freq", 1), ("spin_opt_freq", 0), ("spin_devi_freq", 0)):
-            if job[name] < least:
-                raise InputError(f"{key}/{name}': expected an integer >= {least}, got {job[name]}")
-        for name in ("taut", "taup"):
-            if job[name] <= 0:
-                raise InputError(f"{key}/{name}': expected a positive time (ps), got {job[name]}")
-        if job["ensemble"].startswith("npt") and not job["press"]:
-            raise InputError(f"{key}/press': ensemble '{job['ensemble']}' needs at least one pressure (bar)")
-        if not job["temps"]:
-            raise InputError(f"{key}/temps': expected at least one temperature (K)")
-    return ExploreSettings(
-        float(raw["model_devi_f_trust_lo"]), float(raw["model_devi_f_trust_hi"]), float(raw["model_devi_spin_trust"]),
-        float(raw["model_devi_spin_e_trust"]), int(raw["model_devi_skip"]), v_lo, v_hi, float(raw["model_devi_dt"]),
-        raw["model_devi_driver"], int(raw["model_devi_seed"]),
-        float(raw["model_devi_compressibility"]), search, bool(raw["model_devi_spin_symmetrize"]), int(raw["fp_task_max"]),
-        None if total is None else int(total), int(raw["fp_task_min"]))
 
 
 def stage_seed(base: int, iteration: int) -> int:
@@ -191,10 +106,10 @@ class ExploreStage(Stage):
             counter = 0
             for conf in self.param.sys_configs[system]:
                 try:
-                    frames = ase.io.read(conf, index=":", format=self.param.raw["sys_format"])
+                    frames = ase.io.read(conf, index=":", format=self.param.sys_format)
                 except Exception as err:  # noqa: BLE001 - ase raises many kinds
                     raise InputError(f"sys_configs[{system}]: cannot read '{conf}' as "
-                                     f"'{self.param.raw['sys_format']}' with ase: {err}") from None
+                                     f"'{self.param.sys_format}' with ase: {err}") from None
                 for atoms in map(right_handed, frames):
                     self._check_structure(atoms, conf, magnitudes)
                     for temperature in job["temps"]:
@@ -277,7 +192,7 @@ class ExploreStage(Stage):
         return ExploreTaskSettings(
             models=tuple(f"../{m}" for m in models), magnetic=tuple(encoding.magnetic),
             virtual_scale=encoding.virtual_scale, offset=encoding.offset,
-            magnitudes={el: tuple(v) for el, v in magnitudes.items()}, drive=DRIVERS[s.driver],
+            magnitudes={el: tuple(v) for el, v in magnitudes.items()}, drive=MODEL_DEVI_DRIVERS[s.driver],
             ensemble=job["ensemble"], temperature=float(temperature),
             pressure=None if pressure is None else float(pressure), nsteps=int(job["nsteps"]), dt_ps=s.dt_ps,
             trj_freq=int(job["trj_freq"]), taut_ps=float(job["taut"]), taup_ps=float(job["taup"]),

@@ -65,7 +65,7 @@ class PerturbStage(Stage):
         magnetic = set(self.param.spin.magnetic)
         for system, (path, states) in enumerate(zip(self.gen.configs, self.gen.spin_states)):
             frames = []
-            for atoms in perturbed_frames(path, self.param.raw["sys_format"], self.gen, system):
+            for atoms in perturbed_frames(path, self.param.sys_format, self.gen, system):
                 ions = [i for i, s in enumerate(atoms.get_chemical_symbols()) if s in magnetic]
                 for state_index, state in enumerate(states):
                     frame = atoms.copy()
