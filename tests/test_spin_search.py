@@ -99,14 +99,14 @@ def test_counts_and_enumeration_match_brute_force(total, signs, fix):
     assert set(levels.keys(enumerated)) == expected and len(enumerated) == len(expected)
 
 
-def test_canonicalise_and_random_sampling():
+def test_first_up_and_random_sampling():
     levels = MomentLevels(MAGS8, SYMBOLS8)
     rng = np.random.default_rng(3)
     free = all_rows(levels)[rng.choice(4**8, 200, replace=False)]
-    canon = levels.canonicalise(free)
+    canon = levels.first_up(free)
     assert levels.is_valid(canon).all()
     flipped = levels.flip_table[np.arange(8), free]
-    assert np.array_equal(levels.canonicalise(flipped), canon)
+    assert np.array_equal(levels.first_up(flipped), canon)
     m = levels.to_moments(canon)
     assert (m[:, 0] > 0).all()  # no zero level: the first ion carries the sign
     constrained = MomentLevels(MAGS8, SYMBOLS8, total_moment=2.0)
@@ -276,7 +276,7 @@ def test_a_budget_below_the_warm_seeds_keeps_the_start(budget):
     warm = search_ground_state(rec, levels, seed=1, enumerate_limit=0, prior=prior, start=start,
                                max_evaluations=budget, use_gradient=False)
     assert warm.n_evaluations == rec.n_evaluations == budget
-    assert np.allclose(rec.all_seen[0], levels.to_moments(levels.canonicalise(levels.to_indices(start)))[0])
+    assert np.allclose(rec.all_seen[0], levels.to_moments(levels.first_up(levels.to_indices(start)))[0])
     assert warm.best_energy <= model.evaluate(start)[0][0] + 1e-12
 
 

@@ -2,7 +2,7 @@
 
 A configuration is a row of level indices, one per magnetic ion in structure order; the signed
 moment (uB) of ion i at index k is ``levels.values[i][k]``. Valid configurations satisfy the
-optional fixed total moment (like VASP NUPDOWN) and, with ``fix_global_sign``, are canonical:
+optional fixed total moment (like VASP NUPDOWN) and, with ``fix_global_sign``, are first-up:
 of a configuration S and its reversal -S (same collinear energy) only the one whose first nonzero
 moment is positive is kept. Where -S is not allowed (pinned signs, nonzero total) S is kept as is.
 """
@@ -139,20 +139,21 @@ class MomentLevels:
         return ok
 
     def is_valid(self, indices: np.ndarray) -> np.ndarray:
-        """Allowed rows that are also canonical under fix_global_sign."""
+        """Allowed rows that are also first-up under fix_global_sign."""
         ok = self.is_allowed(indices)
         if self.fix_global_sign and ok.any():
             idx = np.atleast_2d(np.asarray(indices))
             ok[ok] = ~self._needs_flip(idx[ok])
         return ok
 
-    def canonicalise(self, indices: np.ndarray) -> np.ndarray:
-        """Replace allowed rows by their canonical representative (reversed where needed)."""
+    def first_up(self, indices: np.ndarray) -> np.ndarray:
+        """Replace allowed rows by the one of {S, -S} whose first nonzero moment points up (reversed where
+        needed): the search's representative of a pair, not SpinEncoding's canonical sign (total moment up)."""
         idx = np.array(self._check_indices(indices), dtype=np.int8)
         if not self.fix_global_sign:
             return idx
         if not self.is_allowed(idx).all():
-            raise ValueError("canonicalise got a configuration outside the levels or total-moment window")
+            raise ValueError("first_up got a configuration outside the levels or total-moment window")
         flip = self._needs_flip(idx)
         idx[flip] = self.flip_table[np.arange(self.n_magnetic), idx[flip]]
         return idx
@@ -293,11 +294,11 @@ class MomentLevels:
 
     # -- sampling and moves ------------------------------------------------------------------
     def random_indices(self, n: int, rng: np.random.Generator) -> np.ndarray:
-        """n random valid configurations (uniform over allowed ones, then canonicalised)."""
+        """n random valid configurations (uniform over allowed ones, then taken first-up)."""
         idx = np.empty((n, self.n_magnetic), dtype=np.int8)
         if self.total_moment is None:
             idx[:] = rng.integers(0, self.n_values[None, :], size=(n, self.n_magnetic))
-            return self.canonicalise(idx)
+            return self.first_up(idx)
         lo, hi = self._window_keys()
         counts = self._suffix_counts()
         partial = np.zeros(n, dtype=np.int64)
@@ -313,7 +314,7 @@ class MomentLevels:
             choice = np.minimum(choice, self.n_values[k] - 1)
             idx[:, k] = choice
             partial += keys[choice]
-        return self.canonicalise(idx)
+        return self.first_up(idx)
 
     def _suffix_counts(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per k: sorted reachable sum keys of ions k.. and the cumulative counts (float) over them."""
@@ -331,8 +332,8 @@ class MomentLevels:
     def single_moves(self, index_row: np.ndarray) -> np.ndarray:
         """Every allowed configuration one ion (or, with a fixed total, up to two ions) away.
 
-        Rows are NOT canonicalised, so moments minus the current moments is the local change
-        the spin-force screening needs; canonicalise before evaluating.
+        Rows are NOT taken first-up, so moments minus the current moments is the local change
+        the spin-force screening needs; take first_up before evaluating.
         """
         row = np.asarray(index_row, dtype=np.int8).reshape(-1)
         ion = np.repeat(np.arange(self.n_magnetic), self.n_values)

@@ -132,7 +132,7 @@ def _enumerate(model: EnergyModel, levels: MomentLevels, n_lowest: int, chunk_si
 
 
 class _Evaluations:
-    """Batched, deduplicated, budgeted evaluation of canonical level-index rows."""
+    """Batched, deduplicated, budgeted evaluation of first-up level-index rows."""
 
     def __init__(self, model, levels, gradient, budget, surrogate):
         self.model, self.levels, self.gradient, self.surrogate = model, levels, gradient, surrogate
@@ -161,10 +161,10 @@ class _Evaluations:
         if len(keep) == 0:
             return
         rows, energies = rows[keep], energies[keep]
-        canonical = self.levels.canonicalise(rows)  # a row and its reversal share a key; -dE/dS flips
+        first_up_rows = self.levels.first_up(rows)  # a row and its reversal share a key; -dE/dS flips
         if grads is not None:
-            grads = np.where(np.all(canonical == rows, axis=1)[:, None], 1.0, -1.0) * grads[keep]
-        for n, row in enumerate(canonical):
+            grads = np.where(np.all(first_up_rows == rows, axis=1)[:, None], 1.0, -1.0) * grads[keep]
+        for n, row in enumerate(first_up_rows):
             key = row.tobytes()
             if key not in self.energy:
                 self.energy[key], self.rows[key] = float(energies[n]), row
@@ -172,7 +172,7 @@ class _Evaluations:
                     self.minus_grad[key] = grads[n]
                 self.n_known += 1
         if self.surrogate is not None:
-            self.surrogate.add(canonical, energies, grads)
+            self.surrogate.add(first_up_rows, energies, grads)
 
     @property
     def exhausted(self) -> bool:
@@ -246,7 +246,7 @@ class _Genetic:
         seeds = seeds[levels.is_allowed(seeds)]
         if len(seeds) == 0:
             raise ValueError("no start configuration lies within the levels and total-moment window")
-        seeds = levels.canonicalise(seeds)
+        seeds = levels.first_up(seeds)
         self.evals(seeds)  # in order: with a small budget the first (the caller's start) are kept
         evaluated = [k for k in levels.keys(seeds) if k in self.evals.energy]
         best = min(evaluated, key=self.evals.energy.__getitem__)
@@ -278,7 +278,7 @@ class _Genetic:
                     child = self._repair(child)
             for _ in range(1 + rng.poisson(self.s.extra_mutations)):
                 child = self._mutate(child)
-            child = levels.canonicalise(child)[0]
+            child = levels.first_up(child)[0]
             key = child.tobytes()
             if key not in self.evals.energy and key not in seen:
                 seen.add(key)
@@ -331,7 +331,7 @@ class _Genetic:
         explore * n_eval explorers."""
         if self.surrogate is None or len(candidates) == 0:
             return candidates[:n_eval]
-        descended = self.levels.canonicalise(self.surrogate.descend(candidates))
+        descended = self.levels.first_up(self.surrogate.descend(candidates))
         rows = np.concatenate([descended, candidates])
         fresh = {k: r for k, r in zip(self.levels.keys(rows), rows) if k not in self.evals.energy}
         rows = np.array(list(fresh.values()), dtype=np.int8).reshape(-1, self.levels.n_magnetic)
@@ -371,7 +371,7 @@ class _Genetic:
                 keep = np.ones(len(moves), dtype=bool)
             order = np.argsort(predicted, kind="stable")
             order = order[keep[order]]
-            candidates = levels.canonicalise(moves[order])
+            candidates = levels.first_up(moves[order])
             energies, done = np.empty(0), 0
             while done < len(candidates) and not evals.exhausted:
                 energies = np.concatenate([energies, evals(candidates[done: done + self.s.polish_batch])])
