@@ -24,6 +24,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
+from results_block import cpu_model  # noqa: E402
 
 from spingen.spin import (  # noqa: E402
     AnalyticSpinModel,
@@ -282,14 +283,7 @@ BENCHMARKS = {"random_frames": bench_random_frames, "ncm": bench_ncm, "warm_star
 
 
 def machine() -> str:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     return (f"- machine: `{' '.join(platform.uname())}`\n- CPU: {cpu}, nproc {os.cpu_count()}\n"
             f"- Python {platform.python_version()}, numpy {np.__version__}, BLAS threads "
             f"{os.environ.get('OPENBLAS_NUM_THREADS')}\n- search defaults: `{SearchSettings()}`")

@@ -44,6 +44,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from results_block import cpu_model
 
 HERE = Path(__file__).resolve()
 REPO = HERE.parent.parent
@@ -413,14 +414,7 @@ def measure_variant(variant: str, folder: Path, root: Path, env: dict, machines:
 
 
 def machine_info(env: dict) -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     mem = ""
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
