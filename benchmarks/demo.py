@@ -56,6 +56,9 @@ def render(rows: list[dict], wall: float, durations: dict[str, float], rss_mib: 
     def cell(value, fmt):
         return "-" if value is None else format(value, fmt)
 
+    def ranked(row):
+        return "-" if row["ranking_geometries"] is None else f"{row['ranking_right']}/{row['ranking_geometries']}"
+
     lines = [f"Measured {info['date']} on `{info['uname']}` ({info['cpu']}, nproc {info['nproc']}); load average "
              f"before {info['load_before']}, after {info['load_after']}.", "", f"    {command}", "",
              f"- **wall time, fresh work dir to the closing train: {wall / 60:.1f} min** (target 20 min)",
@@ -63,14 +66,16 @@ def render(rows: list[dict], wall: float, durations: dict[str, float], rss_mib: 
              f"{rss_mib:.0f} MiB", "",
              "| iteration | explored frames | accurate % | candidate % | of which by spin disagreement only % | "
              "failed % | labeled | failed labels | ensemble error on the new labels, energy meV/atom | force meV/A "
-             "| spin states agreeing % |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| spin states agreeing % | labels in other states | states DFT kept % | ranked right (training geometries) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['iteration']} | {cell(r['explore_frames'], 'd')} | {cell(r['accurate_pct'], '.1f')} | "
                      f"{cell(r['candidate_pct'], '.1f')} | {cell(r['spin_only_pct'], '.1f')} | "
                      f"{cell(r['failed_pct'], '.1f')} | {cell(r['labeled'], 'd')} | "
                      f"{cell(r['label_failed'], 'd')} | {cell(r['ensemble_rmse_e_meV_atom'], '.1f')} | "
-                     f"{cell(r['ensemble_rmse_f_meV_A'], '.0f')} | {cell(r['spin_agree_pct'], '.0f')} |")
+                     f"{cell(r['ensemble_rmse_f_meV_A'], '.0f')} | {cell(r['spin_agree_pct'], '.0f')} | "
+                     f"{cell(r['labeled_other_states'], 'd')} | {cell(r['states_kept_pct'], '.0f')} | "
+                     f"{ranked(r)} |")
     lines += ["", "Time per step kind, summed over iterations (s):", "",
               "| step | s |", "|---|---|"]
     lines += [f"| {k} | {v:.0f} |" for k, v in durations.items()]

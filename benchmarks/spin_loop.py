@@ -197,15 +197,17 @@ def render(rows: list[dict], judged: dict[int, dict], wall: float, rss_mib: floa
              f"process: {rss_mib:.0f} MiB",
              f"- held-out judge: {JUDGE.relative_to(REPO)}", "",
              "| iteration | explored frames | candidate % | spin-only candidate % | labels made | of which other "
-             "states | failed labels | error on new labels meV/atom | held-out E RMSE meV/atom | held-out state gap "
-             "RMSE meV/atom | held-out lowest state right | ensemble's supercell minimum lowest by DFT |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "states | failed labels | DFT kept the start state % | error on new labels meV/atom | held-out E RMSE "
+             "meV/atom | held-out state gap RMSE meV/atom | held-out lowest state right | ensemble's supercell minimum "
+             "lowest by DFT |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         j = judged.get(r["iteration"])
         lines.append(
             f"| {r['iteration']} | {cell(r['explore_frames'], 'd')} | {cell(r['candidate_pct'], '.1f')} | "
             f"{cell(r['spin_only_pct'], '.1f')} | {cell(r['labeled'], 'd')} | {cell(r['labeled_other_states'], 'd')} | "
-            f"{cell(r['label_failed'], 'd')} | {cell(r['ensemble_rmse_e_meV_atom'], '.1f')} | "
+            f"{cell(r['label_failed'], 'd')} | {cell(r['states_kept_pct'], '.0f')} | "
+            f"{cell(r['ensemble_rmse_e_meV_atom'], '.1f')} | "
             f"{cell(j and j['rmse_e'], '.1f')} | {cell(j and j['state_gap_rmse'], '.2f')} | "
             f"{'-' if j is None else str(j['lowest_right']) + '/' + str(j['geometries'])} | {minima(j)} |")
     lines += ["", "Targets (issue 19), at the last iteration:", ""]

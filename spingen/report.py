@@ -155,12 +155,16 @@ def ensemble_summary(errors) -> dict:
     """The ensemble's error on the iteration's new labels (before training on them) and spin agreement."""
     if not isinstance(errors, dict):
         return {"ensemble_frames": None, "ensemble_rmse_e_meV_atom": None, "ensemble_rmse_f_meV_A": None,
-                "spin_agree_pct": None}
+                "spin_agree_pct": None, "states_kept_pct": None}
     spin = errors.get("spin_agreement")
-    fraction = finite(spin.get("fraction")) if isinstance(spin, dict) else None
+    spin = spin if isinstance(spin, dict) else {}
+    fraction = finite(spin.get("fraction"))
+    states, kept = spin.get("states"), spin.get("states_kept")
     return {"ensemble_frames": errors.get("n_frames"), "ensemble_rmse_e_meV_atom": finite(errors.get("rmse_e")),
             "ensemble_rmse_f_meV_A": finite(errors.get("rmse_f")),
-            "spin_agree_pct": 100.0 * fraction if fraction is not None else None}
+            "spin_agree_pct": 100.0 * fraction if fraction is not None else None,
+            "states_kept_pct": 100.0 * kept / states if isinstance(states, int) and states and isinstance(kept, int)
+            else None}
 
 
 def ranking_summary(ranking) -> dict:
@@ -235,7 +239,7 @@ def format_status(status: Status) -> str:
     names = sorted({m["model"] for row in status.rows for m in row["models"] or []})
     header = ["iter", "step", "explored", "acc %", "cand %", "(spin) %", "fail %", "selected", "labeled",
               "(states)", "lbl failed", *(f"m{name} E/F" for name in names), "ranked", "gap", "new E", "new F",
-              "spin %"]
+              "spin %", "kept %"]
     table = [header]
     for row in status.rows:
         models = {m["model"]: m for m in row["models"] or []}
@@ -255,7 +259,7 @@ def format_status(status: Status) -> str:
                   else f"{row['ranking_right']}/{row['ranking_geometries']}")
         cells += [ranked, _number(row["state_gap_rmse_meV_atom"], ".1f"),
                   _number(row["ensemble_rmse_e_meV_atom"], ".2f"), _number(row["ensemble_rmse_f_meV_A"], ".1f"),
-                  _number(row["spin_agree_pct"], ".1f")]
+                  _number(row["spin_agree_pct"], ".1f"), _number(row["states_kept_pct"], ".0f")]
         table.append(cells)
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
     lines = [] if status.init is None else [init_line(status.init), ""]
@@ -270,7 +274,8 @@ def format_status(status: Status) -> str:
               "ranked, gap: training geometries labeled in several spin states on which the ensemble's lowest "
               "state is DFT's (k/n), and its state gap RMSE there, meV/atom",
               "new E/F: the ensemble's RMSE on the iteration's new labels before training on them, meV/atom / "
-              "meV/A; spin %: magnetic ions whose predicted moment agrees with DFT's",
+              "meV/A; spin %: magnetic ions whose predicted moment agrees with DFT's; kept %: labels whose start "
+              "moments DFT kept on every magnetic ion (a state DFT does not keep is a spurious minimum of the model)",
               last_line(status)]
     return "\n".join(lines)
 

@@ -594,6 +594,27 @@ def test_disk_filled_by_the_last_job_through_the_spingen_command(small_file_syst
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "started").iterdir()} == started, "no job ran again"
 
 
+def test_spin_agreement_counts_the_states_dft_kept():
+    """A ground state DFT kept (up to a global flip), an excited state DFT relaxed away from (one Ni
+    reversed), and a label with no start moments (not counted)."""
+    from spingen.labelers import LabelResult
+    from spingen.stages.label import spin_agreement
+
+    def label(state, start, dft):
+        atoms = Atoms("LiNi2O", positions=np.zeros((4, 3)))
+        if start is not None:
+            atoms.arrays["initial_magmoms"] = np.array(start, dtype=float)
+        atoms.info["state"] = state
+        return atoms, LabelResult(True, energy=-1.0, forces=np.zeros((4, 3)), moments=np.array(dft, dtype=float))
+
+    labeled = [label(0, [0, 1.7, -1.7, 0], [0.0, -1.65, 1.72, 0.1]),
+               label(1, [0, 1.7, 1.7, 0], [0.0, 1.66, -1.7, 0.0]),
+               label(0, None, [0.0, 1.6, 1.6, 0.0])]
+    agreement = spin_agreement(labeled, ["Ni"], tolerance=0.5)
+    assert agreement == {"ions": 2, "agree": 2, "fraction": 1.0, "states": 2, "states_kept": 1}
+    assert spin_agreement(labeled[2:], ["Ni"], 0.5) is None
+
+
 # ---------------------------------------------------------------- real GPAW
 # only these tests need GPAW; the fake-VASP and kill/resume tests above run without it
 needs_gpaw = pytest.mark.skipif(importlib.util.find_spec("gpaw") is None,

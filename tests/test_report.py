@@ -59,7 +59,8 @@ def model_errors(rmse_e: float, rmse_f: float, agree: int) -> dict:
     return {"models": ["graph.000.pth", "graph.001.pth"], "n_frames": 3, "rmse_e": rmse_e, "rmse_f": rmse_f,
             "max_f_error": 3 * rmse_f, "systems": [{"name": "data.000", "n_frames": 3, "rmse_e": rmse_e,
                                                     "rmse_f": rmse_f}],
-            "spin_agreement": {"ions": 8, "agree": agree, "fraction": agree / 8},
+            "spin_agreement": {"ions": 8, "agree": agree, "fraction": agree / 8, "states": 4,
+                               "states_kept": agree // 2},
             "parity": {"e_dft": [-5.0, -5.1, -5.2], "e_model": [-5.01, -5.08, -5.22],
                        "f_dft": [0.1, -0.2, 0.3, 0.0], "f_model": [0.12, -0.18, 0.31, 0.01]}}
 
@@ -105,6 +106,7 @@ def test_status_rows(workdir):
         {"model": "001", "set": "trn", "rmse_e_eV_atom": 0.004, "rmse_f_eV_A": 0.05}]
     assert (first["ensemble_rmse_e_meV_atom"], first["ensemble_rmse_f_meV_A"]) == (12.5, 150.0)
     assert first["spin_agree_pct"] == pytest.approx(75.0)
+    assert first["states_kept_pct"] == pytest.approx(75.0) and rows[1]["states_kept_pct"] == pytest.approx(100.0)
     assert rows[1]["candidate_pct"] == pytest.approx(8.0) and rows[1]["spin_agree_pct"] == pytest.approx(100.0)
     in_progress = rows[2]
     assert in_progress["models"][0]["rmse_e_eV_atom"] == 0.0008

@@ -347,15 +347,17 @@ class LabelStage(Stage):
 
 def spin_agreement(labeled: Sequence[tuple[object, LabelResult]], magnetic: Sequence[str],
                    tolerance: float) -> dict | None:
-    """How many magnetic ions DFT left in the predicted state (same sign, magnitude within tolerance).
+    """Whether DFT kept the moments each label started from (same sign, magnitude within tolerance).
 
-    Only predicted ground states count (state 0 with start moments); a frame may agree up to a global
-    reversal of its moments. None when no labeled frame had predicted moments.
+    ions/agree/fraction: magnetic ions of the predicted ground states (state 0 with start moments);
+    states/states_kept: labels of every state whose magnetic ions DFT all kept, the measure of
+    predicted states DFT does not hold (a spin search walks into them, DFT relaxes away). A frame
+    may agree up to a global reversal of its moments. None when no labeled frame had start moments.
     """
-    ions = agree = 0
+    ions = agree = states = kept = 0
     for atoms, result in labeled:
         predicted = atoms.arrays.get("initial_magmoms")
-        if predicted is None or int(atoms.info.get("state", 0)) != 0:
+        if predicted is None:
             continue
         mask = np.isin(atoms.get_chemical_symbols(), list(magnetic))
         best = 0
@@ -364,11 +366,15 @@ def spin_agreement(labeled: Sequence[tuple[object, LabelResult]], magnetic: Sequ
             same = (np.abs(dft - predicted[mask]) <= tolerance) & (np.sign(np.round(dft, 1)) == np.sign(
                 np.round(predicted[mask], 1)))
             best = max(best, int(same.sum()))
-        ions += int(mask.sum())
-        agree += best
-    if not ions:
+        states += 1
+        kept += int(best == mask.sum())
+        if int(atoms.info.get("state", 0)) == 0:
+            ions += int(mask.sum())
+            agree += best
+    if not states:
         return None
-    return {"ions": ions, "agree": agree, "fraction": agree / ions}
+    return {"ions": ions, "agree": agree, "fraction": agree / ions if ions else None, "states": states,
+            "states_kept": kept}
 
 
 def _with_geometry(atoms, result: LabelResult) -> LabelResult:
