@@ -14,6 +14,7 @@ import subprocess
 from pathlib import Path
 
 import ase.io
+import numpy as np
 import pytest
 from conftest import BIN, make_machine
 
@@ -61,7 +62,8 @@ def test_short_demo_runs_a_spin_search_on_four_ni_and_labels_several_states(tmp_
     assert candidates, "every frame is a candidate at these trust levels"
     ni = [i for i, s in enumerate(candidates[0].get_chemical_symbols()) if s == "Ni"]
     assert len(ni) == 4
-    assert candidates[0].arrays["excited_magmoms"].shape == (len(candidates[0]), 1)  # n_lowest 2
+    excited = np.asarray(candidates[0].arrays["excited_magmoms"]).reshape(len(candidates[0]), -1)
+    assert excited.shape[1] == 1 and np.count_nonzero(excited[ni]) == 4  # n_lowest 2: one excited state
     labels = json.loads((work / "iter.000000/02.fp/labels.json").read_text())
     assert sorted({entry["state"] for entry in labels}) == [0, 1]  # ground and excited state of one frame
     status = json.loads(subprocess.run([str(BIN / "spingen"), "status", str(work), "--json"], check=True,

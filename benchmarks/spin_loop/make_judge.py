@@ -6,9 +6,13 @@ every key the same (fp_style, fp_gpaw, fp_ldau, spin), except init_data_gen, whi
 JUDGE_STATES below with a fixed total moment. The labeled data (deepmd/npy with spin.npy) is copied
 to benchmarks/spin_loop/judge/ and never enters training.
 
-Usage (about 40 min on 2 idle cores):
+Usage (32 GPAW runs of 24 atoms, 50-90 SCF steps each: about 1.3 h on 2 idle cores):
 
     PATH=$PWD/.venv/bin:$PATH OMP_NUM_THREADS=1 .venv/bin/python benchmarks/spin_loop/make_judge.py [--workdir /tmp/spin_judge]
+
+`--collect-finished` writes the judge from the runs finished so far (while or after `spingen init`
+runs), for a session that cannot wait for all of them: the converged labels of every geometry with
+at least two states; states.json and labels.json say what is there.
 """
 
 from __future__ import annotations
@@ -49,11 +53,59 @@ def judge_param() -> dict:
     return param
 
 
+def collect_finished(work: Path) -> list[dict]:
+    """The judge from the finished label tasks of WORKDIR/init (results still in dpdispatcher's remote
+    folder included); returns one labels.json entry per task."""
+    import ase.io
+    import numpy as np
+
+    from spingen.data.npy import build_system, write_system_atomic
+    from spingen.labelers import create_labeler
+    from spingen.schema import label_settings, load_param
+
+    labeler = create_labeler(label_settings(load_param(work / "param.json")))
+    entries, frames = [], []
+    for task in sorted((work / "init" / "iter.000000" / "02.fp").glob("task.*")):
+        found = [task] + sorted(work.glob(f"init/remote/*/{task.name}"))
+        done = next((d for d in found if labeler.is_finished(d)), None)
+        atoms = ase.io.read(task / "frame.extxyz")
+        entry = {"task": task.name, "perturbation": int(atoms.info["perturbation"]),
+                 "state": int(atoms.info["spin_state"]), "ok": False, "reason": "not finished"}
+        if done is not None:
+            result = labeler.read_result(done)
+            entry.update(ok=result.ok, reason=result.reason)
+            if result.ok:
+                entry.update(energy=result.energy, moments=np.round(result.moments, 3).tolist())
+                frames.append((atoms, result))
+        entries.append(entry)
+    per_geometry = {}
+    for atoms, _ in frames:
+        per_geometry[int(atoms.info["perturbation"])] = per_geometry.get(int(atoms.info["perturbation"]), 0) + 1
+    kept = [(a, r) for a, r in frames if per_geometry[int(a.info["perturbation"])] >= 2]
+    symbols = kept[0][0].get_chemical_symbols()
+    system = build_system(symbols, np.array([a.cell.array for a, _ in kept]), np.array([a.positions for a, _ in kept]),
+                          np.array([r.energy for _, r in kept]), np.array([r.forces for _, r in kept]),
+                          np.array([r.moments for _, r in kept]), type_map=["Li", "Ni", "O"])
+    if JUDGE_DIR.exists():
+        shutil.rmtree(JUDGE_DIR)
+    write_system_atomic(system, JUDGE_DIR / "data")
+    return entries
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="/tmp/spin_judge")
+    parser.add_argument("--collect-finished", action="store_true",
+                        help="write the judge from the runs finished so far (does not run anything)")
     args = parser.parse_args(argv)
     work = Path(args.workdir)
+    if args.collect_finished:
+        entries = collect_finished(work)
+        (JUDGE_DIR / "labels.json").write_text(json.dumps(entries, indent=1) + "\n")
+        (JUDGE_DIR / "states.json").write_text(json.dumps(JUDGE_STATES, indent=1) + "\n")
+        done = sum(e["ok"] for e in entries)
+        print(f"judge written to {JUDGE_DIR}: {done} converged of {len(entries)} runs")
+        return 0
     work.mkdir(parents=True, exist_ok=True)  # rerun: `spingen init` resumes
     (work / "param.json").write_text(json.dumps(judge_param(), indent=1) + "\n")
     env = dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{BIN}:{os.environ['PATH']}")
