@@ -98,16 +98,15 @@ def judge_geometries():
     return geometries
 
 
-def search_minimum(models: list[Path], atoms, magnitudes: dict) -> np.ndarray:
-    """The ensemble's lowest-energy moments of every atom (spin search over the explore stage's levels)."""
-    from spingen.deepmd_model import DeepmdSpinModel, load_models
-    from spingen.spin import MomentLevels, SpinEncoding, search_ground_state
+def search_minimum(dps: list, encoding, atoms, magnitudes: dict) -> np.ndarray:
+    """The ensemble's lowest-energy moments of every atom (spin search over the explore stage's levels);
+    dps: the loaded models, encoding: theirs (loaded and resolved once per iteration)."""
+    from spingen.deepmd_model import DeepmdSpinModel
+    from spingen.spin import MomentLevels, search_ground_state
 
     symbols = atoms.get_chemical_symbols()
-    encoding = SpinEncoding.beside(models[0])
     levels = MomentLevels(magnitudes, symbols)
-    model = DeepmdSpinModel(load_models([str(m) for m in models]), atoms.positions, atoms.cell.array, symbols,
-                            encoding, levels.magnetic_indices)
+    model = DeepmdSpinModel(dps, atoms.positions, atoms.cell.array, symbols, encoding, levels.magnetic_indices)
     result = search_ground_state(model, levels, seed=0, n_lowest=1)
     moments = np.zeros(len(atoms))
     moments[levels.magnetic_indices] = result.best_moments
@@ -141,9 +140,12 @@ def label_state(work: Path, name: str, atoms, moments: np.ndarray) -> dict:
 def judge_iteration(work: Path, iteration: int, models: list[Path], geometries, max_new_labels: int,
                     budget: dict) -> dict:
     """Held-out errors of one iteration's ensemble and the DFT verdict on its supercell minima."""
+    from spingen.deepmd_model import load_models, resolve_encoding
     from spingen.tools.model_test import run as model_test
 
     (errors,) = model_test([str(m) for m in models], [str(JUDGE)])
+    dps = load_models([str(m) for m in models])
+    encoding = resolve_encoding(dps, path=models[0])
     moments_file = next((work / f"iter.{i:06d}" / "01.model_devi" / "moments.json"
                          for i in range(iteration, -1, -1)
                          if (work / f"iter.{i:06d}" / "01.model_devi" / "moments.json").is_file()), None)
@@ -151,7 +153,7 @@ def judge_iteration(work: Path, iteration: int, models: list[Path], geometries, 
     verdicts = []
     for index, (atoms, states) in enumerate(geometries):
         magnetic = np.array([s in magnitudes for s in atoms.get_chemical_symbols()])
-        minimum = search_minimum(models, atoms, magnitudes)
+        minimum = search_minimum(dps, encoding, atoms, magnitudes)
         labeled = [k for k, (_, m) in enumerate(states) if same_signs(minimum, m, magnetic)]
         if labeled:  # the labeled state of that sign pattern nearest in magnitudes
             k = min(labeled, key=lambda k: np.abs(np.abs(states[k][1]) - np.abs(minimum))[magnetic].sum())
