@@ -149,7 +149,7 @@ def main() -> int:
     from deepmd.infer import DeepPot
 
     from spingen.md import SpinModelCalculator
-    from spingen.tools.explore_task import FrameWriter
+    from spingen.tasks.explore import FrameWriter
 
     dps = [DeepPot(str(m)) for m in models]
     atoms = start_cell()

@@ -84,7 +84,7 @@ def judge_geometries():
     from ase import Atoms
 
     from spingen.data.npy import load_system
-    from spingen.tools.model_test import geometry_groups
+    from spingen.model_errors import geometry_groups
 
     system = load_system(JUDGE, require_spins=True)
     d = system.data

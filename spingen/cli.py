@@ -148,7 +148,7 @@ def cmd_test(args: argparse.Namespace) -> int:
 
 
 def cmd_label_task(args: argparse.Namespace) -> int:
-    from spingen.tools.label_task import run_label_task
+    from spingen.tasks.label import run_label_task
 
     result = run_label_task(Path(args.task_dir))
     print("label-task: " + ("converged" if result["ok"] else f"failed: {result['reason']}"))
@@ -156,7 +156,7 @@ def cmd_label_task(args: argparse.Namespace) -> int:
 
 
 def cmd_explore_task(args: argparse.Namespace) -> int:
-    from spingen.tools.explore_task import run
+    from spingen.tasks.explore import run
 
     return run(args.task_dir)
 

@@ -222,35 +222,7 @@ class DeepmdSpinModel(EnergyModel):
             if not getattr(dp, "has_spin", False):
                 raise ValueError("a model of the ensemble is not a spin model (DeepPot.has_spin is False)")
         self.atom_types = atom_types(self.type_map, self.symbols, "the structure").astype(np.int32)
-
-        spin_elements = self._spin_elements()
-        if magnetic is None:
-            self.magnetic_indices = np.flatnonzero(encoding.magnetic_mask(self.symbols))
-        else:
-            sel = np.asarray(magnetic)
-            if sel.dtype == bool:
-                if sel.shape != (natoms,):
-                    raise ValueError(f"a magnetic mask must have {natoms} entries, got {sel.shape}")
-                sel = np.flatnonzero(sel)
-            sel = sel.astype(int).ravel()
-            if np.any((sel < 0) | (sel >= natoms)) or len(set(sel.tolist())) != sel.size:
-                raise ValueError(f"magnetic indices must be distinct atoms in 0..{natoms - 1}, got {sel.tolist()}")
-            self.magnetic_indices = np.sort(sel)
-        if self.magnetic_indices.size == 0:
-            raise ValueError(f"no magnetic ion: no atom is one of {list(encoding.magnetic)}")
-        for i in self.magnetic_indices:
-            el = self.symbols[i]
-            if el not in encoding.magnetic:
-                raise ValueError(f"atom {i} ({el}) is searched but {el} is not magnetic in the encoding "
-                                 f"{list(encoding.magnetic)}")
-            if spin_elements is not None and el not in spin_elements:
-                raise ValueError(f"atom {i} ({el}) is searched but the model has no spin for {el} "
-                                 f"(spin types: {sorted(spin_elements)})")
-        if spin_elements is not None:
-            unencoded = sorted({s for s in self.symbols if s in spin_elements and s not in encoding.magnetic})
-            if unencoded:
-                raise ValueError(f"the model has spin for {unencoded} but the encoding does not list them as "
-                                 f"magnetic {list(encoding.magnetic)}")
+        self.magnetic_indices = self._searched_ions(magnetic, encoding)
         super().__init__(self.magnetic_indices.size)
         self.magnetic_symbols = tuple(self.symbols[i] for i in self.magnetic_indices)
         self.background = np.zeros(natoms) if background_moments is None else \
@@ -266,6 +238,40 @@ class DeepmdSpinModel(EnergyModel):
             self.fast_ok = [None if ok is None else bool(ok) for ok in fast_checked]
 
     # -- construction helpers ----------------------------------------------------------------
+    def _searched_ions(self, magnetic: Sequence[int] | np.ndarray | None, encoding: SpinEncoding) -> np.ndarray:
+        """Sorted indices of the searched ions (from indices, a mask, or the encoding's elements), checked
+        against the encoding's magnetic elements and the model's spin types."""
+        natoms = len(self.symbols)
+        if magnetic is None:
+            indices = np.flatnonzero(encoding.magnetic_mask(self.symbols))
+        else:
+            sel = np.asarray(magnetic)
+            if sel.dtype == bool:
+                if sel.shape != (natoms,):
+                    raise ValueError(f"a magnetic mask must have {natoms} entries, got {sel.shape}")
+                sel = np.flatnonzero(sel)
+            sel = sel.astype(int).ravel()
+            if np.any((sel < 0) | (sel >= natoms)) or len(set(sel.tolist())) != sel.size:
+                raise ValueError(f"magnetic indices must be distinct atoms in 0..{natoms - 1}, got {sel.tolist()}")
+            indices = np.sort(sel)
+        if indices.size == 0:
+            raise ValueError(f"no magnetic ion: no atom is one of {list(encoding.magnetic)}")
+        spin_elements = self._spin_elements()
+        for i in indices:
+            el = self.symbols[i]
+            if el not in encoding.magnetic:
+                raise ValueError(f"atom {i} ({el}) is searched but {el} is not magnetic in the encoding "
+                                 f"{list(encoding.magnetic)}")
+            if spin_elements is not None and el not in spin_elements:
+                raise ValueError(f"atom {i} ({el}) is searched but the model has no spin for {el} "
+                                 f"(spin types: {sorted(spin_elements)})")
+        if spin_elements is not None:
+            unencoded = sorted({s for s in self.symbols if s in spin_elements and s not in encoding.magnetic})
+            if unencoded:
+                raise ValueError(f"the model has spin for {unencoded} but the encoding does not list them as "
+                                 f"magnetic {list(encoding.magnetic)}")
+        return indices
+
     @classmethod
     def from_atoms(cls, atoms: Any, models: Any, encoding: SpinEncoding,
                    magnetic: Sequence[int] | np.ndarray | None = None, **kwargs: Any) -> DeepmdSpinModel:

@@ -1,5 +1,5 @@
 """The package's imports point one way: no module of spingen/ imports, even inside a function, a
-module that leads back to it; stages import no other stage; the pure spin core imports neither
+module that leads back to it; stages import no other stage; only the CLI imports a user tool; the pure spin core imports neither
 deepmd-kit nor the rest of spingen (docs/architecture.md)."""
 
 from __future__ import annotations
@@ -71,3 +71,10 @@ def test_stages_import_no_other_stage_and_the_spin_core_stands_alone():
         assert not outside, f"{module} imports {sorted(outside)}"
         assert not any(m.split(".")[0] in ("deepmd", "torch", "ase") for m in imports_of(MODULES[module]))
     assert graph["spingen.layout"] == set() and graph["spingen.errors"] == set()
+
+
+def test_only_the_cli_imports_the_user_tools():
+    graph = import_graph()
+    tools = {m for m in graph if m.startswith("spingen.tools")}
+    importers = {m for m, deps in graph.items() if deps & tools and not m.startswith("spingen.tools")}
+    assert importers == {"spingen.cli"}, f"user tools imported by {sorted(importers - {'spingen.cli'})}"

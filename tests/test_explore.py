@@ -17,7 +17,7 @@ from conftest import BIN, lini_frames, make_machine, make_param, tiny_training_p
 
 from spingen.schema import MD_ENSEMBLES, SpinSettings
 from spingen.stages.explore import classify, read_model_devi, sample_candidates
-from spingen.tools.explore_task import DEVI_COLUMNS, SPIN_NOT_COMPUTED, ExploreTaskSettings
+from spingen.tasks.explore import DEVI_COLUMNS, SPIN_NOT_COMPUTED, ExploreTaskSettings
 
 TYPE_MAP = ["Li", "Ni", "O"]
 SPIN = SpinSettings(True, ("Ni",), 0.3, 0.2, "auto", 0.05, "augment")
@@ -164,7 +164,7 @@ def test_members_warm_start_from_their_own_searches(dps):
     """Spin disagreement: each member's search starts from its own previous one and its own energy
     and -dE/dS at the current moments, and still ends on its exhaustive ground state."""
     from spingen.md import SpinModelCalculator
-    from spingen.tools.explore_task import spin_disagreement
+    from spingen.tasks.explore import spin_disagreement
 
     atoms = cell16(seed=11)
     calc = SpinModelCalculator(dps, MAGNITUDES, encoding=SPIN.encoding, drive=0, search={"enumerate_limit": 0},
@@ -311,7 +311,7 @@ def test_nvt_task_deviations_equal_an_independent_recomputation(tmp_path, model_
     import ase.io
     from deepmd.infer.model_devi import calc_model_devi_e, calc_model_devi_f, calc_model_devi_v
 
-    from spingen.tools.explore_task import run
+    from spingen.tasks.explore import run
 
     task = write_task(tmp_path / "task", model_paths)
     assert run(task, models=dps) == 0
@@ -358,7 +358,7 @@ class NaNAfter:
 
 
 def test_nan_from_the_model_is_written_and_counted_failed(tmp_path, model_paths, dps):
-    from spingen.tools.explore_task import run
+    from spingen.tasks.explore import run
 
     task = write_task(tmp_path / "task", model_paths, nsteps=20, trj_freq=2, spin_devi_freq=0)
     assert run(task, models=[NaNAfter(dps[0], 8), dps[1]]) == 0

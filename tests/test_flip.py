@@ -99,7 +99,7 @@ def test_model_test_reports_clear_errors(tmp_path):
 
 
 def test_state_ranking_compares_energies_within_each_geometry():
-    from spingen.tools.model_test import geometry_groups, state_ranking
+    from spingen.model_errors import geometry_groups, state_ranking
 
     coords = np.zeros((5, 2, 3))
     coords[2:4, 0, 0] = 0.5  # geometries: frames 0-1, 2-3, and 4 alone

@@ -659,7 +659,7 @@ def test_gpaw_states_converge_to_different_moments_and_energies(tmp_path):
 
 @needs_gpaw
 def test_a_second_copy_of_a_label_job_waits_for_the_first_and_keeps_its_result(tmp_path):
-    from spingen.tools.task_lock import LOCK_FILE, exclusive_task
+    from spingen.tasks.lock import LOCK_FILE, exclusive_task
 
     stage = gpaw_stage(tmp_path)
     write_candidates(tmp_path, 0, [candidate(nio_cell(), [1.8, 0.0])])

@@ -16,7 +16,7 @@ from conftest import BIN, tiny_training_param
 
 from spingen.cli import main
 from spingen.data.npy import load_system
-from spingen.tools.model_test import geometry_groups
+from spingen.model_errors import geometry_groups
 
 JUDGE = Path(__file__).resolve().parent.parent / "benchmarks" / "spin_loop" / "judge"
 

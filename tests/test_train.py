@@ -93,7 +93,7 @@ def test_canonical_flip_symmetry_writes_one_sign_of_each_frame_and_no_twins(tmp_
 
 def test_a_second_copy_of_a_training_job_waits_for_the_first(tmp_path):
     from spingen.stages.train import train_command
-    from spingen.tools.task_lock import exclusive_task
+    from spingen.tasks.lock import exclusive_task
 
     fake_dp = tmp_path / "dp"
     fake_dp.write_text("#!/bin/sh\necho \"$@\" >> calls\n")

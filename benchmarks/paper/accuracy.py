@@ -15,7 +15,7 @@ train-stage functions (training_input, write_training_data) and `dp --pt train/f
     the augmentation (spin/flip_symmetry "none" and "canonical").
 Each spin model also searches the 24-atom (3x1x1) supercell of <system>/POSCAR exhaustively (every
 sign and level of its 6 magnetic ions): is its minimum the kind of state DFT puts lowest (issue #11)?
-Errors: spingen.tools.model_test on the held-out geometries: ground states only for
+Errors: spingen.model_errors on the held-out geometries: ground states only for
 pristine_ground (what it can be asked about) and every state for the others, energy RMSE
 (meV/atom) and force RMSE (meV/A); parity plots (PNG) next to the results.
 
@@ -46,7 +46,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE.parent))  # results_block
-from spingen.tools.model_test import geometry_groups  # noqa: E402
+from spingen.model_errors import geometry_groups  # noqa: E402
 
 BIN = Path(sys.executable).parent
 DOC = REPO / "docs" / "benchmarks" / "paper.md"

@@ -2,7 +2,7 @@
 
 A task directory holds `gpaw_input.json` (geometry, initial moments, fixed total moment, every
 GPAW setting, the Hubbard setups) and, once run, `result.json` (written atomically by
-spingen.tools.label_task: energy, forces, virial, moments, or the reason of a failure) and
+spingen.tasks.label: energy, forces, virial, moments, or the reason of a failure) and
 `gpaw.txt` (GPAW's log). DFT+U is Dudarev's: the setup string ':d,U-J' per element of fp_ldau.
 A fixed total moment (the NUPDOWN analogue) is GPAW's FermiDirac(width, fixmagmom=True), which
 fixes the total to the sum of the initial moments: when nupdown is given, the initial moments
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from spingen.labelers.base import Labeler, LabelResult
-from spingen.tools.label_task import INPUT_FILE, LOG_FILE, RESULT_FILE, THREAD_VARIABLES
+from spingen.tasks.label import INPUT_FILE, LOG_FILE, RESULT_FILE, THREAD_VARIABLES
 
 _SHELLS = "spdf"
 

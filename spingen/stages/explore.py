@@ -48,7 +48,7 @@ from spingen.layout import (
 )
 from spingen.loop import Stage, StageContext
 from spingen.schema import MODEL_DEVI_DRIVERS, ExploreSettings, MachineSection, Param, explore_settings
-from spingen.tools.explore_task import (
+from spingen.tasks.explore import (
     CONF_FILE,
     DEVI_COLUMNS,
     DEVI_FILE,

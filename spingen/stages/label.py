@@ -311,7 +311,7 @@ class LabelStage(Stage):
         systems = labeled_systems(path)
         if not models or not systems:
             return
-        from spingen.tools.model_test import summary
+        from spingen.model_errors import summary
 
         report = summary(models, systems)
         report["spin_agreement"] = spin_agreement(labeled, self.settings.magnetic, self.settings.moment_tolerance)

@@ -34,7 +34,7 @@ from spingen.layout import (
 from spingen.loop import Stage, StageContext
 from spingen.schema import MachineSection, Param, SpinSettings, thaw
 from spingen.spin.encoding import SIDECAR
-from spingen.tools.task_lock import LOCK_FILE
+from spingen.tasks.lock import LOCK_FILE
 
 log = logging.getLogger("spingen")
 
@@ -115,7 +115,7 @@ class TrainStage(Stage):
     def report_state_ranking(path: Path, models: list[Path], systems: list[Path]) -> None:
         """Whether the ensemble has learned the spin states of its own training geometries (those
         labeled in several states): a model that ranks them wrongly cannot guide the spin search."""
-        from spingen.tools.model_test import state_ranking_on
+        from spingen.model_errors import state_ranking_on
 
         ranking = state_ranking_on(models, systems)
         if ranking is None:
@@ -134,7 +134,7 @@ class TrainStage(Stage):
 
 def train_command(command: str) -> str:
     """The shell line of one training task: wait for any other copy of this job to end (flock, where
-    installed; see spingen.tools.task_lock), train (restarting from a checkpoint if any, else from the
+    installed; see spingen.tasks.lock), train (restarting from a checkpoint if any, else from the
     previous iteration's model if given), freeze."""
     dp = command if "--pt" in command.split() else f"{command} --pt"
     return (f"exec 9>>{LOCK_FILE}; flock 9 2>/dev/null; "

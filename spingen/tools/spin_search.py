@@ -67,17 +67,8 @@ def read_structure(path: str):
     return right_handed(atoms)
 
 
-def run(models: Sequence[str], structure: str, moments: Sequence[str], *, magnetic: Sequence[int] | None = None,
-        eta: float | None = None, offset: float | None = None, nupdown: float | None = None, k: int = 5,
-        seed: int = 0, output: str | None = None, batch_size: int = 256, max_evaluations: int | None = None,
-        symmetrize: bool = False, out: TextIO | None = None) -> int:
-    """The tool itself; returns the exit code. Bad input raises InputError."""
-    out = out or sys.stdout
-    magnitudes = parse_moments(moments)
-    if k < 1:
-        raise InputError(f"--k must be >= 1, got {k}")
-    if max_evaluations is not None and max_evaluations < 1:
-        raise InputError(f"--max-evaluations must be >= 1, got {max_evaluations}")
+def check_model_files(models: Sequence[str]) -> None:
+    """Every path is a frozen deepmd-kit model file, or InputError naming it."""
     from deepmd.backend.backend import Backend
 
     for path in models:
@@ -91,11 +82,13 @@ def run(models: Sequence[str], structure: str, moments: Sequence[str], *, magnet
         if not loadable:
             raise InputError(f"model file '{path}' is not a frozen deepmd-kit model (spingen's are the .pth zip "
                              "archives of `dp --pt freeze`, e.g. iter.000000/00.train/graph.000.pth)")
-    atoms = read_structure(structure)
-    symbols = atoms.get_chemical_symbols()
 
-    from spingen.deepmd_model import DeepmdSpinModel, load_models, model_spin_settings, resolve_encoding
-    from spingen.spin import MomentLevels, SymmetrizedModel, search_ground_state
+
+def load_encoding(models: Sequence[str], structure: str, symbols: list[str], magnitudes: dict[str, list[float]],
+                  eta: float | None, offset: float | None):
+    """(DeepPots, SpinEncoding) of the models, after checking that they know the structure's elements
+    and have a spin for every element of --moments."""
+    from spingen.deepmd_model import load_models, model_spin_settings, resolve_encoding
 
     dps = load_models(list(models))
     type_map = list(dps[0].get_type_map())
@@ -116,22 +109,46 @@ def run(models: Sequence[str], structure: str, moments: Sequence[str], *, magnet
     if eta is not None and any(abs(s - eta) > 1e-9 for s in spin_scales.values()):
         print(f"warning: --eta {eta} differs from the model's virtual_scale {spin_scales}", file=sys.stderr)
     try:
-        encoding = resolve_encoding(dps, offset=offset, virtual_scale=eta, path=models[0])
+        return dps, resolve_encoding(dps, offset=offset, virtual_scale=eta, path=models[0])
     except ValueError as err:
         flag = "--offset" if "offset" in str(err) else "--eta"
         raise InputError(f"{flag} is required: {err}") from None
 
-    natoms = len(symbols)
-    if magnetic:
-        sel = sorted(set(int(i) for i in magnetic))
-        bad = [i for i in sel if not 0 <= i < natoms or symbols[i] not in magnitudes]
-        if bad:
-            raise InputError(f"--magnetic: atoms {bad} are out of range or not of an element in --moments "
-                             f"{sorted(magnitudes)}")
-    else:
-        sel = [i for i, s in enumerate(symbols) if s in magnitudes]
+
+def searched_ions(symbols: list[str], magnitudes: dict[str, list[float]], magnetic: Sequence[int] | None) -> list[int]:
+    """Indices of the ions whose moments are searched: --magnetic, else every ion of an element in --moments."""
+    if not magnetic:
+        return [i for i, s in enumerate(symbols) if s in magnitudes]
+    sel = sorted(set(int(i) for i in magnetic))
+    bad = [i for i in sel if not 0 <= i < len(symbols) or symbols[i] not in magnitudes]
+    if bad:
+        raise InputError(f"--magnetic: atoms {bad} are out of range or not of an element in --moments "
+                         f"{sorted(magnitudes)}")
+    return sel
+
+
+def run(models: Sequence[str], structure: str, moments: Sequence[str], *, magnetic: Sequence[int] | None = None,
+        eta: float | None = None, offset: float | None = None, nupdown: float | None = None, k: int = 5,
+        seed: int = 0, output: str | None = None, batch_size: int = 256, max_evaluations: int | None = None,
+        symmetrize: bool = False, out: TextIO | None = None) -> int:
+    """The tool itself; returns the exit code. Bad input raises InputError."""
+    out = out or sys.stdout
+    magnitudes = parse_moments(moments)
+    if k < 1:
+        raise InputError(f"--k must be >= 1, got {k}")
+    if max_evaluations is not None and max_evaluations < 1:
+        raise InputError(f"--max-evaluations must be >= 1, got {max_evaluations}")
+    check_model_files(models)
+    atoms = read_structure(structure)
+    symbols = atoms.get_chemical_symbols()
+    dps, encoding = load_encoding(models, structure, symbols, magnitudes, eta, offset)
+    sel = searched_ions(symbols, magnitudes, magnetic)
+
+    from spingen.deepmd_model import DeepmdSpinModel
+    from spingen.spin import MomentLevels, SymmetrizedModel, search_ground_state
+
     searched_symbols = [s if i in set(sel) else f"{s}:fixed" for i, s in enumerate(symbols)]
-    background = np.asarray(atoms.get_initial_magnetic_moments(), dtype=float).reshape(natoms)
+    background = np.asarray(atoms.get_initial_magnetic_moments(), dtype=float).reshape(len(symbols))
     try:
         levels = MomentLevels(magnitudes, searched_symbols, total_moment=nupdown)
         model = DeepmdSpinModel(dps, atoms.positions, atoms.cell.array if atoms.pbc.any() else None, symbols,
@@ -140,21 +157,13 @@ def run(models: Sequence[str], structure: str, moments: Sequence[str], *, magnet
     except ValueError as err:
         raise InputError(str(err)) from None
     assert np.array_equal(levels.magnetic_indices, model.magnetic_indices)
-
     if symmetrize and np.any(np.delete(background, sel) != 0):
         raise InputError("--symmetrize reverses every moment: the atoms outside --magnetic must have no moment")
     searched = SymmetrizedModel(model) if symmetrize else model
     result = search_ground_state(searched, levels, seed=seed, n_lowest=k, max_evaluations=max_evaluations)
-    states = [np.asarray(m, dtype=float) for m, _ in result.lowest]
-    energies = np.array([e for _, e in result.lowest])
-
-    def full(m: np.ndarray) -> np.ndarray:
-        f = background.copy()
-        f[model.magnetic_indices] = m
-        return f
 
     counts = {el: searched_symbols.count(el) for el in magnitudes}
-    print(f"structure   {structure}: {natoms} atoms, {atoms.get_chemical_formula()}", file=out)
+    print(f"structure   {structure}: {len(symbols)} atoms, {atoms.get_chemical_formula()}", file=out)
     print(f"models      {len(dps)} ({', '.join(str(m) for m in models)}); eta {encoding.virtual_scale} A/uB, "
           f"offset {encoding.offset} A",
           file=out)
@@ -163,6 +172,21 @@ def run(models: Sequence[str], structure: str, moments: Sequence[str], *, magnet
           + (f"; total moment {nupdown}" if nupdown is not None else "") + " (global sign fixed)", file=out)
     print(f"search      {result.method}; {result.n_evaluations} evaluations of {levels.n_configurations} "
           f"configurations ({100.0 * result.n_evaluations / levels.n_configurations:.3g}%)", file=out)
+    print_states(result, model, symbols, background, symmetrize, out, output)
+    return 0
+
+
+def print_states(result, model, symbols: list[str], background: np.ndarray, symmetrize: bool, out: TextIO,
+                 output: str | None) -> None:
+    """The ground state, the ensemble's spread on it, the lowest states and their MAGMOM lines (to output or out)."""
+    states = [np.asarray(m, dtype=float) for m, _ in result.lowest]
+    energies = np.array([e for _, e in result.lowest])
+
+    def full(m: np.ndarray) -> np.ndarray:
+        f = background.copy()
+        f[model.magnetic_indices] = m
+        return f
+
     print(f"ground state energy {result.best_energy:.6f} eV" + (" (E_sym = (E(S) + E(-S)) / 2)" if symmetrize else ""),
           file=out)
     if model.n_models > 1:
@@ -190,4 +214,3 @@ def run(models: Sequence[str], structure: str, moments: Sequence[str], *, magnet
         print(f"MAGMOM lines written to {output}", file=out)
     else:
         print(text, end="", file=out)
-    return 0

@@ -14,7 +14,7 @@ import os
 import time
 from pathlib import Path
 
-from spingen.tools.task_lock import exclusive_task
+from spingen.tasks.lock import exclusive_task
 
 # the file names the gpaw labeler writes and reads; no heavy import here, so that the thread
 # variables below are set before numpy/BLAS load

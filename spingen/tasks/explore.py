@@ -27,7 +27,7 @@ steps, streamed and flushed:
 When the driving model returns NaN/inf, the failing step gets a row of NaN, the MD stops and the
 task still finishes (the stage's post counts the row as failed). Finally an empty `finished` file
 marks the task complete. A restarted task that had not finished starts from scratch (old outputs
-are removed first); one that finished is left as it is (``spingen.tools.task_lock``).
+are removed first); one that finished is left as it is (``spingen.tasks.lock``).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from spingen.layout import DEVI_FILE
-from spingen.tools.task_lock import exclusive_task
+from spingen.tasks.lock import exclusive_task
 
 TASK_FILE = "task.json"
 CONF_FILE = "conf.extxyz"
