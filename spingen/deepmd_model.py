@@ -169,6 +169,26 @@ def atom_types(type_map: Sequence[str], symbols: Sequence[str], where: str) -> n
     return np.array([list(type_map).index(s) for s in symbols], dtype=int)
 
 
+def evaluate_frames(dp, coords: np.ndarray, cells: np.ndarray | None, types: np.ndarray,
+                    moments: np.ndarray | None = None, encoding: SpinEncoding | None = None,
+                    symbols: Sequence[str] = ()) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """One DeepPot.eval over nf frames: energies (nf,), forces (nf, natoms, 3), virials (nf, 9) and, for a
+    spin model given raw moments (nf, natoms) and their encoding, -dE/dS (nf, natoms) of the raw moments
+    (the z component of force_mag times the encoding's gauge sign); None without moments."""
+    nf, natoms = len(coords), len(types)
+    coords = np.reshape(coords, (nf, natoms * 3))
+    cells = None if cells is None else np.reshape(cells, (nf, 9))
+    if moments is None:
+        e, f, v = dp.eval(coords, cells, types)[:3]
+        minus_grad = None
+    else:
+        spin = encoding.to_deepmd(moments, symbols).reshape(nf, -1)
+        e, f, v, force_mag = dp.eval(coords, cells, types, spin=spin)[:4]
+        signs = encoding.gauge_signs(moments, symbols)
+        minus_grad = signs[:, None] * np.reshape(force_mag, (nf, natoms, 3))[..., 2]
+    return np.reshape(e, nf), np.reshape(f, (nf, natoms, 3)), np.reshape(v, (nf, 9)), minus_grad
+
+
 class DeepmdSpinModel(EnergyModel):
     """Energies and -dE/dS of moment configurations of ONE geometry under deepmd-kit spin model(s).
 

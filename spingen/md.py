@@ -273,23 +273,23 @@ class SpinModelCalculator(Calculator):
         symmetrized: the means over S and -S (one batched call of two frames per model)."""
         if atoms.pbc.any() and not atoms.pbc.all():
             raise ValueError("partly periodic structures are not supported: deepmd-kit needs pbc on all axes or none")
-        signs = (1.0, -1.0) if self.symmetrize else (1.0,)
-        nf, natoms = len(signs), len(atoms)
+        from spingen.deepmd_model import evaluate_frames
+
+        signs = np.array((1.0, -1.0) if self.symmetrize else (1.0,))
+        nf = len(signs)
         cell = np.tile(atoms.cell.array.reshape(1, 9), (nf, 1)) if atoms.pbc.any() else None
-        states = np.array([sign * self.full_moments() for sign in signs])
-        spin = self.encoding.to_deepmd(states, self.symbols).reshape(nf, -1)
+        states = signs[:, None] * self.full_moments()[None, :]
         coords = np.tile(atoms.positions.reshape(1, -1), (nf, 1))
-        # d/dS of E(-S) is -E'(-S); a canonical encoding flips the sign of force_mag the same way
-        sign_column = (np.array(signs) * self.encoding.gauge_signs(states, self.symbols))[:, None]
         energies, forces, virials, minus_grads = [], [], [], []
         with self._jit():
             for dp in models:
-                e, f, v, force_mag = dp.eval(coords, cell, self.atom_types, spin=spin)[:4]
-                energies.append(float(np.mean(np.reshape(e, nf))))
-                forces.append(np.reshape(f, (nf, natoms, 3)).mean(axis=0))
-                virials.append(np.reshape(v, (nf, 9)).mean(axis=0))
-                grads = np.reshape(force_mag, (nf, natoms, 3))[:, self.levels.magnetic_indices, 2]
-                minus_grads.append(np.mean(sign_column * grads, axis=0))
+                e, f, v, minus_grad = evaluate_frames(dp, coords, cell, self.atom_types, states, self.encoding,
+                                                      self.symbols)
+                energies.append(float(np.mean(e)))
+                forces.append(f.mean(axis=0))
+                virials.append(v.mean(axis=0))
+                # d/dS of E(-S) is -E'(-S)
+                minus_grads.append(np.mean(signs[:, None] * minus_grad[:, self.levels.magnetic_indices], axis=0))
         return np.array(energies), np.array(forces), np.array(virials), np.array(minus_grads)
 
     def _evaluate(self, atoms) -> None:

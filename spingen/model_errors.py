@@ -76,18 +76,17 @@ class Ensemble:
     def energy_forces(self, coords: np.ndarray, cells: np.ndarray, atypes: np.ndarray, symbols: Sequence[str],
                       moments: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """Mean energy (nf,) and forces (nf, nat, 3) over the models, in chunks of frames."""
+        from spingen.deepmd_model import evaluate_frames
+
         nf = len(coords)
         energies, forces = np.zeros(nf), np.zeros(coords.shape)
         for start in range(0, nf, FRAMES_PER_CALL):
             part = slice(start, start + FRAMES_PER_CALL)
-            kwargs = {}
-            if self.has_spin:
-                kwargs["spin"] = self.encoding.to_deepmd(moments[part], symbols).reshape(len(coords[part]), -1)
+            spins = moments[part] if self.has_spin else None
             for model in self.models:
-                out = model.eval(coords[part].reshape(len(coords[part]), -1), cells[part].reshape(-1, 9),
-                                 atypes, **kwargs)
-                energies[part] += out[0].reshape(-1) / len(self.models)
-                forces[part] += out[1].reshape(forces[part].shape) / len(self.models)
+                e, f, _, _ = evaluate_frames(model, coords[part], cells[part], atypes, spins, self.encoding, symbols)
+                energies[part] += e / len(self.models)
+                forces[part] += f / len(self.models)
         return energies, forces
 
 

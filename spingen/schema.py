@@ -898,6 +898,27 @@ class LabelSettings:
 
 
 @dataclass(frozen=True)
+class ExploreJob:
+    """One entry of model_devi_jobs: the MD runs of one iteration."""
+
+    sys_idx: tuple[int, ...]
+    temps: tuple[float, ...]
+    press: tuple[float, ...]
+    ensemble: str
+    nsteps: int
+    trj_freq: int
+    taut_ps: float
+    taup_ps: float
+    spin_opt_freq: int
+    spin_devi_freq: int
+
+    @property
+    def pressures(self) -> tuple[float | None, ...]:
+        """The pressures of its runs: press for an NPT ensemble, else one run without a pressure."""
+        return self.press if self.ensemble.startswith("npt") else (None,)
+
+
+@dataclass(frozen=True)
 class ExploreSettings:
     """The checked param.json keys of the explore stage."""
 
@@ -917,6 +938,7 @@ class ExploreSettings:
     task_max: int
     task_max_total: int | None
     task_min: int
+    jobs: tuple[ExploreJob, ...]  # model_devi_jobs, one per iteration
 
 
 def explore_settings(param: Param) -> ExploreSettings:
@@ -977,7 +999,13 @@ def explore_settings(param: Param) -> ExploreSettings:
         driver=raw["model_devi_driver"], seed=int(raw["model_devi_seed"]),
         compressibility=float(raw["model_devi_compressibility"]), spin_search=search,
         symmetrize=bool(raw["model_devi_spin_symmetrize"]), task_max=int(raw["fp_task_max"]),
-        task_max_total=None if total is None else int(total), task_min=int(raw["fp_task_min"]))
+        task_max_total=None if total is None else int(total), task_min=int(raw["fp_task_min"]),
+        jobs=tuple(ExploreJob(
+            sys_idx=tuple(int(i) for i in job["sys_idx"]), temps=tuple(float(t) for t in job["temps"]),
+            press=tuple(float(p) for p in job["press"]), ensemble=job["ensemble"], nsteps=int(job["nsteps"]),
+            trj_freq=int(job["trj_freq"]), taut_ps=float(job["taut"]), taup_ps=float(job["taup"]),
+            spin_opt_freq=int(job["spin_opt_freq"]), spin_devi_freq=int(job["spin_devi_freq"]))
+            for job in param.model_devi_jobs))
 
 
 def label_settings(param: Param) -> LabelSettings:

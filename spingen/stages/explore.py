@@ -93,16 +93,15 @@ class ExploreStage(Stage):
         import ase.io
 
         path = self.path(ctx)
-        job = self.param.model_devi_jobs[ctx.iteration]
+        job = self.settings.jobs[ctx.iteration]
         models = self._link_models(ctx)
         encoding = self._encoding(ctx, models)
         magnitudes = self._magnitudes(ctx, encoding)
         seed = stage_seed(self.settings.seed, ctx.iteration)
         (path / SEED_FILE).write_text(json.dumps({"seed": seed, "model_devi_seed": self.settings.seed,
                                                   "iteration": ctx.iteration}, indent=1) + "\n")
-        pressures = list(job["press"]) if job["ensemble"].startswith("npt") else [None]
         n_tasks = 0
-        for system in job["sys_idx"]:
+        for system in job.sys_idx:
             counter = 0
             for conf in self.param.sys_configs[system]:
                 try:
@@ -112,8 +111,8 @@ class ExploreStage(Stage):
                                      f"'{self.param.sys_format}' with ase: {err}") from None
                 for atoms in map(right_handed, frames):
                     self._check_structure(atoms, conf, magnitudes)
-                    for temperature in job["temps"]:
-                        for pressure in pressures:
+                    for temperature in job.temps:
+                        for pressure in job.pressures:
                             task = path / f"task.{system:03d}.{counter:06d}"
                             task.mkdir()
                             ase.io.write(task / CONF_FILE, atoms, format="extxyz")
@@ -122,7 +121,7 @@ class ExploreStage(Stage):
                             counter += 1
             n_tasks += counter
         log.info("model_devi: %d task(s), %d model(s), moments %s, ensemble %s, %d steps of %g ps", n_tasks,
-                 len(models), magnitudes, job["ensemble"], job["nsteps"], self.settings.dt_ps)
+                 len(models), magnitudes, job.ensemble, job.nsteps, self.settings.dt_ps)
 
     def _link_models(self, ctx: StageContext) -> list[str]:
         path = self.path(ctx)
@@ -193,11 +192,9 @@ class ExploreStage(Stage):
             models=tuple(f"../{m}" for m in models), magnetic=tuple(encoding.magnetic),
             virtual_scale=encoding.virtual_scale, offset=encoding.offset,
             magnitudes={el: tuple(v) for el, v in magnitudes.items()}, drive=MODEL_DEVI_DRIVERS[s.driver],
-            ensemble=job["ensemble"], temperature=float(temperature),
-            pressure=None if pressure is None else float(pressure), nsteps=int(job["nsteps"]), dt_ps=s.dt_ps,
-            trj_freq=int(job["trj_freq"]), taut_ps=float(job["taut"]), taup_ps=float(job["taup"]),
-            compressibility=s.compressibility, spin_opt_freq=int(job["spin_opt_freq"]),
-            spin_devi_freq=int(job["spin_devi_freq"]), seed=seed, spin_search=dict(s.spin_search),
+            ensemble=job.ensemble, temperature=temperature, pressure=pressure, nsteps=job.nsteps, dt_ps=s.dt_ps,
+            trj_freq=job.trj_freq, taut_ps=job.taut_ps, taup_ps=job.taup_ps, compressibility=s.compressibility,
+            spin_opt_freq=job.spin_opt_freq, spin_devi_freq=job.spin_devi_freq, seed=seed, spin_search=dict(s.spin_search),
             symmetrize=s.symmetrize, canonical=encoding.canonical)
 
     # ---- run
