@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from results_block import write_results
+from results_block import time_two_frames, write_results
 
 HERE = Path(__file__).resolve()
 REPO = HERE.parent.parent
@@ -149,7 +149,6 @@ def main() -> int:
     from deepmd.infer import DeepPot
 
     from spingen.md import SpinModelCalculator
-    from spingen.tasks.explore import FrameWriter
 
     dps = [DeepPot(str(m)) for m in models]
     atoms = start_cell()
@@ -193,18 +192,7 @@ def main() -> int:
     frame_calc = SpinModelCalculator(dps, MAGNITUDES, drive=0, spin_opt_freq=0, moments=ground)
     frame_atoms.calc = frame_calc
     frame_atoms.get_potential_energy()
-    tmp = workdir / "frame"
-    tmp.mkdir(exist_ok=True)
-    writer = FrameWriter(tmp, frame_calc, spin_devi_freq=1, seed=1)
-    t0 = time.perf_counter()
-    writer(0, frame_atoms)
-    t_frame = time.perf_counter() - t0
-    frame_split = dict(writer.timings)
-    frame_atoms.positions += np.random.default_rng(2).normal(0, 0.02, frame_atoms.positions.shape)
-    frame_atoms.get_potential_energy()
-    t0 = time.perf_counter()
-    writer(10, frame_atoms)  # the next frame: each member warm-starts from its own previous search
-    t_next = time.perf_counter() - t0
+    t_frame, frame_split, t_next = time_two_frames(frame_calc, frame_atoms, workdir / "frame")
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     text = report(started, load_before, os.getloadavg(), t_models, t_cold, cold.n_search_evaluations, t_eval,

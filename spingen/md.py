@@ -35,10 +35,13 @@ import numpy as np
 from ase import units
 from ase.calculators.calculator import Calculator, all_changes
 
+from spingen.spin.certificate import SAME_ENERGY, CertificateSettings, GroundStateCertificate, competitors
 from spingen.spin.encoding import SpinEncoding
 from spingen.spin.levels import MomentLevels
 from spingen.spin.model import SymmetrizedModel
 from spingen.spin.search import SEARCH_KEYS, SearchResult, search_ground_state
+
+DEFAULT_CERTIFICATE = CertificateSettings()
 
 
 class NonFiniteError(RuntimeError):
@@ -68,10 +71,19 @@ class SpinModelCalculator(Calculator):
     MD, the search, the deviations): exact reversal symmetry for models trained without it
     (spin/flip_symmetry "none" or "augment"), at twice the cost of each evaluation.
     optimize_jit: let TorchScript's profiling executor optimize the graphs (slow first calls).
+    certify: settings of the ground-state certificate (``spingen.spin.certificate``; a mapping of
+    CertificateSettings fields or the settings); None: a warm search at every re-optimizing step.
+    With it, a re-optimizing step predicts from its own -dE/dS (free) which competitors of the
+    current moments (single- and two-ion moves, the last search's lowest states) may lie within the
+    margin, evaluates only those in one energy-only batch (none: certified), and when one is lower,
+    moves downhill over them; a full warm search runs every certify.search_every steps.
 
     After a calculation: ``results["magmoms"]`` (natoms,), ``moments`` (magnetic ions),
     ``last_search`` (SearchResult at the last re-optimization), ``excited_magmoms()``; counters
-    ``n_evaluations``, ``n_searches``, ``n_spin_changes``, ``n_search_evaluations``, ``timings``.
+    ``n_evaluations``, ``n_searches``, ``n_spin_changes``, ``n_search_evaluations``, ``n_certified``
+    (re-optimizing steps settled by the certificate alone), ``n_references`` and
+    ``n_reference_evaluations`` (competitor batches and their configurations), ``n_descents``
+    (moves of the moments found by the competitors), ``timings``.
     """
 
     implemented_properties = ["energy", "free_energy", "forces", "stress", "magmoms", "magmom"]
@@ -80,7 +92,8 @@ class SpinModelCalculator(Calculator):
                  encoding: SpinEncoding | None = None, drive: str | int = "mean", spin_opt_freq: int = 1,
                  moments: np.ndarray | None = None, search: Mapping[str, Any] | None = None, seed: int = 0,
                  total_moment: float | None = None, fix_global_sign: bool = True, optimize_jit: bool = False,
-                 symmetrize: bool = False, **kwargs: Any) -> None:
+                 symmetrize: bool = False, certify: CertificateSettings | Mapping[str, Any] | None = DEFAULT_CERTIFICATE,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         from spingen.deepmd_model import load_models, model_spin_settings, resolve_encoding
 
@@ -119,6 +132,9 @@ class SpinModelCalculator(Calculator):
         self.fix_global_sign = bool(fix_global_sign)
         self.optimize_jit = bool(optimize_jit)
         self.symmetrize = bool(symmetrize)
+        self.certify = CertificateSettings(**certify) if isinstance(certify, Mapping) else certify
+        self.certificate: GroundStateCertificate | None = None  # of the current structure
+        self._steps_since_search = 0
         self._start = None if moments is None else np.asarray(moments, dtype=float)
         self.levels: MomentLevels | None = None
         self.moments: np.ndarray | None = None  # current moments of levels.magnetic_indices
@@ -131,7 +147,9 @@ class SpinModelCalculator(Calculator):
         self._search_next = False
         self.n_evaluations = self.n_searches = self.n_spin_changes = self.n_search_evaluations = 0
         self.n_calculations = 0  # geometries calculated (the standalone schedule counts these)
-        self.timings = {"search": 0.0, "evaluate": 0.0, "members": 0.0}
+        self.n_certified = self.n_references = self.n_reference_evaluations = self.n_descents = 0
+        self._descended: tuple[np.ndarray, np.ndarray] | None = None  # the last descent's competitors, evaluated
+        self.timings = {"search": 0.0, "certify": 0.0, "evaluate": 0.0, "members": 0.0}
 
     # -- schedule ----------------------------------------------------------------------------
     def begin_step(self, step: int, force_search: bool = False) -> None:
@@ -159,14 +177,93 @@ class SpinModelCalculator(Calculator):
         self.n_calculations += 1
         if self.moments is None:  # no start: a cold search first
             self.optimize(atoms)
-        elif search_now:  # evaluate here first (NaN is reported as such), the search reuses it
+        elif search_now:  # evaluate here first (NaN is reported as such); certificate and search reuse it
             self._evaluate(atoms)
-            before = self.moments
-            known = (self.moments, self.results["energy"], self.minus_spin_grad)
-            self.optimize(atoms, known=known)
-            if np.array_equal(before, self.moments):
+            if not self._reoptimize(atoms):
                 return
         self._evaluate(atoms)
+        if self._descended is not None:  # the descent's last batch: the new moments' competitors, evaluated here
+            moves, move_energies = self._descended
+            self.certificate.set_reference(self.moments, self.results["energy"], self.minus_spin_grad, moves,
+                                           move_energies)
+            self._descended = None
+
+    def _reoptimize(self, atoms) -> bool:
+        """The re-optimizing step after the evaluation at the current moments: certified, checked against
+        the competitors the certificate names, or searched; True when the moments moved (the caller
+        evaluates again)."""
+        before, energy, minus_grad = self.moments, self.results["energy"], self.minus_spin_grad
+        cert = self.certificate
+        self._steps_since_search += 1
+        if cert is None or self.last_search is None or self._steps_since_search >= cert.settings.search_every:
+            self.optimize(atoms, known=[(before, energy, minus_grad)])
+            if cert is not None:
+                cert.moments = None  # the next step evaluates the new search's competitors
+            return not np.array_equal(before, self.moments)
+        began = time.perf_counter()
+        indices = cert.to_check(minus_grad) if cert.holds_for(before) else None
+        if indices is not None and not len(indices):
+            self.n_certified += 1
+            self.timings["certify"] += time.perf_counter() - began
+            return False
+        if indices is None:
+            pool = self.competitors(before, cert.settings.pair_limit)
+        else:
+            pool = cert.competitors[indices]
+        model = self.spin_model(atoms)  # one per geometry: its neighbour data serve every batch of this step
+        energies = self._energies(model, pool)
+        self.n_references += 1
+        lower = len(energies) and energies.min() < energy - SAME_ENERGY
+        if not lower:
+            if indices is None:
+                cert.set_reference(before, energy, minus_grad, pool, energies)
+            else:
+                cert.update(indices, energy, minus_grad, energies)
+        else:
+            self._descend(model, pool, energies)
+        self.timings["certify"] += time.perf_counter() - began
+        return bool(lower)
+
+    def _descend(self, model, pool: np.ndarray, energies: np.ndarray) -> None:
+        """Adopt the lowest of the evaluated competitors, then go on downhill over the competitors of the new
+        moments (single- and two-ion moves, the last search's lowest states), one batch per move, until none
+        is lower."""
+        current, lowest = pool[int(np.argmin(energies))], float(np.min(energies))
+        settled = None
+        for _ in range(self.levels.n_magnetic * max(self.levels.n_values)):  # more moves than a descent can make
+            moves = self.competitors(current, self.certificate.settings.pair_limit)
+            move_energies = self._energies(model, moves)
+            if not len(moves) or move_energies.min() >= lowest - SAME_ENERGY:
+                settled = (moves, move_energies)  # every competitor of `current`, evaluated at this geometry
+                break
+            current, lowest = moves[int(np.argmin(move_energies))], float(move_energies.min())
+        row = self.levels.to_indices(current, snap=True)
+        self.moments = self.levels.to_moments(self.levels.first_up(row))[0]
+        self.n_spin_changes += 1
+        self.n_descents += 1
+        self.certificate.moments = None
+        flipped = not np.allclose(self.moments, current)  # E(-S) = E(S) only for a reversal-symmetric energy
+        if settled is not None and (not flipped or self.encoding.canonical or self.symmetrize):
+            self._descended = (-settled[0] if flipped else settled[0], settled[1])  # referenced once evaluated
+
+    def _energies(self, model, moments: np.ndarray) -> np.ndarray:
+        """Driving energies of configurations (n, n_magnetic) under the spin model of this geometry: one
+        energy-only batch."""
+        if len(moments) == 0:
+            return np.empty(0)
+        self.n_reference_evaluations += len(moments)
+        return (SymmetrizedModel(model) if self.symmetrize else model).evaluate(moments)[0]
+
+    def lowest_states(self) -> list[np.ndarray]:
+        """The lowest configurations of the last adopted search (none before it)."""
+        return [] if self.last_search is None else [np.asarray(m, dtype=float) for m, _ in self.last_search.lowest]
+
+    def competitors(self, moments: np.ndarray, pair_limit: int = 0) -> np.ndarray:
+        """The competitors of `moments` (spingen.spin.certificate.competitors) with the last search's lowest
+        states, first-up unless the energy is reversal-symmetric (canonical encoding or symmetrized)."""
+        symmetric = self.encoding.canonical or self.symmetrize
+        return competitors(self.levels, moments, self.lowest_states(), pair_limit, first_up=not symmetric)
+
 
     def _set_structure(self, atoms) -> None:
         from spingen.deepmd_model import atom_types
@@ -180,6 +277,7 @@ class SpinModelCalculator(Calculator):
         self.atom_types = atom_types(self.models[0].get_type_map(), symbols, "the structure").astype(np.int32)
         self.levels = MomentLevels({el: self.magnitudes[el] for el in present}, symbols,
                                    total_moment=self.total_moment, fix_global_sign=self.fix_global_sign)
+        self.certificate = None if self.certify is None else GroundStateCertificate(self.levels, self.certify)
         self.moments = None
         self._adopt_start(atoms)
 
@@ -212,25 +310,28 @@ class SpinModelCalculator(Calculator):
                                self.levels.magnetic_indices, fast_checked=checked, optimize_jit=self.optimize_jit)
 
     def optimize(self, atoms, models: Sequence[Any] | None = None, seed: int | None = None,
-                 adopt: bool = True, known: tuple | None = None, prior: SearchResult | None = None) -> SearchResult:
-        """Search the ground state at this geometry from the current moments; adopt it by default.
+                 adopt: bool = True, known: tuple | list | None = None, prior: SearchResult | None = None,
+                 start: np.ndarray | None = None) -> SearchResult:
+        """Search the ground state at this geometry from `start` (default: the current moments); adopt it by default.
 
         known: evaluations already made at this geometry (see ``search_ground_state``); prior: the
         search of a nearby geometry to warm-start from (default: the last adopted one when adopting).
         """
-        start = time.perf_counter()
+        began = time.perf_counter()
         if prior is None and adopt:
             prior = self.last_search
         model = self.spin_model(atoms, models)
         searched = SymmetrizedModel(model) if self.symmetrize else model
-        result = search_ground_state(searched, self.levels, start=self.moments, prior=prior, known=known,
+        start = self.moments if start is None else start
+        result = search_ground_state(searched, self.levels, start=start, prior=prior, known=known,
                                      seed=self.seed + self.n_searches if seed is None else seed,
                                      **self.search_kwargs)
         for dp, ok in zip(model.models, model.fast_ok):  # checked on the first geometry: trusted from then on
             if ok is not None:
                 self._fast_verdicts[id(dp)] = ok
         if adopt:
-            self.timings["search"] += time.perf_counter() - start
+            self._steps_since_search = 0
+            self.timings["search"] += time.perf_counter() - began
             self.n_search_evaluations += result.n_evaluations
             self.n_searches += 1
             best = np.asarray(result.best_moments, dtype=float)

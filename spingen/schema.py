@@ -27,9 +27,11 @@ from dargs import Argument, Variant
 from dargs.dargs import ArgumentError
 
 from spingen.errors import InputError
+from spingen.spin.certificate import CertificateSettings
 from spingen.spin.encoding import SpinEncoding
 from spingen.spin.search import SEARCH_KEYS
 
+_CERTIFICATE = CertificateSettings()  # the certificate's defaults, documented as the keys'
 MACHINE_SECTIONS = ("train", "model_devi", "fp")
 FP_STYLES = ("gpaw", "vasp")
 MODEL_DEVI_DRIVERS = {"first": 0, "mean": "mean"}  # model_devi_driver -> the MD calculator's drive
@@ -319,6 +321,27 @@ def param_arginfo() -> Argument:
                      Argument("n_lowest", [int, type(None)], optional=True, default=None,
                               doc="Lowest distinct states kept per search: the ground state and n_lowest - 1 "
                                   "excited states (excited_magmoms of the candidates)."),
+                 ]),
+        Argument("model_devi_spin_certify", dict, optional=True, default={},
+                 doc="The ground-state certificate of spin-minimized MD (spingen.spin.certificate): at a "
+                     "re-optimizing step the step's own -dE/dS predicts the gap of every competitor of the "
+                     "current moments (single- and two-ion moves, the last search's lowest states); only those "
+                     "predicted within `margin` (plus their measured prediction error) or older than "
+                     "`max_age` are evaluated, in one energy-only batch, and a lower one moves the moments "
+                     "downhill over single-ion moves. A full warm search runs every `search_every` steps. "
+                     "Measured in docs/benchmarks/spin_md.md.",
+                 sub_fields=[
+                     Argument("enable", bool, optional=True, default=True,
+                              doc="false: a full warm search at every re-optimizing step (15-30x fixed-spin MD)."),
+                     Argument("margin", float, optional=True, default=_CERTIFICATE.margin,
+                              doc="eV (of the cell): a competitor predicted closer than this is evaluated."),
+                     Argument("max_age", int, optional=True, default=_CERTIFICATE.max_age,
+                              doc="Steps a competitor's last evaluation is trusted at most."),
+                     Argument("search_every", int, optional=True, default=_CERTIFICATE.search_every,
+                              doc="A full warm search at least this often (changes of several ions at once)."),
+                     Argument("pair_limit", int, optional=True, default=_CERTIFICATE.pair_limit,
+                              doc="Two-ion moves are competitors too when a configuration has at most this many "
+                                  "(6 ions of 4 levels: 135); more ions: single-ion moves only."),
                  ]),
         Argument("fp_task_max", int, optional=False, doc="At most this many labels per system and iteration."),
         Argument("fp_task_max_total", [int, type(None)], optional=True, default=None,
@@ -939,6 +962,7 @@ class ExploreSettings:
     task_max_total: int | None
     task_min: int
     jobs: tuple[ExploreJob, ...]  # model_devi_jobs, one per iteration
+    certify: Mapping[str, Any] | None = None  # CertificateSettings fields; None: search at every re-optimizing step
 
 
 def explore_settings(param: Param) -> ExploreSettings:
@@ -980,6 +1004,13 @@ def explore_settings(param: Param) -> ExploreSettings:
     for key, value in search.items():
         if isinstance(value, int) and not isinstance(value, bool) and value < (2 if key == "population" else 1):
             raise InputError(f"{where} 'model_devi_spin_search/{key}': expected a larger value, got {value}")
+    certify_arg = param_arginfo().sub_fields["model_devi_spin_certify"]
+    certify = dict(certify_arg.normalize_value(thaw(raw["model_devi_spin_certify"]), trim_pattern="_*"))
+    enabled = certify.pop("enable", True)
+    try:
+        CertificateSettings(**certify)
+    except (TypeError, ValueError) as err:
+        raise InputError(f"{where} 'model_devi_spin_certify': {err}") from None
     for it, job in enumerate(param.model_devi_jobs):
         key = f"{where} 'model_devi_jobs[{it}]"
         for name, least in (("nsteps", 0), ("trj_freq", 1), ("spin_opt_freq", 0), ("spin_devi_freq", 0)):
@@ -1005,7 +1036,8 @@ def explore_settings(param: Param) -> ExploreSettings:
             press=tuple(float(p) for p in job["press"]), ensemble=job["ensemble"], nsteps=int(job["nsteps"]),
             trj_freq=int(job["trj_freq"]), taut_ps=float(job["taut"]), taup_ps=float(job["taup"]),
             spin_opt_freq=int(job["spin_opt_freq"]), spin_devi_freq=int(job["spin_devi_freq"]))
-            for job in param.model_devi_jobs))
+            for job in param.model_devi_jobs),
+        certify=certify if enabled else None)
 
 
 def label_settings(param: Param) -> LabelSettings:

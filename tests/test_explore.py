@@ -130,7 +130,7 @@ def test_a_search_step_hands_its_own_evaluation_to_the_search(dps):
 
     atoms = cell16(seed=9)
     calc = SpinModelCalculator(dps, MAGNITUDES, encoding=SPIN.encoding, drive="mean", spin_opt_freq=1,
-                               search={"enumerate_limit": 0, "max_evaluations": 6}, seed=1)
+                               search={"enumerate_limit": 0, "max_evaluations": 6}, seed=1, certify=None)
     atoms.calc = calc
     atoms.get_potential_energy()
     for _ in range(3):
@@ -152,7 +152,8 @@ def test_standalone_schedule_counts_geometries(dps):
     from spingen.md import SpinModelCalculator
 
     atoms = cell16(seed=12)
-    calc = SpinModelCalculator(dps, MAGNITUDES, encoding=SPIN.encoding, drive=0, spin_opt_freq=2, seed=4)
+    calc = SpinModelCalculator(dps, MAGNITUDES, encoding=SPIN.encoding, drive=0, spin_opt_freq=2, seed=4,
+                               certify=None)  # every re-optimizing geometry searches
     atoms.calc = calc
     for _ in range(5):
         atoms.positions[1, 1] += 0.01
@@ -160,9 +161,41 @@ def test_standalone_schedule_counts_geometries(dps):
     assert calc.n_calculations == 5 and calc.n_searches == 3  # geometries 0 (cold), 2 and 4
 
 
-def test_members_warm_start_from_their_own_searches(dps):
-    """Spin disagreement: each member's search starts from its own previous one and its own energy
-    and -dE/dS at the current moments, and still ends on its exhaustive ground state."""
+def all_configurations(atoms) -> tuple[list[tuple], np.ndarray]:
+    """Every configuration of cell16's 4 Ni (first Ni up) and the full moment rows."""
+    ni = [i for i, s in enumerate(atoms.get_chemical_symbols()) if s == "Ni"]
+    configs = [(a,) + rest for a in (1.0, 3.0) for rest in itertools.product((-3.0, -1.0, 1.0, 3.0), repeat=3)]
+    moments = np.zeros((len(configs), len(atoms)))
+    moments[:, ni] = configs
+    return configs, moments
+
+
+def test_default_spin_md_holds_the_exhaustive_minimum_at_every_step(dps):
+    """Default settings (certificate on): along a short 900 K trajectory the moments the calculator
+    holds are the exhaustive minimum of the driving model at every step, with no search after the
+    cold one (the competitors find the change of the ground state on the way)."""
+    from spingen.md import SpinModelCalculator, run_md
+
+    atoms = cell16(seed=4)
+    calc = SpinModelCalculator(dps, MAGNITUDES, encoding=SPIN.encoding, drive=0, spin_opt_freq=1, seed=2)
+    held = []
+    run_md(atoms, calc, "nvt", 900, nsteps=12, dt_fs=2.0, trj_freq=1, seed=4,
+           observers=[lambda step, a: held.append((a.positions.copy(), a.get_magnetic_moments().copy()))])
+    configs, moments = all_configurations(atoms)
+    for positions, magmoms in held:
+        frame = atoms.copy()
+        frame.positions = positions
+        energies = predict(dps[:1], [frame] * len(configs), moments)[0][0]
+        best = int(np.argmin(energies))
+        np.testing.assert_allclose(magmoms, moments[best])  # both first-up: the first Ni points up
+    assert len(held) == 13 and calc.n_certified + calc.n_references == 12 and calc.n_searches == 1  # the cold one
+    assert calc.n_descents >= 1  # the ground state changed on the way, found by the competitors
+
+
+def test_members_check_the_driving_states_and_search_only_when_they_disagree(dps):
+    """Spin disagreement: a member whose energies put no competitor of the driving moments lower agrees
+    without a search; a member that finds one lower searches on its own and ends on its exhaustive
+    ground state."""
     from spingen.md import SpinModelCalculator
     from spingen.tasks.explore import spin_disagreement
 
@@ -172,24 +205,17 @@ def test_members_warm_start_from_their_own_searches(dps):
     atoms.calc = calc
     atoms.get_potential_energy()
     priors = [None, None]
-    spin_disagreement(calc, atoms, seed=1, priors=priors)
-    cold = [r.n_evaluations for r in priors]
-    atoms.positions[0, 0] += 0.002
-    atoms.get_potential_energy()
-    value, energy_devi, states = spin_disagreement(calc, atoms, seed=2, priors=priors)
-    assert all(r.n_evaluations < c for r, c in zip(priors, cold)), (cold, [r.n_evaluations for r in priors])
-    ni = [i for i, s in enumerate(atoms.get_chemical_symbols()) if s == "Ni"]
-    configs = [(a,) + rest for a in (1.0, 3.0) for rest in itertools.product((-3.0, -1.0, 1.0, 3.0), repeat=3)]
-    moments = np.zeros((len(configs), len(atoms)))
-    moments[:, ni] = configs
+    value, energy_devi, states = spin_disagreement(calc, atoms, seed=1, priors=priors)
+    configs, moments = all_configurations(atoms)
     energies = predict(dps, [atoms] * len(configs), moments)[0]  # (2 members, 128)
     minima = [np.array(configs[int(np.argmin(e))]) for e in energies]
-    for k in range(2):
-        np.testing.assert_allclose(priors[k].best_moments, minima[k])
-        np.testing.assert_allclose(states[k], minima[k])
+    np.testing.assert_allclose(calc.moments, minima[0])  # the driving model's ground state
+    assert priors[0] is None  # member 0 drives: its own check finds nothing lower, no search
+    np.testing.assert_allclose(states[0], minima[0])
+    assert not np.allclose(minima[0], minima[1])  # these two untrained members disagree
+    np.testing.assert_allclose(states[1], minima[1])  # member 1 searched and found its own minimum
+    assert priors[1] is not None and priors[1].n_evaluations < len(configs)
     assert value == pytest.approx(np.mean(minima[0] != minima[1]))
-    # the members' energy deviation on the disputed states, relative to the frame's state
-    assert value > 0  # these two untrained members disagree
     reference = tuple(calc.moments)
     above = [[e[configs.index(tuple(m))] - e[configs.index(reference)] for m in minima] for e in energies]
     assert energy_devi == pytest.approx(np.max(np.std(above, axis=0)) / len(atoms), rel=1e-5)
@@ -515,6 +541,8 @@ def test_stage_runs_through_dpdispatcher_and_resumes_after_a_kill(tmp_path, mode
     ({"model_devi_spin_e_trust": -0.01}, "model_devi_spin_e_trust"),
     ({"fp_task_max_total": 0}, "fp_task_max_total"),
     ({"model_devi_spin_search": {"population": 1}}, "model_devi_spin_search/population"),
+    ({"model_devi_spin_certify": {"margin": -0.1}}, "model_devi_spin_certify"),
+    ({"model_devi_spin_certify": {"max_age": 0}}, "model_devi_spin_certify"),
     ({"model_devi_jobs": [{"sys_idx": [0], "temps": [300], "nsteps": 10, "ensemble": "npt"}]}, "press"),
     ({"model_devi_jobs": [{"sys_idx": [0], "temps": [300], "nsteps": 10, "trj_freq": 0}]}, "trj_freq"),
 ])
@@ -533,6 +561,9 @@ def test_explore_settings_defaults(tmp_path):
     settings = explore_settings(load_param(param_path))
     assert settings.driver == "first" and settings.task_max_total is None and settings.skip == 0
     assert settings.spin_search == {"max_evaluations": 8}  # unset keys: the search's own defaults
+    assert settings.certify == {"margin": 0.002, "max_age": 20, "search_every": 500, "pair_limit": 300}
+    param_path, _ = write_inputs(tmp_path, make_param(tmp_path, model_devi_spin_certify={"enable": False}))
+    assert explore_settings(load_param(param_path)).certify is None
 
 
 def test_magnitudes_inferred_from_training_data(tmp_path):

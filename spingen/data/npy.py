@@ -257,6 +257,7 @@ def _hashes_in_element_order(system: dpdata.System) -> list[str]:
 
 
 def _backup_of(path: Path) -> Path:
+    path = Path(os.path.abspath(path))  # "." and "sys/.." have a name only once made absolute
     return path.with_name(f".{path.name}{_BACKUP_SUFFIX}")
 
 

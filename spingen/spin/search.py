@@ -77,7 +77,7 @@ class SearchResult:
 
 
 def search_ground_state(model: EnergyModel, levels: MomentLevels, *, start: np.ndarray | None = None,
-                        prior: SearchResult | None = None, known: Known | None = None, seed: int = 0,
+                        prior: SearchResult | None = None, known: Known | list[Known] | None = None, seed: int = 0,
                         settings: SearchSettings | None = None, **overrides) -> SearchResult:
     """Lowest-energy valid configuration of `levels` under `model`.
 
@@ -89,8 +89,8 @@ def search_ground_state(model: EnergyModel, levels: MomentLevels, *, start: np.n
     start: moments (n_magnetic,) or (k, n_magnetic), snapped to the levels; prior: the result
     for a nearby geometry (its lowest configurations start too, its surrogate seeds the fit).
     known: evaluations already made at this geometry, (moments (k, n_magnetic), energies (k,),
-    -dE/dS (k, n_magnetic) or None), e.g. the MD step's own at the current moments: used as if
-    evaluated, at no cost (n_evaluations and max_evaluations count new model evaluations only).
+    -dE/dS (k, n_magnetic) or None), or a list of such batches, e.g. the MD step's own at the current
+    moments: used as if evaluated, at no cost (n_evaluations and max_evaluations count new model evaluations only).
     overrides: SearchSettings fields, e.g. population=32.
     """
     s = replace(settings or SearchSettings(), **overrides)
@@ -109,8 +109,8 @@ def search_ground_state(model: EnergyModel, levels: MomentLevels, *, start: np.n
         else:
             surrogate = PairSurrogate(levels)
     evals = _Evaluations(model, levels, s.use_gradient, s.max_evaluations, surrogate)
-    if known is not None:
-        evals.add_known(*known)
+    for batch in [known] if isinstance(known, tuple) else known or []:
+        evals.add_known(*batch)
     ga = _Genetic(evals, np.random.default_rng(seed), s)
     generations = ga.run(start)
     lowest = [(levels.to_moments(evals.rows[k])[0], e) for k, e in evals.lowest(s.n_lowest)]

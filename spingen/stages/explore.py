@@ -195,6 +195,7 @@ class ExploreStage(Stage):
             ensemble=job.ensemble, temperature=temperature, pressure=pressure, nsteps=job.nsteps, dt_ps=s.dt_ps,
             trj_freq=job.trj_freq, taut_ps=job.taut_ps, taup_ps=job.taup_ps, compressibility=s.compressibility,
             spin_opt_freq=job.spin_opt_freq, spin_devi_freq=job.spin_devi_freq, seed=seed, spin_search=dict(s.spin_search),
+            certify=None if s.certify is None else dict(s.certify),
             symmetrize=s.symmetrize, canonical=encoding.canonical)
 
     # ---- run

@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from spingen.layout import DEVI_FILE
+from spingen.spin.certificate import SAME_ENERGY
 from spingen.tasks.lock import exclusive_task
 
 TASK_FILE = "task.json"
@@ -77,6 +78,7 @@ class ExploreTaskSettings:
     spin_devi_freq: int
     seed: int
     spin_search: Mapping[str, Any] = field(default_factory=dict)
+    certify: Mapping[str, Any] | None = field(default_factory=dict)  # CertificateSettings fields; None: off
     symmetrize: bool = False
     canonical: bool = False  # the models' encoding: canonical sign (spin_encoding.json)
 
@@ -87,7 +89,8 @@ class ExploreTaskSettings:
     def load(cls, path: Path) -> ExploreTaskSettings:
         data = json.loads(Path(path).read_text())
         names = set(cls.__dataclass_fields__)
-        unknown, missing = sorted(set(data) - names), sorted(names - set(data) - {"spin_search", "symmetrize", "canonical"})
+        optional = {"spin_search", "certify", "symmetrize", "canonical"}
+        unknown, missing = sorted(set(data) - names), sorted(names - set(data) - optional)
         if unknown or missing:
             raise ValueError(f"{path}: unknown keys {unknown}, missing keys {missing}")
         data["models"] = tuple(data["models"])
@@ -123,20 +126,33 @@ def spin_disagreement(calc, atoms, seed: int, priors: list | None = None
     members' energy deviation on those states (eV/atom, see `spin_devi_e`), and the states
     (members x magnetic ions; None when not computed).
 
-    Each member searches alone, warm-started from the calculator's current moments with its own
-    energy and -dE/dS there (from the deviation's evaluation, free) and, when `priors` is given,
-    from its own previous search (priors[k], replaced by the new one): members warm-start from
-    their own landscapes, frame after frame. NaN when a member's search ends on a non-finite energy.
+    Members first check the driving model's states: each evaluates the competitors of the
+    calculator's moments (every single-ion move and the driving search's lowest states) in one
+    energy-only batch; a member for which none is lower than the current moments agrees without a
+    search. A member for which one is lower searches alone, warm-started from it and the current
+    moments, with its energies there and its -dE/dS at the current moments (free) and, when
+    `priors` is given, from its own previous search (priors[k], replaced by the new one).
+    NaN when a member's energies are not finite.
     """
     if len(calc.models) < 2:
         return 0.0, 0.0, None
     energies = calc.ensemble_predictions(atoms)[0]
     minus_grads = calc.member_minus_spin_grad
+    pool = calc.competitors(calc.moments)
+    pool_energies = calc.state_energies(atoms, pool) if len(pool) else np.empty((len(calc.models), 0))
+    if not (np.all(np.isfinite(energies)) and np.all(np.isfinite(pool_energies))):
+        return float("nan"), float("nan"), None
     states = []
     for k, dp in enumerate(calc.models):
-        known = (calc.moments, energies[k:k + 1], minus_grads[k:k + 1]) if minus_grads is not None else None
+        if not len(pool) or pool_energies[k].min() >= energies[k] - SAME_ENERGY:
+            states.append(np.asarray(calc.moments, dtype=float))
+            continue
+        known = [(pool, pool_energies[k], None)]
+        if minus_grads is not None:
+            known.append((calc.moments, energies[k:k + 1], minus_grads[k:k + 1]))
+        start = np.vstack([pool[np.argmin(pool_energies[k])], calc.moments])
         prior = priors[k] if priors is not None else None
-        result = calc.optimize(atoms, models=[dp], seed=seed + k, adopt=False, known=known, prior=prior)
+        result = calc.optimize(atoms, models=[dp], seed=seed + k, adopt=False, known=known, prior=prior, start=start)
         if priors is not None:
             priors[k] = result
         if not np.isfinite(result.best_energy):
@@ -239,8 +255,8 @@ def _run_locked(task_dir: Path, models: Sequence[Any] | None) -> int:
     begin = time.perf_counter()
     calc = SpinModelCalculator(list(models) if models is not None else [task_dir / m for m in settings.models],
                                settings.magnitudes, encoding=settings.encoding, drive=settings.drive,
-                               spin_opt_freq=settings.spin_opt_freq, search=settings.spin_search, seed=settings.seed,
-                               symmetrize=settings.symmetrize)
+                               spin_opt_freq=settings.spin_opt_freq, search=settings.spin_search,
+                               certify=settings.certify, seed=settings.seed, symmetrize=settings.symmetrize)
     writer = FrameWriter(task_dir, calc, settings.spin_devi_freq, settings.seed)
     status = "finished"
     try:

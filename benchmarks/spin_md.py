@@ -1,0 +1,318 @@
+"""Exactness and cost of spin-minimized MD with a TRAINED LiNiO2 spin model (issue #20).
+
+What runs:
+
+* models: two LiNiO2 spin models (canonical sign, eta 0.3, d 0.2, the paper benchmark's network and
+  its energy-weighted loss), trained `--train-steps` steps on every frame of
+  benchmarks/paper/data/linio2 (GPAW DFT+U, 8-atom cells in several states) with seeds 1 and 2,
+  by spingen's own train-stage functions and `dp --pt`; reused from --workdir when present;
+* the cell: the 8-atom cell of benchmarks/paper/linio2/POSCAR repeated `--repeat` (default 3x1x1:
+  24 atoms, 6 Ni, the spin-loop benchmark's supercell; 2x2x1: 32 atoms, 8 Ni), rattled; Ni levels
+  1.671 and 1.86 uB (the two the data holds, told apart at tol 0.1), 4 signed per ion: 4^6 / 2 =
+  2,048 configurations with the global sign fixed (8 Ni: 32,768). The default search enumerates
+  up to 2,048, so for 6 Ni a full search is an enumeration (about 20 s here): too costly at every
+  MD step, cheap enough once per sampled frame for the truth;
+* for each setting: `run_md` (spingen.md) NVT Langevin at `--temperature`, dt 2 fs, same start
+  and seed, cold start (the first search is the setting's own); spin_opt_freq 0 (fixed moments)
+  is the cost baseline, in the same process. Every `--sample-every` steps (every 10th sample for
+  the budgeted search) the geometry and the moments the calculator holds are kept; afterwards each
+  distinct sampled geometry is enumerated with the driving model (`--workers` processes): exact %
+  of the samples and the mean excess energy of the misses;
+* one written frame of an explore task (2-model ensemble): seconds, and where they went.
+
+Usage (about 30 min on 2 cores with the models trained; training adds ~25 min):
+
+    PATH=$PWD/.venv/bin:$PATH OMP_NUM_THREADS=1 .venv/bin/python benchmarks/spin_md.py
+
+writes the results into docs/benchmarks/spin_md.md between the result markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE / "paper"))
+import accuracy  # noqa: E402  (the paper benchmark's network, loss and training)
+from results_block import cpu_model, time_two_frames, write_results  # noqa: E402
+
+DATA = HERE / "paper" / "data" / "linio2"
+POSCAR = HERE / "paper" / "linio2" / "POSCAR"
+TYPE_MAP = ["Li", "Ni", "O"]
+MAGNETIC = ("Ni",)
+DOC = REPO / "docs" / "benchmarks" / "spin_md.md"
+DOC_BEGIN = "<!-- results:begin (written by benchmarks/spin_md.py) -->"
+DOC_END = "<!-- results:end -->"
+# name -> (spin_opt_freq, search settings, certificate settings or None, judged every k-th sample); the first
+# is the cost baseline (not judged). Exact settings share one trajectory, so their truth is computed once.
+SETTINGS = {
+    "fixed moments": (0, {}, None, 0),
+    "default (certificate)": (1, {}, {}, 1),
+    "certificate, single-ion moves only": (1, {}, {"pair_limit": 0}, 1),
+    "search every step": (1, {}, None, 1),  # (--search-steps steps)
+    "budget 8 every step": (1, {"max_evaluations": 8}, None, 10),
+}
+
+
+def trained_models(workdir: Path, steps: int, seeds=(1, 2)) -> list[Path]:
+    """Frozen canonical-sign LiNiO2 spin models, one per seed (reused when trained from the same input)."""
+    param = accuracy.training_param(steps, (1.0, 50.0), (10.0, 1.0))
+    folders = [accuracy.prepare(f"canonical_seed{seed}", workdir, DATA, True, 0.3, 0.2, param, seed, MAGNETIC,
+                                TYPE_MAP, symmetry="canonical") for seed in seeds]
+    with ThreadPoolExecutor(len(folders)) as pool:
+        list(pool.map(accuracy.train, folders))
+    return [f / "frozen_model.pth" for f in folders]
+
+
+REPEAT = [3, 1, 1]  # set from --repeat
+
+
+def start_cell():
+    """The explored cell: the LiNiO2 8-atom cell (2 Ni) repeated REPEAT, rattled."""
+    from ase.io import read
+
+    atoms = read(POSCAR).repeat(tuple(REPEAT))
+    atoms.rattle(0.03, seed=7)
+    return atoms
+
+
+def run_setting(dps, magnitudes, name: str, steps: int, sample_every: int, temperature: float) -> dict:
+    """NVT MD of one setting from a cold start; wall per step (step 0 excluded), counters, sampled geometries."""
+    from spingen.md import SpinModelCalculator, run_md
+
+    freq, search, certify, thin = SETTINGS[name]
+    atoms = start_cell()
+    calc = SpinModelCalculator(dps, magnitudes, drive=0, spin_opt_freq=freq, search=search, certify=certify, seed=5)
+    atoms.calc = calc
+    t0 = time.perf_counter()
+    atoms.get_potential_energy()  # step 0: the cold search, outside the timing
+    cold = {"s": time.perf_counter() - t0, "configurations": calc.n_search_evaluations}
+    base = dict(calc.timings)
+    counts0 = {k: getattr(calc, k) for k in ("n_searches", "n_spin_changes", "n_search_evaluations", "n_certified",
+                                              "n_references", "n_reference_evaluations", "n_evaluations")}
+    samples = []
+
+    def sample(step, a):
+        samples.append({"step": step, "positions": a.positions.copy(), "cell": a.cell.array.copy(),
+                        "moments": calc.moments.copy()})
+
+    t0 = time.perf_counter()
+    run_md(atoms, calc, "nvt", temperature, nsteps=steps, dt_fs=2.0, trj_freq=sample_every * thin if thin else 0,
+           observers=[sample] if thin else [], seed=3)
+    wall = time.perf_counter() - t0
+    counts = {k[2:]: getattr(calc, k) - v for k, v in counts0.items()}
+    return {"name": name, "steps": steps, "wall_per_step": wall / steps, "cold": cold, **counts,
+            "timings": {k: calc.timings[k] - base[k] for k in base}, "samples": samples}
+
+
+_WORKER: dict = {}
+
+
+def exhaustive_minimum(job) -> tuple[float, float, float]:
+    """(lowest energy, gap to the next state, seconds) over every configuration at one geometry (a worker)."""
+    model_path, positions, cell, symbols, magnitudes = job
+    from spingen.deepmd_model import DeepmdSpinModel, load_models, resolve_encoding
+    from spingen.spin.levels import MomentLevels
+    from spingen.spin.search import search_ground_state
+
+    if model_path not in _WORKER:
+        dps = load_models([model_path])
+        _WORKER[model_path] = (dps, resolve_encoding(dps))
+    dps, encoding = _WORKER[model_path]
+    model = DeepmdSpinModel(dps, positions, cell, symbols, encoding, batch_size=16)
+    levels = MomentLevels(magnitudes, symbols)
+    t0 = time.perf_counter()
+    result = search_ground_state(model, levels, enumerate_limit=levels.n_configurations, n_lowest=2)
+    return result.best_energy, result.lowest[1][1] - result.best_energy, time.perf_counter() - t0
+
+
+class Truth:
+    """Exhaustive minima of the driving model at the sampled geometries (each distinct one enumerated
+    once, in `workers` processes)."""
+
+    def __init__(self, model_path: Path, magnitudes, symbols, workers: int):
+        self.model_path, self.magnitudes, self.symbols, self.workers = str(model_path), magnitudes, symbols, workers
+        self.minima: dict[bytes, tuple[float, float]] = {}
+        self.seconds: list[float] = []
+
+    @staticmethod
+    def key(sample) -> bytes:
+        return np.round(sample["positions"], 8).tobytes()
+
+    def compute(self, samples: list[dict]) -> None:
+        from concurrent.futures import ProcessPoolExecutor
+
+        todo = {self.key(s): s for s in samples if self.key(s) not in self.minima}
+        jobs = [(self.model_path, s["positions"], s["cell"], self.symbols, self.magnitudes) for s in todo.values()]
+        import multiprocessing
+
+        with ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for key, (energy, gap, seconds) in zip(todo, pool.map(exhaustive_minimum, jobs)):
+                self.minima[key] = (energy, gap)
+                self.seconds.append(seconds)
+
+    def judge(self, samples: list[dict]) -> dict:
+        """Exact count of the samples, mean excess (meV per cell) of the misses, smallest gap seen."""
+        from spingen.deepmd_model import DeepmdSpinModel, load_models, resolve_encoding
+
+        dps = load_models([self.model_path])
+        encoding = resolve_encoding(dps)
+        excess, gaps = [], []
+        for s in samples:
+            model = DeepmdSpinModel(dps, s["positions"], s["cell"], self.symbols, encoding)
+            energy, gap = self.minima[self.key(s)]
+            excess.append(float(model.evaluate(s["moments"][None])[0][0]) - energy)
+            gaps.append(gap)
+        excess = np.array(excess)
+        misses = excess > 1e-6
+        return {"sampled": len(samples), "exact": int((~misses).sum()),
+                "miss_excess_meV": float(excess[misses].mean() * 1000) if misses.any() else 0.0,
+                "min_gap_meV": float(min(gaps) * 1000)}
+
+
+def render(info: dict, results: list[dict], truth: Truth, frame: dict) -> str:
+    base = results[0]["wall_per_step"]
+    lines = [
+        f"Measured {info['date']} (`{info['command']}`).",
+        "",
+        f"- machine: `{info['machine']}`; CPU: {info['cpu']}, nproc {info['cores']}; OMP_NUM_THREADS={info['omp']}; "
+        f"load average before: {info['load_before']}, after: {info['load_after']}",
+        f"- peak RSS of the benchmark process: {info['peak_mib']:.0f} MiB",
+        f"- models: 2 canonical-sign LiNiO2 spin models, {info['train_steps']} training steps on "
+        f"benchmarks/paper/data/linio2 (trained in {info['train_s']:.0f} s each, 2 at a time)",
+        f"- cell: {info['formula']}, {info['natoms']} atoms, {info['n_magnetic']} Ni, levels "
+        f"{info['magnitudes']} uB ({info['n_configurations']} configurations with the global sign fixed); "
+        f"NVT Langevin {info['temperature']:.0f} K, dt 2 fs, cold start",
+        f"- one fixed-moment MD step: {1000 * base:.1f} ms; truth: {len(truth.seconds)} distinct sampled geometries "
+        f"enumerated with the driving model, {np.mean(truth.seconds):.0f} s each ({truth.workers} processes)",
+        "",
+        "| setting | spin_opt_freq | search | certificate | MD steps | ms / step | ratio to fixed | exact (sampled) | "
+        "mean excess of misses meV/cell | searches | moments changed | certified steps | competitor batches "
+        "(configurations) | search configurations | cold search s (configurations) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        freq, search, certify, _ = SETTINGS[r["name"]]
+        certificate = "-" if certify is None else json.dumps(certify) if certify else "on"
+        judged = r.get("judged")
+        exact = "-" if judged is None else \
+            f"{judged['exact']}/{judged['sampled']} ({100 * judged['exact'] / judged['sampled']:.0f}%)"
+        excess = "-" if judged is None else f"{judged['miss_excess_meV']:.1f}"
+        lines.append(
+            f"| {r['name']} | {freq} | {json.dumps(search) if search else 'default'} | "
+            f"{certificate} | {r['steps']} | {1000 * r['wall_per_step']:.1f} | "
+            f"{r['wall_per_step'] / base:.2f} | {exact} | {excess} | {r['searches']} | {r['spin_changes']} | "
+            f"{r['certified']} | {r['references']} ({r['reference_evaluations']}) | {r['search_evaluations']} | "
+            f"{r['cold']['s']:.1f} ({r['cold']['configurations']}) |")
+    gaps = [r["judged"]["min_gap_meV"] for r in results if r.get("judged")]
+    lines += ["", f"Smallest gap between the exhaustive minimum and the next state over the sampled geometries: "
+              f"{min(gaps):.1f} meV/cell." if gaps else ""]
+    lines += ["", f"One written explore frame with the {frame['members']}-model ensemble (deviations + spin "
+              f"disagreement): {frame['first_s']:.2f} s (deviation {frame['split']['deviation']:.2f} s, spin "
+              f"disagreement {frame['split']['spin_disagree']:.2f} s); the next frame {frame['next_s']:.2f} s; "
+              f"before (each member's own warm search, as until issue #20), the second frame's spin disagreement: "
+              f"{frame['own_searches_s']:.2f} s."]
+    return "\n".join(lines)
+
+
+def frame_cost(dps, magnitudes, workdir: Path) -> dict:
+    """Seconds of one written frame of an explore task (2 members) at the start geometry, then at a
+    displaced one; and what the members' spin disagreement cost before: one own warm search per member."""
+    from spingen.md import SpinModelCalculator
+
+    atoms = start_cell()
+    calc = SpinModelCalculator(dps, magnitudes, drive=0, seed=5)
+    atoms.calc = calc
+    atoms.get_potential_energy()
+    first, split, following = time_two_frames(calc, atoms, workdir / "frame")
+    t0 = time.perf_counter()  # before: each member searched alone, warm from the held moments
+    energies = calc.ensemble_predictions(atoms)[0]
+    for k, dp in enumerate(calc.models):
+        known = (calc.moments, energies[k:k + 1], calc.member_minus_spin_grad[k:k + 1])
+        calc.optimize(atoms, models=[dp], seed=1 + k, adopt=False, known=known)
+    return {"first_s": first, "split": split, "next_s": following, "members": len(dps),
+            "own_searches_s": time.perf_counter() - t0}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--train-steps", type=int, default=6000)
+    parser.add_argument("--workdir", default="/tmp/spingen_bench_spin_md")
+    parser.add_argument("--train-only", action="store_true")
+    parser.add_argument("--steps", type=int, default=100, help="MD steps of every setting")
+    parser.add_argument("--search-steps", type=int, default=10,
+                        help="MD steps of 'search every step' (each step is a full search: tens of seconds)")
+    parser.add_argument("--repeat", type=int, nargs=3, default=REPEAT, help="supercell of the 8-atom cell")
+    parser.add_argument("--sample-every", type=int, default=5, help="steps between geometries judged exhaustively")
+    parser.add_argument("--temperature", type=float, default=900.0)
+    parser.add_argument("--settings", nargs="*", default=list(SETTINGS), help=f"of {list(SETTINGS)}")
+    parser.add_argument("--workers", type=int, default=2, help="processes enumerating the truth")
+    parser.add_argument("--levels", type=float, nargs="*", default=None,
+                        help="Ni magnitudes (uB); default: inferred from the data at tol 0.1 (1.671, 1.86)")
+    parser.add_argument("--no-doc", action="store_true")
+    args = parser.parse_args(argv)
+    REPEAT[:] = args.repeat
+    command = "python benchmarks/spin_md.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    models = trained_models(workdir, args.train_steps)
+    print(json.dumps([str(m) for m in models]), flush=True)
+    if args.train_only:
+        return 0
+    from deepmd.infer import DeepPot
+
+    from spingen.data.levels import magnitudes_from_data
+    from spingen.spin.levels import MomentLevels
+
+    load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    magnitudes = {"Ni": args.levels} if args.levels else magnitudes_from_data([DATA], MAGNETIC, tol=0.1)
+    dps = [DeepPot(str(m)) for m in models]
+    symbols = start_cell().get_chemical_symbols()
+    results = []
+    for name in [n for n in SETTINGS if n in args.settings]:
+        steps = args.search_steps if name == "search every step" else args.steps
+        r = run_setting(dps, magnitudes, name, steps, args.sample_every, args.temperature)
+        results.append(r)
+        print(json.dumps({k: v for k, v in r.items() if k != "samples"}), flush=True)
+    truth = Truth(models[0], magnitudes, symbols, args.workers)
+    truth.compute([s for r in results for s in r["samples"]])
+    for r in results:
+        samples = r.pop("samples")
+        if samples:
+            r["judged"] = truth.judge(samples)
+            print(r["name"], json.dumps(r["judged"]), flush=True)
+    frame = frame_cost(dps, magnitudes, workdir)
+    print(json.dumps(frame), flush=True)
+    atoms = start_cell()
+    info = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": command,
+            "machine": " ".join(platform.uname()[:3]), "cpu": cpu_model(), "cores": os.cpu_count(),
+            "omp": os.environ.get("OMP_NUM_THREADS"), "load_before": load_before,
+            "load_after": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+            "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "train_steps": args.train_steps,
+            "train_s": float(np.mean([json.loads((m.parent / "time.json").read_text())["train_s"] for m in models])),
+            "formula": atoms.get_chemical_formula(), "natoms": len(atoms), "n_magnetic": symbols.count("Ni"),
+            "magnitudes": magnitudes["Ni"], "n_configurations": MomentLevels(magnitudes, symbols).n_configurations,
+            "temperature": args.temperature}
+    text = render(info, results, truth, frame)
+    print(text)
+    if not args.no_doc:
+        write_results(DOC, DOC_BEGIN, DOC_END, text)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    raise SystemExit(main())

@@ -1,0 +1,130 @@
+"""The ground-state certificate of spin-minimized MD (spingen.spin.certificate; numpy only, fast)."""
+
+import numpy as np
+import pytest
+
+from spingen.spin import AnalyticSpinModel, Exchange, MomentLevels, search_ground_state, triangular_layers
+from spingen.spin.certificate import CertificateSettings, GroundStateCertificate, competitors, n_pair_moves, pair_moves
+
+SYMBOLS8 = ["Ni", "Co", "Mn", "Ni", "Co", "Mn", "Ni", "Co"]
+MAGS8 = {"Ni": [1, 3], "Co": [1, 4], "Mn": [3, 4]}
+ONSITE8 = {"Ni": {1: 0.0, 3: 0.45}, "Co": {1: 0.0, 4: 0.7}, "Mn": {3: 0.0, 4: 0.25}}
+EXCHANGE = [Exchange(0.025, 0.5), Exchange(-0.004, 1.5, r_ref=5.0, cutoff=7.0)]
+
+
+def trajectory(n_steps: int, seed: int, amplitude: float = 0.1):
+    """Analytic models (on-site + distance-dependent exchange) along a smooth random path of the ions."""
+    rng = np.random.default_rng(seed)
+    pos, cell = triangular_layers(2, 2, 2)
+    modes = rng.normal(0, amplitude, (3,) + pos.shape)
+    for t in range(n_steps):
+        phase = 2 * np.pi * t / n_steps
+        moved = pos + modes[0] * np.sin(phase) + modes[1] * np.sin(2 * phase) + modes[2] * (1 - np.cos(phase))
+        yield AnalyticSpinModel(moved, cell, SYMBOLS8, ONSITE8, EXCHANGE)
+
+
+def single_moves(levels: MomentLevels, moments: np.ndarray) -> np.ndarray:
+    return levels.to_moments(levels.single_moves(levels.to_indices(moments)[0]))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_certified_step_has_no_single_ion_move_within_the_margin(seed):
+    """Along a trajectory whose ground state changes, every step the certificate settles without an
+    evaluation has every single-ion move above the held moments by more than the margin (the
+    prediction from the change of -dE/dS is exact for on-site + pair energies), and the competitors
+    it names find every single-ion move that turns lower."""
+    levels = MomentLevels(MAGS8, SYMBOLS8)
+    margin = 0.005
+    cert = GroundStateCertificate(levels, CertificateSettings(margin=margin, max_age=25, search_every=10**6))
+    moments, lowest = None, []
+    certified = checked = changes = 0
+    for model in trajectory(300, seed):
+        if moments is None:
+            result = search_ground_state(model, levels, enumerate_limit=10**6)
+            moments, lowest = result.best_moments, [m for m, _ in result.lowest]
+            continue
+        energy, minus_grad = (x[0] for x in model.evaluate(moments, gradient=True))
+        singles = model.evaluate(single_moves(levels, moments))[0]
+        if cert.holds_for(moments):
+            indices = cert.to_check(minus_grad)
+            if not len(indices):
+                certified += 1
+                assert singles.min() - energy > margin - 1e-9
+                continue
+            pool = cert.competitors[indices]
+        else:
+            indices, pool = None, competitors(levels, moments, lowest)
+        checked += len(pool)
+        pool_energies = model.evaluate(pool)[0]
+        if pool_energies.min() < energy:
+            result = search_ground_state(model, levels, enumerate_limit=10**6)
+            changes += 1
+            moments, lowest = result.best_moments, [m for m, _ in result.lowest]
+            cert.moments = None  # the next step evaluates the competitors of the new moments
+            continue
+        assert singles.min() >= energy - 1e-12  # no single-ion move lower went unnoticed
+        if indices is None:
+            cert.set_reference(moments, energy, minus_grad, pool, pool_energies)
+        else:
+            cert.update(indices, energy, minus_grad, pool_energies)
+    assert certified >= 10 and changes >= 5, (certified, changes)
+    assert checked < 0.5 * 299 * (len(single_moves(levels, moments)) + len(lowest))  # far fewer than all, every step
+
+
+def test_a_single_ion_move_that_turns_lower_is_named():
+    """Constructed case: a field on one ion, grown between two geometries, makes reversing it lower by
+    three margins; the certificate names that competitor and only it."""
+    levels = MomentLevels({"Ni": [1.0]}, ["Ni", "Ni", "Ni"])
+    cert = GroundStateCertificate(levels, CertificateSettings(margin=0.01))
+    moments = np.array([1.0, 1.0, 1.0])
+    pool = competitors(levels, moments)  # each single ion reversed (the orientation nearest S0)
+    assert len(pool) == 3
+
+    def energy(state, field):  # E = -sum h_i S_i; -dE/dS = h
+        return -(np.atleast_2d(state) @ field)
+
+    field = np.array([0.2, 0.2, 0.2])
+    cert.set_reference(moments, energy(moments, field)[0], field, pool, energy(pool, field))
+    assert len(cert.to_check(field)) == 3  # no error measured yet: the first prediction is checked whole
+    cert.update(np.arange(3), energy(moments, field)[0], field, energy(pool, field))  # exact: error 0
+    assert cert.error_per_step == 0.0
+    assert cert.holds_for(moments) and len(cert.to_check(field)) == 0
+    turned = np.array([0.2, 0.2, -0.015])  # reversing ion 2 now lowers E by 0.03 = 3 margins
+    assert energy(pool, turned).min() - energy(moments, turned)[0] == pytest.approx(-0.03)
+    named = cert.to_check(turned)
+    np.testing.assert_array_equal(pool[named], [[1.0, 1.0, -1.0]])
+    assert not cert.holds_for(np.array([1.0, 1.0, -1.0]))  # other moments than the reference: evaluate all
+
+
+def test_references_age_and_learn_their_error():
+    levels = MomentLevels({"Ni": [1.0]}, ["Ni", "Ni"])
+    cert = GroundStateCertificate(levels, CertificateSettings(margin=0.0, max_age=3, safety=1.0))
+    moments = np.array([1.0, 1.0])
+    pool = competitors(levels, moments)
+    cert.set_reference(moments, 0.0, np.zeros(2), pool, np.array([1.0, 1.0]))
+    cert.error_per_step = 0.0  # as if measured
+    assert [len(cert.to_check(np.zeros(2))) for _ in range(4)] == [0, 0, 0, 2]  # max_age 3
+    # evaluated gaps 0.35 lower than predicted after 4 geometries: 0.0875 eV of error per geometry from now on
+    cert.update(np.arange(2), 0.0, np.zeros(2), np.array([0.65, 0.65]))
+    assert cert.error_per_step == pytest.approx(0.0875) and list(cert.ages) == [0, 0]
+    cert.settings = CertificateSettings(margin=0.0, max_age=100, safety=1.0)
+    named = [len(cert.to_check(np.zeros(2))) for _ in range(9)]
+    assert named == [0] * 7 + [2] * 2  # the allowance 0.0875 x age passes the 0.65 gap at age 8
+
+
+def test_certificate_settings_are_checked():
+    for bad in ({"margin": -1.0}, {"max_age": 0}, {"search_every": 0}, {"safety": float("nan")}):
+        with pytest.raises(ValueError):
+            CertificateSettings(**bad)
+
+
+def test_pair_moves_change_exactly_two_ions_and_join_the_competitors_below_the_limit():
+    levels = MomentLevels(MAGS8, SYMBOLS8)
+    row = levels.to_indices(levels.to_moments(np.zeros((1, 8), dtype=np.int8)))[0]
+    pairs = pair_moves(levels, row)
+    assert len(pairs) == n_pair_moves(levels) == 28 * 9
+    assert np.all(np.sum(pairs != row, axis=1) == 2) and len(np.unique(pairs, axis=0)) == len(pairs)
+    moments = levels.to_moments(row)[0]
+    assert len(competitors(levels, moments)) == 24
+    assert len(competitors(levels, moments, pair_limit=252)) == 24 + 252
+    assert len(competitors(levels, moments, pair_limit=251)) == 24
