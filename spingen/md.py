@@ -243,7 +243,7 @@ class SpinModelCalculator(Calculator):
         self.n_descents += 1
         self.certificate.moments = None
         flipped = not np.allclose(self.moments, current)  # E(-S) = E(S) only for a reversal-symmetric energy
-        if settled is not None and (not flipped or self.encoding.canonical or self.symmetrize):
+        if settled is not None and (not flipped or self.reversal_symmetric):
             self._descended = (-settled[0] if flipped else settled[0], settled[1])  # referenced once evaluated
 
     def _energies(self, model, moments: np.ndarray) -> np.ndarray:
@@ -260,9 +260,13 @@ class SpinModelCalculator(Calculator):
 
     def competitors(self, moments: np.ndarray, pair_limit: int = 0) -> np.ndarray:
         """The competitors of `moments` (spingen.spin.certificate.competitors) with the last search's lowest
-        states, first-up unless the energy is reversal-symmetric (canonical encoding or symmetrized)."""
-        symmetric = self.encoding.canonical or self.symmetrize
-        return competitors(self.levels, moments, self.lowest_states(), pair_limit, first_up=not symmetric)
+        states, first-up unless the energy is reversal-symmetric."""
+        return competitors(self.levels, moments, self.lowest_states(), pair_limit, first_up=not self.reversal_symmetric)
+
+    @property
+    def reversal_symmetric(self) -> bool:
+        """E(-S) = E(S) exactly: a canonical-sign encoding or the symmetrized energy."""
+        return self.encoding.canonical or self.symmetrize
 
 
     def _set_structure(self, atoms) -> None:

@@ -19,8 +19,8 @@ competitor is evaluated again (predicted vs evaluated) and widens the allowance 
 reference. A step evaluates only the competitors predicted within margin + safety x (error per
 step) x age, or older than max_age, in one energy-only batch; none: S0 is certified lowest with no
 evaluation at all (never before an error was measured). The caller moves the moments when an
-evaluated competitor is lower. The
-ensemble's members check the driving model's competitors the same way before they search alone.
+evaluated competitor is lower. The ensemble's members evaluate the driving model's competitors
+before they search alone.
 """
 
 from __future__ import annotations

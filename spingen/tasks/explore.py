@@ -18,11 +18,12 @@ steps, streamed and flushed:
   over atoms; virial (divided by natoms) std over models per component, then max/min over the 9
   components and avg = |std|/3 (deepmd's definition); `devi_e` = std over models of energy per
   atom; `spin_disagree` = fraction of magnetic ions whose ground-state moment differs between
-  members when each member searches alone from the frame's moments; `spin_devi_e` (eV/atom) =
+  members (each member evaluates the competitors of the frame's moments and searches alone only
+  when one of them is lower for it; see `spin_disagreement`); `spin_devi_e` (eV/atom) =
   how much the members disagree on the energies of those ground states: std over members of
   each state's energy above the frame's state, max over the states (0 when all members agree).
   Both every spin_devi_freq-th frame; ``SPIN_NOT_COMPUTED`` (-1) on the others; NaN when a
-  member's search met NaN.
+  member's energies are not finite.
 
 When the driving model returns NaN/inf, the failing step gets a row of NaN, the MD stops and the
 task still finishes (the stage's post counts the row as failed). Finally an empty `finished` file
