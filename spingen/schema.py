@@ -259,6 +259,14 @@ def param_arginfo() -> Argument:
         Argument("training_init_model", bool, optional=True, default=False,
                  doc="From iteration 1 on, start each model from the same model of the previous iteration "
                      "(`dp --pt train --init-frz-model`) instead of from scratch (DP-GEN's key)."),
+        Argument("training_reuse_numb_steps", [None, int], optional=True, default=None,
+                 alias=["training_reuse_stop_batch"],
+                 doc="With training_init_model, the training steps of a model that starts from its predecessor "
+                     "(iteration 1 on); default: default_training_param's numb_steps. Lets the first training "
+                     "be long and the later ones short (DP-GEN's key)."),
+        Argument("training_reuse_start_lr", [None, float], optional=True, default=None,
+                 doc="With training_init_model, the start learning rate of a model that starts from its "
+                     "predecessor; default: default_training_param's start_lr (DP-GEN's key)."),
         Argument("default_training_param", dict, optional=False,
                  doc="deepmd-kit input.json (PyTorch backend); spingen fills type_map, spin, loss type, "
                      "data systems and seeds."),
@@ -401,6 +409,17 @@ class TrainSettings:
     numb_models: int
     training_param: Mapping[str, Any]
     init_model: bool = False  # training_init_model
+    reuse_numb_steps: int | None = None  # training_reuse_numb_steps
+    reuse_start_lr: float | None = None  # training_reuse_start_lr
+
+    def reused_training_param(self) -> Mapping[str, Any]:
+        """default_training_param for a model that starts from its predecessor (training_reuse_*)."""
+        inp = thaw(self.training_param)
+        if self.reuse_numb_steps is not None:
+            inp.setdefault("training", {})["numb_steps"] = self.reuse_numb_steps
+        if self.reuse_start_lr is not None:
+            inp.setdefault("learning_rate", {})["start_lr"] = self.reuse_start_lr
+        return inp
 
 
 @dataclass(frozen=True)
@@ -609,7 +628,7 @@ def load_param(path: str | Path) -> Param:
         init_data_sys=_data_paths(raw, base, path, required=init_gen is None),
         sys_configs=_sys_configs(raw, base, path, type_map, spin),
         spin=spin,
-        train=TrainSettings(raw["numb_models"], _freeze(raw["default_training_param"]), raw["training_init_model"]),
+        train=_train_settings(raw, path),
         model_devi_jobs=_freeze(raw["model_devi_jobs"]),
         raw=_freeze(raw),
         init_gen=init_gen,
@@ -694,6 +713,19 @@ def _spin_settings(spin: dict, type_map: tuple[str, ...], path: Path) -> SpinSet
     return SpinSettings(spin["enabled"], magnetic, float(spin["virtual_scale"]), float(spin["offset"]),
                         moments, float(spin["min_virtual_distance"]), spin["flip_symmetry"],
                         int(spin["min_level_support"]))
+
+
+def _train_settings(raw: Mapping[str, Any], path: Path) -> TrainSettings:
+    steps, start_lr = raw["training_reuse_numb_steps"], raw["training_reuse_start_lr"]
+    if steps is not None and steps < 1:
+        raise InputError(f"{path}: key 'training_reuse_numb_steps': expected at least 1 training step, got {steps}")
+    if start_lr is not None and not start_lr > 0:
+        raise InputError(f"{path}: key 'training_reuse_start_lr': expected a positive learning rate, got {start_lr}")
+    if (steps is not None or start_lr is not None) and not raw["training_init_model"]:
+        raise InputError(f"{path}: keys 'training_reuse_numb_steps'/'training_reuse_start_lr' apply to a model "
+                         "that starts from its predecessor: set training_init_model true or remove them")
+    return TrainSettings(raw["numb_models"], _freeze(raw["default_training_param"]), raw["training_init_model"],
+                         steps, start_lr)
 
 
 def _mass_map(mass_map: list | str, type_map: tuple[str, ...], path: Path) -> tuple[float, ...]:

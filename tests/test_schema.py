@@ -66,6 +66,10 @@ PARAM_CASES = [
     ("fp_task_min > fp_task_max", "fp_task_min", 5, "keys 'fp_task_min' (5) > 'fp_task_max' (4): expected fp_task_min <= fp_task_max"),
     ("no ensemble", "numb_models", 1, "key 'numb_models': expected at least 2 models, got 1"),
     ("no model", "numb_models", 0, "key 'numb_models': expected at least 2 models, got 0"),
+    ("reuse steps without init model", "training_reuse_numb_steps", 500, "keys 'training_reuse_numb_steps'/"
+     "'training_reuse_start_lr' apply to a model that starts from its predecessor: set training_init_model true"),
+    ("no reuse steps", "training_reuse_numb_steps", 0, "key 'training_reuse_numb_steps': expected at least 1 "
+     "training step, got 0"),
     ("skip beyond every frame", "model_devi_skip", 20, "key 'model_devi_skip' (20): model_devi_jobs[0] writes its last "
      "frame at step 10 (nsteps 10, trj_freq 5)"),
     ("time step of 2 ps", "model_devi_dt", 2.0, "key 'model_devi_dt': 2.0 ps is no MD time step: the unit is ps, as in DP-GEN"),

@@ -232,7 +232,7 @@ def first_lcurve_rmse(path: Path) -> float:
 @pytest.mark.slow
 def test_training_init_model_starts_from_the_previous_iteration(tmp_path):
     calls = tmp_path / "dp_calls.txt"
-    param = make_param(tmp_path, training_init_model=True)
+    param = make_param(tmp_path, training_init_model=True, training_reuse_numb_steps=30, training_reuse_start_lr=5e-4)
     param_path, machine_path = write_inputs(tmp_path, param, make_machine(str(write_counting_dp(tmp_path / "dp", calls))))
     result = subprocess.run(train_only(param_path, machine_path, 1), cwd=tmp_path, capture_output=True, text=True,
                             timeout=600)
@@ -241,6 +241,10 @@ def test_training_init_model_starts_from_the_previous_iteration(tmp_path):
     for task in ("000", "001"):
         assert (second / task / "init_model.pth").read_bytes() == (first / task / "frozen_model.pth").read_bytes()
         assert not (first / task / "init_model.pth").exists()
+        inputs = [json.loads((d / task / "input.json").read_text()) for d in (first, second)]
+        assert inputs[0]["training"]["numb_steps"] == param["default_training_param"]["training"]["numb_steps"]
+        assert inputs[1]["training"]["numb_steps"] == 30 and inputs[1]["learning_rate"]["start_lr"] == 5e-4
+        assert inputs[0]["learning_rate"]["start_lr"] != 5e-4
         # a model that starts trained starts with a smaller error than one from scratch
         assert first_lcurve_rmse(second / task / "lcurve.out") < first_lcurve_rmse(first / task / "lcurve.out")
     trains = [line for line in calls.read_text().splitlines() if " train " in line]

@@ -64,10 +64,11 @@ class TrainStage(Stage):
             task = path / f"{index:03d}"
             task.mkdir()
             seed = 1 + index + 1000 * ctx.iteration
-            inp = training_input(self.param.train.training_param, self.param.type_map, self.param.spin,
-                                 data_dirs, seed)
+            reused = self.param.train.init_model and ctx.iteration > 0
+            settings = self.param.train.reused_training_param() if reused else self.param.train.training_param
+            inp = training_input(settings, self.param.type_map, self.param.spin, data_dirs, seed)
             (task / "input.json").write_text(json.dumps(inp, indent=2))
-            if self.param.train.init_model and ctx.iteration > 0:
+            if reused:
                 previous = ctx.previous()[-1].iter_dir / self.dirname / task.name / MODEL_FILE
                 shutil.copyfile(previous, task / INIT_MODEL_FILE)
             if self.param.spin.enabled:
