@@ -76,7 +76,9 @@ class SpinModelCalculator(Calculator):
     With it, a re-optimizing step predicts from its own -dE/dS (free) which competitors of the
     current moments (single- and two-ion moves, the last search's lowest states) may lie within the
     margin, evaluates only those in one energy-only batch (none: certified), and when one is lower,
-    moves downhill over them; a full warm search runs every certify.search_every steps.
+    moves to it and goes on downhill over the new moments' competitors, whose gaps the old ones
+    carry over where they can (GroundStateCertificate.move_to); a full warm search runs every
+    certify.search_every steps.
 
     After a calculation: ``results["magmoms"]`` (natoms,), ``moments`` (magnetic ions),
     ``last_search`` (SearchResult at the last re-optimization), ``excited_magmoms()``; counters
@@ -148,7 +150,8 @@ class SpinModelCalculator(Calculator):
         self.n_evaluations = self.n_searches = self.n_spin_changes = self.n_search_evaluations = 0
         self.n_calculations = 0  # geometries calculated (the standalone schedule counts these)
         self.n_certified = self.n_references = self.n_reference_evaluations = self.n_descents = 0
-        self._descended: tuple[np.ndarray, np.ndarray] | None = None  # the last descent's competitors, evaluated
+        self._moved_from: np.ndarray | None = None  # -dE/dS at the moments a move left, until it is settled
+        self._step_model = None  # the spin model of the geometry being re-optimized
         self.timings = {"search": 0.0, "certify": 0.0, "evaluate": 0.0, "members": 0.0}
 
     # -- schedule ----------------------------------------------------------------------------
@@ -182,11 +185,7 @@ class SpinModelCalculator(Calculator):
             if not self._reoptimize(atoms):
                 return
         self._evaluate(atoms)
-        if self._descended is not None:  # the descent's last batch: the new moments' competitors, evaluated here
-            moves, move_energies = self._descended
-            self.certificate.set_reference(self.moments, self.results["energy"], self.minus_spin_grad, moves,
-                                           move_energies)
-            self._descended = None
+        self._settle_move(atoms)
 
     def _reoptimize(self, atoms) -> bool:
         """The re-optimizing step after the evaluation at the current moments: certified, checked against
@@ -210,47 +209,56 @@ class SpinModelCalculator(Calculator):
             pool = self.competitors(before, cert.settings.pair_limit)
         else:
             pool = cert.competitors[indices]
-        model = self.spin_model(atoms)  # one per geometry: its neighbour data serve every batch of this step
-        energies = self._energies(model, pool)
-        self.n_references += 1
-        lower = len(energies) and energies.min() < energy - SAME_ENERGY
-        if not lower:
-            if indices is None:
-                cert.set_reference(before, energy, minus_grad, pool, energies)
-            else:
-                cert.update(indices, energy, minus_grad, energies)
+        self._step_model = self.spin_model(atoms)  # one per geometry: its neighbour data serve every batch here
+        energies = self._energies(self._step_model, pool)
+        if indices is None:
+            cert.set_reference(before, energy, minus_grad, pool, energies)
         else:
-            self._descend(model, pool, energies)
+            cert.update(indices, energy, minus_grad, energies)
+        lower = bool(len(energies)) and energies.min() < energy - SAME_ENERGY
+        if lower:
+            self._move(pool[int(np.argmin(energies))], minus_grad)
+        else:
+            self._step_model = None
         self.timings["certify"] += time.perf_counter() - began
-        return bool(lower)
+        return lower
 
-    def _descend(self, model, pool: np.ndarray, energies: np.ndarray) -> None:
-        """Adopt the lowest of the evaluated competitors, then go on downhill over the competitors of the new
-        moments (single- and two-ion moves, the last search's lowest states), one batch per move, until none
-        is lower."""
-        current, lowest = pool[int(np.argmin(energies))], float(np.min(energies))
-        settled = None
-        for _ in range(self.levels.n_magnetic * max(self.levels.n_values)):  # more moves than a descent can make
-            moves = self.competitors(current, self.certificate.settings.pair_limit)
-            move_energies = self._energies(model, moves)
-            if not len(moves) or move_energies.min() >= lowest - SAME_ENERGY:
-                settled = (moves, move_energies)  # every competitor of `current`, evaluated at this geometry
-                break
-            current, lowest = moves[int(np.argmin(move_energies))], float(move_energies.min())
-        row = self.levels.to_indices(current, snap=True)
-        self.moments = self.levels.to_moments(self.levels.first_up(row))[0]
+    def _move(self, target: np.ndarray, minus_grad_before: np.ndarray) -> None:
+        """Hold `target`, a competitor found lower (first-up); the next evaluation settles the move."""
+        self.moments = self.levels.to_moments(self.levels.first_up(self.levels.to_indices(target, snap=True)))[0]
         self.n_spin_changes += 1
         self.n_descents += 1
-        self.certificate.moments = None
-        flipped = not np.allclose(self.moments, current)  # E(-S) = E(S) only for a reversal-symmetric energy
-        if settled is not None and (not flipped or self.reversal_symmetric):
-            self._descended = (-settled[0] if flipped else settled[0], settled[1])  # referenced once evaluated
+        self._moved_from = minus_grad_before
+
+    def _settle_move(self, atoms) -> None:
+        """After a move, evaluated at the new moments: their competitors take the gaps the old ones carry over
+        (GroundStateCertificate.move_to), those within the allowance are evaluated here in one batch, and a
+        lower one moves the moments again (downhill until none is lower)."""
+        cert = self.certificate
+        for _ in range(self.levels.n_magnetic * max(self.levels.n_values)):  # more moves than a descent makes
+            if self._moved_from is None:
+                break
+            began = time.perf_counter()
+            energy, minus_grad = self.results["energy"], self.minus_spin_grad
+            pool = self.competitors(self.moments, cert.settings.pair_limit)
+            indices = cert.move_to(self.moments, pool, self._moved_from, minus_grad, self.reversal_symmetric)
+            self._moved_from = None
+            energies = self._energies(self._step_model, cert.competitors[indices])
+            cert.update(indices, energy, minus_grad, energies)
+            self.timings["certify"] += time.perf_counter() - began
+            if len(energies) and energies.min() < energy - SAME_ENERGY:
+                self._move(cert.competitors[indices][int(np.argmin(energies))], minus_grad)
+                self._evaluate(atoms)
+        if self._moved_from is not None:  # not settled: the next step evaluates every competitor
+            self._moved_from, cert.moments = None, None
+        self._step_model = None
 
     def _energies(self, model, moments: np.ndarray) -> np.ndarray:
         """Driving energies of configurations (n, n_magnetic) under the spin model of this geometry: one
         energy-only batch."""
         if len(moments) == 0:
             return np.empty(0)
+        self.n_references += 1
         self.n_reference_evaluations += len(moments)
         return (SymmetrizedModel(model) if self.symmetrize else model).evaluate(moments)[0]
 
@@ -281,7 +289,9 @@ class SpinModelCalculator(Calculator):
         self.atom_types = atom_types(self.models[0].get_type_map(), symbols, "the structure").astype(np.int32)
         self.levels = MomentLevels({el: self.magnitudes[el] for el in present}, symbols,
                                    total_moment=self.total_moment, fix_global_sign=self.fix_global_sign)
-        self.certificate = None if self.certify is None else GroundStateCertificate(self.levels, self.certify)
+        magnetic = [symbols[i] for i in self.levels.magnetic_indices]
+        gauge = (lambda states: self.encoding.gauge_signs(states, magnetic)) if self.encoding.canonical else None
+        self.certificate = None if self.certify is None else GroundStateCertificate(self.levels, self.certify, gauge)
         self.moments = None
         self._adopt_start(atoms)
 

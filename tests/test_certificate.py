@@ -128,3 +128,77 @@ def test_pair_moves_change_exactly_two_ions_and_join_the_competitors_below_the_l
     assert len(competitors(levels, moments)) == 24
     assert len(competitors(levels, moments, pair_limit=252)) == 24 + 252
     assert len(competitors(levels, moments, pair_limit=251)) == 24
+
+
+def test_a_move_carries_the_gaps_over_exactly_in_a_pair_landscape():
+    """After a move to a lower competitor, the new moments' competitors take their gaps from the old
+    moments' single- and two-ion gaps without an evaluation: exactly, for on-site + pair energies (the
+    analytic model), in either global orientation, after single- and two-ion moves. Before a move
+    error is measured every state of more than two changed ions is named for evaluation, after it
+    only those within the margin; without two-ion gaps, the states that need them are named."""
+    levels = MomentLevels(MAGS8, SYMBOLS8)
+    model = next(trajectory(1, 0))
+    start = levels.to_moments(np.zeros((1, 8), dtype=np.int8))[0]
+
+    def reference(moments, pair_limit=300):
+        energy, minus_grad = (x[0] for x in model.evaluate(moments, gradient=True))
+        return energy, minus_grad, competitors(levels, moments, pair_limit=pair_limit)
+
+    def first_up(state):
+        return levels.to_moments(levels.first_up(levels.to_indices(state)))[0]
+
+    cert = GroundStateCertificate(levels, CertificateSettings(margin=0.0, pair_limit=300))
+    energy, minus_grad, pool = reference(start)
+    cert.set_reference(start, energy, minus_grad, pool, model.evaluate(pool)[0])
+    cert.error_per_step = 0.0
+    moments = start
+    for ions_moved in (1, 2, 2):
+        changed = np.sum(pool != moments, axis=1)
+        moments = first_up(pool[np.flatnonzero(changed == ions_moved)[5]])
+        new_energy, new_grad, new_pool = reference(moments)
+        first = cert.move_error is None
+        named = cert.move_to(moments, new_pool, minus_grad, new_grad, symmetric=True)
+        exact = model.evaluate(new_pool)[0] - new_energy
+        assert np.isfinite(cert.gaps).all()
+        np.testing.assert_allclose(cert.gaps, exact, atol=1e-9)
+        if first:
+            assert np.isinf(cert.slack).any()  # states of three or more changed ions, not measured yet
+        np.testing.assert_array_equal(named, np.flatnonzero(np.isinf(cert.slack) | (cert.gaps <= 1e-9)))
+        cert.update(named, new_energy, new_grad, exact[named] + new_energy)
+        assert cert.move_error == pytest.approx(0.0, abs=1e-9) and cert.slack.max() < 1e-9
+        energy, minus_grad, pool = new_energy, new_grad, new_pool
+
+    singles_only = GroundStateCertificate(levels, CertificateSettings(margin=0.0, pair_limit=0))
+    energy, minus_grad, pool = reference(start, pair_limit=0)
+    singles_only.set_reference(start, energy, minus_grad, pool, model.evaluate(pool)[0])
+    moved = first_up(pool[3])
+    new_energy, new_grad, new_pool = reference(moved, pair_limit=0)
+    named = singles_only.move_to(moved, new_pool, minus_grad, new_grad, symmetric=True)
+    unknown = np.isnan(singles_only.gaps)
+    assert unknown.sum() == len(new_pool) - 3  # only the moved ion's other levels are S0's own moves
+    assert set(np.flatnonzero(unknown)) <= set(named)
+
+
+def test_a_competitor_in_another_gauge_sector_keeps_its_gap_and_its_own_error():
+    """Canonical-sign models evaluate each state in its gauge (total moment up): across the sign the
+    energy is not smooth in the moments, so -dE/dS at S0 predicts only the gaps of S0's sector; the
+    others keep their reference gap and are checked until their own error was measured."""
+    levels = MomentLevels({"Ni": [1.0]}, ["Ni", "Ni", "Ni"])
+    cert = GroundStateCertificate(levels, CertificateSettings(margin=0.01, pair_limit=300),
+                                  gauge=lambda states: np.sign(states.sum(axis=1)))
+    moments = np.array([1.0, 1.0, 1.0])
+    pool = competitors(levels, moments, pair_limit=300)
+    assert len(pool) == 3 + 3  # three single reversals (total +1) and three pairs (total -1)
+    cross = cert.sectors(pool) < 0
+    assert cross.sum() == 3 and np.all(np.sum(pool != moments, axis=1)[cross] == 2)
+    field = np.array([0.2, 0.2, 0.2])
+    cert.set_reference(moments, 0.0, field, pool, np.full(len(pool), 0.5))
+    np.testing.assert_array_equal(cert.smooth, ~cross)
+    moved_field = np.array([0.3, 0.25, 0.1])
+    predicted = cert.predicted_gaps(moved_field)
+    np.testing.assert_allclose(predicted[cross], 0.5)  # kept
+    assert np.all(predicted[~cross] != 0.5)  # followed the change of -dE/dS
+    cert.error_per_step = 0.0
+    np.testing.assert_array_equal(cert.to_check(field), np.flatnonzero(cross))  # their error is not measured yet
+    cert.update(np.flatnonzero(cross), 0.0, field, np.full(3, 0.5))
+    assert cert.cross_error_per_step == 0.0 and not len(cert.to_check(field))

@@ -188,7 +188,9 @@ def test_default_spin_md_holds_the_exhaustive_minimum_at_every_step(dps):
         energies = predict(dps[:1], [frame] * len(configs), moments)[0][0]
         best = int(np.argmin(energies))
         np.testing.assert_allclose(magmoms, moments[best])  # both first-up: the first Ni points up
-    assert len(held) == 13 and calc.n_certified + calc.n_references == 12 and calc.n_searches == 1  # the cold one
+    assert len(held) == 13 and calc.n_searches == 1  # the cold one
+    # each step certified or one batch of competitors, and at most one more batch per move
+    assert 12 <= calc.n_certified + calc.n_references <= 12 + calc.n_descents
     assert calc.n_descents >= 1  # the ground state changed on the way, found by the competitors
 
 

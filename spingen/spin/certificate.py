@@ -21,10 +21,23 @@ step) x age, or older than max_age, in one energy-only batch; none: S0 is certif
 evaluation at all (never before an error was measured). The caller moves the moments when an
 evaluated competitor is lower. The ensemble's members evaluate the driving model's competitors
 before they search alone.
+
+A canonical-sign model evaluates each configuration in its gauge (the sign that puts the total
+moment up), so its energy is smooth in the moments only within one gauge sector: a competitor in
+another sector than S0 keeps the gap of its reference (-dE/dS at S0 says nothing of it), with its
+own measured error per step.
+
+After a move S0 -> S1 (a competitor found lower), S1's competitors are not all evaluated again:
+each that S0's single- and two-ion gaps speak for, within S0's sector, gets the second-order
+expansion E(c) - E(S0) = sum_i G_i + sum_ij (G_ij - G_i - G_j) over the ions where c differs
+from S0 (exact for two ions or fewer, and in an on-site + pair landscape), widened by the
+measured error of such carried gaps; only the rest, and the carried ones within the allowance,
+are evaluated.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +45,7 @@ import numpy as np
 from spingen.spin.levels import MomentLevels
 
 SAME_ENERGY = 1e-6  # eV: a competitor lower than the current moments by less is numerical noise
+ERROR_MEMORY = 0.7  # a measured error is kept as the running maximum, decayed by this at each later batch
 
 
 @dataclass(frozen=True)
@@ -110,35 +124,51 @@ class GroundStateCertificate:
     """The competitors of the held moments S0, each with the gap and the -dE/dS at S0 of the geometry
     where it was last evaluated (its own reference), and how many geometries ago that was."""
 
-    def __init__(self, levels: MomentLevels, settings: CertificateSettings | None = None) -> None:
+    def __init__(self, levels: MomentLevels, settings: CertificateSettings | None = None,
+                 gauge: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
+        """gauge: the sign (n,) the energy model applies to each configuration (n, n_magnetic) before it
+        sees it (SpinEncoding.gauge_signs of a canonical encoding); the energy is smooth in the moments only
+        within one sign. None: smooth everywhere."""
         self.levels = levels
         self.settings = settings or CertificateSettings()
+        self.gauge = gauge
         self.moments: np.ndarray | None = None  # S0; None: no reference (the caller evaluates every competitor)
         self.competitors = np.empty((0, levels.n_magnetic))
         self.gaps = np.empty(0)  # E(c) - E(S0) at each competitor's reference
         self.minus_grads = np.empty((0, levels.n_magnetic))  # -dE/dS at S0 at each competitor's reference
         self.ages = np.empty(0, dtype=int)  # geometries since each competitor's reference
+        self.slack = np.empty(0)  # eV: the allowance of a gap carried over from the previous moments (move_to)
         self.error_per_step: float | None = None  # measured |predicted - evaluated| gap per geometry, eV
+        self.cross_error_per_step: float | None = None  # the same for competitors in another gauge sector
+        self.move_error: float | None = None  # measured |carried - evaluated| gap after a move, eV
+        self.smooth = np.empty(0, dtype=bool)  # each competitor in S0's gauge sector (its gap follows -dE/dS)
 
     def holds_for(self, moments: np.ndarray) -> bool:
         """Whether the certificate speaks of these moments (else the caller evaluates every competitor)."""
         return self.moments is not None and np.allclose(moments, self.moments, atol=1e-9)
 
     def predicted_gaps(self, minus_grad: np.ndarray, indices: np.ndarray | slice = slice(None)) -> np.ndarray:
-        """E(c) - E(S0) of competitors[indices] at the geometry where -dE/dS at S0 is minus_grad."""
+        """E(c) - E(S0) of competitors[indices] at the geometry where -dE/dS at S0 is minus_grad (the gap at
+        the reference for a competitor in another gauge sector, where -dE/dS at S0 says nothing of it)."""
         step = np.asarray(minus_grad, dtype=float) - self.minus_grads[indices]
-        return self.gaps[indices] - np.sum(step * (self.competitors[indices] - self.moments), axis=1)
+        change = np.sum(step * (self.competitors[indices] - self.moments), axis=1)
+        return self.gaps[indices] - np.where(self.smooth[indices], change, 0.0)
 
     def to_check(self, minus_grad: np.ndarray) -> np.ndarray:
         """At a new geometry (ages all competitors by one): the indices of the competitors that must be
         evaluated, those predicted within margin + safety x error per step x age, or older than max_age.
         Empty: S0 is certified lowest here without an evaluation."""
-        s = self.settings
         self.ages += 1
         if self.error_per_step is None:  # nothing measured yet: the first prediction is checked whole
             return np.arange(len(self.competitors))
-        allowance = s.margin + s.safety * self.error_per_step * self.ages
-        return np.flatnonzero((self.predicted_gaps(minus_grad) <= allowance) | (self.ages > s.max_age))
+        return self._within_allowance(self.predicted_gaps(minus_grad))
+
+    def _within_allowance(self, gaps: np.ndarray) -> np.ndarray:
+        s = self.settings
+        cross = np.inf if self.cross_error_per_step is None else self.cross_error_per_step
+        per_step = np.where(self.smooth, self.error_per_step or 0.0, cross if (~self.smooth).any() else 0.0)
+        allowance = s.margin + self.slack + s.safety * per_step * self.ages
+        return np.flatnonzero(~(gaps > allowance) | (self.ages > s.max_age))
 
     def update(self, indices: np.ndarray, energy: float, minus_grad: np.ndarray, energies: np.ndarray) -> None:
         """Competitors[indices] evaluated at this geometry (S0 at `energy`, -dE/dS): their prediction error
@@ -146,9 +176,17 @@ class GroundStateCertificate:
         if not len(indices):
             return
         gaps = np.asarray(energies, dtype=float) - float(energy)
-        errors = np.abs(self.predicted_gaps(minus_grad, indices) - gaps) / np.maximum(self.ages[indices], 1)
-        self.error_per_step = max(float(errors.max()), 0.5 * (self.error_per_step or 0.0))
+        errors = np.abs(self.predicted_gaps(minus_grad, indices) - gaps)
+        carried = self.slack[indices] > 0  # gaps carried over by a move: their error is the move's
+        if (carried & np.isfinite(errors)).any():
+            self.move_error = max(float(errors[carried & np.isfinite(errors)].max()), ERROR_MEMORY * (self.move_error or 0.0))
+        per_step = errors / np.maximum(self.ages[indices], 1)
+        for smooth, name in ((True, "error_per_step"), (False, "cross_error_per_step")):
+            stepped = ~carried & np.isfinite(errors) & (self.smooth[indices] == smooth)
+            if stepped.any():
+                setattr(self, name, max(float(per_step[stepped].max()), ERROR_MEMORY * (getattr(self, name) or 0.0)))
         self.gaps[indices], self.minus_grads[indices], self.ages[indices] = gaps, minus_grad, 0
+        self.slack[indices] = 0.0
 
     def set_reference(self, moments: np.ndarray, energy: float, minus_grad: np.ndarray,
                       competitors: np.ndarray, competitor_energies: np.ndarray) -> None:
@@ -158,3 +196,73 @@ class GroundStateCertificate:
         self.gaps = np.asarray(competitor_energies, dtype=float) - float(energy)
         self.minus_grads = np.tile(np.asarray(minus_grad, dtype=float), (len(self.competitors), 1))
         self.ages = np.zeros(len(self.competitors), dtype=int)
+        self.slack = np.zeros(len(self.competitors))
+        self.smooth = self.sectors(self.competitors) == self.sectors(self.moments)[0]
+
+    def sectors(self, states: np.ndarray) -> np.ndarray:
+        """The gauge sign of each configuration (all +1 without a gauge)."""
+        states = np.atleast_2d(np.asarray(states, dtype=float))
+        return np.ones(len(states)) if self.gauge is None else np.asarray(self.gauge(states), dtype=float)
+
+    def move_to(self, moments: np.ndarray, competitors: np.ndarray, minus_grad_before: np.ndarray,
+                minus_grad: np.ndarray, symmetric: bool) -> np.ndarray:
+        """The held moments move from S0 to `moments`, a competitor of S0 evaluated at this geometry (where
+        -dE/dS is minus_grad_before at S0 and minus_grad at `moments`). The new `competitors` take the gaps
+        S0's single- and two-ion moves predict here, without an evaluation: a state c that differs from S0
+        on the ions D gets
+
+            E(c) - E(S0) = sum_i G_i + sum_{i<j} (G_ij - G_i - G_j)        (i, j in D)
+
+        from S0's single-ion gaps G_i and two-ion gaps G_ij: exact for |D| <= 2 (S0's own competitors),
+        and for more ions in a landscape of on-site and pair energies; beyond it the measured move error
+        is added to the allowance. symmetric: E(-S) = E(S) (a state stands for its reverse too). Returns
+        the indices of the new competitors to evaluate now: those within the allowance, those no gaps of
+        S0 speak for, and every one of more than two ions until a move error was measured."""
+        old = self.moments
+        states = np.concatenate([old[None], self.competitors])
+        values = list(zip(np.concatenate([[0.0], self.predicted_gaps(minus_grad_before)]),
+                          np.concatenate([[0], self.ages]), np.concatenate([[0.0], self.slack])))
+        known = {self._key(-c): v for c, v in zip(states, values)} if symmetric else {}
+        known.update({self._key(c): v for c, v in zip(states, values)})
+        moments = np.asarray(moments, dtype=float)
+        competitors = np.asarray(competitors, dtype=float).reshape(-1, self.levels.n_magnetic)
+        estimates = [self._cluster_gap(c, old, known, symmetric) for c in np.concatenate([moments[None], competitors])]
+        gap_moved = estimates[0][0]  # exact: `moments` is one of S0's competitors
+        gaps = np.array([e[0] for e in estimates[1:]]) - gap_moved
+        ages = np.array([e[1] for e in estimates[1:]], dtype=int)
+        slack = np.array([e[2] for e in estimates[1:]])
+        self.moments, self.competitors = moments.copy(), competitors
+        self.gaps, self.ages, self.slack = gaps, ages, slack
+        self.smooth = self.sectors(competitors) == self.sectors(moments)[0]
+        self.minus_grads = np.tile(np.asarray(minus_grad, dtype=float), (len(competitors), 1))
+        return self._within_allowance(gaps)
+
+    def _cluster_gap(self, state: np.ndarray, old: np.ndarray, known: dict, symmetric: bool
+                     ) -> tuple[float, int, float]:
+        """(E(state) - E(S0), the oldest age it rests on, the allowance it adds): S0's own gap for S0 and its
+        competitors, else the expansion in S0's single- and two-ion gaps within S0's gauge sector; NaN
+        when a gap it needs is not known or the expansion would cross into another sector."""
+        if self._key(state) in known:
+            return known[self._key(state)]
+        if self.gauge is not None:  # expand within the gauge sector, where the energy is smooth
+            base, state = old * self.sectors(old)[0], state * self.sectors(state)[0]
+        else:
+            base = -old if symmetric and np.abs(state + old).sum() < np.abs(state - old).sum() else old
+        ions = np.flatnonzero(np.abs(state - base) > 1e-9)
+        subsets = [(a,) for a in range(len(ions))] + [(a, b) for a in range(len(ions)) for b in range(a + 1, len(ions))]
+        partial = np.repeat(base[None], len(subsets), axis=0)
+        for row, subset in zip(partial, subsets):
+            row[ions[list(subset)]] = state[ions[list(subset)]]
+        if np.any(self.sectors(partial) != self.sectors(base)[0]):
+            return np.nan, 0, 0.0
+        used = [known.get(self._key(p)) for p in partial]
+        if any(u is None for u in used):
+            return np.nan, 0, 0.0
+        single = [g for g, _, _ in used[:len(ions)]]
+        gap = sum(single) + sum(u[0] - single[s[0]] - single[s[1]] for s, u in zip(subsets[len(ions):], used[len(ions):]))
+        slack = sum(u[2] for u in used) + (np.inf if self.move_error is None else self.move_error)
+        return float(gap), max(u[1] for u in used), float(slack)
+
+    @staticmethod
+    def _key(moments: np.ndarray) -> bytes:
+        return (np.round(np.asarray(moments, dtype=float), 6) + 0.0).tobytes()  # + 0.0: -0.0 is 0.0
