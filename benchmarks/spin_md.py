@@ -30,6 +30,7 @@ writes the results into docs/benchmarks/spin_md.md between the result markers.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -141,16 +142,19 @@ def exhaustive_minimum(job) -> tuple[float, float, float]:
 
 class Truth:
     """Exhaustive minima of the driving model at the sampled geometries (each distinct one enumerated
-    once, in `workers` processes)."""
+    once, in `workers` processes, and kept in `cache` for the next run)."""
 
-    def __init__(self, model_path: Path, magnitudes, symbols, workers: int):
+    def __init__(self, model_path: Path, magnitudes, symbols, workers: int, cache: Path):
         self.model_path, self.magnitudes, self.symbols, self.workers = str(model_path), magnitudes, symbols, workers
-        self.minima: dict[bytes, tuple[float, float]] = {}
-        self.seconds: list[float] = []
+        tag = hashlib.sha1(json.dumps([self.model_path, magnitudes, symbols]).encode()).hexdigest()[:12]
+        self.cache = cache / f"truth_{tag}.json"
+        stored = json.loads(self.cache.read_text()) if self.cache.is_file() else {}
+        self.minima: dict[str, tuple[float, float]] = {k: (e, g) for k, (e, g, _) in stored.items()}
+        self.seconds: dict[str, float] = {k: t for k, (_, _, t) in stored.items()}
 
     @staticmethod
-    def key(sample) -> bytes:
-        return np.round(sample["positions"], 8).tobytes()
+    def key(sample) -> str:
+        return hashlib.sha1(np.round(sample["positions"], 8).tobytes()).hexdigest()
 
     def compute(self, samples: list[dict]) -> None:
         from concurrent.futures import ProcessPoolExecutor
@@ -162,7 +166,8 @@ class Truth:
         with ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             for key, (energy, gap, seconds) in zip(todo, pool.map(exhaustive_minimum, jobs)):
                 self.minima[key] = (energy, gap)
-                self.seconds.append(seconds)
+                self.seconds[key] = seconds
+        self.cache.write_text(json.dumps({k: [*v, self.seconds[k]] for k, v in self.minima.items()}))
 
     def judge(self, samples: list[dict]) -> dict:
         """Exact count of the samples, mean excess (meV per cell) of the misses, smallest gap seen."""
@@ -197,7 +202,8 @@ def render(info: dict, results: list[dict], truth: Truth, frame: dict) -> str:
         f"{info['magnitudes']} uB ({info['n_configurations']} configurations with the global sign fixed); "
         f"NVT Langevin {info['temperature']:.0f} K, dt 2 fs, cold start",
         f"- one fixed-moment MD step: {1000 * base:.1f} ms; truth: {len(truth.seconds)} distinct sampled geometries "
-        f"enumerated with the driving model, {np.mean(truth.seconds):.0f} s each ({truth.workers} processes)",
+        f"enumerated with the driving model (so far; cached in the work dir), {np.mean(list(truth.seconds.values())):.0f} s each "
+        f"({truth.workers} processes)",
         "",
         "| setting | spin_opt_freq | search | certificate | MD steps | ms / step | ratio to fixed | exact (sampled) | "
         "mean excess of misses meV/cell | searches | moments changed | certified steps | competitor batches "
@@ -287,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         r = run_setting(dps, magnitudes, name, steps, args.sample_every, args.temperature)
         results.append(r)
         print(json.dumps({k: v for k, v in r.items() if k != "samples"}), flush=True)
-    truth = Truth(models[0], magnitudes, symbols, args.workers)
+    truth = Truth(models[0], magnitudes, symbols, args.workers, workdir)
     truth.compute([s for r in results for s in r["samples"]])
     for r in results:
         samples = r.pop("samples")
