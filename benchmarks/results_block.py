@@ -33,7 +33,7 @@ def time_two_frames(calc, atoms, folder: Path) -> tuple[float, dict, float]:
     from spingen.tasks.explore import FrameWriter
 
     folder.mkdir(parents=True, exist_ok=True)
-    writer = FrameWriter(folder, calc, spin_devi_freq=1, seed=1)
+    writer = FrameWriter(folder, calc, spin_devi_freq=1)
     t0 = time.perf_counter()
     writer(0, atoms)
     first = time.perf_counter() - t0

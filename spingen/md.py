@@ -272,6 +272,11 @@ class SpinModelCalculator(Calculator):
         return competitors(self.levels, moments, self.lowest_states(), pair_limit, first_up=not self.reversal_symmetric)
 
     @property
+    def pair_limit(self) -> int:
+        """Two-ion moves are competitors up to this many (certify.pair_limit, its default without certify)."""
+        return (self.certify or CertificateSettings()).pair_limit
+
+    @property
     def reversal_symmetric(self) -> bool:
         """E(-S) = E(S) exactly: a canonical-sign encoding or the symmetrized energy."""
         return self.encoding.canonical or self.symmetrize
@@ -354,6 +359,21 @@ class SpinModelCalculator(Calculator):
             self.moments = best
             self.last_search = result
         return result
+
+    def descend(self, atoms, models: Sequence[Any], start: np.ndarray, energy: float) -> tuple[np.ndarray, float]:
+        """(moments, energy) reached downhill from `start` (at `energy`) under `models` at this geometry: one
+        energy-only batch of the competitors (single- and two-ion moves up to certify.pair_limit, the last
+        search's lowest states) per move, until none is lower."""
+        model = self.spin_model(atoms, models)
+        evaluate = (SymmetrizedModel(model) if self.symmetrize else model).evaluate
+        current = np.asarray(start, dtype=float)
+        for _ in range(self.levels.n_magnetic * max(self.levels.n_values)):  # more moves than a descent makes
+            moves = self.competitors(current, self.pair_limit)
+            energies = evaluate(moves)[0] if len(moves) else np.empty(0)
+            if not len(moves) or not energies.min() < energy - SAME_ENERGY:
+                break
+            current, energy = moves[int(np.argmin(energies))], float(energies.min())
+        return self.levels.to_moments(self.levels.first_up(self.levels.to_indices(current, snap=True)))[0], energy
 
     def state_energies(self, atoms, moments: np.ndarray) -> np.ndarray:
         """Every model's energy (M, n) at n configurations of the magnetic moments (n, n_magnetic) at

@@ -20,7 +20,7 @@ reference. A step evaluates only the competitors predicted within margin + safet
 step) x age, or older than max_age, in one energy-only batch; none: S0 is certified lowest with no
 evaluation at all (never before an error was measured). The caller moves the moments when an
 evaluated competitor is lower. The ensemble's members evaluate the driving model's competitors
-before they search alone.
+before they go downhill alone.
 
 A canonical-sign model evaluates each configuration in its gauge (the sign that puts the total
 moment up), so its energy is smooth in the moments only within one gauge sector: a competitor in

@@ -18,8 +18,8 @@ steps, streamed and flushed:
   over atoms; virial (divided by natoms) std over models per component, then max/min over the 9
   components and avg = |std|/3 (deepmd's definition); `devi_e` = std over models of energy per
   atom; `spin_disagree` = fraction of magnetic ions whose ground-state moment differs between
-  members (each member evaluates the competitors of the frame's moments and searches alone only
-  when one of them is lower for it; see `spin_disagreement`); `spin_devi_e` (eV/atom) =
+  members (each member evaluates the competitors of the frame's moments and goes downhill from
+  them only when one of them is lower for it; see `spin_disagreement`); `spin_devi_e` (eV/atom) =
   how much the members disagree on the energies of those ground states: std over members of
   each state's energy above the frame's state, max over the states (0 when all members agree).
   Both every spin_devi_freq-th frame; ``SPIN_NOT_COMPUTED`` (-1) on the others; NaN when a
@@ -121,25 +121,21 @@ def model_deviation(energies: np.ndarray, forces: np.ndarray, virials: np.ndarra
                      f_devi.max(), f_devi.min(), f_devi.mean(), e_devi])
 
 
-def spin_disagreement(calc, atoms, seed: int, priors: list | None = None
-                      ) -> tuple[float, float, np.ndarray | None]:
+def spin_disagreement(calc, atoms) -> tuple[float, float, np.ndarray | None]:
     """Fraction of magnetic ions whose moment differs between the members' own ground states, the
     members' energy deviation on those states (eV/atom, see `spin_devi_e`), and the states
     (members x magnetic ions; None when not computed).
 
-    Members first check the driving model's states: each evaluates the competitors of the
-    calculator's moments (every single-ion move and the driving search's lowest states) in one
-    energy-only batch; a member for which none is lower than the current moments agrees without a
-    search. A member for which one is lower searches alone, warm-started from it and the current
-    moments, with its energies there and its -dE/dS at the current moments (free) and, when
-    `priors` is given, from its own previous search (priors[k], replaced by the new one).
+    Members start from the driving model's state: each evaluates the competitors of the calculator's
+    moments (single- and two-ion moves, the driving search's lowest states) in one energy-only batch;
+    a member for which none is lower agrees; one for which one is lower goes on downhill from it over
+    the competitors (`SpinModelCalculator.descend`), a few batches, not a search of the whole space.
     NaN when a member's energies are not finite.
     """
     if len(calc.models) < 2:
         return 0.0, 0.0, None
     energies = calc.ensemble_predictions(atoms)[0]
-    minus_grads = calc.member_minus_spin_grad
-    pool = calc.competitors(calc.moments)
+    pool = calc.competitors(calc.moments, calc.pair_limit)
     pool_energies = calc.state_energies(atoms, pool) if len(pool) else np.empty((len(calc.models), 0))
     if not (np.all(np.isfinite(energies)) and np.all(np.isfinite(pool_energies))):
         return float("nan"), float("nan"), None
@@ -148,17 +144,11 @@ def spin_disagreement(calc, atoms, seed: int, priors: list | None = None
         if not len(pool) or pool_energies[k].min() >= energies[k] - SAME_ENERGY:
             states.append(np.asarray(calc.moments, dtype=float))
             continue
-        known = [(pool, pool_energies[k], None)]
-        if minus_grads is not None:
-            known.append((calc.moments, energies[k:k + 1], minus_grads[k:k + 1]))
-        start = np.vstack([pool[np.argmin(pool_energies[k])], calc.moments])
-        prior = priors[k] if priors is not None else None
-        result = calc.optimize(atoms, models=[dp], seed=seed + k, adopt=False, known=known, prior=prior, start=start)
-        if priors is not None:
-            priors[k] = result
-        if not np.isfinite(result.best_energy):
+        lowest = int(np.argmin(pool_energies[k]))
+        state, energy = calc.descend(atoms, [dp], pool[lowest], pool_energies[k][lowest])
+        if not np.isfinite(energy):
             return float("nan"), float("nan"), None
-        states.append(np.asarray(result.best_moments, dtype=float))
+        states.append(state)
     states = np.array(states)
     differs = np.any(np.abs(states - states[0]) > 1e-6, axis=0)
     if not differs.any():
@@ -178,11 +168,10 @@ def format_row(step: int, values: Sequence[float]) -> str:
 class FrameWriter:
     """The MD observer of an explore task: one trajectory frame and one model_devi row per call."""
 
-    def __init__(self, task_dir: Path, calc, spin_devi_freq: int, seed: int):
+    def __init__(self, task_dir: Path, calc, spin_devi_freq: int):
         self.traj, self.devi = task_dir / TRAJ_FILE, task_dir / DEVI_FILE
-        self.calc, self.spin_devi_freq, self.seed = calc, spin_devi_freq, seed
+        self.calc, self.spin_devi_freq = calc, spin_devi_freq
         self.frames = 0
-        self.member_searches: list = [None] * len(calc.models)  # each member's last own search
         self.timings = {"deviation": 0.0, "spin_disagree": 0.0, "write": 0.0}
         self.devi.write_text(header())
 
@@ -194,8 +183,7 @@ class FrameWriter:
         start = time.perf_counter()
         member_states = None
         if self.spin_devi_freq > 0 and self.frames % self.spin_devi_freq == 0:
-            disagreement, energy_devi, member_states = spin_disagreement(self.calc, atoms, self.seed + 7919 * step,
-                                                                         self.member_searches)
+            disagreement, energy_devi, member_states = spin_disagreement(self.calc, atoms)
             values += [disagreement, energy_devi]
         else:
             values += [SPIN_NOT_COMPUTED, SPIN_NOT_COMPUTED]
@@ -258,7 +246,7 @@ def _run_locked(task_dir: Path, models: Sequence[Any] | None) -> int:
                                settings.magnitudes, encoding=settings.encoding, drive=settings.drive,
                                spin_opt_freq=settings.spin_opt_freq, search=settings.spin_search,
                                certify=settings.certify, seed=settings.seed, symmetrize=settings.symmetrize)
-    writer = FrameWriter(task_dir, calc, settings.spin_devi_freq, settings.seed)
+    writer = FrameWriter(task_dir, calc, settings.spin_devi_freq)
     status = "finished"
     try:
         run_md(atoms, calc, settings.ensemble, settings.temperature, settings.pressure, settings.nsteps,
