@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import resource
 import shutil
 import subprocess
@@ -24,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from results_block import write_results
+from results_block import step_durations, write_results
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -33,22 +32,6 @@ DOC_BEGIN = "<!-- results:begin (written by benchmarks/demo.py) -->"
 DOC_END = "<!-- results:end -->"
 PARAM = REPO / "param_examples" / "linio2_demo" / "param.json"
 MACHINE = REPO / "machine_examples" / "local.json"
-STEP_DONE = re.compile(r"^(\S+ \S+) INFO iter (\d{6}) step (\d{2}): (\w+?)_(\w+) done in ([\d.]+) s")
-
-
-def step_durations(log: Path) -> dict[str, float]:
-    """Total seconds per 'phase_stage' over the main loop (init's own loop counted as init_*)."""
-    totals: dict[str, float] = {}
-    in_init = True
-    for line in log.read_text().splitlines():
-        match = STEP_DONE.match(line)
-        if match:
-            _, iteration, _, phase, stage, seconds = match.groups()
-            if stage == "train":
-                in_init = False
-            key = f"{'init ' if in_init else ''}{phase}_{stage}"
-            totals[key] = totals.get(key, 0.0) + float(seconds)
-    return totals
 
 
 def render(rows: list[dict], wall: float, durations: dict[str, float], rss_mib: float, info: dict,

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+
+STEP_DONE = re.compile(r"^(\S+ \S+) INFO iter (\d{6}) step (\d{2}): (\w+?)_(\w+) done in ([\d.]+) s")
 
 
 def write_results(doc: Path, begin: str, end: str, block: str) -> None:
@@ -10,6 +13,21 @@ def write_results(doc: Path, begin: str, end: str, block: str) -> None:
     text = doc.read_text()
     start, stop = text.index(begin) + len(begin), text.index(end)
     doc.write_text(text[:start] + "\n\n" + block + "\n" + text[stop:])
+
+
+def step_durations(log: Path) -> dict[str, float]:
+    """Total seconds per 'phase_stage' over the main loop (init's own loop counted as init_*)."""
+    totals: dict[str, float] = {}
+    in_init = True
+    for line in log.read_text().splitlines():
+        match = STEP_DONE.match(line)
+        if match:
+            _, iteration, _, phase, stage, seconds = match.groups()
+            if stage == "train":
+                in_init = False
+            key = f"{'init ' if in_init else ''}{phase}_{stage}"
+            totals[key] = totals.get(key, 0.0) + float(seconds)
+    return totals
 
 
 def cpu_model() -> str:
