@@ -137,6 +137,7 @@ class SpinModelCalculator(Calculator):
         self.certify = CertificateSettings(**certify) if isinstance(certify, Mapping) else certify
         self.certificate: GroundStateCertificate | None = None  # of the current structure
         self._steps_since_search = 0
+        self.lowest_here = False  # the moments are the driving model's lowest found at the current geometry
         self._start = None if moments is None else np.asarray(moments, dtype=float)
         self.levels: MomentLevels | None = None
         self.moments: np.ndarray | None = None  # current moments of levels.magnetic_indices
@@ -178,14 +179,18 @@ class SpinModelCalculator(Calculator):
         else:
             search_now = self.spin_opt_freq > 0 and self.n_calculations % self.spin_opt_freq == 0
         self.n_calculations += 1
-        if self.moments is None:  # no start: a cold search first
+        self.lowest_here = False
+        cold = self.moments is None
+        if cold:  # no start: a cold search first
             self.optimize(atoms)
         elif search_now:  # evaluate here first (NaN is reported as such); certificate and search reuse it
             self._evaluate(atoms)
             if not self._reoptimize(atoms):
+                self.lowest_here = True
                 return
         self._evaluate(atoms)
-        self._settle_move(atoms)
+        settled = self._settle_move(atoms)
+        self.lowest_here = settled and (search_now or cold)
 
     def _reoptimize(self, atoms) -> bool:
         """The re-optimizing step after the evaluation at the current moments: certified, checked against
@@ -230,10 +235,10 @@ class SpinModelCalculator(Calculator):
         self.n_descents += 1
         self._moved_from = minus_grad_before
 
-    def _settle_move(self, atoms) -> None:
+    def _settle_move(self, atoms) -> bool:
         """After a move, evaluated at the new moments: their competitors take the gaps the old ones carry over
         (GroundStateCertificate.move_to), those within the allowance are evaluated here in one batch, and a
-        lower one moves the moments again (downhill until none is lower)."""
+        lower one moves the moments again (downhill until none is lower). False: a move left unsettled."""
         cert = self.certificate
         for _ in range(self.levels.n_magnetic * max(self.levels.n_values)):  # more moves than a descent makes
             if self._moved_from is None:
@@ -249,9 +254,11 @@ class SpinModelCalculator(Calculator):
             if len(energies) and energies.min() < energy - SAME_ENERGY:
                 self._move(cert.competitors[indices][int(np.argmin(energies))], minus_grad)
                 self._evaluate(atoms)
-        if self._moved_from is not None:  # not settled: the next step evaluates every competitor
+        settled = self._moved_from is None
+        if not settled:  # the next step evaluates every competitor
             self._moved_from, cert.moments = None, None
         self._step_model = None
+        return settled
 
     def _energies(self, model, moments: np.ndarray) -> np.ndarray:
         """Driving energies of configurations (n, n_magnetic) under the spin model of this geometry: one
@@ -375,11 +382,12 @@ class SpinModelCalculator(Calculator):
             current, energy = moves[int(np.argmin(energies))], float(energies.min())
         return self.levels.to_moments(self.levels.first_up(self.levels.to_indices(current, snap=True)))[0], energy
 
-    def state_energies(self, atoms, moments: np.ndarray) -> np.ndarray:
-        """Every model's energy (M, n) at n configurations of the magnetic moments (n, n_magnetic) at
-        this geometry (symmetrized when the calculator is); one batched call per model."""
+    def state_energies(self, atoms, moments: np.ndarray, models: Sequence[Any] | None = None) -> np.ndarray:
+        """Each model's energy (M, n) at n configurations of the magnetic moments (n, n_magnetic) at
+        this geometry (symmetrized when the calculator is); one batched call per model (default: every
+        member)."""
         energies = []
-        for dp in self.models:
+        for dp in self.models if models is None else models:
             model = self.spin_model(atoms, [dp])
             energies.append((SymmetrizedModel(model) if self.symmetrize else model).evaluate(moments)[0])
         return np.array(energies)

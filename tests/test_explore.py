@@ -206,10 +206,13 @@ def test_members_check_the_driving_states_and_go_downhill_only_when_they_disagre
                                seed=2)
     atoms.calc = calc
     atoms.get_potential_energy()
-    descents = []
-    descend = calc.descend
+    descents, checked = [], []
+    descend, state_energies = calc.descend, calc.state_energies
     calc.descend = lambda *args: descents.append(args[1]) or descend(*args)
+    calc.state_energies = lambda *args: checked.append(args[2] if len(args) > 2 else None) or state_energies(*args)
+    assert calc.lowest_here  # the cold search ran at this geometry
     value, energy_devi, states = spin_disagreement(calc, atoms)
+    assert checked[0] == [dps[1]]  # the driving model's competitors are not evaluated again under it
     configs, moments = all_configurations(atoms)
     energies = predict(dps, [atoms] * len(configs), moments)[0]  # (2 members, 128)
     minima = [np.array(configs[int(np.argmin(e))]) for e in energies]
@@ -222,6 +225,13 @@ def test_members_check_the_driving_states_and_go_downhill_only_when_they_disagre
     reference = tuple(calc.moments)
     above = [[e[configs.index(tuple(m))] - e[configs.index(reference)] for m in minima] for e in energies]
     assert energy_devi == pytest.approx(np.max(np.std(above, axis=0)) / len(atoms), rel=1e-5)
+    calc.spin_opt_freq = 0  # moments held, not re-optimized: every member checks them
+    atoms.positions += 0.01
+    atoms.get_potential_energy()
+    assert not calc.lowest_here
+    checked.clear()
+    spin_disagreement(calc, atoms)
+    assert checked[0] == dps
 
 
 def test_symmetrized_calculator_is_exactly_reversal_symmetric(dps):

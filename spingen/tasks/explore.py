@@ -127,7 +127,8 @@ def spin_disagreement(calc, atoms) -> tuple[float, float, np.ndarray | None]:
     (members x magnetic ions; None when not computed).
 
     Members start from the driving model's state: each evaluates the competitors of the calculator's
-    moments (single- and two-ion moves, the driving search's lowest states) in one energy-only batch;
+    moments (single- and two-ion moves, the driving search's lowest states) in one energy-only batch
+    (not the driving model when the calculator re-optimized the moments at this geometry: they are its own);
     a member for which none is lower agrees; one for which one is lower goes on downhill from it over
     the competitors (`SpinModelCalculator.descend`), a few batches, not a search of the whole space.
     NaN when a member's energies are not finite.
@@ -135,9 +136,14 @@ def spin_disagreement(calc, atoms) -> tuple[float, float, np.ndarray | None]:
     if len(calc.models) < 2:
         return 0.0, 0.0, None
     energies = calc.ensemble_predictions(atoms)[0]
+    # the driving model's own lowest state is the calculator's when it re-optimized them at this geometry
+    held = calc.drive if calc.drive != "mean" and calc.lowest_here else None
+    checked = [k for k in range(len(calc.models)) if k != held]
     pool = calc.competitors(calc.moments, calc.pair_limit)
-    pool_energies = calc.state_energies(atoms, pool) if len(pool) else np.empty((len(calc.models), 0))
-    if not (np.all(np.isfinite(energies)) and np.all(np.isfinite(pool_energies))):
+    pool_energies = np.full((len(calc.models), len(pool)), np.inf)
+    if len(pool):
+        pool_energies[checked] = calc.state_energies(atoms, pool, [calc.models[k] for k in checked])
+    if not (np.all(np.isfinite(energies)) and np.all(np.isfinite(pool_energies[checked]))):
         return float("nan"), float("nan"), None
     states = []
     for k, dp in enumerate(calc.models):
