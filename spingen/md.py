@@ -367,20 +367,36 @@ class SpinModelCalculator(Calculator):
             self.last_search = result
         return result
 
-    def descend(self, atoms, models: Sequence[Any], start: np.ndarray, energy: float) -> tuple[np.ndarray, float]:
+    def descend(self, atoms, models: Sequence[Any], start: np.ndarray, energy: float,
+                known: Mapping[bytes, float] | None = None) -> tuple[np.ndarray, float]:
         """(moments, energy) reached downhill from `start` (at `energy`) under `models` at this geometry: one
         energy-only batch of the competitors (single- and two-ion moves up to certify.pair_limit, the last
-        search's lowest states) per move, until none is lower."""
+        search's lowest states) per move, until none is lower. known: energies under `models` already
+        evaluated at this geometry, by `state_keys`; neither they nor a state met on the way are evaluated
+        again."""
         model = self.spin_model(atoms, models)
         evaluate = (SymmetrizedModel(model) if self.symmetrize else model).evaluate
+        seen = dict(known or {})
         current = np.asarray(start, dtype=float)
         for _ in range(self.levels.n_magnetic * max(self.levels.n_values)):  # more moves than a descent makes
             moves = self.competitors(current, self.pair_limit)
-            energies = evaluate(moves)[0] if len(moves) else np.empty(0)
+            keys = self.state_keys(moves)
+            new = [i for i, key in enumerate(keys) if key not in seen]
+            if new:
+                seen.update(zip([keys[i] for i in new], evaluate(moves[new])[0]))
+            energies = np.array([seen[key] for key in keys])
             if not len(moves) or not energies.min() < energy - SAME_ENERGY:
                 break
             current, energy = moves[int(np.argmin(energies))], float(energies.min())
         return self.levels.to_moments(self.levels.first_up(self.levels.to_indices(current, snap=True)))[0], energy
+
+    def state_keys(self, states: np.ndarray) -> list[bytes]:
+        """A key per configuration (n, n_magnetic) of the magnetic moments: its level indices, S and -S one
+        key when the energy is reversal-symmetric."""
+        rows = self.levels.to_indices(np.atleast_2d(states), snap=True) if len(states) else []
+        if len(rows) and self.reversal_symmetric and self.levels.fix_global_sign:
+            rows = self.levels.first_up(rows)
+        return [row.tobytes() for row in np.asarray(rows, dtype=np.int8)]
 
     def state_energies(self, atoms, moments: np.ndarray, models: Sequence[Any] | None = None) -> np.ndarray:
         """Each model's energy (M, n) at n configurations of the magnetic moments (n, n_magnetic) at

@@ -206,13 +206,31 @@ def test_members_check_the_driving_states_and_go_downhill_only_when_they_disagre
                                seed=2)
     atoms.calc = calc
     atoms.get_potential_energy()
-    descents, checked = [], []
-    descend, state_energies = calc.descend, calc.state_energies
-    calc.descend = lambda *args: descents.append(args[1]) or descend(*args)
+    descents, checked, evaluated = [], [], []  # evaluated: the configurations of member 1's descent
+    descend, state_energies, spin_model = calc.descend, calc.state_energies, calc.spin_model
+
+    def recording_spin_model(atoms, models=None):
+        model = spin_model(atoms, models)
+        evaluate = model.evaluate
+        model.evaluate = lambda moments, *a, **k: evaluated.extend(calc.state_keys(moments)) or evaluate(moments, *a, **k)
+        return model
+
+    def recording_descend(*args):
+        descents.append(args[1])
+        calc.spin_model = recording_spin_model
+        try:
+            return descend(*args)
+        finally:
+            calc.spin_model = spin_model
+
+    calc.descend = recording_descend
     calc.state_energies = lambda *args: checked.append(args[2] if len(args) > 2 else None) or state_energies(*args)
     assert calc.lowest_here  # the cold search ran at this geometry
     value, energy_devi, states = spin_disagreement(calc, atoms)
     assert checked[0] == [dps[1]]  # the driving model's competitors are not evaluated again under it
+    pool = calc.state_keys(np.concatenate([calc.moments[None], calc.competitors(calc.moments, calc.pair_limit)]))
+    assert evaluated and len(set(evaluated)) == len(evaluated)  # the descent evaluates no state twice
+    assert not set(evaluated) & set(pool)  # nor one the check evaluated
     configs, moments = all_configurations(atoms)
     energies = predict(dps, [atoms] * len(configs), moments)[0]  # (2 members, 128)
     minima = [np.array(configs[int(np.argmin(e))]) for e in energies]

@@ -151,7 +151,9 @@ def spin_disagreement(calc, atoms) -> tuple[float, float, np.ndarray | None]:
             states.append(np.asarray(calc.moments, dtype=float))
             continue
         lowest = int(np.argmin(pool_energies[k]))
-        state, energy = calc.descend(atoms, [dp], pool[lowest], pool_energies[k][lowest])
+        known = dict(zip(calc.state_keys(np.concatenate([calc.moments[None], pool])),
+                         np.concatenate([energies[k:k + 1], pool_energies[k]])))
+        state, energy = calc.descend(atoms, [dp], pool[lowest], pool_energies[k][lowest], known)
         if not np.isfinite(energy):
             return float("nan"), float("nan"), None
         states.append(state)
