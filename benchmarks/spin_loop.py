@@ -160,7 +160,8 @@ def judge_iteration(work: Path, iteration: int, models: list[Path], geometries, 
         if labeled:  # the labeled state of that sign pattern nearest in magnitudes
             k = min(labeled, key=lambda k: np.abs(np.abs(states[k][1]) - np.abs(minimum))[magnetic].sum())
             verdicts.append({"geometry": index, "labeled": True, "kept": True,
-                             "lowest": states[k][0] <= min(e for e, _ in states) + 1e-9})
+                             "lowest": states[k][0] <= min(e for e, _ in states) + 1e-9,
+                             "above_meV_atom": 1000 * (states[k][0] - min(e for e, _ in states)) / len(atoms)})
             continue
         name = f"g{index}_" + "".join("+" if m > 0 else "-" for m in np.sign(minimum[magnetic]) * np.sign(
             minimum[magnetic][0]))
@@ -175,14 +176,15 @@ def judge_iteration(work: Path, iteration: int, models: list[Path], geometries, 
             continue
         kept = same_signs(minimum, np.array(result["moments"]), magnetic)
         verdicts.append({"geometry": index, "labeled": "new", "kept": kept,
-                         "lowest": kept and result["energy"] < min(e for e, _ in states)})
+                         "lowest": kept and result["energy"] < min(e for e, _ in states),
+                         "above_meV_atom": 1000 * (result["energy"] - min(e for e, _ in states)) / len(atoms)})
     ranking = errors.ranking
     return {"iteration": iteration, "rmse_e": errors.rmse_e, "rmse_f": errors.rmse_f,
             "state_gap_rmse": ranking.state_gap_rmse, "lowest_right": ranking.lowest_state_right,
             "geometries": ranking.geometries, "minima": verdicts}
 
 
-def render(rows: list[dict], judged: dict[int, dict], wall: tuple[float, float], rss_mib: float, info: dict
+def render(rows: list[dict], judged: dict[int, dict], wall: tuple[float, float], rss_mib: float | None, info: dict
            ) -> str:
     def cell(value, fmt):
         return "-" if value is None else format(value, fmt)
@@ -194,13 +196,15 @@ def render(rows: list[dict], judged: dict[int, dict], wall: tuple[float, float],
         lowest = sum(1 for v in checked if v["lowest"])
         new = sum(1 for v in j["minima"] if v["labeled"] == "new")
         lost = sum(1 for v in j["minima"] if v["kept"] is False)
-        return f"{lowest}/{len(checked)}" + (f" ({new} newly labeled, DFT left {lost})" if new else "")
+        above = [v["above_meV_atom"] for v in checked if v.get("above_meV_atom") is not None]
+        return (f"{lowest}/{len(checked)}" + (f" ({new} newly labeled, DFT left {lost})" if new else "")
+                + (f"; {np.mean(above):.1f} meV/atom above DFT's lowest on average" if above else ""))
 
     lines = [f"Measured {info['date']} on `{info['uname']}` ({info['cpu']}, nproc {info['nproc']}).", "",
              "    spingen run param_examples/linio2_spin_loop/param.json machine_examples/local.json -w WORKDIR", "",
              f"- **loop wall time: {wall[0] / 3600:.2f} h** (target {TARGET_WALL_H:g} h; the steps' own durations "
              f"summed; first to last log line: {wall[1] / 3600:.2f} h); peak resident memory of one process: "
-             f"{rss_mib:.0f} MiB",
+             + ("not measured (--judge-only)" if rss_mib is None else f"{rss_mib:.0f} MiB"),
              f"- held-out judge: {JUDGE.relative_to(REPO)}", "",
              "| iteration | explored frames | candidate % | spin-only candidate % | labels made | of which other "
              "states | failed labels | DFT kept the start state % | error on new labels meV/atom | held-out E RMSE "
@@ -251,14 +255,15 @@ def main(argv: list[str] | None = None) -> int:
             "cpu": platform.processor() or platform.machine(), "nproc": os.cpu_count()}
     if not args.judge_only:
         run_loop(work)
-    rss_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    rss_mib = None if args.judge_only else resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     status = subprocess.run([str(BIN / "spingen"), "status", str(work), "--json"], env=env(), check=True,
                             capture_output=True, text=True)
     rows = json.loads(status.stdout)["iterations"]
     geometries = judge_geometries()
-    budget = {"new": 0}
+    budget = {"new": 0}  # spent on the last iteration first: the targets judge it
     judged = {i: judge_iteration(work, i, models, geometries, args.max_new_labels, budget)
-              for i, models in iteration_models(work).items()}
+              for i, models in sorted(iteration_models(work).items(), reverse=True)}
+    judged = dict(sorted(judged.items()))
     (work / "judged.json").write_text(json.dumps(judged, indent=1, default=str) + "\n")
     block = render(rows, judged, loop_wall_s(work), rss_mib, info)
     print(block)

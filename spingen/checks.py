@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 if TYPE_CHECKING:
-    from spingen.schema import Param
+    from spingen.schema import LabelSettings, Param
 
 
 def system_symbols(system: Path, type_map: tuple[str, ...]) -> list[str]:
@@ -134,3 +135,67 @@ def check_param_data(param: Param) -> None:
                 f"({spin.offset}): {element} moment(s) {[round(m, 3) for m in bad[:5]]} uB put the virtual atom "
                 f"within {spin.min_virtual_distance} A of its ion (|eta*S + d| too small); choose d/eta away "
                 f"from these moments")
+
+
+def kpoint_mismatches(param: Param, settings: LabelSettings) -> list[str]:
+    """One line per pair of cells (the initial data's, init_data_gen's and the explored ones) where one is a
+    supercell of the other but their k-point meshes (fp_gpaw kpts/kspacing, fp_kspacing) do not sample the
+    same k-points: their labels would differ by a k-point error. Empty when all fold or nothing is known.
+    settings: the label stage's (spingen.schema.label_settings)."""
+    from spingen.labelers.kmesh import folds_onto, kpoint_mesh, supercell_matrix
+
+    gpaw = getattr(settings, "gpaw", None)
+    vasp = getattr(settings, "vasp", None)
+    if gpaw is not None:
+        fixed, spacing, key = gpaw.kpts, gpaw.kspacing, "fp_gpaw/kspacing"
+    elif vasp is not None and (vasp.kspacing is not None or vasp.kpoints is not None):
+        fixed, spacing, key = vasp.kpoints, vasp.kspacing, "fp_kspacing"
+    else:
+        return []
+    cells = _labeled_cells(param)
+
+    def mesh(atoms, step):
+        return tuple(fixed) if fixed is not None else kpoint_mesh(atoms.cell[:], atoms.pbc, step)
+
+    def mismatched(step):
+        found = []
+        for (name_a, a), (name_b, b) in itertools.combinations(cells, 2):
+            small, big = (a, b) if len(a) <= len(b) else (b, a)
+            if supercell_matrix(small.cell[:], big.cell[:]) is None:
+                continue
+            if not folds_onto(small.cell[:], mesh(small, step), big.cell[:], mesh(big, step)):
+                found.append((name_a if small is a else name_b, small, name_b if big is b else name_a, big))
+        return found
+
+    found = mismatched(spacing)
+    if not found:
+        return []
+    candidates = np.round(np.arange(spacing or 1.0, 0.1, -0.01), 2)
+    better = next((s for s in candidates if not mismatched(s)), None) if fixed is None else None
+    advice = (f"; {key} {better:g} would fold them" if better is not None else
+              "; choose meshes that fold onto each other (a cell at (3k, m, n) is its 3x1x1 supercell at (k, m, n))")
+    return [f"k-points: {big_name} ({len(big)} atoms) at {mesh(big, spacing)} does not sample the k-points of "
+            f"{small_name} ({len(small)} atoms) at {mesh(small, spacing)}: labeled so, the two differ by a k-point error "
+            f"(60 meV/atom for LiNiO2 at 0.8 /A, docs/benchmarks/spin_loop.md){advice}"
+            for small_name, small, big_name, big in found]
+
+
+def _labeled_cells(param: Param) -> list[tuple[str, object]]:
+    """(name, ase.Atoms of its first frame) of every cell the labeler sees: initial data, init_data_gen
+    configs, explored structures (each file once)."""
+    from ase import Atoms
+
+    cells = []
+    for system in param.init_data_sys:
+        box = next(iter(sorted(system.glob("set.*/box.npy"))), None)
+        if box is None or not (system / "type.raw").is_file():
+            continue
+        natoms = np.loadtxt(system / "type.raw", dtype=int, ndmin=1).size
+        cells.append((f"init_data_sys '{system.name}'", Atoms(f"X{natoms}", cell=np.load(box)[0].reshape(3, 3),
+                                                               pbc=True)))
+    files = [f for group in param.sys_configs for f in group]
+    if param.init_gen is not None:
+        files = list(param.init_gen.configs) + files
+    for file in dict.fromkeys(files):
+        cells.append((f"'{file.name}'", read_structures(file, param.sys_format, param.type_map)[0]))
+    return cells

@@ -253,7 +253,7 @@ def test_moment_levels_check():
 def test_gpaw_inputs_random_start_and_kspacing(tmp_path):
     from ase.build import bulk
 
-    from spingen.labelers.gpaw import kpoint_mesh
+    from spingen.labelers.kmesh import kpoint_mesh
 
     param_path, _ = write_inputs(tmp_path, make_param(tmp_path, fp_spin_init="random"))
     stage = LabelStage(load_param(param_path), local_machine("spingen", tmp_path))

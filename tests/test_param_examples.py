@@ -161,3 +161,4 @@ def test_local_example_passes_check(name, tmp_path, capsys):
     assert "OK: both files are valid" in out
     assert {"linio2_demo": "moments auto (clustered from the initial data once it is made)",
             "feo": "moments auto, from init_data_sys: {'Fe': [1.397, 3.007]}"}[name] in out
+    assert "k-points" not in out  # the demo's 16-atom 2x1x1 cell at (1, 2, 2) folds onto the 8-atom (2, 2, 2)

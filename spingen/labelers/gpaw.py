@@ -21,17 +21,10 @@ from pathlib import Path
 import numpy as np
 
 from spingen.labelers.base import Labeler, LabelResult
+from spingen.labelers.kmesh import kpoint_mesh
 from spingen.tasks.label import INPUT_FILE, LOG_FILE, RESULT_FILE, THREAD_VARIABLES
 
 _SHELLS = "spdf"
-
-
-def kpoint_mesh(cell: np.ndarray, pbc: Sequence[bool], kspacing: float) -> tuple[int, int, int]:
-    """VASP's KSPACING rule: k_i = max(1, ceil(|b_i| / kspacing)), |b_i| with the 2*pi; 1 if not periodic."""
-    from ase.cell import Cell
-
-    reciprocal = 2.0 * np.pi * np.linalg.norm(Cell(cell).reciprocal(), axis=1)
-    return tuple(int(max(1, np.ceil(b / kspacing - 1e-9))) if p else 1 for b, p in zip(reciprocal, pbc))
 
 
 class GpawLabeler(Labeler):
