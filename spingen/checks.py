@@ -144,8 +144,7 @@ def kpoint_mismatches(param: Param, settings: LabelSettings) -> list[str]:
     settings: the label stage's (spingen.schema.label_settings)."""
     from spingen.labelers.kmesh import folds_onto, kpoint_mesh, supercell_matrix
 
-    gpaw = getattr(settings, "gpaw", None)
-    vasp = getattr(settings, "vasp", None)
+    gpaw, vasp = settings.gpaw, settings.vasp
     if gpaw is not None:
         fixed, spacing, key = gpaw.kpts, gpaw.kspacing, "fp_gpaw/kspacing"
     elif vasp is not None and (vasp.kspacing is not None or vasp.kpoints is not None):
