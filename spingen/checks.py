@@ -151,20 +151,18 @@ def kpoint_mismatches(param: Param, settings: LabelSettings) -> list[str]:
         fixed, spacing, key = vasp.kpoints, vasp.kspacing, "fp_kspacing"
     else:
         return []
-    cells = _labeled_cells(param)
+    related = []  # (small name, small, big name, big): one a supercell of the other
+    for (name_a, a), (name_b, b) in itertools.combinations(_labeled_cells(param), 2):
+        (small_name, small), (big_name, big) = sorted([(name_a, a), (name_b, b)], key=lambda cell: len(cell[1]))
+        if supercell_matrix(small.cell[:], big.cell[:]) is not None:
+            related.append((small_name, small, big_name, big))
 
     def mesh(atoms, step):
         return tuple(fixed) if fixed is not None else kpoint_mesh(atoms.cell[:], atoms.pbc, step)
 
     def mismatched(step):
-        found = []
-        for (name_a, a), (name_b, b) in itertools.combinations(cells, 2):
-            small, big = (a, b) if len(a) <= len(b) else (b, a)
-            if supercell_matrix(small.cell[:], big.cell[:]) is None:
-                continue
-            if not folds_onto(small.cell[:], mesh(small, step), big.cell[:], mesh(big, step)):
-                found.append((name_a if small is a else name_b, small, name_b if big is b else name_a, big))
-        return found
+        return [pair for pair in related
+                if not folds_onto(pair[1].cell[:], mesh(pair[1], step), pair[3].cell[:], mesh(pair[3], step))]
 
     found = mismatched(spacing)
     if not found:
