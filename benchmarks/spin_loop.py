@@ -1,8 +1,8 @@
-"""Does the loop learn spin where it matters? `spingen run` on a 6-Ni LiNiO2 supercell, judged by DFT.
+"""Does the loop learn spin where it matters? `spingen run` on an 8-Ni LiNiO2 supercell, judged by DFT.
 
 Runs `spingen run param_examples/linio2_spin_loop/param.json machine_examples/local.json` (the
 real loop: GPAW labels with fp_spin_init "states", spin disagreement on, 4 iterations at
-300-900 K on the 24-atom, 6-Ni cell) in a work dir, then judges every iteration's ensemble on the
+300-900 K on the 32-atom, 8-Ni 2x2x1 cell) in a work dir, then judges every iteration's ensemble on the
 held-out DFT set of benchmarks/spin_loop/judge/ (made once by benchmarks/spin_loop/make_judge.py
 with the loop's own GPAW settings, never trained on):
 

@@ -34,12 +34,25 @@ def test_supercells_are_recognised_through_strain_and_rotation_and_others_are_no
     assert supercell_matrix(CELL, CELL * 1.5) is None and folds_onto(CELL, (2, 2, 2), CELL * 1.5, (1, 1, 1)) is None
 
 
-def test_check_warns_of_the_spin_loop_example_meshes_and_names_a_spacing_that_folds(capsys):
+def test_check_warns_of_a_supercell_whose_mesh_does_not_fold_and_names_a_spacing_that_does(tmp_path, capsys):
+    """The spin-loop example's 8-atom initial data at kspacing 0.8 are (2, 2, 2): its 2x2x1 explore cell at
+    (1, 1, 2) folds onto them (no warning); a 3x1x1 cell at (1, 2, 2) does not."""
+    import json
+
+    from ase.io import read, write
+
     from spingen.cli import main
 
-    example = REPO / "param_examples" / "linio2_spin_loop" / "param.json"
-    assert main(["check", str(example), str(REPO / "machine_examples" / "local.json")]) == 0
-    out = capsys.readouterr().out
-    warning = next(line for line in out.splitlines() if "k-points" in line)
+    example = REPO / "param_examples" / "linio2_spin_loop"
+    machine = str(REPO / "machine_examples" / "local.json")
+    assert main(["check", str(example / "param.json"), machine]) == 0
+    assert "k-points" not in capsys.readouterr().out
+    write(tmp_path / "POSCAR.3x1x1", read(example / "POSCAR").repeat((3, 1, 1)), format="vasp", direct=True)
+    param = json.loads((example / "param.json").read_text())
+    param.update(sys_configs=[[str(tmp_path / "POSCAR.3x1x1")]],
+                 init_data_prefix=str((example / param["init_data_prefix"]).resolve()))
+    (tmp_path / "param.json").write_text(json.dumps(param))
+    assert main(["check", str(tmp_path / "param.json"), machine]) == 0
+    warning = next(line for line in capsys.readouterr().out.splitlines() if "k-points" in line)
     assert "'POSCAR.3x1x1' (24 atoms) at (1, 2, 2)" in warning and "'linio2' (8 atoms) at (2, 2, 2)" in warning
     assert "fp_gpaw/kspacing 0.73 would fold them" in warning  # (3, 3, 3) and (1, 3, 3)

@@ -1,7 +1,7 @@
 """The spin-loop benchmark's held-out DFT judge (benchmarks/spin_loop/judge): its format, and that
 `spingen test` ranks its spin states.
 
-The judge is real GPAW DFT+U of the 24-atom, 6-Ni LiNiO2 cell that the loop explores, each
+The judge is real GPAW DFT+U of the 32-atom, 8-Ni LiNiO2 cell (2x2x1) that the loop explores, each
 geometry labeled in several spin states; the benchmark compares every iteration's ensemble with it.
 """
 

@@ -2,11 +2,11 @@
 
 The judge is `spingen init` run on a param derived from param_examples/linio2_spin_loop/param.json:
 every key the same (fp_style, fp_gpaw, fp_ldau, spin), except init_data_gen, which perturbs the
-24-atom explore cell (POSCAR.3x1x1, 6 Ni) with its own seed and labels each geometry in the
+32-atom explore cell (POSCAR.2x2x1, 8 Ni) with its own seed and labels each geometry in the
 JUDGE_STATES below with a fixed total moment. The labeled data (deepmd/npy with spin.npy) is copied
 to benchmarks/spin_loop/judge/ and never enters training.
 
-Usage (32 GPAW runs of 24 atoms, 50-90 SCF steps each: about 1.3 h on 2 idle cores):
+Usage (32 GPAW runs of 32 atoms at one irreducible k-point):
 
     PATH=$PWD/.venv/bin:$PATH OMP_NUM_THREADS=1 .venv/bin/python benchmarks/spin_loop/make_judge.py [--workdir /tmp/spin_judge]
 
@@ -31,12 +31,14 @@ EXAMPLE = REPO / "param_examples" / "linio2_spin_loop"
 MACHINE = REPO / "machine_examples" / "local.json"
 JUDGE_DIR = Path(__file__).resolve().parent / "judge"
 
-# Ni of POSCAR.3x1x1 in file order: (0, 1) layer at x = 10.4 A, (2, 3) at 6.3 A, (4, 5) at 2.1 A
+# Ni of POSCAR.2x2x1 in file order: 0-3 the layer at x = 2.1 A, 4-7 the layer at x = 6.3 A; within a layer
+# each Ni's four nearest Ni (2.95 A) are its two file-order neighbours (0-1-2-3-0), twice each.
+# (The 6-Ni judge of 2026-12-03 also had a high-spin ion [3, 1, ...]: DFT relaxed it to ~1.7 uB every time.)
 JUDGE_STATES = {
-    "FM low spin": [1, 1, 1, 1, 1, 1],
-    "in-plane AFM": [1, -1, 1, -1, 1, -1],
-    "one layer reversed (reversed pair)": [1, 1, -1, -1, 1, 1],
-    "one high-spin ion": [3, 1, 1, 1, 1, 1],
+    "FM low spin": [1, 1, 1, 1, 1, 1, 1, 1],
+    "in-plane AFM": [1, -1, 1, -1, 1, -1, 1, -1],
+    "one layer reversed": [1, 1, 1, 1, -1, -1, -1, -1],
+    "reversed nearest pair": [-1, -1, 1, 1, 1, 1, 1, 1],
 }
 JUDGE_GEOMETRIES = 8
 JUDGE_SEED = 7  # the loop's initial data use seed 0 on another cell
@@ -46,10 +48,11 @@ def judge_param() -> dict:
     """The loop's param with init_data_gen replaced by the judge's geometries and states."""
     param = json.loads((EXAMPLE / "param.json").read_text())
     param["init_data_gen"] = {
-        "configs": [str(EXAMPLE / "POSCAR.3x1x1")], "pert_numb": JUDGE_GEOMETRIES, "pert_box": 0.02,
+        "configs": [str(EXAMPLE / "POSCAR.2x2x1")], "pert_numb": JUDGE_GEOMETRIES, "pert_box": 0.02,
         "pert_atom": 0.1, "spin_states": list(JUDGE_STATES.values()), "fixed_total": True,
         "ratio_failed": 0.5, "seed": JUDGE_SEED}
-    param["sys_configs"] = [[str(EXAMPLE / "POSCAR.3x1x1")]]
+    param["sys_configs"] = [[str(EXAMPLE / "POSCAR.2x2x1")]]
+    param["init_data_prefix"] = str((EXAMPLE / param.get("init_data_prefix", ".")).resolve())
     return param
 
 
