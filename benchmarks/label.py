@@ -68,7 +68,7 @@ def cells():
 def settings(type_map, ecut, kpts):
     from spingen.schema import GpawSettings, LabelSettings, LdauSettings
 
-    gpaw = GpawSettings(ecut, kpts, 1.0, 0.05, 120, "PBE", {}, True, 4.0)
+    gpaw = GpawSettings(ecut, kpts, 1.0, None, 0.05, 120, "PBE", {}, True, 4.0)
     return LabelSettings("gpaw", tuple(type_map), ("Ni",), "states", {"Ni": LdauSettings(2, 6.3, 0.0)}, None, 0.5,
                          1.0, 10_000, 1, gpaw=gpaw)
 

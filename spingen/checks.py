@@ -137,31 +137,46 @@ def check_param_data(param: Param) -> None:
                 f"from these moments")
 
 
-def kpoint_mismatches(param: Param, settings: LabelSettings) -> list[str]:
-    """One line per pair of cells (the initial data's, init_data_gen's and the explored ones) where one is a
-    supercell of the other but their k-point meshes (fp_gpaw kpts/kspacing, fp_kspacing) do not sample the
-    same k-points: their labels would differ by a k-point error. Empty when all fold or nothing is known.
+def label_mismatches(param: Param, settings: LabelSettings) -> list[str]:
+    """One warning per pair of labeled cells (the initial data's, init_data_gen's and the explored ones), one a
+    supercell of the other, whose labels would differ by a discretization error no model can fit: k-point
+    meshes (fp_gpaw kpts/kspacing, fp_kspacing) that do not sample the same k-points, and GPAW real-space grids
+    out of the supercell's ratio. Empty when all agree or nothing is known.
     settings: the label stage's (spingen.schema.label_settings)."""
-    from spingen.labelers.kmesh import folds_onto, kpoint_mesh, supercell_matrix
+    if settings.gpaw is None and (settings.vasp is None or (settings.vasp.kspacing is None
+                                                            and settings.vasp.kpoints is None)):
+        return []
+    pairs = _supercell_pairs(param)
+    return _kpoint_mismatches(pairs, settings) + _grid_mismatches(pairs, settings.gpaw)
+
+
+def _supercell_pairs(param: Param) -> list[tuple[str, object, str, object, np.ndarray]]:
+    """(small name, small, big name, big, M with big = M @ small) of every two labeled cells related so."""
+    from spingen.labelers.kmesh import supercell_matrix
+
+    pairs = []
+    for (name_a, a), (name_b, b) in itertools.combinations(_labeled_cells(param), 2):
+        (small_name, small), (big_name, big) = sorted([(name_a, a), (name_b, b)], key=lambda cell: len(cell[1]))
+        matrix = supercell_matrix(small.cell[:], big.cell[:])
+        if matrix is not None:
+            pairs.append((small_name, small, big_name, big, matrix))
+    return pairs
+
+
+def _kpoint_mismatches(pairs: list, settings: LabelSettings) -> list[str]:
+    from spingen.labelers.kmesh import folds_onto, kpoint_mesh
 
     gpaw, vasp = settings.gpaw, settings.vasp
     if gpaw is not None:
         fixed, spacing, key = gpaw.kpts, gpaw.kspacing, "fp_gpaw/kspacing"
-    elif vasp is not None and (vasp.kspacing is not None or vasp.kpoints is not None):
-        fixed, spacing, key = vasp.kpoints, vasp.kspacing, "fp_kspacing"
     else:
-        return []
-    related = []  # (small name, small, big name, big): one a supercell of the other
-    for (name_a, a), (name_b, b) in itertools.combinations(_labeled_cells(param), 2):
-        (small_name, small), (big_name, big) = sorted([(name_a, a), (name_b, b)], key=lambda cell: len(cell[1]))
-        if supercell_matrix(small.cell[:], big.cell[:]) is not None:
-            related.append((small_name, small, big_name, big))
+        fixed, spacing, key = vasp.kpoints, vasp.kspacing, "fp_kspacing"
 
     def mesh(atoms, step):
         return tuple(fixed) if fixed is not None else kpoint_mesh(atoms.cell[:], atoms.pbc, step)
 
     def mismatched(step):
-        return [pair for pair in related
+        return [pair for pair in pairs
                 if not folds_onto(pair[1].cell[:], mesh(pair[1], step), pair[3].cell[:], mesh(pair[3], step))]
 
     found = mismatched(spacing)
@@ -174,7 +189,49 @@ def kpoint_mismatches(param: Param, settings: LabelSettings) -> list[str]:
     return [f"k-points: {big_name} ({len(big)} atoms) at {mesh(big, spacing)} does not sample the k-points of "
             f"{small_name} ({len(small)} atoms) at {mesh(small, spacing)}: labeled so, the two differ by a k-point error "
             f"(60 meV/atom for LiNiO2 at 0.8 /A, docs/benchmarks/spin_loop.md){advice}"
-            for small_name, small, big_name, big in found]
+            for small_name, small, big_name, big, _ in found]
+
+
+def _grid_mismatches(pairs: list, gpaw) -> list[str]:
+    """GPAW only: pairs whose real-space grids are not in the ratio of the supercell (a diagonal M; grids of a
+    rotated supercell are not compared), and the largest fp_gpaw/h (a step of 1e-4 A) that puts them in it."""
+    from spingen.labelers.kmesh import density_grid
+
+    if gpaw is None:
+        return []
+    pairs = [pair for pair in pairs if np.count_nonzero(pair[4] - np.diag(np.diag(pair[4]))) == 0]
+
+    def grids(pair, h):
+        return density_grid(pair[1].cell[:], gpaw.ecut, h), density_grid(pair[3].cell[:], gpaw.ecut, h)
+
+    def mismatched(h):
+        found = []
+        for pair in pairs:
+            small, big = grids(pair, h)
+            if any(n_big != m * n_small for n_small, n_big, m in zip(small, big, np.diag(pair[4]))):
+                found.append(pair)
+        return found
+
+    found = mismatched(gpaw.h)
+    if not found:
+        return []
+    coarsest = max(np.max(np.linalg.norm(pair[1].cell[:], axis=1) / grids(pair, gpaw.h)[0]) for pair in pairs)
+    candidates = sorted({np.ceil(1e4 * length / n) / 1e4 for pair in pairs
+                         for length in np.linalg.norm(pair[1].cell[:], axis=1)
+                         for n in range(int(np.ceil(length / coarsest)), int(np.ceil(length / coarsest)) + 8)},
+                        reverse=True)
+    better = next((h for h in candidates if not mismatched(h)), None)
+    advice = (f"; fp_gpaw/h {better:g} would fit them" if better is not None else
+              "; set fp_gpaw/h so that each cell's length is a whole number of grid steps")
+    lines = []
+    for small_name, small, big_name, big, matrix in found:
+        n_small, n_big = grids((small_name, small, big_name, big, matrix), gpaw.h)
+        ratio = tuple(int(m) for m in np.diag(matrix))
+        lines.append(f"real-space grid: {big_name} ({len(big)} atoms) gets {n_big} points, not {ratio} "
+                     f"times the {n_small} of {small_name} ({len(small)} atoms): labeled so, the two differ by GPAW's "
+                     f"grid error (3.8 meV/atom for LiNiO2 at 300 eV, the same for every spin state; "
+                     f"docs/cathode-guide.md section 3){advice}")
+    return lines
 
 
 def _labeled_cells(param: Param) -> list[tuple[str, object]]:

@@ -214,6 +214,13 @@ def _fp_variant() -> Variant:
                               doc="k-point spacing (1/A, VASP's KSPACING definition, 2*pi included): "
                                   "k_i = max(1, ceil(|b_i| / kspacing)), Gamma-centred. 1.0 gives 2x2x2 "
                                   "for a ~4-6 A cell; the paper used 0.25."),
+                     Argument("h", [float, type(None)], optional=True, default=None,
+                              doc="Real-space grid spacing (A) of the density and potential: each cell gets "
+                                  "n_i = ceil(|a_i| / h) points along a_i. Unset: GPAW's choice from ecut, "
+                                  "rounded to an efficient FFT size, which can give a cell and its supercell "
+                                  "grids out of the supercell's ratio (8-atom LiNiO2 18^3, its 2x2x1 supercell "
+                                  "35x35x18 at 300 eV: 3.8 meV/atom apart); `spingen check` warns of such "
+                                  "pairs and names an h that fits both (docs/cathode-guide.md section 3)."),
                      Argument("width", float, optional=True, default=0.05,
                               doc="Fermi-Dirac smearing width (eV)."),
                      Argument("maxiter", int, optional=True, default=120,
@@ -917,6 +924,7 @@ class GpawSettings:
     ecut: float
     kpts: tuple[int, int, int] | None
     kspacing: float
+    h: float | None  # real-space grid spacing (A); None: GPAW's choice from ecut
     width: float
     maxiter: int
     xc: str
@@ -1165,8 +1173,8 @@ def _gpaw_settings(raw: Mapping[str, Any], path: Path) -> GpawSettings:
     gpaw_arg = _fp_variant().choice_dict["gpaw"].sub_fields["fp_gpaw"]
     g = gpaw_arg.normalize_value(thaw(raw["fp_gpaw"]), trim_pattern="_*")  # fills defaults of an absent fp_gpaw
     key = f"{path}: key 'fp_gpaw"
-    for name in ("ecut", "kspacing", "width", "random_moment"):
-        if g[name] <= 0:
+    for name in ("ecut", "kspacing", "width", "random_moment", "h"):
+        if g[name] is not None and g[name] <= 0:
             raise InputError(f"{key}/{name}': expected a positive number, got {g[name]}")
     if g["maxiter"] < 1:
         raise InputError(f"{key}/maxiter': expected at least 1 SCF iteration, got {g['maxiter']}")
@@ -1176,8 +1184,8 @@ def _gpaw_settings(raw: Mapping[str, Any], path: Path) -> GpawSettings:
                          + (f"; did you mean {close[0]}?" if close else
                             f" (one of {', '.join(GPAW_XC[:15])}, ..., or libxc names such as GGA_X_PBE+GGA_C_PBE)"))
     return GpawSettings(float(g["ecut"]), _kmesh(g["kpts"], f"{key}/kpts'"), float(g["kspacing"]),
-                        float(g["width"]), int(g["maxiter"]), g["xc"], _freeze(g["convergence"]),
-                        bool(g["stress"]), float(g["random_moment"]))
+                        None if g["h"] is None else float(g["h"]), float(g["width"]), int(g["maxiter"]), g["xc"],
+                        _freeze(g["convergence"]), bool(g["stress"]), float(g["random_moment"]))
 
 
 def _gpaw_knows_xc(xc: str) -> bool:

@@ -162,3 +162,4 @@ def test_local_example_passes_check(name, tmp_path, capsys):
     assert {"linio2_demo": "moments auto (clustered from the initial data once it is made)",
             "feo": "moments auto, from init_data_sys: {'Fe': [1.397, 3.007]}"}[name] in out
     assert "k-points" not in out  # the demo's 16-atom 2x1x1 cell at (1, 2, 2) folds onto the 8-atom (2, 2, 2)
+    assert "real-space grid" not in out  # fp_gpaw/h 0.2317: 36 x 18 x 18 points for it, 18^3 for the 8-atom cell

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from spingen.labelers.base import Labeler, LabelResult
-from spingen.labelers.kmesh import kpoint_mesh
+from spingen.labelers.kmesh import density_grid, kpoint_mesh
 from spingen.tasks.label import INPUT_FILE, LOG_FILE, RESULT_FILE, THREAD_VARIABLES
 
 _SHELLS = "spdf"
@@ -65,6 +65,7 @@ class GpawLabeler(Labeler):
             "total_moment": None if nupdown is None else float(nupdown),
             "ecut": g.ecut,
             "kpts": list(kpts),
+            "gpts": None if g.h is None else list(density_grid(atoms.cell[:], g.ecut, g.h)),
             "width": g.width,
             "maxiter": g.maxiter,
             "xc": g.xc,
@@ -97,3 +98,4 @@ class GpawLabeler(Labeler):
                            virial=None if virial is None else np.array(virial, float),
                            moments=np.array(data["moments"], float),
                            total_moment=None if data.get("total_moment") is None else float(data["total_moment"]))
+

@@ -56,6 +56,8 @@ def _label(task_dir: Path) -> dict:
     kwargs = {}
     if inp["convergence"]:
         kwargs["convergence"] = inp["convergence"]
+    if inp.get("gpts"):
+        kwargs["gpts"] = inp["gpts"]
     atoms.calc = GPAW(mode=PW(inp["ecut"]), xc=inp["xc"], kpts={"size": inp["kpts"], "gamma": True},
                       occupations=FermiDirac(inp["width"], fixmagmom=inp["fixmagmom"]), spinpol=True,
                       setups=inp["setups"] or "paw", maxiter=inp["maxiter"], txt=str(task_dir / LOG_FILE),
