@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
@@ -150,8 +150,17 @@ def label_mismatches(param: Param, settings: LabelSettings) -> list[str]:
     return _kpoint_mismatches(pairs, settings) + _grid_mismatches(pairs, settings.gpaw)
 
 
-def _supercell_pairs(param: Param) -> list[tuple[str, object, str, object, np.ndarray]]:
-    """(small name, small, big name, big, M with big = M @ small) of every two labeled cells related so."""
+class SupercellPair(NamedTuple):
+    """Two labeled cells (ase.Atoms of their first frame), big = matrix @ small (rows are lattice vectors)."""
+    small_name: str
+    small: object
+    big_name: str
+    big: object
+    matrix: np.ndarray
+
+
+def _supercell_pairs(param: Param) -> list[SupercellPair]:
+    """Every two labeled cells of which one is a supercell of the other."""
     from spingen.labelers.kmesh import supercell_matrix
 
     pairs = []
@@ -159,11 +168,11 @@ def _supercell_pairs(param: Param) -> list[tuple[str, object, str, object, np.nd
         (small_name, small), (big_name, big) = sorted([(name_a, a), (name_b, b)], key=lambda cell: len(cell[1]))
         matrix = supercell_matrix(small.cell[:], big.cell[:])
         if matrix is not None:
-            pairs.append((small_name, small, big_name, big, matrix))
+            pairs.append(SupercellPair(small_name, small, big_name, big, matrix))
     return pairs
 
 
-def _kpoint_mismatches(pairs: list, settings: LabelSettings) -> list[str]:
+def _kpoint_mismatches(pairs: list[SupercellPair], settings: LabelSettings) -> list[str]:
     from spingen.labelers.kmesh import folds_onto, kpoint_mesh
 
     gpaw, vasp = settings.gpaw, settings.vasp
@@ -176,8 +185,8 @@ def _kpoint_mismatches(pairs: list, settings: LabelSettings) -> list[str]:
         return tuple(fixed) if fixed is not None else kpoint_mesh(atoms.cell[:], atoms.pbc, step)
 
     def mismatched(step):
-        return [pair for pair in pairs
-                if not folds_onto(pair[1].cell[:], mesh(pair[1], step), pair[3].cell[:], mesh(pair[3], step))]
+        return [pair for pair in pairs if not folds_onto(pair.small.cell[:], mesh(pair.small, step),
+                                                          pair.big.cell[:], mesh(pair.big, step))]
 
     found = mismatched(spacing)
     if not found:
@@ -192,43 +201,42 @@ def _kpoint_mismatches(pairs: list, settings: LabelSettings) -> list[str]:
             for small_name, small, big_name, big, _ in found]
 
 
-def _grid_mismatches(pairs: list, gpaw) -> list[str]:
+def _grid_mismatches(pairs: list[SupercellPair], gpaw) -> list[str]:
     """GPAW only: pairs whose real-space grids are not in the ratio of the supercell (a diagonal M; grids of a
     rotated supercell are not compared), and the largest fp_gpaw/h (a step of 1e-4 A) that puts them in it."""
     from spingen.labelers.kmesh import density_grid
 
     if gpaw is None:
         return []
-    pairs = [pair for pair in pairs if np.count_nonzero(pair[4] - np.diag(np.diag(pair[4]))) == 0]
+    pairs = [pair for pair in pairs if np.count_nonzero(pair.matrix - np.diag(np.diag(pair.matrix))) == 0]
 
     def grids(pair, h):
-        return density_grid(pair[1].cell[:], gpaw.ecut, h), density_grid(pair[3].cell[:], gpaw.ecut, h)
+        return density_grid(pair.small.cell[:], gpaw.ecut, h), density_grid(pair.big.cell[:], gpaw.ecut, h)
+
+    def in_ratio(pair, h):
+        small, big = grids(pair, h)
+        return all(n_big == m * n_small for n_small, n_big, m in zip(small, big, np.diag(pair.matrix)))
 
     def mismatched(h):
-        found = []
-        for pair in pairs:
-            small, big = grids(pair, h)
-            if any(n_big != m * n_small for n_small, n_big, m in zip(small, big, np.diag(pair[4]))):
-                found.append(pair)
-        return found
+        return [pair for pair in pairs if not in_ratio(pair, h)]
 
     found = mismatched(gpaw.h)
     if not found:
         return []
-    coarsest = max(np.max(np.linalg.norm(pair[1].cell[:], axis=1) / grids(pair, gpaw.h)[0]) for pair in pairs)
+    coarsest = max(np.max(np.linalg.norm(pair.small.cell[:], axis=1) / grids(pair, gpaw.h)[0]) for pair in pairs)
     candidates = sorted({np.ceil(1e4 * length / n) / 1e4 for pair in pairs
-                         for length in np.linalg.norm(pair[1].cell[:], axis=1)
+                         for length in np.linalg.norm(pair.small.cell[:], axis=1)
                          for n in range(int(np.ceil(length / coarsest)), int(np.ceil(length / coarsest)) + 8)},
                         reverse=True)
     better = next((h for h in candidates if not mismatched(h)), None)
     advice = (f"; fp_gpaw/h {better:g} would fit them" if better is not None else
               "; set fp_gpaw/h so that each cell's length is a whole number of grid steps")
     lines = []
-    for small_name, small, big_name, big, matrix in found:
-        n_small, n_big = grids((small_name, small, big_name, big, matrix), gpaw.h)
-        ratio = tuple(int(m) for m in np.diag(matrix))
-        lines.append(f"real-space grid: {big_name} ({len(big)} atoms) gets {n_big} points, not {ratio} "
-                     f"times the {n_small} of {small_name} ({len(small)} atoms): labeled so, the two differ by GPAW's "
+    for pair in found:
+        n_small, n_big = grids(pair, gpaw.h)
+        ratio = tuple(int(m) for m in np.diag(pair.matrix))
+        lines.append(f"real-space grid: {pair.big_name} ({len(pair.big)} atoms) gets {n_big} points, not {ratio} "
+                     f"times the {n_small} of {pair.small_name} ({len(pair.small)} atoms): labeled so, the two differ by GPAW's "
                      f"grid error (3.8 meV/atom for LiNiO2 at 300 eV, the same for every spin state; "
                      f"docs/cathode-guide.md section 3){advice}")
     return lines

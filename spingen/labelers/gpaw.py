@@ -98,4 +98,3 @@ class GpawLabeler(Labeler):
                            virial=None if virial is None else np.array(virial, float),
                            moments=np.array(data["moments"], float),
                            total_moment=None if data.get("total_moment") is None else float(data["total_moment"]))
-
