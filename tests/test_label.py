@@ -221,6 +221,7 @@ def test_compress_magmom():
     ("fp_ldau", {"Ni": {"L": 2, "U": -1}}, "key 'fp_ldau/Ni'/U: expected a number >= 0"),
     ("fp_ldau", {"Ni": {"L": 2}}, "key 'fp_ldau/Ni': expected {\"L\": int"),
     ("fp_gpaw", {"ecut": -300.0}, "key 'fp_gpaw/ecut': expected a positive number"),
+    ("fp_gpaw", {"h": 0.0}, "key 'fp_gpaw/h': expected a positive number, got 0.0"),
     ("fp_gpaw", {"kpts": [2, 2]}, "key 'fp_gpaw/kpts': expected three integers >= 1"),
     ("fp_gpaw", {"maxiter": 0}, "key 'fp_gpaw/maxiter': expected at least 1"),
     ("ratio_failed", 1.5, "key 'ratio_failed': expected a fraction in [0, 1]"),
