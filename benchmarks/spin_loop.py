@@ -121,6 +121,12 @@ def same_signs(a: np.ndarray, b: np.ndarray, magnetic: np.ndarray) -> bool:
     return bool(np.array_equal(sa, sb) or np.array_equal(sa, -sb))
 
 
+def minimum_name(index: int, minimum: np.ndarray, magnetic: np.ndarray) -> str:
+    """The cache name of a geometry's searched minimum: geometry index and sign pattern (first ion up)."""
+    signs = np.sign(minimum[magnetic]) * np.sign(minimum[magnetic][0])
+    return f"g{index}_" + "".join("+" if m > 0 else "-" for m in signs)
+
+
 def label_state(work: Path, name: str, atoms, moments: np.ndarray) -> dict:
     """DFT (the loop's labeler and settings) of `atoms` started from `moments`, total fixed to the
     sum of the signs (1 uB per Ni low-spin ion, as the judge's states); cached in WORKDIR/minima/name."""
@@ -139,9 +145,8 @@ def label_state(work: Path, name: str, atoms, moments: np.ndarray) -> dict:
     return {"ok": bool(data.get("ok")), "energy": data.get("energy"), "moments": data.get("moments")}
 
 
-def judge_iteration(work: Path, iteration: int, models: list[Path], geometries, max_new_labels: int,
-                    budget: dict) -> dict:
-    """Held-out errors of one iteration's ensemble and the DFT verdict on its supercell minima."""
+def search_iteration(iteration: int, models: list[Path], work: Path, geometries) -> dict:
+    """Held-out errors of one iteration's ensemble and its spin-search minimum on every judge geometry."""
     from spingen.deepmd_model import load_models, resolve_encoding
     from spingen.tools.model_test import run as model_test
 
@@ -152,36 +157,59 @@ def judge_iteration(work: Path, iteration: int, models: list[Path], geometries, 
                          for i in range(iteration, -1, -1)
                          if (work / f"iter.{i:06d}" / "01.model_devi" / "moments.json").is_file()), None)
     magnitudes = json.loads(moments_file.read_text())["magnitudes"]
-    verdicts = []
-    for index, (atoms, states) in enumerate(geometries):
-        magnetic = np.array([s in magnitudes for s in atoms.get_chemical_symbols()])
-        minimum = search_minimum(dps, encoding, atoms, magnitudes)
-        labeled = [k for k, (_, m) in enumerate(states) if same_signs(minimum, m, magnetic)]
-        if labeled:  # the labeled state of that sign pattern nearest in magnitudes
-            k = min(labeled, key=lambda k: np.abs(np.abs(states[k][1]) - np.abs(minimum))[magnetic].sum())
-            verdicts.append({"geometry": index, "labeled": True, "kept": True,
-                             "lowest": states[k][0] <= min(e for e, _ in states) + 1e-9,
-                             "above_meV_atom": 1000 * (states[k][0] - min(e for e, _ in states)) / len(atoms)})
-            continue
-        name = f"g{index}_" + "".join("+" if m > 0 else "-" for m in np.sign(minimum[magnetic]) * np.sign(
-            minimum[magnetic][0]))
-        if not (work / "minima" / name / "result.json").is_file():
-            if budget["new"] >= max_new_labels:
-                verdicts.append({"geometry": index, "labeled": False, "kept": None, "lowest": None})
-                continue
-            budget["new"] += 1
-        result = label_state(work, name, atoms, minimum)
-        if not result["ok"]:
-            verdicts.append({"geometry": index, "labeled": False, "kept": None, "lowest": None})
-            continue
-        kept = same_signs(minimum, np.array(result["moments"]), magnetic)
-        verdicts.append({"geometry": index, "labeled": "new", "kept": kept,
-                         "lowest": kept and result["energy"] < min(e for e, _ in states),
-                         "above_meV_atom": 1000 * (result["energy"] - min(e for e, _ in states)) / len(atoms)})
     ranking = errors.ranking
     return {"iteration": iteration, "rmse_e": errors.rmse_e, "rmse_f": errors.rmse_f,
             "state_gap_rmse": ranking.state_gap_rmse, "lowest_right": ranking.lowest_state_right,
-            "geometries": ranking.geometries, "minima": verdicts}
+            "geometries": ranking.geometries,
+            "searched": [(np.array([s in magnitudes for s in atoms.get_chemical_symbols()]),
+                          search_minimum(dps, encoding, atoms, magnitudes)) for atoms, _ in geometries]}
+
+
+def matching_state(minimum: np.ndarray, magnetic: np.ndarray, states) -> int | None:
+    """The labeled state with the minimum's sign pattern nearest in magnitudes, or None."""
+    labeled = [k for k, (_, m) in enumerate(states) if same_signs(minimum, m, magnetic)]
+    if not labeled:
+        return None
+    return min(labeled, key=lambda k: np.abs(np.abs(states[k][1]) - np.abs(minimum))[magnetic].sum())
+
+
+def label_minima(work: Path, searched: list[dict], geometries, max_new_labels: int) -> None:
+    """GPAW labels of the searched minima that no judge state matches, the last iteration's first (the
+    targets judge it), at most max_new_labels beyond those cached, as many at once as there are cores."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    wanted = {}
+    for iteration in sorted(searched, key=lambda j: -j["iteration"]):
+        for index, (magnetic, minimum) in enumerate(iteration["searched"]):
+            if matching_state(minimum, magnetic, geometries[index][1]) is None:
+                wanted.setdefault(minimum_name(index, minimum, magnetic), (geometries[index][0], minimum))
+    cached = {name for name in wanted if (work / "minima" / name / "result.json").is_file()}
+    new = [name for name in wanted if name not in cached][:max_new_labels]
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        list(pool.map(lambda name: label_state(work, name, *wanted[name]), new))
+
+
+def verdicts(work: Path, iteration: dict, geometries) -> list[dict]:
+    """Per judge geometry: is the ensemble's minimum, by DFT, below every other labeled state?"""
+    found = []
+    for index, (magnetic, minimum) in enumerate(iteration["searched"]):
+        states = geometries[index][1]
+        lowest_dft = min(e for e, _ in states)
+        size = len(geometries[index][0])
+        k = matching_state(minimum, magnetic, states)
+        if k is not None:
+            found.append({"geometry": index, "labeled": True, "kept": True, "lowest": states[k][0] <= lowest_dft + 1e-9,
+                          "above_meV_atom": 1000 * (states[k][0] - lowest_dft) / size})
+            continue
+        result_file = work / "minima" / minimum_name(index, minimum, magnetic) / "result.json"
+        result = json.loads(result_file.read_text()) if result_file.is_file() else {}
+        if not result.get("ok"):
+            found.append({"geometry": index, "labeled": False, "kept": None, "lowest": None})
+            continue
+        kept = same_signs(minimum, np.array(result["moments"]), magnetic)
+        found.append({"geometry": index, "labeled": "new", "kept": kept, "lowest": kept and result["energy"] < lowest_dft,
+                      "above_meV_atom": 1000 * (result["energy"] - lowest_dft) / size})
+    return found
 
 
 def render(rows: list[dict], judged: dict[int, dict], wall: tuple[float, float], rss_mib: float | None, info: dict
@@ -246,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="/tmp/spin_loop")
     parser.add_argument("--max-new-labels", type=int, default=12,
-                        help="most new GPAW labels of the ensembles' supercell minima (150 s each)")
+                        help="most new GPAW labels of the ensembles' supercell minima (~7 min each; as many at once as cores)")
     parser.add_argument("--judge-only", action="store_true", help="judge an existing work dir, do not run the loop")
     args = parser.parse_args(argv)
     work = Path(args.workdir)
@@ -260,10 +288,13 @@ def main(argv: list[str] | None = None) -> int:
                             capture_output=True, text=True)
     rows = json.loads(status.stdout)["iterations"]
     geometries = judge_geometries()
-    budget = {"new": 0}  # spent on the last iteration first: the targets judge it
-    judged = {i: judge_iteration(work, i, models, geometries, args.max_new_labels, budget)
-              for i, models in sorted(iteration_models(work).items(), reverse=True)}
-    judged = dict(sorted(judged.items()))
+    searched = [search_iteration(i, models, work, geometries) for i, models in sorted(iteration_models(work).items())]
+    label_minima(work, searched, geometries, args.max_new_labels)
+    judged = {}
+    for iteration in searched:
+        iteration["minima"] = verdicts(work, iteration, geometries)
+        del iteration["searched"]
+        judged[iteration["iteration"]] = iteration
     (work / "judged.json").write_text(json.dumps(judged, indent=1, default=str) + "\n")
     block = render(rows, judged, loop_wall_s(work), rss_mib, info)
     print(block)
