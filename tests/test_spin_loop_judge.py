@@ -22,21 +22,21 @@ JUDGE = Path(__file__).resolve().parent.parent / "benchmarks" / "spin_loop" / "j
 
 
 def test_judge_holds_each_geometry_in_several_spin_states():
-    """Every stored geometry in at least two DFT spin states (same cell and coordinates, different sign
+    """Every one of the 8 stored geometries in at least three DFT spin states (same cell and coordinates, different sign
     patterns, different energies); labels.json accounts for every planned run (converged or not)."""
     system = load_system(JUDGE / "data", require_spins=True)
     d = system.data
-    assert d["atom_names"] == ["Li", "Ni", "O"] and np.bincount(d["atom_types"]).tolist() == [6, 6, 12]
+    assert d["atom_names"] == ["Li", "Ni", "O"] and np.bincount(d["atom_types"]).tolist() == [8, 8, 16]
     groups = geometry_groups(d["coords"], d["cells"])
-    assert len(np.unique(groups)) >= 4
+    assert len(np.unique(groups)) == 8
     ni = np.asarray(d["atom_types"]) == 1
     for g in np.unique(groups):
         frames = np.flatnonzero(groups == g)
-        assert len(frames) >= 2, f"geometry {g}: {len(frames)} state"
+        assert len(frames) >= 3, f"geometry {g}: {len(frames)} states"
         assert np.ptp(d["coords"][frames], axis=0).max() < 1e-6 and np.ptp(d["cells"][frames], axis=0).max() < 1e-6
         patterns = {tuple(np.sign(np.round(d["spins"][f, ni, 2], 1)) * np.sign(d["spins"][f, ni, 2][0]))
                     for f in frames}
-        assert len(patterns) >= 2, f"geometry {g}: the states differ in their sign patterns"
+        assert len(patterns) == len(frames), f"geometry {g}: every state its own sign pattern"
         assert np.ptp(d["energies"][frames]) > 0.01  # eV per cell: the states are not one SCF solution
     states = json.loads((JUDGE / "states.json").read_text())
     labels = json.loads((JUDGE / "labels.json").read_text())
