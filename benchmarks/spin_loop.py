@@ -127,7 +127,7 @@ def minimum_name(index: int, minimum: np.ndarray, magnetic: np.ndarray) -> str:
     return f"g{index}_" + "".join("+" if m > 0 else "-" for m in signs)
 
 
-def label_state(work: Path, name: str, atoms, moments: np.ndarray) -> dict:
+def label_state(work: Path, name: str, atoms, moments: np.ndarray) -> None:
     """DFT (the loop's labeler and settings) of `atoms` started from `moments`, total fixed to the
     sum of the signs (1 uB per Ni low-spin ion, as the judge's states); cached in WORKDIR/minima/name."""
     from spingen.labelers import create_labeler
@@ -141,12 +141,18 @@ def label_state(work: Path, name: str, atoms, moments: np.ndarray) -> dict:
         labeler.write_inputs(task, atoms, moments, float(np.sign(moments).sum()))
         subprocess.run([str(BIN / "spingen"), "label-task", str(task)], env=env(), check=True,
                        stdout=subprocess.DEVNULL)
-    data = json.loads(result.read_text())
+
+
+def read_label(work: Path, name: str) -> dict:
+    """The cached GPAW label WORKDIR/minima/name ({"ok": False} when there is none)."""
+    result = work / "minima" / name / "result.json"
+    data = json.loads(result.read_text()) if result.is_file() else {}
     return {"ok": bool(data.get("ok")), "energy": data.get("energy"), "moments": data.get("moments")}
 
 
-def search_iteration(iteration: int, models: list[Path], work: Path, geometries) -> dict:
-    """Held-out errors of one iteration's ensemble and its spin-search minimum on every judge geometry."""
+def search_iteration(iteration: int, models: list[Path], work: Path, geometries) -> tuple[dict, list]:
+    """Held-out errors of one iteration's ensemble, and its spin-search minimum on every judge geometry
+    as (magnetic mask, moments)."""
     from spingen.deepmd_model import load_models, resolve_encoding
     from spingen.tools.model_test import run as model_test
 
@@ -160,9 +166,9 @@ def search_iteration(iteration: int, models: list[Path], work: Path, geometries)
     ranking = errors.ranking
     return {"iteration": iteration, "rmse_e": errors.rmse_e, "rmse_f": errors.rmse_f,
             "state_gap_rmse": ranking.state_gap_rmse, "lowest_right": ranking.lowest_state_right,
-            "geometries": ranking.geometries,
-            "searched": [(np.array([s in magnitudes for s in atoms.get_chemical_symbols()]),
-                          search_minimum(dps, encoding, atoms, magnitudes)) for atoms, _ in geometries]}
+            "geometries": ranking.geometries}, [
+                (np.array([s in magnitudes for s in atoms.get_chemical_symbols()]),
+                 search_minimum(dps, encoding, atoms, magnitudes)) for atoms, _ in geometries]
 
 
 def matching_state(minimum: np.ndarray, magnetic: np.ndarray, states) -> int | None:
@@ -173,14 +179,14 @@ def matching_state(minimum: np.ndarray, magnetic: np.ndarray, states) -> int | N
     return min(labeled, key=lambda k: np.abs(np.abs(states[k][1]) - np.abs(minimum))[magnetic].sum())
 
 
-def label_minima(work: Path, searched: list[dict], geometries, max_new_labels: int) -> None:
+def label_minima(work: Path, searched: dict[int, list], geometries, max_new_labels: int) -> None:
     """GPAW labels of the searched minima that no judge state matches, the last iteration's first (the
     targets judge it), at most max_new_labels beyond those cached, as many at once as there are cores."""
     from concurrent.futures import ThreadPoolExecutor
 
     wanted = {}
-    for iteration in sorted(searched, key=lambda j: -j["iteration"]):
-        for index, (magnetic, minimum) in enumerate(iteration["searched"]):
+    for iteration in sorted(searched, reverse=True):
+        for index, (magnetic, minimum) in enumerate(searched[iteration]):
             if matching_state(minimum, magnetic, geometries[index][1]) is None:
                 wanted.setdefault(minimum_name(index, minimum, magnetic), (geometries[index][0], minimum))
     cached = {name for name in wanted if (work / "minima" / name / "result.json").is_file()}
@@ -189,10 +195,10 @@ def label_minima(work: Path, searched: list[dict], geometries, max_new_labels: i
         list(pool.map(lambda name: label_state(work, name, *wanted[name]), new))
 
 
-def verdicts(work: Path, iteration: dict, geometries) -> list[dict]:
+def verdicts(work: Path, minima: list, geometries) -> list[dict]:
     """Per judge geometry: is the ensemble's minimum, by DFT, below every other labeled state?"""
     found = []
-    for index, (magnetic, minimum) in enumerate(iteration["searched"]):
+    for index, (magnetic, minimum) in enumerate(minima):
         states = geometries[index][1]
         lowest_dft = min(e for e, _ in states)
         size = len(geometries[index][0])
@@ -201,9 +207,8 @@ def verdicts(work: Path, iteration: dict, geometries) -> list[dict]:
             found.append({"geometry": index, "labeled": True, "kept": True, "lowest": states[k][0] <= lowest_dft + 1e-9,
                           "above_meV_atom": 1000 * (states[k][0] - lowest_dft) / size})
             continue
-        result_file = work / "minima" / minimum_name(index, minimum, magnetic) / "result.json"
-        result = json.loads(result_file.read_text()) if result_file.is_file() else {}
-        if not result.get("ok"):
+        result = read_label(work, minimum_name(index, minimum, magnetic))
+        if not result["ok"]:
             found.append({"geometry": index, "labeled": False, "kept": None, "lowest": None})
             continue
         kept = same_signs(minimum, np.array(result["moments"]), magnetic)
@@ -288,13 +293,9 @@ def main(argv: list[str] | None = None) -> int:
                             capture_output=True, text=True)
     rows = json.loads(status.stdout)["iterations"]
     geometries = judge_geometries()
-    searched = [search_iteration(i, models, work, geometries) for i, models in sorted(iteration_models(work).items())]
-    label_minima(work, searched, geometries, args.max_new_labels)
-    judged = {}
-    for iteration in searched:
-        iteration["minima"] = verdicts(work, iteration, geometries)
-        del iteration["searched"]
-        judged[iteration["iteration"]] = iteration
+    searched = {i: search_iteration(i, models, work, geometries) for i, models in sorted(iteration_models(work).items())}
+    label_minima(work, {i: minima for i, (_, minima) in searched.items()}, geometries, args.max_new_labels)
+    judged = {i: {**summary, "minima": verdicts(work, minima, geometries)} for i, (summary, minima) in searched.items()}
     (work / "judged.json").write_text(json.dumps(judged, indent=1, default=str) + "\n")
     block = render(rows, judged, loop_wall_s(work), rss_mib, info)
     print(block)
