@@ -202,10 +202,13 @@ class SpinModelCalculator(Calculator):
         if cert is None or self.last_search is None or self._steps_since_search >= cert.settings.search_every:
             self.optimize(atoms, known=[(before, energy, minus_grad)])
             if cert is not None:
-                cert.moments = None  # the next step evaluates the new search's competitors
+                cert.tick()
+                cert.release()  # the next step evaluates the new search's competitors
             return not np.array_equal(before, self.moments)
         began = time.perf_counter()
         indices = cert.to_check(minus_grad) if cert.holds_for(before) else None
+        if indices is None:
+            cert.tick()
         if indices is not None and not len(indices):
             self.n_certified += 1
             self.timings["certify"] += time.perf_counter() - began
@@ -256,7 +259,8 @@ class SpinModelCalculator(Calculator):
                 self._evaluate(atoms)
         settled = self._moved_from is None
         if not settled:  # the next step evaluates every competitor
-            self._moved_from, cert.moments = None, None
+            self._moved_from = None
+            cert.release()
         self._step_model = None
         return settled
 

@@ -357,6 +357,10 @@ def param_arginfo() -> Argument:
                      Argument("pair_limit", int, optional=True, default=_CERTIFICATE.pair_limit,
                               doc="Two-ion moves are competitors too when a configuration has at most this many "
                                   "(6 ions of 4 levels: 135); more ions: single-ion moves only."),
+                     Argument("remembered_states", int, optional=True, default=_CERTIFICATE.remembered_states,
+                              doc="The competitors' references of this many states left last are kept: moments "
+                                  "that go back to one evaluate only what its aged references do not certify "
+                                  "(0: forget every state left)."),
                  ]),
         Argument("fp_task_max", int, optional=False, doc="At most this many labels per system and iteration."),
         Argument("fp_task_max_total", [int, type(None)], optional=True, default=None,

@@ -238,3 +238,46 @@ def test_magnitude_changes_and_reversals_keep_their_own_error():
     # one geometry on: magnitudes at 20.5 meV allowed 1 + 0.5, the others at 50 meV allowed 1 + 30
     assert not len(cert.to_check(np.zeros(2)))  # (one error for all would have named the magnitudes: 31 > 20.5)
     np.testing.assert_array_equal(cert.to_check(np.zeros(2)), np.flatnonzero(~magnitudes))  # 1 + 60 > 50
+
+
+def test_a_return_to_a_state_left_recalls_its_references():
+    """Moments that go A -> B -> A across the gauge sector: back at A, the competitors that B's gaps cannot
+    speak for (the other sector) take A's remembered references, aged by the geometries since, so fewer
+    are evaluated than without the memory; every one left unevaluated is above A by more than its
+    allowance at the new geometry (the prediction is exact for single-ion moves of the analytic model)."""
+    symbols = ["Ni"] * 8
+    levels = MomentLevels({"Ni": [1.0]}, symbols)
+    pos, cell = triangular_layers(2, 2, 2)
+    rng = np.random.default_rng(3)
+    shifts = [rng.normal(0, 0.01, pos.shape) * k for k in range(3)]
+    models = [AnalyticSpinModel(pos + s, cell, symbols, {"Ni": {1.0: 0.0}}, EXCHANGE) for s in shifts]
+
+    def gauge(states):
+        return np.where(np.round(states.sum(axis=1), 9) >= 0, 1.0, -1.0)
+
+    a = search_ground_state(models[0], levels, enumerate_limit=10**6).best_moments  # A: the ground state
+    pool = competitors(levels, a, pair_limit=300)
+    across = pool[gauge(pool) != gauge(a[None])[0]]
+    b = across[np.argmin(models[0].evaluate(across)[0])]  # B: its lowest competitor in the other sector
+
+    def walk(remembered):
+        cert = GroundStateCertificate(levels, CertificateSettings(margin=0.0, pair_limit=300,
+                                                                  remembered_states=remembered), gauge=gauge)
+        energy, grad = (x[0] for x in models[0].evaluate(a, gradient=True))
+        pool = competitors(levels, a, pair_limit=300)
+        cert.set_reference(a, energy, grad, pool, models[0].evaluate(pool)[0])
+        cert.step_errors[:] = 0.002  # eV per geometry, as if measured
+        named = None
+        for model, (before, after) in zip(models[1:], [(a, b), (b, a)]):
+            cert.tick()
+            grad_before = model.evaluate(before, gradient=True)[1][0]
+            energy, grad = (x[0] for x in model.evaluate(after, gradient=True))
+            named = cert.move_to(after, competitors(levels, after, pair_limit=300), grad_before, grad, symmetric=True)
+            cert.update(named, energy, grad, model.evaluate(cert.competitors[named])[0])
+        return cert, named, energy
+
+    _, named_without, _ = walk(0)
+    cert, named, energy = walk(8)
+    left = np.setdiff1d(np.arange(len(cert.competitors)), named)
+    exact = models[2].evaluate(cert.competitors[left])[0] - energy
+    assert np.all(exact > 0) and np.any(cert.ages[left] == 2)  # recalled: referenced two geometries ago

@@ -38,6 +38,12 @@ expansion E(c) - E(S0) = sum_i G_i + sum_ij (G_ij - G_i - G_j) over the ions whe
 from S0 (exact for two ions or fewer, and in an on-site + pair landscape), widened by the
 measured error of such carried gaps; only the rest, and the carried ones within the allowance,
 are evaluated.
+
+The moments of a near-degenerate landscape go back and forth between a few states. The certificate
+remembers the references of the last states it left (remembered_states): back at one of them, its
+competitors take their remembered references, aged by the geometries since, where those allow less
+than the carried gaps; a move across the gauge sector back to a state held a few steps before then
+evaluates only what the allowance names, not every competitor of the other sector.
 """
 
 from __future__ import annotations
@@ -63,12 +69,15 @@ class CertificateSettings:
     search_every: int = 500  # and run a full warm search at least this often (moves of several ions)
     pair_limit: int = 300  # two-ion moves are competitors too when a configuration has at most this many
     safety: float = 2.0  # times the measured prediction error per step, times the age
+    remembered_states: int = 8  # the references of this many states left last are kept for a return
 
     def __post_init__(self) -> None:
         if not self.margin >= 0:
             raise ValueError(f"margin must be >= 0 eV, got {self.margin}")
         if self.pair_limit < 0:
             raise ValueError(f"pair_limit must be >= 0, got {self.pair_limit}")
+        if self.remembered_states < 0:
+            raise ValueError(f"remembered_states must be >= 0, got {self.remembered_states}")
         for name in ("max_age", "search_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -147,6 +156,8 @@ class GroundStateCertificate:
         self.step_errors = np.full(3, np.nan)  # measured |predicted - evaluated| gap per geometry by kind, eV
         self.move_error: float | None = None  # measured |carried - evaluated| gap after a move, eV
         self.kinds = np.empty(0, dtype=int)  # each competitor's kind (MAGNITUDES, REVERSALS, OTHER_SECTOR)
+        self.clock = 0  # geometries seen (tick)
+        self.memory: dict[bytes, _Remembered] = {}  # the references of the states left last, oldest first
 
     def holds_for(self, moments: np.ndarray) -> bool:
         """Whether the certificate speaks of these moments (else the caller evaluates every competitor)."""
@@ -159,20 +170,33 @@ class GroundStateCertificate:
         change = np.sum(step * (self.competitors[indices] - self.moments), axis=1)
         return self.gaps[indices] - np.where(self.kinds[indices] != OTHER_SECTOR, change, 0.0)
 
-    def to_check(self, minus_grad: np.ndarray) -> np.ndarray:
-        """At a new geometry (ages all competitors by one): the indices of the competitors that must be
-        evaluated, those predicted within margin + safety x error per step x age, or older than max_age.
-        Empty: S0 is certified lowest here without an evaluation."""
+    def tick(self) -> None:
+        """A new geometry: every competitor's reference, and every remembered one, is one geometry older."""
         self.ages += 1
+        self.clock += 1
+
+    def to_check(self, minus_grad: np.ndarray) -> np.ndarray:
+        """At a new geometry (ticks): the indices of the competitors that must be evaluated, those predicted
+        within margin + safety x error per step x age, or older than max_age. Empty: S0 is certified lowest
+        here without an evaluation."""
+        self.tick()
         return self._within_allowance(self.predicted_gaps(minus_grad))
+
+    def release(self) -> None:
+        """Hold no moments (the caller evaluates every competitor next); the references are remembered."""
+        self._remember()
+        self.moments = None
 
     def _within_allowance(self, gaps: np.ndarray) -> np.ndarray:
         """Competitors predicted within margin + slack + safety x error per step of their kind x age (a kind
         whose error is not measured yet: all of it), or older than max_age."""
-        s = self.settings
-        per_step = self.step_errors[self.kinds]
-        allowance = np.where(np.isnan(per_step), np.inf, s.margin + self.slack + s.safety * per_step * self.ages)
-        return np.flatnonzero(~(gaps > allowance) | (self.ages > s.max_age))
+        allowance = self.settings.margin + self._uncertainty(self.kinds, self.ages, self.slack)
+        return np.flatnonzero(~(gaps > allowance) | (self.ages > self.settings.max_age))
+
+    def _uncertainty(self, kinds: np.ndarray, ages: np.ndarray, slack: np.ndarray) -> np.ndarray:
+        """slack + safety x measured error per step of the kind x age (inf where the kind's is not measured)."""
+        per_step = self.step_errors[kinds]
+        return np.where(np.isnan(per_step), np.inf, slack + self.settings.safety * per_step * ages)
 
     def update(self, indices: np.ndarray, energy: float, minus_grad: np.ndarray, energies: np.ndarray) -> None:
         """Competitors[indices] evaluated at this geometry (S0 at `energy`, -dE/dS): their prediction error
@@ -195,7 +219,9 @@ class GroundStateCertificate:
 
     def set_reference(self, moments: np.ndarray, energy: float, minus_grad: np.ndarray,
                       competitors: np.ndarray, competitor_energies: np.ndarray) -> None:
-        """A new S0 with every competitor evaluated at this geometry (the measured error is kept)."""
+        """A new S0 with every competitor evaluated at this geometry (the measured error is kept; the old S0's
+        references are remembered)."""
+        self._remember()
         self.moments = np.asarray(moments, dtype=float).copy()
         self.competitors = np.array(competitors, dtype=float).reshape(-1, self.levels.n_magnetic)
         self.gaps = np.asarray(competitor_energies, dtype=float) - float(energy)
@@ -228,9 +254,11 @@ class GroundStateCertificate:
 
         from S0's single-ion gaps G_i and two-ion gaps G_ij: exact for |D| <= 2 (S0's own competitors),
         and for more ions in a landscape of on-site and pair energies; beyond it the measured move error
-        is added to the allowance. symmetric: E(-S) = E(S) (a state stands for its reverse too). Returns
-        the indices of the new competitors to evaluate now: those within the allowance, those no gaps of
-        S0 speak for, and every one of more than two ions until a move error was measured."""
+        is added to the allowance. A competitor of a remembered `moments` takes its remembered reference
+        instead where that allows less. symmetric: E(-S) = E(S) (a state stands for its reverse too).
+        Returns the indices of the new competitors to evaluate now: those within the allowance, those no
+        gaps of S0 speak for, and every one of more than two ions until a move error was measured."""
+        self._remember()
         old = self.moments
         states = np.concatenate([old[None], self.competitors])
         values = list(zip(np.concatenate([[0.0], self.predicted_gaps(minus_grad_before)]),
@@ -248,7 +276,38 @@ class GroundStateCertificate:
         self.gaps, self.ages, self.slack = gaps, ages, slack
         self.kinds = self.kinds_of(competitors)
         self.minus_grads = np.tile(np.asarray(minus_grad, dtype=float), (len(competitors), 1))
-        return self._within_allowance(gaps)
+        self._recall()
+        return self._within_allowance(self.predicted_gaps(minus_grad))
+
+    def _remember(self) -> None:
+        """Keep the held moments' references (the oldest remembered state is forgotten beyond the limit)."""
+        if self.moments is None or not self.settings.remembered_states:
+            return
+        key = self._key(self.moments)
+        self.memory.pop(key, None)
+        self.memory[key] = _Remembered(self.clock, {self._key(c): i for i, c in enumerate(self.competitors)},
+                                       self.gaps.copy(), self.minus_grads.copy(), self.ages.copy(), self.slack.copy())
+        while len(self.memory) > self.settings.remembered_states:
+            self.memory.pop(next(iter(self.memory)))
+
+    def _recall(self) -> None:
+        """Back at a remembered S0: each competitor whose remembered reference (aged by the geometries since)
+        allows less than its carried gap takes it."""
+        past = self.memory.pop(self._key(self.moments), None)
+        if past is None:
+            return
+        found = [(i, past.index[k]) for i, k in enumerate(map(self._key, self.competitors)) if k in past.index]
+        if not found:
+            return
+        now, then = (np.array(column) for column in zip(*found))
+        ages = past.ages[then] + (self.clock - past.clock)
+        kinds = self.kinds[now]
+        carried = self._uncertainty(kinds, self.ages[now], self.slack[now])
+        better = (~(self._uncertainty(kinds, ages, past.slack[then]) >= carried) | np.isnan(self.gaps[now])) \
+            & np.isfinite(past.gaps[then])
+        now, then = now[better], then[better]
+        self.gaps[now], self.minus_grads[now] = past.gaps[then], past.minus_grads[then]
+        self.ages[now], self.slack[now] = past.ages[then] + (self.clock - past.clock), past.slack[then]
 
     def _cluster_gap(self, state: np.ndarray, old: np.ndarray, known: dict, symmetric: bool
                      ) -> tuple[float, int, float]:
@@ -279,3 +338,15 @@ class GroundStateCertificate:
     @staticmethod
     def _key(moments: np.ndarray) -> bytes:
         return (np.round(np.asarray(moments, dtype=float), 6) + 0.0).tobytes()  # + 0.0: -0.0 is 0.0
+
+
+@dataclass(frozen=True)
+class _Remembered:
+    """The references of a state the certificate left: at clock `clock`, competitor key -> row of the arrays."""
+
+    clock: int
+    index: dict
+    gaps: np.ndarray
+    minus_grads: np.ndarray
+    ages: np.ndarray
+    slack: np.ndarray
