@@ -13,6 +13,11 @@ Usage (32 GPAW runs of 32 atoms at one irreducible k-point):
 `--collect-finished` writes the judge from the runs finished so far (while or after `spingen init`
 runs), for a session that cannot wait for all of them: the converged labels of every geometry with
 at least two states; states.json and labels.json say what is there.
+
+`--retry-failed MAXITER` reruns the stored judge's unconverged runs (labels.json `ok: false`) with
+the same geometry (regenerated from the seed and checked against the stored frames), start moments
+and total moment, allowing MAXITER SCF steps instead of the loop's 120, as many at once as there are
+cores, and adds the converged ones to the judge (labels.json records each retry's maxiter).
 """
 
 from __future__ import annotations
@@ -95,13 +100,82 @@ def collect_finished(work: Path) -> list[dict]:
     return entries
 
 
+def retry_failed(work: Path, maxiter: int) -> list[dict]:
+    """Rerun the judge's unconverged labels with MAXITER SCF steps in WORKDIR/retry/task.*; add the
+    converged ones to the judge data and update their labels.json entries; returns the entries."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    from spingen.data.npy import append_frames, build_system, load_system
+    from spingen.labelers import create_labeler
+    from spingen.schema import label_settings, load_param
+    from spingen.stages.init import perturbed_frames
+
+    param = judge_param()
+    param["fp_gpaw"] = {**param["fp_gpaw"], "maxiter": maxiter}
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "param.json").write_text(json.dumps(param, indent=1) + "\n")
+    loaded = load_param(work / "param.json")
+    labeler = create_labeler(label_settings(loaded))
+    geometries = perturbed_frames(EXAMPLE / "POSCAR.2x2x1", loaded.sys_format, loaded.init_gen, 0)
+    stored = load_system(JUDGE_DIR / "data", require_spins=True).data
+    entries = json.loads((JUDGE_DIR / "labels.json").read_text())
+    states = list(JUDGE_STATES.values())
+    tasks = []
+    for index, entry in enumerate(entries):
+        if entry["ok"]:
+            continue
+        atoms = geometries[index // len(states)]
+        same = (np.isclose(stored["coords"], atoms.positions, atol=1e-6).all(axis=(1, 2))
+                & np.isclose(stored["cells"], atoms.cell.array, atol=1e-6).all(axis=(1, 2)))
+        if not same.any():
+            raise SystemExit(f"{entry['task']}: the regenerated geometry matches no stored judge frame")
+        task = work / "retry" / entry["task"]
+        task.mkdir(parents=True, exist_ok=True)
+        state = states[index % len(states)]
+        moments = np.zeros(len(atoms))
+        moments[[i for i, s in enumerate(atoms.get_chemical_symbols()) if s == "Ni"]] = state
+        labeler.write_inputs(task, atoms, moments, float(sum(state)))
+        tasks.append((index, atoms, task))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{BIN}:{os.environ['PATH']}")
+
+    def label(task: Path) -> None:
+        subprocess.run([str(BIN / "spingen"), "label-task", str(task)], env=env, check=True)
+
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        list(pool.map(label, [task for _, _, task in tasks]))
+    converged = []
+    for index, atoms, task in tasks:
+        result = labeler.read_result(task)
+        entries[index].update(ok=result.ok, reason=result.reason, maxiter=maxiter)
+        if result.ok:
+            entries[index].update(energy=result.energy, moments=np.round(result.moments, 3).tolist(),
+                                  total_moment=result.total_moment)
+            converged.append((atoms, result))
+    if converged:
+        append_frames(JUDGE_DIR / "data", build_system(
+            converged[0][0].get_chemical_symbols(), np.array([a.cell.array for a, _ in converged]),
+            np.array([a.positions for a, _ in converged]), np.array([r.energy for _, r in converged]),
+            np.array([r.forces for _, r in converged]), np.array([r.moments for _, r in converged]),
+            type_map=["Li", "Ni", "O"]))
+    return entries
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="/tmp/spin_judge")
     parser.add_argument("--collect-finished", action="store_true",
                         help="write the judge from the runs finished so far (does not run anything)")
+    parser.add_argument("--retry-failed", type=int, metavar="MAXITER",
+                        help="rerun the stored judge's unconverged labels with MAXITER SCF steps")
     args = parser.parse_args(argv)
     work = Path(args.workdir)
+    if args.retry_failed:
+        entries = retry_failed(work, args.retry_failed)
+        (JUDGE_DIR / "labels.json").write_text(json.dumps(entries, indent=1) + "\n")
+        print(f"judge: {sum(e['ok'] for e in entries)} converged of {len(entries)} runs")
+        return 0
     if args.collect_finished:
         entries = collect_finished(work)
         (JUDGE_DIR / "labels.json").write_text(json.dumps(entries, indent=1) + "\n")
