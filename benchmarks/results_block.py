@@ -11,7 +11,8 @@ STEP_DONE = re.compile(r"^(\S+ \S+) INFO iter (\d{6}) step (\d{2}): (\w+?)_(\w+)
 def write_results(doc: Path, begin: str, end: str, block: str) -> None:
     """Replace what stands between the markers `begin` and `end` of doc with block (markers kept)."""
     text = doc.read_text()
-    start, stop = text.index(begin) + len(begin), text.index(end)
+    start = text.index(begin) + len(begin)
+    stop = text.index(end, start)
     doc.write_text(text[:start] + "\n\n" + block + "\n" + text[stop:])
 
 

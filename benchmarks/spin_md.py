@@ -62,6 +62,7 @@ DOC_END = "<!-- results:end -->"
 SETTINGS = {
     "fixed moments": (0, {}, None, 0),
     "default (certificate)": (1, {}, {}, 1),
+    "certificate, no state memory": (1, {}, {"remembered_states": 0}, 1),
     "certificate, single-ion moves only": (1, {}, {"pair_limit": 0}, 1),
     "search every step": (1, {}, None, 1),  # (--search-steps steps)
     "budget 8 every step": (1, {"max_evaluations": 8}, None, 10),
@@ -314,8 +315,9 @@ def main(argv: list[str] | None = None) -> int:
             "temperature": args.temperature}
     text = render(info, results, truth, frame)
     print(text)
-    if not args.no_doc:
-        write_results(DOC, DOC_BEGIN, DOC_END, text)
+    if not args.no_doc:  # the default temperature's block, or one of its own (its markers in the doc)
+        begin = DOC_BEGIN if args.temperature == 900.0 else DOC_BEGIN.replace(" -->", f", {args.temperature:.0f} K -->")
+        write_results(DOC, begin, DOC_END, text)
     return 0
 
 
