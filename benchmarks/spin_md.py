@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     text = render(info, results, truth, frame)
     print(text)
     if not args.no_doc:  # the default temperature's block, or one of its own (its markers in the doc)
-        begin = DOC_BEGIN if args.temperature == 900.0 else DOC_BEGIN.replace(" -->", f", {args.temperature:.0f} K -->")
+        begin = DOC_BEGIN if args.temperature == 900.0 else DOC_BEGIN.replace(") -->", f", {args.temperature:.0f} K) -->")
         write_results(DOC, begin, DOC_END, text)
     return 0
 
