@@ -305,9 +305,9 @@ class GroundStateCertificate:
         carried = self._uncertainty(kinds, self.ages[now], self.slack[now])
         better = (~(self._uncertainty(kinds, ages, past.slack[then]) >= carried) | np.isnan(self.gaps[now])) \
             & np.isfinite(past.gaps[then])
-        now, then = now[better], then[better]
+        now, then, ages = now[better], then[better], ages[better]
         self.gaps[now], self.minus_grads[now] = past.gaps[then], past.minus_grads[then]
-        self.ages[now], self.slack[now] = past.ages[then] + (self.clock - past.clock), past.slack[then]
+        self.ages[now], self.slack[now] = ages, past.slack[then]
 
     def _cluster_gap(self, state: np.ndarray, old: np.ndarray, known: dict, symmetric: bool
                      ) -> tuple[float, int, float]:
