@@ -225,6 +225,11 @@ def _fp_variant() -> Variant:
                               doc="Fermi-Dirac smearing width (eV)."),
                      Argument("maxiter", int, optional=True, default=120,
                               doc="Most SCF iterations; beyond it the frame fails (KohnShamConvergenceError)."),
+                     Argument("retry_maxiter", [int, type(None)], optional=True, default=None,
+                              doc="A frame whose SCF did not converge within maxiter is run once more from the "
+                                  "start with this many iterations (the first attempt's result.json and log are "
+                                  "kept beside it); null: not retried. Slow states converge so: reversed Ni "
+                                  "pairs in LiNiO2 took 129-396 SCF steps (docs/benchmarks/spin_loop.md)."),
                      Argument("xc", str, optional=True, default="PBE", doc="Exchange-correlation functional."),
                      Argument("convergence", dict, optional=True, default={},
                               doc="GPAW's convergence criteria, e.g. {\"energy\": 1e-5} (eV/electron); "
@@ -931,6 +936,7 @@ class GpawSettings:
     h: float | None  # real-space grid spacing (A); None: GPAW's choice from ecut
     width: float
     maxiter: int
+    retry_maxiter: int | None  # an unconverged SCF runs once more with this many iterations; None: no retry
     xc: str
     convergence: Mapping[str, Any]
     stress: bool
@@ -1182,13 +1188,17 @@ def _gpaw_settings(raw: Mapping[str, Any], path: Path) -> GpawSettings:
             raise InputError(f"{key}/{name}': expected a positive number, got {g[name]}")
     if g["maxiter"] < 1:
         raise InputError(f"{key}/maxiter': expected at least 1 SCF iteration, got {g['maxiter']}")
+    if g["retry_maxiter"] is not None and g["retry_maxiter"] <= g["maxiter"]:
+        raise InputError(f"{key}/retry_maxiter': expected more SCF iterations than maxiter ({g['maxiter']}), "
+                         f"got {g['retry_maxiter']}")
     if not _gpaw_knows_xc(g["xc"]):
         close = [name for name in GPAW_XC if name.lower() == g["xc"].lower()]
         raise InputError(f"{key}/xc': '{g['xc']}' is no exchange-correlation functional GPAW knows"
                          + (f"; did you mean {close[0]}?" if close else
                             f" (one of {', '.join(GPAW_XC[:15])}, ..., or libxc names such as GGA_X_PBE+GGA_C_PBE)"))
     return GpawSettings(float(g["ecut"]), _kmesh(g["kpts"], f"{key}/kpts'"), float(g["kspacing"]),
-                        None if g["h"] is None else float(g["h"]), float(g["width"]), int(g["maxiter"]), g["xc"],
+                        None if g["h"] is None else float(g["h"]), float(g["width"]), int(g["maxiter"]),
+                        None if g["retry_maxiter"] is None else int(g["retry_maxiter"]), g["xc"],
                         _freeze(g["convergence"]), bool(g["stress"]), float(g["random_moment"]))
 
 

@@ -224,6 +224,8 @@ def test_compress_magmom():
     ("fp_gpaw", {"h": 0.0}, "key 'fp_gpaw/h': expected a positive number, got 0.0"),
     ("fp_gpaw", {"kpts": [2, 2]}, "key 'fp_gpaw/kpts': expected three integers >= 1"),
     ("fp_gpaw", {"maxiter": 0}, "key 'fp_gpaw/maxiter': expected at least 1"),
+    ("fp_gpaw", {"maxiter": 50, "retry_maxiter": 50},
+     "key 'fp_gpaw/retry_maxiter': expected more SCF iterations than maxiter (50), got 50"),
     ("ratio_failed", 1.5, "key 'ratio_failed': expected a fraction in [0, 1]"),
     ("fp_moment_tolerance", 0.0, "key 'fp_moment_tolerance': expected a positive tolerance"),
 ])
@@ -696,3 +698,24 @@ def test_gpaw_unconverged_is_a_failed_frame(tmp_path):
                                            r"within maxiter = 2 iterations \(GPAW KohnShamConvergenceError\)$"):
         stage.post(ctx)
     assert not (stage.path(ctx) / "data.000").exists()
+
+
+@needs_gpaw
+@pytest.mark.slow
+def test_an_unconverged_gpaw_scf_runs_once_more_with_retry_maxiter(tmp_path):
+    """fp_gpaw/retry_maxiter: a frame whose SCF stopped at maxiter runs again from the start with more
+    iterations, through dpdispatcher in the same run step; the first attempt's result and log are kept."""
+    stage = gpaw_stage(tmp_path, maxiter=2, retry_maxiter=80)
+    write_candidates(tmp_path, 0, [candidate(nio_cell(), [1.8, 0.0])])
+    ctx = make_stage(tmp_path, stage)
+    task = stage.path(ctx) / "task.000.000000"
+    stage.run(ctx)
+    first = json.loads((task / "result.maxiter2.json").read_text())
+    assert not first["ok"] and "within maxiter = 2 iterations" in first["reason"]
+    assert (task / "gpaw.maxiter2.txt").is_file()
+    result = json.loads((task / "result.json").read_text())
+    assert result["ok"] and result["maxiter"] == 80 and 2 < result["iterations"] <= 80
+    assert not stage.labeler.retry(task)  # converged: never again
+    stage.post(ctx)
+    assert load_system(stage.path(ctx) / "data.000").get_nframes() == 1
+

@@ -113,7 +113,7 @@ def retry_failed(work: Path, maxiter: int) -> list[dict]:
     from spingen.stages.init import perturbed_frames
 
     param = judge_param()
-    param["fp_gpaw"] = {**param["fp_gpaw"], "maxiter": maxiter}
+    param["fp_gpaw"] = {**param["fp_gpaw"], "maxiter": maxiter, "retry_maxiter": None}
     work.mkdir(parents=True, exist_ok=True)
     (work / "param.json").write_text(json.dumps(param, indent=1) + "\n")
     loaded = load_param(work / "param.json")

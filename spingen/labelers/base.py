@@ -86,6 +86,11 @@ class Labeler(ABC):
         """Whether the task ran to its end (converged or not): then it is never run again."""
         return (Path(task_dir) / self.result_file).is_file()
 
+    def retry(self, task_dir: Path) -> bool:
+        """Prepare a finished task whose SCF did not converge to run again with more iterations, keeping the
+        first attempt's outputs; True if it will run again (a code without retries: never)."""
+        return False
+
     def unfinished_reason(self, task_dir: Path) -> str:
         """Why a task that has run is not finished (the reason reported for its excluded frame)."""
         return "not finished: no result after the run"

@@ -22,7 +22,7 @@ import numpy as np
 
 from spingen.labelers.base import Labeler, LabelResult
 from spingen.labelers.kmesh import density_grid, kpoint_mesh
-from spingen.tasks.label import INPUT_FILE, LOG_FILE, RESULT_FILE, THREAD_VARIABLES
+from spingen.tasks.label import INPUT_FILE, LOG_FILE, RESULT_FILE, THREAD_VARIABLES, write_json_atomic
 
 _SHELLS = "spdf"
 
@@ -73,7 +73,7 @@ class GpawLabeler(Labeler):
             "stress": g.stress,
             "setups": self.setups(atoms.get_chemical_symbols()),
         }
-        (Path(task_dir) / INPUT_FILE).write_text(json.dumps(data, indent=1) + "\n")
+        write_json_atomic(Path(task_dir) / INPUT_FILE, data)
 
     def command(self, machine_command: str) -> str:
         pinned = " ".join(f"{v}=1" for v in THREAD_VARIABLES)
@@ -84,6 +84,27 @@ class GpawLabeler(Labeler):
 
     def backward_files(self) -> Sequence[str]:
         return [RESULT_FILE, LOG_FILE]
+
+    def retry(self, task_dir: Path) -> bool:
+        """An SCF not converged within fewer than fp_gpaw/retry_maxiter iterations: the input gets retry_maxiter,
+        then result.json and gpaw.txt move to result.maxiterN.json and gpaw.maxiterN.txt (N: the first
+        attempt's maxiter); a kill between the two leaves a task that is retried again."""
+        limit = self.settings.gpaw.retry_maxiter
+        task_dir = Path(task_dir)
+        try:
+            data = json.loads((task_dir / RESULT_FILE).read_text())
+        except (OSError, json.JSONDecodeError):
+            return False
+        inp = json.loads((task_dir / INPUT_FILE).read_text())
+        tried = int(data.get("maxiter", inp["maxiter"]))
+        if limit is None or data.get("ok") or "KohnShamConvergenceError" not in str(data.get("reason")) \
+                or tried >= limit:
+            return False
+        write_json_atomic(task_dir / INPUT_FILE, {**inp, "maxiter": limit})
+        for name, kept in ((LOG_FILE, f"gpaw.maxiter{tried}.txt"), (RESULT_FILE, f"result.maxiter{tried}.json")):
+            if (task_dir / name).exists():
+                (task_dir / name).replace(task_dir / kept)
+        return True
 
     def read_result(self, task_dir: Path) -> LabelResult:
         path = Path(task_dir) / RESULT_FILE
@@ -98,3 +119,4 @@ class GpawLabeler(Labeler):
                            virial=None if virial is None else np.array(virial, float),
                            moments=np.array(data["moments"], float),
                            total_moment=None if data.get("total_moment") is None else float(data["total_moment"]))
+

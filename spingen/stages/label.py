@@ -245,6 +245,11 @@ class LabelStage(Stage):
                                         *self.machine.user_backward_files],
                         outlog=OUTLOG, errlog=ERRLOG)
         run_tasks(self.machine, path, todo, spec, ctx.workdir)
+        retried = [t for t in tasks if self.labeler.retry(path / t)]
+        if retried:
+            log.info("fp: %d task(s) whose SCF did not converge run again with more iterations: %s", len(retried),
+                     " ".join(retried))
+            run_tasks(self.machine, path, retried, spec, ctx.workdir)
 
     # ---- post
     def post(self, ctx: StageContext) -> None:

@@ -24,7 +24,8 @@ LOG_FILE = "gpaw.txt"
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
-def _write_atomic(path: Path, data: dict) -> None:
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write data as JSON to path through a synced temporary file and a rename."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=1) + "\n")
     with open(tmp, "rb+") as handle:
@@ -63,7 +64,7 @@ def _label(task_dir: Path) -> dict:
                       setups=inp["setups"] or "paw", maxiter=inp["maxiter"], txt=str(task_dir / LOG_FILE),
                       **kwargs)
     start = time.monotonic()
-    result: dict = {"gpaw_version": gpaw_version}
+    result: dict = {"gpaw_version": gpaw_version, "maxiter": inp["maxiter"]}
     try:
         energy = atoms.get_potential_energy(force_consistent=True)  # free energy, consistent with forces
         forces = atoms.get_forces()
@@ -85,5 +86,5 @@ def _label(task_dir: Path) -> dict:
             iterations=int(atoms.calc.get_number_of_iterations()),
         )
     result["wall_s"] = round(time.monotonic() - start, 3)
-    _write_atomic(task_dir / RESULT_FILE, result)
+    write_json_atomic(task_dir / RESULT_FILE, result)
     return result
