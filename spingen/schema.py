@@ -228,8 +228,9 @@ def _fp_variant() -> Variant:
                      Argument("retry_maxiter", [int, type(None)], optional=True, default=None,
                               doc="A frame whose SCF did not converge within maxiter is run once more from the "
                                   "start with this many iterations (the first attempt's result.json and log are "
-                                  "kept beside it); null: not retried. Slow states converge so: reversed Ni "
-                                  "pairs in LiNiO2 took 129-396 SCF steps (docs/benchmarks/spin_loop.md)."),
+                                  "kept beside it; not with LazyLocalContext); null: not retried. Slow states converge "
+                                  "so: reversed Ni pairs in LiNiO2 took 129-396 SCF steps "
+                                  "(docs/benchmarks/spin_loop.md)."),
                      Argument("xc", str, optional=True, default="PBE", doc="Exchange-correlation functional."),
                      Argument("convergence", dict, optional=True, default={},
                               doc="GPAW's convergence criteria, e.g. {\"energy\": 1e-5} (eV/electron); "

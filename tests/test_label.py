@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import re
 import signal
@@ -630,10 +631,12 @@ def nio_cell() -> Atoms:
     return bulk("NiO", "rocksalt", a=4.17)
 
 
-def gpaw_stage(root: Path, **overrides) -> LabelStage:
+def gpaw_stage(root: Path, context: str = "LocalContext", **overrides) -> LabelStage:
     param = make_param(root, spin={"magnetic": ["Ni"], "moments": {"Ni": [0, 1.8]}}, fp_spin_init="states",
                        fp_gpaw={"ecut": 300.0, "kpts": [2, 2, 2], **overrides})
-    param_path, machine_path = write_inputs(root, param, make_machine(str(BIN / "spingen")))
+    machine = make_machine(str(BIN / "spingen"))
+    machine["fp"][0]["machine"]["context_type"] = context
+    param_path, machine_path = write_inputs(root, param, machine)
     return LabelStage(load_param(param_path), load_machine(machine_path).fp)
 
 
@@ -718,4 +721,18 @@ def test_an_unconverged_gpaw_scf_runs_once_more_with_retry_maxiter(tmp_path):
     assert not stage.labeler.retry(task)  # converged: never again
     stage.post(ctx)
     assert load_system(stage.path(ctx) / "data.000").get_nframes() == 1
+
+
+@needs_gpaw
+def test_no_scf_retry_where_dpdispatcher_keeps_the_finished_tags(tmp_path, caplog):
+    """LazyLocalContext runs in the task folders and keeps dpdispatcher's finished tags: a second submission
+    would be taken as done, so the stage says it does not retry and leaves the failed result in place."""
+    stage = gpaw_stage(tmp_path, context="LazyLocalContext", maxiter=2, retry_maxiter=80)
+    write_candidates(tmp_path, 0, [candidate(nio_cell(), [1.8, 0.0])])
+    ctx = make_stage(tmp_path, stage)
+    task = stage.path(ctx) / "task.000.000000"
+    with caplog.at_level(logging.WARNING, logger="spingen"):
+        stage.run(ctx)
+    assert "no SCF retry with LazyLocalContext" in caplog.text
+    assert not json.loads((task / "result.json").read_text())["ok"] and not (task / "result.maxiter2.json").exists()
 

@@ -86,6 +86,11 @@ class Labeler(ABC):
         """Whether the task ran to its end (converged or not): then it is never run again."""
         return (Path(task_dir) / self.result_file).is_file()
 
+    @property
+    def retries(self) -> bool:
+        """Whether unconverged tasks are retried (see retry)."""
+        return False
+
     def retry(self, task_dir: Path) -> bool:
         """Prepare a finished task whose SCF did not converge to run again with more iterations, keeping the
         first attempt's outputs; True if it will run again (a code without retries: never)."""

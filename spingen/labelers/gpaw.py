@@ -14,6 +14,7 @@ from a random moment within +-fp_gpaw/random_moment, seeded by a stable hash of 
 from __future__ import annotations
 
 import json
+import re
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -85,6 +86,10 @@ class GpawLabeler(Labeler):
     def backward_files(self) -> Sequence[str]:
         return [RESULT_FILE, LOG_FILE]
 
+    @property
+    def retries(self) -> bool:
+        return self.settings.gpaw.retry_maxiter is not None
+
     def retry(self, task_dir: Path) -> bool:
         """An SCF not converged within fewer than fp_gpaw/retry_maxiter iterations: the input gets retry_maxiter,
         then result.json and gpaw.txt move to result.maxiterN.json and gpaw.maxiterN.txt (N: the first
@@ -96,7 +101,8 @@ class GpawLabeler(Labeler):
         except (OSError, json.JSONDecodeError):
             return False
         inp = json.loads((task_dir / INPUT_FILE).read_text())
-        tried = int(data.get("maxiter", inp["maxiter"]))
+        said = re.search(r"maxiter = (\d+)", str(data.get("reason")))  # results written before "maxiter" was
+        tried = int(data.get("maxiter") or (said.group(1) if said else inp["maxiter"]))
         if limit is None or data.get("ok") or "KohnShamConvergenceError" not in str(data.get("reason")) \
                 or tried >= limit:
             return False
@@ -119,4 +125,3 @@ class GpawLabeler(Labeler):
                            virial=None if virial is None else np.array(virial, float),
                            moments=np.array(data["moments"], float),
                            total_moment=None if data.get("total_moment") is None else float(data["total_moment"]))
-

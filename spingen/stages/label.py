@@ -245,6 +245,14 @@ class LabelStage(Stage):
                                         *self.machine.user_backward_files],
                         outlog=OUTLOG, errlog=ERRLOG)
         run_tasks(self.machine, path, todo, spec, ctx.workdir)
+        if not self.labeler.retries:
+            return
+        if "lazy" in str(self.machine.machine.get("context_type", "")).lower():
+            # LazyLocalContext runs in the task folders and keeps dpdispatcher's finished tags there: a second
+            # submission of the same tasks would be taken as done, so unconverged SCFs are not retried
+            log.warning("fp: no SCF retry with LazyLocalContext (dpdispatcher keeps the tasks' finished tags); "
+                        "use LocalContext for retries")
+            return
         retried = [t for t in tasks if self.labeler.retry(path / t)]
         if retried:
             log.info("fp: %d task(s) whose SCF did not converge run again with more iterations: %s", len(retried),
