@@ -937,11 +937,11 @@ class GpawSettings:
     h: float | None  # real-space grid spacing (A); None: GPAW's choice from ecut
     width: float
     maxiter: int
-    retry_maxiter: int | None  # an unconverged SCF runs once more with this many iterations; None: no retry
     xc: str
     convergence: Mapping[str, Any]
     stress: bool
     random_moment: float
+    retry_maxiter: int | None = None  # an unconverged SCF runs once more with this many iterations; None: no retry
 
 
 @dataclass(frozen=True)
@@ -1198,9 +1198,9 @@ def _gpaw_settings(raw: Mapping[str, Any], path: Path) -> GpawSettings:
                          + (f"; did you mean {close[0]}?" if close else
                             f" (one of {', '.join(GPAW_XC[:15])}, ..., or libxc names such as GGA_X_PBE+GGA_C_PBE)"))
     return GpawSettings(float(g["ecut"]), _kmesh(g["kpts"], f"{key}/kpts'"), float(g["kspacing"]),
-                        None if g["h"] is None else float(g["h"]), float(g["width"]), int(g["maxiter"]),
-                        None if g["retry_maxiter"] is None else int(g["retry_maxiter"]), g["xc"],
-                        _freeze(g["convergence"]), bool(g["stress"]), float(g["random_moment"]))
+                        None if g["h"] is None else float(g["h"]), float(g["width"]), int(g["maxiter"]), g["xc"],
+                        _freeze(g["convergence"]), bool(g["stress"]), float(g["random_moment"]),
+                        None if g["retry_maxiter"] is None else int(g["retry_maxiter"]))
 
 
 def _gpaw_knows_xc(xc: str) -> bool:
