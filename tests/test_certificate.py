@@ -278,6 +278,7 @@ def test_a_return_to_a_state_left_recalls_its_references():
 
     _, named_without, _ = walk(0)
     cert, named, energy = walk(8)
+    assert len(named) < len(named_without) and set(named) <= set(named_without)
     left = np.setdiff1d(np.arange(len(cert.competitors)), named)
     exact = models[2].evaluate(cert.competitors[left])[0] - energy
     assert np.all(exact > 0) and np.any(cert.ages[left] == 2)  # recalled: referenced two geometries ago
