@@ -61,13 +61,25 @@ def judge_param() -> dict:
     return param
 
 
+def labeled_system(frames: list):
+    """The judge's data (a LabeledSystem, type map Li Ni O) of (atoms, LabelResult) pairs."""
+    import numpy as np
+
+    from spingen.data.npy import build_system
+
+    return build_system(frames[0][0].get_chemical_symbols(), np.array([a.cell.array for a, _ in frames]),
+                        np.array([a.positions for a, _ in frames]), np.array([r.energy for _, r in frames]),
+                        np.array([r.forces for _, r in frames]), np.array([r.moments for _, r in frames]),
+                        type_map=["Li", "Ni", "O"])
+
+
 def collect_finished(work: Path) -> list[dict]:
     """The judge from the finished label tasks of WORKDIR/init (results still in dpdispatcher's remote
     folder included); returns one labels.json entry per task."""
     import ase.io
     import numpy as np
 
-    from spingen.data.npy import build_system, write_system_atomic
+    from spingen.data.npy import write_system_atomic
     from spingen.labelers import create_labeler
     from spingen.schema import label_settings, load_param
 
@@ -90,13 +102,9 @@ def collect_finished(work: Path) -> list[dict]:
     for atoms, _ in frames:
         per_geometry[int(atoms.info["perturbation"])] = per_geometry.get(int(atoms.info["perturbation"]), 0) + 1
     kept = [(a, r) for a, r in frames if per_geometry[int(a.info["perturbation"])] >= 2]
-    symbols = kept[0][0].get_chemical_symbols()
-    system = build_system(symbols, np.array([a.cell.array for a, _ in kept]), np.array([a.positions for a, _ in kept]),
-                          np.array([r.energy for _, r in kept]), np.array([r.forces for _, r in kept]),
-                          np.array([r.moments for _, r in kept]), type_map=["Li", "Ni", "O"])
     if JUDGE_DIR.exists():
         shutil.rmtree(JUDGE_DIR)
-    write_system_atomic(system, JUDGE_DIR / "data")
+    write_system_atomic(labeled_system(kept), JUDGE_DIR / "data")
     return entries
 
 
@@ -107,7 +115,7 @@ def retry_failed(work: Path, maxiter: int) -> list[dict]:
 
     import numpy as np
 
-    from spingen.data.npy import append_frames, build_system, load_system
+    from spingen.data.npy import append_frames, load_system
     from spingen.labelers import create_labeler
     from spingen.schema import label_settings, load_param
     from spingen.stages.init import perturbed_frames
@@ -154,11 +162,7 @@ def retry_failed(work: Path, maxiter: int) -> list[dict]:
                                   total_moment=result.total_moment)
             converged.append((atoms, result))
     if converged:
-        append_frames(JUDGE_DIR / "data", build_system(
-            converged[0][0].get_chemical_symbols(), np.array([a.cell.array for a, _ in converged]),
-            np.array([a.positions for a, _ in converged]), np.array([r.energy for _, r in converged]),
-            np.array([r.forces for _, r in converged]), np.array([r.moments for _, r in converged]),
-            type_map=["Li", "Ni", "O"]))
+        append_frames(JUDGE_DIR / "data", labeled_system(converged))
     return entries
 
 
