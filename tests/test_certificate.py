@@ -8,6 +8,7 @@ from spingen.spin.certificate import (
     MAGNITUDES,
     OTHER_SECTOR,
     REVERSALS,
+    SEVERAL_REVERSED,
     CertificateSettings,
     GroundStateCertificate,
     competitors,
@@ -96,7 +97,8 @@ def test_a_single_ion_move_that_turns_lower_is_named():
     cert.set_reference(moments, energy(moments, field)[0], field, pool, energy(pool, field))
     assert len(cert.to_check(field)) == 3  # no error measured yet: the first prediction is checked whole
     cert.update(np.arange(3), energy(moments, field)[0], field, energy(pool, field))  # exact: error 0
-    np.testing.assert_array_equal(cert.step_errors, [np.nan, 0.0, np.nan])  # reversals: exact
+    np.testing.assert_array_equal(cert.step_errors, [np.nan, 0.0, np.nan, np.nan])  # reversals: exact
+    assert cert.follow[REVERSALS]  # following -dE/dS is exact in a field: kept
     assert cert.holds_for(moments) and len(cert.to_check(field)) == 0
     turned = np.array([0.2, 0.2, -0.015])  # reversing ion 2 now lowers E by 0.03 = 3 margins
     assert energy(pool, turned).min() - energy(moments, turned)[0] == pytest.approx(-0.03)
@@ -119,6 +121,36 @@ def test_references_age_and_learn_their_error():
     cert.settings = CertificateSettings(margin=0.0, max_age=100, safety=1.0)
     named = [len(cert.to_check(np.zeros(2))) for _ in range(9)]
     assert named == [0] * 7 + [2] * 2  # the allowance 0.0875 x age passes the 0.65 gap at age 8
+
+
+def test_a_reversal_gap_the_slope_does_not_follow_is_kept_once_measured_better():
+    """Constructed case: the on-site curve between +1 and -1 bends with the geometry (E = sum_i g0 (1 - S_i)/2
+    + b (S_i^2 - 1)): -dE/dS at S0 changes with b, the reversal gaps stay g0. Both ways are measured; keeping
+    the gap is exact, following is not, so the certificate keeps, and certifies where following would name
+    every reversal."""
+    levels = MomentLevels({"Ni": [1.0]}, ["Ni", "Ni", "Ni"])
+    cert = GroundStateCertificate(levels, CertificateSettings(margin=0.01))
+    moments = np.array([1.0, 1.0, 1.0])
+    pool = competitors(levels, moments)  # each single ion reversed
+    g0 = 0.1
+
+    def energy(states, b):
+        states = np.atleast_2d(states)
+        return np.sum(g0 * (1 - states) / 2 + b * (states**2 - 1), axis=1)
+
+    def minus_grad(b):
+        return np.full(3, g0 / 2 - 2 * b * 1.0)
+
+    cert.set_reference(moments, energy(moments, 0.0)[0], minus_grad(0.0), pool, energy(pool, 0.0))
+    assert cert.follow[REVERSALS]  # nothing measured: following
+    named = cert.to_check(minus_grad(0.01))
+    cert.update(named, energy(moments, 0.01)[0], minus_grad(0.01), energy(pool[named], 0.01))
+    assert cert.way_errors[REVERSALS, 0] == pytest.approx(0.04) and cert.way_errors[REVERSALS, 1] == 0.0
+    assert not cert.follow[REVERSALS] and cert.step_errors[REVERSALS] == 0.0
+    b = 0.05
+    np.testing.assert_allclose(energy(pool, b) - energy(moments, b)[0], g0)  # truly g0 above
+    assert np.all(cert.predicted_gaps(minus_grad(b), follow_reversals=True) < 0)  # following: all "lower"
+    assert not len(cert.to_check(minus_grad(b)))  # keeping: certified
 
 
 def test_certificate_settings_are_checked():
@@ -230,11 +262,12 @@ def test_magnitude_changes_and_reversals_keep_their_own_error():
     magnitudes = np.all(pool > 0, axis=1)  # (1.2, 1), (1, 1.2), (1.2, 1.2)
     np.testing.assert_array_equal(cert.kinds == MAGNITUDES, magnitudes)
     np.testing.assert_array_equal(cert.kinds == OTHER_SECTOR, gauge(pool) < 0)
-    assert set(cert.kinds) == {MAGNITUDES, REVERSALS, OTHER_SECTOR}
+    assert set(cert.kinds) == {MAGNITUDES, REVERSALS, SEVERAL_REVERSED, OTHER_SECTOR}
     np.testing.assert_array_equal(cert.to_check(np.zeros(2)), np.arange(len(pool)))  # nothing measured yet
     cert.update(np.arange(len(pool)), 0.0, np.zeros(2), np.where(magnitudes, 0.0205, 0.05))
     assert cert.step_errors[MAGNITUDES] == pytest.approx(0.0005)  # |0.02 - 0.0205| over one geometry
     assert cert.step_errors[REVERSALS] == pytest.approx(0.03) == cert.step_errors[OTHER_SECTOR]
+    assert cert.step_errors[SEVERAL_REVERSED] == pytest.approx(0.03)
     # one geometry on: magnitudes at 20.5 meV allowed 1 + 0.5, the others at 50 meV allowed 1 + 30
     assert not len(cert.to_check(np.zeros(2)))  # (one error for all would have named the magnitudes: 31 > 20.5)
     np.testing.assert_array_equal(cert.to_check(np.zeros(2)), np.flatnonzero(~magnitudes))  # 1 + 60 > 50
