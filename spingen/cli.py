@@ -254,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--nupdown", type=float, help="fixed total moment of the searched ions (like VASP NUPDOWN)")
     search.add_argument("--k", type=int, default=5, help="how many lowest distinct states to list (default 5)")
     search.add_argument("--seed", type=int, default=0, help="random seed of the genetic search (default 0)")
-    search.add_argument("--batch-size", type=int, default=256, help="most configurations per model call")
+    search.add_argument("--batch-size", type=int, help="most configurations per model call (default: about 1024 "
+                        "atoms, real and virtual, per call)")
     search.add_argument("--max-evaluations", type=int, help="stop the search after this many evaluations")
     search.add_argument("--symmetrize", action="store_true",
                         help="search E_sym(S) = (E(S) + E(-S)) / 2 (models trained with spin/flip_symmetry none)")

@@ -49,6 +49,8 @@ from spingen.spin.model import EnergyModel
 log = logging.getLogger("spingen")
 
 _CHECK_RTOL = 1e-9  # fixed-geometry path vs DeepPot.eval: relative agreement required on first use
+BATCH_ATOMS = 1024  # atoms per model call by default, as deepmd-kit's DP_INFER_BATCH_SIZE: on CPU the time per
+# configuration is lowest near it (24-atom LiNiO2: 8.3 ms at 21 configurations per call, 14 ms at 256)
 
 
 def load_deeppot(path: str | os.PathLike) -> Any:
@@ -199,7 +201,8 @@ class DeepmdSpinModel(EnergyModel):
     (default: every atom of an element in ``encoding.magnetic``); kept in structure order, which is
     the order of ``MomentLevels.magnetic_indices``. background_moments (natoms,): raw moments of
     the other atoms (default 0; only atoms of the model's spin types feel them).
-    batch_size: most configurations per model call (bounds memory; larger batches are chunked).
+    batch_size: most configurations per model call (bounds memory; larger batches are chunked); default:
+    BATCH_ATOMS // (2 natoms), the spin model seeing every atom twice (real and virtual).
     fast: use the fixed-geometry path (see the module docstring), checked against DeepPot.eval.
     fast_checked: per-model verdicts of that check from an earlier geometry of the same models
     (``fast_ok`` of another instance): True skips the check, False uses DeepPot.eval, None checks.
@@ -216,7 +219,7 @@ class DeepmdSpinModel(EnergyModel):
         magnetic: Sequence[int] | np.ndarray | None = None,
         *,
         background_moments: np.ndarray | None = None,
-        batch_size: int = 256,
+        batch_size: int | None = None,
         fast: bool = True,
         fast_checked: Sequence[bool | None] | None = None,
         optimize_jit: bool = False,
@@ -229,6 +232,8 @@ class DeepmdSpinModel(EnergyModel):
             raise ValueError(f"positions must have shape ({natoms}, 3), got {self.positions.shape}")
         self.cell = None if cell is None else np.asarray(cell, dtype=float).reshape(3, 3)
         self.encoding = encoding
+        if batch_size is None:
+            batch_size = max(1, BATCH_ATOMS // (2 * natoms))
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = int(batch_size)

@@ -81,6 +81,7 @@ def test_batched_and_chunked_match_deeppot_frame_by_frame(deeppots, atoms):
     moments = random_moments(7)
     model = bind(dp, atoms)
     assert list(model.magnetic_indices) == NI and model.magnetic_symbols == ("Ni", "Ni")
+    assert model.batch_size == 1024 // (2 * len(atoms))  # about 1024 atoms (real and virtual) per call
     e_ref, g_ref = reference(dp, model, atoms, moments)
     assert np.ptp(e_ref) > 1e-4, "the moments must change the energy for this test to mean anything"
     e, g = model.evaluate(moments, gradient=True)

@@ -129,7 +129,7 @@ def searched_ions(symbols: list[str], magnitudes: dict[str, list[float]], magnet
 
 def run(models: Sequence[str], structure: str, moments: Sequence[str], *, magnetic: Sequence[int] | None = None,
         eta: float | None = None, offset: float | None = None, nupdown: float | None = None, k: int = 5,
-        seed: int = 0, output: str | None = None, batch_size: int = 256, max_evaluations: int | None = None,
+        seed: int = 0, output: str | None = None, batch_size: int | None = None, max_evaluations: int | None = None,
         symmetrize: bool = False, out: TextIO | None = None) -> int:
     """The tool itself; returns the exit code. Bad input raises InputError."""
     out = out or sys.stdout
