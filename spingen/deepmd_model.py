@@ -17,8 +17,11 @@ Two evaluation paths, both one model call per batch (at most ``batch_size`` conf
 * fixed-geometry (``fast=True``, default): every frame of a ``DeepmdSpinModel`` has the same real
   atoms and cell; only the virtual atoms move, along z, by eta*S + d. So the ghost atoms and a
   superset neighbour list (cutoff rcut + 2 x the largest virtual displacement) are built once;
-  per batch only the displaced coordinates are gathered and the model's own ``format_nlist``
-  keeps, per frame, the nearest sum(sel) within rcut, as deepmd-kit's forward does. Then the
+  per batch only the displaced coordinates are gathered. Where no centre can have more neighbours
+  of a type within rcut than the model's sel, over every displacement seen so far, the list is
+  split by type once (a batch only masks what lies beyond rcut: 14 % less time per configuration
+  on 24-atom LiNiO2); else the model's own ``format_nlist`` keeps, per frame, the nearest sum(sel)
+  within rcut, as deepmd-kit's forward does. Then the
   frozen model's compiled ``atomic_model.forward_common_atomic`` gives the atomic energies; the
   energy is their sum. Energy-only calls run under ``torch.no_grad()`` (no backward at all);
   with gradient, one ``torch.autograd.grad`` of the energy with respect to the spin vectors gives
@@ -439,8 +442,11 @@ class _FixedGeometry:
         self.box = None if cell is None else torch.tensor(np.asarray(cell).reshape(1, 3, 3), dtype=self.prec,
                                                           device=DEVICE)
         scale = self.model.virtual_scale_mask.detach().cpu().numpy()
-        self.atom_scale = np.abs(scale[np.asarray(atom_types)])  # |virtual_scale| per atom
+        self.signed_scale = scale[np.asarray(atom_types)]  # virtual_scale per atom (displacement = spin x it)
+        self.atom_scale = np.abs(self.signed_scale)  # |virtual_scale| per atom
         self.reach = -1.0  # largest virtual displacement the cached neighbour candidates cover
+        self.moves = np.zeros((2, natoms, 3))  # [low, high] of every virtual displacement seen, per atom and axis
+        self.typed_nlist = None  # the neighbour list every configuration within `moves` can use; None: format per batch
 
     def _build(self, reach: float) -> None:
         """Ghosts and every neighbour within rcut + 2*reach of the spin-expanded reference frame."""
@@ -456,8 +462,64 @@ class _FixedGeometry:
             ext = ext.view(1, -1, 3)
             local = torch.gather(coord_spin, 1, mapping.unsqueeze(-1).expand(-1, -1, 3))
         self.shift = ext - local  # lattice image (and wrapping) shift of every extended atom
-        self.ext_atype, self.mapping, self.nlist = ext_atype, mapping, nlist
+        self.ext_atype, self.mapping, self.nlist, self.ext_ref = ext_atype, mapping, nlist, ext
         self.reach = reach
+        self._fix_nlist()
+
+    def _fix_nlist(self) -> None:
+        """The typed neighbour list for every configuration whose virtual displacements lie within `moves`.
+
+        A candidate is kept when some displacements within them bring it within rcut of its centre (each
+        axis apart: the nearest the pair's offset can come over the range of relative shifts). When every
+        centre keeps at most sel neighbours of each type (sum(sel) for a mixed-type descriptor), the
+        kept set, split by type once, is what the model's format_nlist would keep for any such
+        configuration, up to order within a type, which the descriptors sum over; per batch only the
+        neighbours beyond rcut are masked. Otherwise None: format_nlist per batch."""
+        torch = self.torch
+        natoms = self.coord.shape[1]
+        low = np.concatenate([np.zeros((natoms, 3)), self.moves[0]])  # real atoms then their virtual atoms
+        high = np.concatenate([np.zeros((natoms, 3)), self.moves[1]])
+        nlist = self.nlist[0].cpu().numpy()
+        valid = nlist >= 0
+        neighbours = self.mapping[0].cpu().numpy()[np.where(valid, nlist, 0)]
+        ext = self.ext_ref[0].detach().cpu().numpy()
+        offset = ext[np.where(valid, nlist, 0)] - ext[: len(nlist), None, :]  # centre -> candidate, reference frame
+        shift_low = low[neighbours] - high[: len(nlist), None, :]
+        shift_high = high[neighbours] - low[: len(nlist), None, :]
+        nearest = np.clip(0.0, offset + shift_low, offset + shift_high)  # per axis, the closest to 0 reachable
+        kept = valid & (np.sum(nearest**2, axis=-1) <= self.rcut**2)
+        kept_nlist = np.where(kept, nlist, -1)
+        ext_atype = self.ext_atype[0].cpu().numpy()
+        types = np.where(kept, ext_atype[np.where(kept, nlist, 0)], -1)
+        if self.backbone.mixed_types():
+            if kept.sum(axis=1).max() > sum(self.sel):
+                self.typed_nlist = None
+                return
+            order = np.argsort(~kept, axis=1, kind="stable")
+            typed = np.full((len(nlist), sum(self.sel)), -1, dtype=nlist.dtype)
+            width = min(typed.shape[1], nlist.shape[1])
+            typed[:, :width] = np.take_along_axis(kept_nlist, order, axis=1)[:, :width]
+            self.typed_nlist = torch.tensor(typed[None], dtype=self.nlist.dtype, device=self.device)
+            return
+        if any((types == t).sum(axis=1).max() > n for t, n in enumerate(self.sel)):
+            self.typed_nlist = None
+            return
+        from deepmd.pt.utils.nlist import nlist_distinguish_types
+
+        padding = max(0, sum(self.sel) - kept_nlist.shape[1])  # as format_nlist pads a short list
+        kept_nlist = np.pad(kept_nlist, ((0, 0), (0, padding)), constant_values=-1)
+        kept_t = torch.tensor(kept_nlist[None], dtype=self.nlist.dtype, device=self.device)
+        self.typed_nlist = nlist_distinguish_types(kept_t, self.ext_atype, self.sel)
+
+    def _within_rcut(self, ext, nlist):
+        """nlist with the neighbours beyond rcut of their centre in each frame set to -1 (as format_nlist)."""
+        torch = self.torch
+        nf, nloc, nnei = nlist.shape
+        valid = nlist >= 0
+        index = torch.where(valid, nlist, 0).reshape(nf, nloc * nnei, 1).expand(-1, -1, 3)
+        neighbours = torch.gather(ext, 1, index).reshape(nf, nloc, nnei, 3)
+        distance = torch.linalg.norm(neighbours - ext[:, :nloc, None, :], dim=-1)
+        return torch.where(valid & ~(distance > self.rcut), nlist, -1)
 
     def evaluate(self, spin: np.ndarray, gradient: bool) -> tuple[np.ndarray, np.ndarray | None]:
         """spin (nf, natoms*3) -> energies (nf,), -dE/d(spin) (nf, natoms, 3) or None."""
@@ -465,8 +527,15 @@ class _FixedGeometry:
         nf, natoms = len(spin), self.coord.shape[1]
         spin = np.asarray(spin, dtype=float).reshape(nf, natoms, 3)
         reach = float(np.max(np.linalg.norm(spin, axis=-1) * self.atom_scale[None, :]))
+        displacement = spin * self.signed_scale[None, :, None]
+        moves = np.stack([np.minimum(self.moves[0], displacement.min(axis=0)),
+                          np.maximum(self.moves[1], displacement.max(axis=0))])
+        grown = not np.array_equal(moves, self.moves)
+        self.moves = moves
         if reach > self.reach:
             self._build(max(reach, 1.25 * self.reach))
+        elif grown:
+            self._fix_nlist()
         spin_t = torch.tensor(spin, dtype=self.prec, device=self.device, requires_grad=gradient)
         with torch.set_grad_enabled(gradient):
             coord_spin, _, _ = self.model.process_spin_input(self.coord.expand(nf, -1, -1).contiguous(),
@@ -474,8 +543,11 @@ class _FixedGeometry:
             mapping = self.mapping.expand(nf, -1).contiguous()
             ext = torch.gather(coord_spin, 1, mapping.unsqueeze(-1).expand(-1, -1, 3)) + self.shift
             ext_atype = self.ext_atype.expand(nf, -1).contiguous()
-            nlist = self.backbone.format_nlist(ext.detach(), ext_atype, self.nlist.expand(nf, -1, -1).contiguous(),
-                                               True)
+            if self.typed_nlist is None:
+                nlist = self.backbone.format_nlist(ext.detach(), ext_atype, self.nlist.expand(nf, -1, -1).contiguous(),
+                                                   True)
+            else:
+                nlist = self._within_rcut(ext.detach(), self.typed_nlist.expand(nf, -1, -1))
             cc, _, _, _, _ = self.backbone._input_type_cast(ext, None, None, None)
             atomic = self.backbone.atomic_model.forward_common_atomic(cc, ext_atype, nlist, mapping,
                                                                       None, None, None, None)

@@ -134,6 +134,27 @@ def test_fixed_geometry_path_rebuilds_for_larger_moments_and_works_without_pbc(d
     assert free.path == "fixed-geometry"
 
 
+def test_one_typed_neighbour_list_serves_every_configuration_of_the_displacements_seen(deeppots, atoms):
+    """The neighbour list is split by type once per range of virtual displacements, not sorted per batch:
+    reversing a moment (same reach, displacement on the other side) widens the range and the list
+    follows; every energy and -dE/dS stays DeepPot.eval's. Where more neighbours of a type could come within
+    rcut than the model's sel (the tiny model's sel on the dense cell), format_nlist sorts per batch."""
+    dp = deeppots[0]
+    wide = atoms.copy()
+    wide.set_cell(atoms.cell * 1.4, scale_atoms=True)  # few enough neighbours for the tiny model's sel
+    for structure, typed in ((wide, True), (atoms, False)):
+        model = bind(dp, structure)
+        for moments in (np.array([[1.5, 1.5]]), np.array([[-1.5, 1.5], [1.5, -1.5], [-1.5, -1.5]])):
+            e_ref, g_ref = reference(dp, model, structure, moments)
+            e, g = model.evaluate(moments, gradient=True)
+            np.testing.assert_allclose(e, e_ref, rtol=0, atol=1e-10)
+            np.testing.assert_allclose(g, g_ref, rtol=0, atol=1e-10)
+            fixed = model._fixed[0]
+            assert (fixed.typed_nlist is not None) == typed
+        assert fixed.moves[0].min() < 0 < fixed.moves[1].max()  # both sides of the ions seen
+    assert model.path == "fixed-geometry"
+
+
 def test_minus_dE_dS_is_a_finite_difference_of_the_energy(deeppots, atoms):
     model = bind(deeppots[0], atoms)
     moments = np.array([[3.0, -1.0], [1.0, 1.0]])
