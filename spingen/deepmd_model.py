@@ -447,6 +447,10 @@ class _FixedGeometry:
         self.reach = -1.0  # largest virtual displacement the cached neighbour candidates cover
         self.moves = np.zeros((2, natoms, 3))  # [low, high] of every virtual displacement seen, per atom and axis
         self.typed_nlist = None  # the neighbour list every configuration within `moves` can use; None: format per batch
+        try:  # compressed or multi-list descriptors read the list in distance order: format it per batch
+            self.sorted_nlist = bool(self.backbone.need_sorted_nlist_for_lower())
+        except Exception:  # noqa: BLE001 - a model without the method: assume it needs the order
+            self.sorted_nlist = True
 
     def _build(self, reach: float) -> None:
         """Ghosts and every neighbour within rcut + 2*reach of the spin-expanded reference frame."""
@@ -474,8 +478,13 @@ class _FixedGeometry:
         centre keeps at most sel neighbours of each type (sum(sel) for a mixed-type descriptor), the
         kept set, split by type once, is what the model's format_nlist would keep for any such
         configuration, up to order within a type, which the descriptors sum over; per batch only the
-        neighbours beyond rcut are masked. Otherwise None: format_nlist per batch."""
+        neighbours beyond rcut are masked. Otherwise, or for a descriptor that needs the list sorted by
+        distance (deepmd-kit's need_sorted_nlist_for_lower: compressed tables, DPA2/DPA3), None: format_nlist
+        per batch."""
         torch = self.torch
+        if self.sorted_nlist:
+            self.typed_nlist = None
+            return
         natoms = self.coord.shape[1]
         low = np.concatenate([np.zeros((natoms, 3)), self.moves[0]])  # real atoms then their virtual atoms
         high = np.concatenate([np.zeros((natoms, 3)), self.moves[1]])
