@@ -136,6 +136,7 @@ class SpinModelCalculator(Calculator):
         self.symmetrize = bool(symmetrize)
         self.certify = CertificateSettings(**certify) if isinstance(certify, Mapping) else certify
         self.certificate: GroundStateCertificate | None = None  # of the current structure
+        self._gauge: Callable[[np.ndarray], np.ndarray] | None = None  # the encoding's sign per configuration
         self._steps_since_search = 0
         self.lowest_here = False  # the moments are the driving model's lowest found at the current geometry
         self._start = None if moments is None else np.asarray(moments, dtype=float)
@@ -306,8 +307,8 @@ class SpinModelCalculator(Calculator):
         self.levels = MomentLevels({el: self.magnitudes[el] for el in present}, symbols,
                                    total_moment=self.total_moment, fix_global_sign=self.fix_global_sign)
         magnetic = [symbols[i] for i in self.levels.magnetic_indices]
-        gauge = (lambda states: self.encoding.gauge_signs(states, magnetic)) if self.encoding.canonical else None
-        self.certificate = None if self.certify is None else GroundStateCertificate(self.levels, self.certify, gauge)
+        self._gauge = (lambda states: self.encoding.gauge_signs(states, magnetic)) if self.encoding.canonical else None
+        self.certificate = None if self.certify is None else self.new_certificate()
         self.moments = None
         self._adopt_start(atoms)
 
@@ -316,7 +317,7 @@ class SpinModelCalculator(Calculator):
         a magnetic ion has a nonzero one, else none (the first evaluation searches cold). A new start
         begins a new certificate: the old references and remembered states speak of other geometries."""
         if self.certificate is not None:
-            self.certificate = GroundStateCertificate(self.levels, self.certify, self.certificate.gauge)
+            self.certificate = self.new_certificate()
         explicit = self._start is not None
         full = self._start if explicit else atoms.get_initial_magnetic_moments()
         self._start = None
@@ -342,6 +343,24 @@ class SpinModelCalculator(Calculator):
         return DeepmdSpinModel(models, atoms.positions, cell, self.symbols, self.encoding,
                                self.levels.magnetic_indices, fast_checked=checked, optimize_jit=self.optimize_jit)
 
+    def energy_model(self, atoms, models: Sequence[Any] | None = None):
+        """The energy of moment configurations at this geometry as the calculator sees it: `spin_model`,
+        symmetrized when the calculator is."""
+        model = self.spin_model(atoms, models)
+        return SymmetrizedModel(model) if self.symmetrize else model
+
+    def keep_fast_verdicts(self, model) -> None:
+        """Trust the fixed-geometry path checks that `model` (a spin_model or energy_model) made on its first
+        evaluation at the geometries that follow."""
+        inner = getattr(model, "inner", model)
+        for dp, ok in zip(inner.models, inner.fast_ok):
+            if ok is not None:
+                self._fast_verdicts[id(dp)] = ok
+
+    def new_certificate(self) -> GroundStateCertificate:
+        """A ground-state certificate of this structure's moments (certify's settings, else the defaults)."""
+        return GroundStateCertificate(self.levels, self.certify or CertificateSettings(), self._gauge)
+
     def optimize(self, atoms, models: Sequence[Any] | None = None, seed: int | None = None,
                  adopt: bool = True, known: tuple | list | None = None, prior: SearchResult | None = None,
                  start: np.ndarray | None = None) -> SearchResult:
@@ -359,9 +378,7 @@ class SpinModelCalculator(Calculator):
         result = search_ground_state(searched, self.levels, start=start, prior=prior, known=known,
                                      seed=self.seed + self.n_searches if seed is None else seed,
                                      **self.search_kwargs)
-        for dp, ok in zip(model.models, model.fast_ok):  # checked on the first geometry: trusted from then on
-            if ok is not None:
-                self._fast_verdicts[id(dp)] = ok
+        self.keep_fast_verdicts(model)
         if adopt:
             self._steps_since_search = 0
             self.timings["search"] += time.perf_counter() - began
@@ -373,47 +390,6 @@ class SpinModelCalculator(Calculator):
             self.moments = best
             self.last_search = result
         return result
-
-    def descend(self, atoms, models: Sequence[Any], start: np.ndarray, energy: float,
-                known: Mapping[bytes, float] | None = None) -> tuple[np.ndarray, float]:
-        """(moments, energy) reached downhill from `start` (at `energy`) under `models` at this geometry: one
-        energy-only batch of the competitors (single- and two-ion moves up to certify.pair_limit, the last
-        search's lowest states) per move, until none is lower. known: energies under `models` already
-        evaluated at this geometry, by `state_keys`; neither they nor a state met on the way are evaluated
-        again."""
-        model = self.spin_model(atoms, models)
-        evaluate = (SymmetrizedModel(model) if self.symmetrize else model).evaluate
-        seen = dict(known or {})
-        current = np.asarray(start, dtype=float)
-        for _ in range(self.levels.n_magnetic * max(self.levels.n_values)):  # more moves than a descent makes
-            moves = self.competitors(current, self.pair_limit)
-            keys = self.state_keys(moves)
-            new = [i for i, key in enumerate(keys) if key not in seen]
-            if new:
-                seen.update(zip([keys[i] for i in new], evaluate(moves[new])[0]))
-            energies = np.array([seen[key] for key in keys])
-            if not len(moves) or not energies.min() < energy - SAME_ENERGY:
-                break
-            current, energy = moves[int(np.argmin(energies))], float(energies.min())
-        return self.levels.to_moments(self.levels.first_up(self.levels.to_indices(current, snap=True)))[0], energy
-
-    def state_keys(self, states: np.ndarray) -> list[bytes]:
-        """A key per configuration (n, n_magnetic) of the magnetic moments: its level indices, S and -S one
-        key when the energy is reversal-symmetric."""
-        rows = self.levels.to_indices(np.atleast_2d(states), snap=True) if len(states) else []
-        if len(rows) and self.reversal_symmetric and self.levels.fix_global_sign:
-            rows = self.levels.first_up(rows)
-        return [row.tobytes() for row in np.asarray(rows, dtype=np.int8)]
-
-    def state_energies(self, atoms, moments: np.ndarray, models: Sequence[Any] | None = None) -> np.ndarray:
-        """Each model's energy (M, n) at n configurations of the magnetic moments (n, n_magnetic) at
-        this geometry (symmetrized when the calculator is); one batched call per model (default: every
-        member)."""
-        energies = []
-        for dp in self.models if models is None else models:
-            model = self.spin_model(atoms, [dp])
-            energies.append((SymmetrizedModel(model) if self.symmetrize else model).evaluate(moments)[0])
-        return np.array(energies)
 
     def full_moments(self, moments: np.ndarray | None = None) -> np.ndarray:
         """Moments of every atom (natoms,), 0 on non-magnetic atoms."""

@@ -194,10 +194,31 @@ def test_default_spin_md_holds_the_exhaustive_minimum_at_every_step(dps):
     assert calc.n_descents >= 1  # the ground state changed on the way, found by the competitors
 
 
+def recording_energy_models(calc) -> list[tuple[list, int]]:
+    """Patch calc.energy_model to record (models, configurations evaluated) of every model it makes."""
+    made, energy_model = [], calc.energy_model
+
+    def recording(atoms, models=None):
+        model = energy_model(atoms, models)
+        record = [list(models or calc.drive_models), 0]
+        made.append(record)
+        evaluate = model.evaluate
+
+        def counted(moments, *args, **kwargs):
+            record[1] += len(moments)
+            return evaluate(moments, *args, **kwargs)
+
+        model.evaluate = counted
+        return model
+
+    calc.energy_model = recording
+    return made
+
+
 def test_members_check_the_driving_states_and_go_downhill_only_when_they_disagree(dps):
-    """Spin disagreement: a member whose energies put no competitor of the driving moments lower agrees
-    without evaluating more; a member that finds one lower goes downhill from it over the competitors
-    and ends on its own exhaustive ground state here, at a fraction of the enumeration."""
+    """Spin disagreement: the driving model that re-optimized here is not evaluated again; a member that
+    finds a competitor of the driving moments lower goes downhill from it and ends on its own exhaustive
+    ground state here, at a fraction of the enumeration."""
     from spingen.md import SpinModelCalculator
     from spingen.tasks.explore import spin_disagreement
 
@@ -206,36 +227,15 @@ def test_members_check_the_driving_states_and_go_downhill_only_when_they_disagre
                                seed=2)
     atoms.calc = calc
     atoms.get_potential_energy()
-    descents, checked, evaluated = [], [], []  # evaluated: the configurations of member 1's descent
-    descend, state_energies, spin_model = calc.descend, calc.state_energies, calc.spin_model
-
-    def recording_spin_model(atoms, models=None):
-        model = spin_model(atoms, models)
-        evaluate = model.evaluate
-        model.evaluate = lambda moments, *a, **k: evaluated.extend(calc.state_keys(moments)) or evaluate(moments, *a, **k)
-        return model
-
-    def recording_descend(*args):
-        descents.append(args[1])
-        calc.spin_model = recording_spin_model
-        try:
-            return descend(*args)
-        finally:
-            calc.spin_model = spin_model
-
-    calc.descend = recording_descend
-    calc.state_energies = lambda *args: checked.append(args[2] if len(args) > 2 else None) or state_energies(*args)
+    made = recording_energy_models(calc)
     assert calc.lowest_here  # the cold search ran at this geometry
     value, energy_devi, states = spin_disagreement(calc, atoms)
-    assert checked[0] == [dps[1]]  # the driving model's competitors are not evaluated again under it
-    pool = calc.state_keys(np.concatenate([calc.moments[None], calc.competitors(calc.moments, calc.pair_limit)]))
-    assert evaluated and len(set(evaluated)) == len(evaluated)  # the descent evaluates no state twice
-    assert not set(evaluated) & set(pool)  # nor one the check evaluated
     configs, moments = all_configurations(atoms)
+    # member 0 drives, its moments are its own: it evaluates only the disputed states (energy deviation)
+    assert made[0][1] == len(np.unique(states, axis=0)) == 2 and made[1][1] < len(configs)
     energies = predict(dps, [atoms] * len(configs), moments)[0]  # (2 members, 128)
     minima = [np.array(configs[int(np.argmin(e))]) for e in energies]
     np.testing.assert_allclose(calc.moments, minima[0])  # the driving model's ground state
-    assert descents == [[dps[1]]]  # member 0 drives: its own check finds nothing lower
     np.testing.assert_allclose(states[0], minima[0])
     assert not np.allclose(minima[0], minima[1])  # these two untrained members disagree
     np.testing.assert_allclose(states[1], minima[1])  # member 1 went downhill to its own minimum
@@ -247,9 +247,43 @@ def test_members_check_the_driving_states_and_go_downhill_only_when_they_disagre
     atoms.positions += 0.01
     atoms.get_potential_energy()
     assert not calc.lowest_here
-    checked.clear()
+    made.clear()
     spin_disagreement(calc, atoms)
-    assert checked[0] == dps
+    assert [models for models, n in made if n] == [[dps[0]], [dps[1]]]
+
+
+def test_member_states_follow_the_trajectory_certified_frame_to_frame(dps):
+    """An explore task's members keep their own states from frame to frame: at every frame of a 900 K
+    trajectory each member's state is below every competitor under that member (none missed by its
+    certificate) and not above the driving moments, and after the first frame a member evaluates fewer
+    configurations than one check of every competitor."""
+    from spingen.md import SpinModelCalculator, run_md
+    from spingen.tasks.explore import MemberStates, spin_disagreement
+
+    atoms = cell16(seed=4)
+    calc = SpinModelCalculator(dps, MAGNITUDES, encoding=SPIN.encoding, drive=0, spin_opt_freq=1, seed=2)
+    members = MemberStates(calc)
+    made = recording_energy_models(calc)
+    frames = []
+
+    def frame(step, a):
+        made.clear()
+        states = spin_disagreement(calc, a, members)[2]
+        frames.append((a.copy(), calc.moments.copy(), states, sum(n for models, n in made if models == [dps[1]])))
+
+    run_md(atoms, calc, "nvt", 900, nsteps=12, dt_fs=2.0, trj_freq=2, seed=4, observers=[frame])
+    pool_size = len(calc.competitors(calc.moments, calc.pair_limit))
+    full = np.zeros(len(atoms))
+    for geometry, driving, states, _ in frames:
+        for k, state in enumerate(states):
+            rivals = np.concatenate([[state, driving], calc.competitors(state, calc.pair_limit)])
+            full_rows = np.repeat(full[None], len(rivals), axis=0)
+            full_rows[:, geometry.symbols == "Ni"] = rivals
+            energies = predict(dps[k:k + 1], [geometry] * len(rivals), full_rows)[0][0]
+            assert energies[0] <= energies[1:].min() + 1e-5, (k, energies[0] - energies[1:].min())
+    evaluated = [n for *_, n in frames]
+    assert len(frames) == 7 and evaluated[0] >= pool_size
+    assert np.mean(evaluated[1:]) < pool_size, evaluated
 
 
 def test_symmetrized_calculator_is_exactly_reversal_symmetric(dps):

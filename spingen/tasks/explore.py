@@ -18,8 +18,9 @@ steps, streamed and flushed:
   over atoms; virial (divided by natoms) std over models per component, then max/min over the 9
   components and avg = |std|/3 (deepmd's definition); `devi_e` = std over models of energy per
   atom; `spin_disagree` = fraction of magnetic ions whose ground-state moment differs between
-  members (each member evaluates the competitors of the frame's moments and goes downhill from
-  them only when one of them is lower for it; see `spin_disagreement`); `spin_devi_e` (eV/atom) =
+  members (each member starts from the frame's moments, or from its own state of the frame before
+  where that is lower for it, certifies it and goes downhill only when a competitor is lower for it;
+  see `MemberStates`); `spin_devi_e` (eV/atom) =
   how much the members disagree on the energies of those ground states: std over members of
   each state's energy above the frame's state, max over the states (0 when all members agree).
   Both every spin_devi_freq-th frame; ``SPIN_NOT_COMPUTED`` (-1) on the others; NaN when a
@@ -121,47 +122,115 @@ def model_deviation(energies: np.ndarray, forces: np.ndarray, virials: np.ndarra
                      f_devi.max(), f_devi.min(), f_devi.mean(), e_devi])
 
 
-def spin_disagreement(calc, atoms) -> tuple[float, float, np.ndarray | None]:
+class MemberStates:
+    """Each member's own ground state at the frames of one explore task (the spin disagreement's states).
+
+    A member starts from the driving moments, or from its own state of the frame before where that is
+    still lower for it (one evaluation with -dE/dS), and certifies the start as the driving calculator
+    certifies its moments (``spingen.spin.certificate``, with the calculator's certify settings): from
+    -dE/dS at the start only the competitors that may lie lower are evaluated, in one energy-only batch,
+    none when the start is certified (every competitor at a member's first frame). A member for which one
+    is lower moves to it and goes on downhill, its new competitors taking the gaps the old ones carry over
+    (``GroundStateCertificate.move_to``). Not the driving model where the calculator re-optimized its
+    moments at this geometry: they are its own.
+    """
+
+    def __init__(self, calc) -> None:
+        self.calc = calc
+        self.levels = None  # the structure the states speak of
+        self.models: list = []  # each member's energy model at the geometry of the last `states`
+        self.seen: list[dict[bytes, float]] = []
+        self.held: dict[int, np.ndarray] = {}  # member -> its ground state at the last frame
+        self.certificates: dict[int, Any] = {}  # member -> GroundStateCertificate of its start moments
+
+    def states(self, atoms, energies: np.ndarray, minus_grads: np.ndarray) -> np.ndarray:
+        """(members x magnetic ions) ground states at this geometry; energies (M,) and -dE/dS (M, n_magnetic)
+        of every member at the calculator's moments. NaN rows where a member's energies are not finite."""
+        calc = self.calc
+        if self.levels is not calc.levels:
+            self.levels, self.held, self.certificates = calc.levels, {}, {}
+        self.models = [calc.energy_model(atoms, [dp]) for dp in calc.models]  # this geometry's, for every batch
+        self.seen = [{} for _ in calc.models]  # per member: configuration -> energy evaluated at this geometry
+        held = calc.drive if calc.drive != "mean" and calc.lowest_here else None
+        found = []
+        for k in range(len(calc.models)):
+            state = calc.moments if k == held else self._member_state(k, energies[k], minus_grads[k])
+            found.append(np.asarray(state, dtype=float))
+        for model in self.models:
+            calc.keep_fast_verdicts(model)
+        return np.array(found)
+
+    def energies(self, states: np.ndarray) -> np.ndarray:
+        """Every member's energies (M, n) of configurations (n, n_magnetic) at the geometry of the last `states`."""
+        return np.array([model.evaluate(states)[0] for model in self.models])
+
+    def _energies(self, k: int, configurations: np.ndarray) -> np.ndarray:
+        """Member k's energies of configurations at this geometry, none evaluated twice here."""
+        seen = self.seen[k]
+        keys = [row.tobytes() for row in np.round(configurations, 6) + 0.0]
+        new = [i for i, key in enumerate(keys) if key not in seen]
+        if new:
+            seen.update(zip([keys[i] for i in new], self.models[k].evaluate(configurations[new])[0]))
+        return np.array([seen[key] for key in keys], dtype=float)
+
+    def _member_state(self, k: int, energy: float, minus_grad: np.ndarray) -> np.ndarray:
+        calc, levels, model = self.calc, self.calc.levels, self.models[k]
+        start = np.asarray(calc.moments, dtype=float)
+        own = self.held.pop(k, None)
+        if own is not None and not np.array_equal(own, start):
+            own_energy, own_grad = model.evaluate(own[None], gradient=True)
+            if own_energy[0] < energy - SAME_ENERGY:
+                start, energy, minus_grad = own, float(own_energy[0]), own_grad[0]
+        cert = self.certificates.get(k) or self.certificates.setdefault(k, calc.new_certificate())
+        if cert.holds_for(start):
+            indices = cert.to_check(minus_grad)
+            pool = cert.competitors[indices]
+        else:
+            indices, pool = None, calc.competitors(start, calc.pair_limit)
+        for _ in range(levels.n_magnetic * max(levels.n_values)):  # more moves than a descent makes
+            pool_energies = self._energies(k, pool)
+            if not (np.isfinite(energy) and np.all(np.isfinite(pool_energies))):
+                self.certificates.pop(k)
+                return np.full(len(start), np.nan)
+            if indices is None:
+                cert.set_reference(start, energy, minus_grad, pool, pool_energies)
+            else:
+                cert.update(indices, energy, minus_grad, pool_energies)
+            if not (len(pool) and pool_energies.min() < energy - SAME_ENERGY):
+                self.held[k] = start
+                return start
+            moved_from = minus_grad  # downhill: the lower state's competitors take the gaps carried over
+            start = levels.to_moments(levels.first_up(levels.to_indices(pool[np.argmin(pool_energies)], snap=True)))[0]
+            energy, minus_grad = (v[0] for v in model.evaluate(start[None], gradient=True))
+            indices = cert.move_to(start, calc.competitors(start, calc.pair_limit), moved_from, minus_grad,
+                                   calc.reversal_symmetric)
+            pool = cert.competitors[indices]
+        cert.release()  # still moving: the next frame evaluates every competitor
+        self.held[k] = start
+        return start
+
+
+def spin_disagreement(calc, atoms, members: MemberStates | None = None) -> tuple[float, float, np.ndarray | None]:
     """Fraction of magnetic ions whose moment differs between the members' own ground states, the
     members' energy deviation on those states (eV/atom, see `spin_devi_e`), and the states
-    (members x magnetic ions; None when not computed).
-
-    Members start from the driving model's state: each evaluates the competitors of the calculator's
-    moments (single- and two-ion moves, the driving search's lowest states) in one energy-only batch
-    (not the driving model when the calculator re-optimized the moments at this geometry: they are its own);
-    a member for which none is lower agrees; one for which one is lower goes on downhill from it over
-    the competitors (`SpinModelCalculator.descend`), a few batches, not a search of the whole space.
+    (members x magnetic ions; None when not computed). members: the states of the frames before (a
+    task's `MemberStates`), default none: every member checks every competitor of the driving moments.
     NaN when a member's energies are not finite.
     """
     if len(calc.models) < 2:
         return 0.0, 0.0, None
     energies = calc.ensemble_predictions(atoms)[0]
-    # the driving model's own lowest state is the calculator's when it re-optimized them at this geometry
-    held = calc.drive if calc.drive != "mean" and calc.lowest_here else None
-    checked = [k for k in range(len(calc.models)) if k != held]
-    pool = calc.competitors(calc.moments, calc.pair_limit)
-    pool_energies = np.full((len(calc.models), len(pool)), np.inf)
-    if len(pool):
-        pool_energies[checked] = calc.state_energies(atoms, pool, [calc.models[k] for k in checked])
-    if not (np.all(np.isfinite(energies)) and np.all(np.isfinite(pool_energies[checked]))):
+    minus_grads = calc.member_minus_spin_grad
+    if not np.all(np.isfinite(energies)):
         return float("nan"), float("nan"), None
-    states = []
-    for k, dp in enumerate(calc.models):
-        if not len(pool) or pool_energies[k].min() >= energies[k] - SAME_ENERGY:
-            states.append(np.asarray(calc.moments, dtype=float))
-            continue
-        lowest = int(np.argmin(pool_energies[k]))
-        known = dict(zip(calc.state_keys(np.concatenate([calc.moments[None], pool])),
-                         np.concatenate([energies[k:k + 1], pool_energies[k]])))
-        state, energy = calc.descend(atoms, [dp], pool[lowest], pool_energies[k][lowest], known)
-        if not np.isfinite(energy):
-            return float("nan"), float("nan"), None
-        states.append(state)
-    states = np.array(states)
+    members = members or MemberStates(calc)
+    states = members.states(atoms, energies, minus_grads)
+    if not np.all(np.isfinite(states)):
+        return float("nan"), float("nan"), None
     differs = np.any(np.abs(states - states[0]) > 1e-6, axis=0)
     if not differs.any():
         return 0.0, 0.0, states
-    above = (calc.state_energies(atoms, np.unique(states, axis=0)) - energies[:, None]) / len(atoms)
+    above = (members.energies(np.unique(states, axis=0)) - energies[:, None]) / len(atoms)
     return float(np.mean(differs)), float(np.max(np.std(above, axis=0))), states
 
 
@@ -179,6 +248,7 @@ class FrameWriter:
     def __init__(self, task_dir: Path, calc, spin_devi_freq: int):
         self.traj, self.devi = task_dir / TRAJ_FILE, task_dir / DEVI_FILE
         self.calc, self.spin_devi_freq = calc, spin_devi_freq
+        self.members = MemberStates(calc)
         self.frames = 0
         self.timings = {"deviation": 0.0, "spin_disagree": 0.0, "write": 0.0}
         self.devi.write_text(header())
@@ -191,7 +261,7 @@ class FrameWriter:
         start = time.perf_counter()
         member_states = None
         if self.spin_devi_freq > 0 and self.frames % self.spin_devi_freq == 0:
-            disagreement, energy_devi, member_states = spin_disagreement(self.calc, atoms)
+            disagreement, energy_devi, member_states = spin_disagreement(self.calc, atoms, self.members)
             values += [disagreement, energy_devi]
         else:
             values += [SPIN_NOT_COMPUTED, SPIN_NOT_COMPUTED]
