@@ -146,8 +146,11 @@ def _model_devi_job_arginfo() -> Argument:
                      doc="Re-optimize the moments every spin_opt_freq MD steps (1: every step; 0: never after "
                          "the start). They are also re-optimized at every frame written (every trj_freq steps)."),
             Argument("spin_devi_freq", int, optional=True, default=1,
-                     doc="Compute the spin disagreement (each model searches its own ground state) every "
-                         "spin_devi_freq-th written frame (1: every frame; 0: never). Costs one search per model."),
+                     doc="Compute the spin disagreement (each model's own ground state, kept from frame to "
+                         "frame and certified from its -dE/dS as the driving moments are) every "
+                         "spin_devi_freq-th written frame (1: every frame; 0: never). A member checks only "
+                         "the competitors of its state that its certificate names: a few evaluations per frame "
+                         "where its state holds, every competitor where it changed."),
             Argument("taut", float, optional=True, default=0.1,
                      doc="Coupling time of the thermostat (ps), as in DP-GEN."),
             Argument("taup", float, optional=True, default=0.5,
