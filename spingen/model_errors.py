@@ -31,6 +31,7 @@ class StateRanking:
     lowest_state_right: int  # geometries whose DFT-lowest state is also the model's lowest
     geometries: int
     dft_next_state_gap_mean: float  # meV/atom, DFT's gap between each geometry's two lowest states: what to resolve
+    pick_excess_mean: float  # meV/atom, by DFT: the model's lowest state above DFT's lowest (0 where right), mean
 
 
 @dataclass
@@ -100,7 +101,7 @@ def geometry_groups(coords: np.ndarray, cells: np.ndarray, decimals: int = 4) ->
 def state_ranking(e_dft: np.ndarray, e_model: np.ndarray, groups: np.ndarray) -> StateRanking | None:
     """The ranking of the states of the geometries (`groups`) labeled in several states, from energies
     per atom in eV; None when every geometry has one state."""
-    deviations, next_gaps, agree = [], [], 0
+    deviations, next_gaps, excess, agree = [], [], [], 0
     for g in np.unique(groups):
         members = np.flatnonzero(groups == g)
         if len(members) < 2:
@@ -108,11 +109,12 @@ def state_ranking(e_dft: np.ndarray, e_model: np.ndarray, groups: np.ndarray) ->
         dft, model = e_dft[members], e_model[members]
         deviations.append((model - model.mean()) - (dft - dft.mean()))
         next_gaps.append(np.diff(np.sort(dft)[:2])[0])
+        excess.append(dft[np.argmin(model)] - dft.min())
         agree += int(np.argmin(model) == np.argmin(dft))
     if not deviations:
         return None
     return StateRanking(float(np.sqrt(np.mean(np.concatenate(deviations) ** 2)) * 1000), agree, len(deviations),
-                        float(np.mean(next_gaps) * 1000))
+                        float(np.mean(next_gaps) * 1000), float(np.mean(excess) * 1000))
 
 
 def load_for(ensemble: Ensemble, path: Path):

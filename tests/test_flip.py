@@ -117,4 +117,5 @@ def test_state_ranking_compares_energies_within_each_geometry():
     assert (ranking.lowest_state_right, ranking.geometries) == (1, 2)
     assert ranking.state_gap_rmse == pytest.approx(np.sqrt((0 + 0 + 0.003 ** 2 * 2) / 4) * 1000)
     assert ranking.dft_next_state_gap_mean == pytest.approx((10 + 4) / 2)
+    assert ranking.pick_excess_mean == pytest.approx((0 + 4) / 2)  # the swapped pair's pick is 4 meV/atom up
     assert state_ranking(dft[[0, 2, 4]], model[[0, 2, 4]], np.arange(3)) is None

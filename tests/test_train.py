@@ -156,6 +156,16 @@ def check_models(workdir: Path, spin: bool) -> None:
     assert not np.allclose(energies[0], energies[1]), "two seeds must give two different models"
 
 
+def ranking_model_energies(workdir: Path) -> np.ndarray:
+    """The first ensemble's energies (meV/atom) of data/states, 2 geometries x 3 states."""
+    from spingen.model_errors import Ensemble, load_for
+
+    ensemble = Ensemble(sorted((workdir / "iter.000000" / "00.train").glob("graph.*.pth")))
+    system, symbols, atypes, moments = load_for(ensemble, workdir / "data" / "states")
+    energies, _ = ensemble.energy_forces(system.data["coords"], system.data["cells"], atypes, symbols, moments)
+    return energies.reshape(2, 3) / len(symbols) * 1000
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("spin", [True, False], ids=["spin", "pristine"])
 def test_loop_trains_a_real_ensemble(tmp_path, spin):
@@ -185,6 +195,8 @@ def test_loop_trains_a_real_ensemble(tmp_path, spin):
         dft = states.data["energies"].reshape(2, 3) / 8 * 1000  # meV/atom, 2 geometries x 3 states
         next_gap = np.mean([np.diff(np.sort(row)[:2])[0] for row in dft])
         assert ranking["dft_next_state_gap_mean"] == pytest.approx(next_gap)
+        picks = [row[int(np.argmin(model))] - row.min() for row, model in zip(dft, ranking_model_energies(tmp_path))]
+        assert ranking["pick_excess_mean"] == pytest.approx(np.mean(picks), abs=1e-6)
         wrong = 2 - ranking["lowest_state_right"]
         assert (f"wrong spin state lowest on {wrong} of the 2" in log) is (wrong > 0)
     assert not (tmp_path / "spingen.lock").read_text().strip(), "the lock is released at exit"

@@ -32,14 +32,16 @@ def run(models: Sequence[str], data: Sequence[str], offset: float | None = None,
 
 def format_table(results: Sequence[SystemErrors]) -> str:
     lines = [f"{'system':<40} {'frames':>6} {'atoms':>5} {'E rmse meV/atom':>16} {'F rmse meV/A':>13} "
-             f"{'flip asym meV/atom':>19} {'state gap rmse meV/atom':>24} {'lowest state right':>19}"]
+             f"{'flip asym meV/atom':>19} {'state gap rmse meV/atom':>24} {'lowest state right':>19} "
+             f"{'its pick above DFT lowest meV/atom':>35}"]
     for r in results:
         flip = "-" if r.flip_asymmetry is None else f"{r.flip_asymmetry:.2f}"
         ranked = r.ranking
         gap = "-" if ranked is None else f"{ranked.state_gap_rmse:.2f}"
         lowest = "-" if ranked is None else f"{ranked.lowest_state_right}/{ranked.geometries}"
+        excess = "-" if ranked is None else f"{ranked.pick_excess_mean:.2f}"
         lines.append(f"{r.name[-40:]:<40} {r.n_frames:>6} {r.n_atoms:>5} {r.rmse_e:>16.2f} {r.rmse_f:>13.1f} {flip:>19} "
-                     f"{gap:>24} {lowest:>19}")
+                     f"{gap:>24} {lowest:>19} {excess:>35}")
     if len(results) > 1:
         e = np.concatenate([r.energies[1] - r.energies[0] for r in results])
         f = np.concatenate([r.forces[1] - r.forces[0] for r in results])
