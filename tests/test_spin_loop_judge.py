@@ -67,7 +67,8 @@ def test_spingen_test_ranks_the_judge(tmp_path, capsys):
     spin.encoding.save(tmp_path / SIDECAR)
     assert main(["test", str(tmp_path / "model.pth"), "-s", str(JUDGE / "data")]) == 0
     row = capsys.readouterr().out.splitlines()[1].split()
-    right, geometries = map(int, row[-1].split("/"))
+    right, geometries = map(int, row[-2].split("/"))
     groups = geometry_groups(*(load_system(JUDGE / "data").data[k] for k in ("coords", "cells")))
     assert geometries == len(np.unique(groups)) and 0 <= right <= geometries
-    assert float(row[-2]) > 0  # state gap RMSE, meV/atom
+    assert float(row[-3]) > 0  # state gap RMSE, meV/atom
+    assert (float(row[-1]) == 0) is (right == geometries)  # how far above DFT's lowest its picks lie, meV/atom

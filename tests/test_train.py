@@ -68,6 +68,34 @@ def test_no_twin_added_when_data_already_holds_it():
     assert missing_reversed_twins(coords[:1], energies[:1], np.zeros((1, 3))).size == 0
 
 
+def test_labels_the_moments_cannot_tell_apart_are_left_out_of_training(tmp_path, caplog):
+    """A geometry labeled twice with the same moments (within 0.1 uB, or reversed) but energies more than
+    1 meV/atom apart: the higher label is left out of the training inputs (the model would see one input
+    with two energies), with a warning; close energies, other moments and other geometries stay."""
+    from spingen.data.npy import load_system
+    from spingen.stages.train import hidden_state_frames
+
+    coords = np.zeros((6, 4, 3))
+    coords[4:, 0, 0] = 0.5  # frames 0-3: one geometry; 4-5: another
+    cells = np.tile(np.eye(3) * 4, (6, 1, 1))
+    magnetic = np.array([False, True, True, False])
+    moments = np.array([[0, 1.70, 1.70, 0.3], [0, 1.72, 1.69, 0.9], [0, 1.70, -1.70, 0], [0, -1.75, -1.65, 0],
+                        [0, 1.70, 1.70, 0], [0, 1.72, 1.69, 0]])
+    energies = np.array([0.0, 0.068, 0.004, 0.002, 1.0, 1.002])  # eV for 4 atoms: frame 1 is 17 meV/atom up
+    hidden, excess = hidden_state_frames(coords, cells, energies, moments, magnetic)
+    assert hidden.tolist() == [1] and excess == pytest.approx([0.017])  # frame 3 (reversed) is 0.5 meV/atom up
+    source = write_spin_system(tmp_path / "raw", n_frames=2, states=[(1.7, 1.7), (1.72, 1.69), (1.7, -1.7)])
+    system = load_system(source)
+    system.data["energies"][1] += 0.5  # the second label of geometry 0 lies far above its first
+    system.to("deepmd/npy", str(tmp_path / "raw"))
+    written = write_training_data([source], tmp_path / "out", ["Li", "Ni", "O"], SPIN)
+    assert written == [("sys.000", 5, 5)]  # 6 labels, 1 left out; its reversed twin is not added either
+    out = load_system(tmp_path / "out" / "sys.000")
+    assert not np.isclose(out.data["energies"], system.data["energies"][1]).any()
+    assert "1 label(s) left out of training" in caplog.text
+    assert load_system(source).get_nframes() == 6  # the stored data keeps it
+
+
 def test_flip_augmentation_off(tmp_path):
     source = write_spin_system(tmp_path / "raw", n_frames=4)
     off = SpinSettings(True, ("Ni",), 0.3, 0.2, "auto", 0.05, "none")

@@ -37,6 +37,8 @@ from spingen.spin.encoding import SIDECAR
 from spingen.tasks.lock import LOCK_FILE
 
 log = logging.getLogger("spingen")
+HIDDEN_MOMENT_TOL = 0.1  # uB: two labels of one geometry this close on every magnetic ion are one input to the model
+HIDDEN_ENERGY_TOL = 0.001  # eV/atom: ... and the higher one is left out of training when this far above the lower
 
 
 class TrainStage(Stage):
@@ -228,7 +230,8 @@ def write_training_data(systems: Sequence[Path], out: Path, type_map: Sequence[s
 
     Moments are encoded S -> S + d/eta (canonical sign if spin/flip_symmetry says so); with "augment"
     each frame's globally reversed twin (moments negated, same energy and forces) is added unless the
-    data already holds it.
+    data already holds it. A label whose moments the model cannot tell from a lower label of the same
+    geometry (`hidden_state_frames`) is left out, with a warning; the stored data keeps it.
     """
     from spingen.data.npy import load_system
 
@@ -238,10 +241,10 @@ def write_training_data(systems: Sequence[Path], out: Path, type_map: Sequence[s
         missing = sorted(set(system.data["atom_names"]) - set(type_map))
         if missing:
             raise ValueError(f"data '{system_path}': elements {missing} are not in type_map")
-        n_frames = system.get_nframes()
         twins = 0
         if spin.enabled:
             symbols = [system.data["atom_names"][t] for t in system.data["atom_types"]]
+            system = without_hidden_states(system, system_path, np.isin(symbols, spin.magnetic))
             moments = system.data["spins"][..., 2]
             if spin.flip_symmetry == "augment":
                 reversed_frames = missing_reversed_twins(system.data["coords"], system.data["energies"], moments)
@@ -256,8 +259,49 @@ def write_training_data(systems: Sequence[Path], out: Path, type_map: Sequence[s
             system.data.pop("spins", None)
         name = f"sys.{index:03d}"
         system.to("deepmd/npy", str(out / name))
-        written.append((name, n_frames, twins))
+        written.append((name, system.get_nframes() - twins, twins))
     return written
+
+
+def without_hidden_states(system, path: Path, magnetic: np.ndarray):
+    """The system without its `hidden_state_frames` (magnetic: mask of the magnetic atoms), warned about."""
+    data = system.data
+    hidden, excess = hidden_state_frames(data["coords"], data["cells"], data["energies"], data["spins"][..., 2],
+                                         magnetic)
+    if not hidden.size:
+        return system
+    log.warning("train: data '%s': %d label(s) left out of training: each has the magnetic moments of a lower label "
+                "of its geometry (within %.2g uB on every magnetic ion) but lies %.1f-%.1f meV/atom above it, so the "
+                "spin model would see one input with two energies (a fixed total moment that went to the ligands "
+                "can do this); the stored data keeps them", path, hidden.size, HIDDEN_MOMENT_TOL,
+                1000 * excess.min(), 1000 * excess.max())
+    return system.sub_system(np.setdiff1d(np.arange(system.get_nframes()), hidden))
+
+
+def hidden_state_frames(coords: np.ndarray, cells: np.ndarray, energies: np.ndarray, moments: np.ndarray,
+                        magnetic: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Labels the spin model cannot tell from a lower label of the same geometry: every magnetic ion's moment
+    within HIDDEN_MOMENT_TOL of it (or of its reverse), the energy more than HIDDEN_ENERGY_TOL per atom above
+    it. Returns their indices and how far (eV/atom) each lies above the lowest label it repeats."""
+    from spingen.model_errors import geometry_groups
+
+    natoms, groups = moments.shape[1], geometry_groups(coords, cells)
+    hidden, excess = [], []
+    for group in np.unique(groups):
+        frames = np.flatnonzero(groups == group)
+        kept: list[int] = []
+        for i in frames[np.argsort(energies[frames], kind="stable")]:
+            mine = moments[i, magnetic]
+            same = [j for j in kept if min(np.abs(mine - moments[j, magnetic]).max(),
+                                           np.abs(mine + moments[j, magnetic]).max()) <= HIDDEN_MOMENT_TOL]
+            above = (energies[i] - energies[same[0]]) / natoms if same else 0.0
+            if above > HIDDEN_ENERGY_TOL:
+                hidden.append(i)
+                excess.append(above)
+            else:
+                kept.append(i)
+    order = np.argsort(hidden)
+    return np.array(hidden, dtype=int)[order], np.array(excess)[order]
 
 
 def missing_reversed_twins(coords: np.ndarray, energies: np.ndarray, moments: np.ndarray,
