@@ -22,6 +22,8 @@ import numpy as np
 from spingen.errors import InputError
 
 FRAMES_PER_CALL = 256
+HIDDEN_MOMENT_TOL = 0.1  # uB: two labels of one geometry this close on every magnetic ion are one input to the model
+HIDDEN_ENERGY_TOL = 0.001  # eV/atom: ... and the higher one is left out of training when this far above the lower
 
 
 @dataclass
@@ -98,6 +100,30 @@ def geometry_groups(coords: np.ndarray, cells: np.ndarray, decimals: int = 4) ->
     return np.array([index[k] for k in keys], dtype=int)
 
 
+def hidden_state_frames(coords: np.ndarray, cells: np.ndarray, energies: np.ndarray, moments: np.ndarray,
+                        magnetic: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Labels the spin model cannot tell from a lower label of the same geometry: every magnetic ion's moment
+    within HIDDEN_MOMENT_TOL of it (or of its reverse), the energy more than HIDDEN_ENERGY_TOL per atom above
+    it. Returns their indices and how far (eV/atom) each lies above the lowest label it repeats."""
+    natoms, groups = moments.shape[1], geometry_groups(coords, cells)
+    hidden, excess = [], []
+    for group in np.unique(groups):
+        frames = np.flatnonzero(groups == group)
+        kept: list[int] = []
+        for i in frames[np.argsort(energies[frames], kind="stable")]:
+            mine = moments[i, magnetic]
+            same = [j for j in kept if min(np.abs(mine - moments[j, magnetic]).max(),
+                                           np.abs(mine + moments[j, magnetic]).max()) <= HIDDEN_MOMENT_TOL]
+            above = (energies[i] - energies[same[0]]) / natoms if same else 0.0
+            if above > HIDDEN_ENERGY_TOL:
+                hidden.append(i)
+                excess.append(above)
+            else:
+                kept.append(i)
+    order = np.argsort(hidden)
+    return np.array(hidden, dtype=int)[order], np.array(excess)[order]
+
+
 def state_ranking(e_dft: np.ndarray, e_model: np.ndarray, groups: np.ndarray) -> StateRanking | None:
     """The ranking of the states of the geometries (`groups`) labeled in several states, from energies
     per atom in eV; None when every geometry has one state."""
@@ -136,7 +162,11 @@ def state_ranking_on(models: Sequence[str | Path], systems: Sequence[Path]) -> d
     for path in systems:
         system, symbols, atypes, moments = load_for(ensemble, Path(path))
         own = geometry_groups(system.data["coords"], system.data["cells"])
-        several = np.flatnonzero(np.bincount(own)[own] > 1)
+        kept = np.ones(len(own), dtype=bool)
+        if moments is not None:  # the labels the train stage leaves out are left out here too
+            kept[hidden_state_frames(system.data["coords"], system.data["cells"], system.data["energies"], moments,
+                                     np.isin(symbols, ensemble.encoding.magnetic))[0]] = False
+        several = np.flatnonzero(kept & (np.bincount(own[kept], minlength=own.max() + 1)[own] > 1))
         if not several.size:
             continue
         energies, _ = ensemble.energy_forces(system.data["coords"][several], system.data["cells"][several], atypes,

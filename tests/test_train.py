@@ -73,7 +73,7 @@ def test_labels_the_moments_cannot_tell_apart_are_left_out_of_training(tmp_path,
     1 meV/atom apart: the higher label is left out of the training inputs (the model would see one input
     with two energies), with a warning; close energies, other moments and other geometries stay."""
     from spingen.data.npy import load_system
-    from spingen.stages.train import hidden_state_frames
+    from spingen.model_errors import hidden_state_frames
 
     coords = np.zeros((6, 4, 3))
     coords[4:, 0, 0] = 0.5  # frames 0-3: one geometry; 4-5: another

@@ -32,13 +32,12 @@ from spingen.layout import (
     TRAIN_DIR,
 )
 from spingen.loop import Stage, StageContext
+from spingen.model_errors import HIDDEN_MOMENT_TOL, hidden_state_frames
 from spingen.schema import MachineSection, Param, SpinSettings, thaw
 from spingen.spin.encoding import SIDECAR
 from spingen.tasks.lock import LOCK_FILE
 
 log = logging.getLogger("spingen")
-HIDDEN_MOMENT_TOL = 0.1  # uB: two labels of one geometry this close on every magnetic ion are one input to the model
-HIDDEN_ENERGY_TOL = 0.001  # eV/atom: ... and the higher one is left out of training when this far above the lower
 
 
 class TrainStage(Stage):
@@ -276,32 +275,6 @@ def without_hidden_states(system, path: Path, magnetic: np.ndarray):
                 "can do this); the stored data keeps them", path, hidden.size, HIDDEN_MOMENT_TOL,
                 1000 * excess.min(), 1000 * excess.max())
     return system.sub_system(np.setdiff1d(np.arange(system.get_nframes()), hidden))
-
-
-def hidden_state_frames(coords: np.ndarray, cells: np.ndarray, energies: np.ndarray, moments: np.ndarray,
-                        magnetic: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Labels the spin model cannot tell from a lower label of the same geometry: every magnetic ion's moment
-    within HIDDEN_MOMENT_TOL of it (or of its reverse), the energy more than HIDDEN_ENERGY_TOL per atom above
-    it. Returns their indices and how far (eV/atom) each lies above the lowest label it repeats."""
-    from spingen.model_errors import geometry_groups
-
-    natoms, groups = moments.shape[1], geometry_groups(coords, cells)
-    hidden, excess = [], []
-    for group in np.unique(groups):
-        frames = np.flatnonzero(groups == group)
-        kept: list[int] = []
-        for i in frames[np.argsort(energies[frames], kind="stable")]:
-            mine = moments[i, magnetic]
-            same = [j for j in kept if min(np.abs(mine - moments[j, magnetic]).max(),
-                                           np.abs(mine + moments[j, magnetic]).max()) <= HIDDEN_MOMENT_TOL]
-            above = (energies[i] - energies[same[0]]) / natoms if same else 0.0
-            if above > HIDDEN_ENERGY_TOL:
-                hidden.append(i)
-                excess.append(above)
-            else:
-                kept.append(i)
-    order = np.argsort(hidden)
-    return np.array(hidden, dtype=int)[order], np.array(excess)[order]
 
 
 def missing_reversed_twins(coords: np.ndarray, energies: np.ndarray, moments: np.ndarray,
