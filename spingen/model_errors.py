@@ -107,6 +107,8 @@ def hidden_state_frames(coords: np.ndarray, cells: np.ndarray, energies: np.ndar
     it. Returns their indices and how far (eV/atom) each lies above the lowest label it repeats."""
     natoms, groups = moments.shape[1], geometry_groups(coords, cells)
     hidden, excess = [], []
+    if not np.any(magnetic):
+        return np.array([], dtype=int), np.array([])
     for group in np.unique(groups):
         frames = np.flatnonzero(groups == group)
         kept: list[int] = []
@@ -162,10 +164,7 @@ def state_ranking_on(models: Sequence[str | Path], systems: Sequence[Path]) -> d
     for path in systems:
         system, symbols, atypes, moments = load_for(ensemble, Path(path))
         own = geometry_groups(system.data["coords"], system.data["cells"])
-        kept = np.ones(len(own), dtype=bool)
-        if moments is not None:  # the labels the train stage leaves out are left out here too
-            kept[hidden_state_frames(system.data["coords"], system.data["cells"], system.data["energies"], moments,
-                                     np.isin(symbols, ensemble.encoding.magnetic))[0]] = False
+        kept = trained_labels(ensemble, system, symbols, moments)
         several = np.flatnonzero(kept & (np.bincount(own[kept], minlength=own.max() + 1)[own] > 1))
         if not several.size:
             continue
@@ -181,11 +180,21 @@ def state_ranking_on(models: Sequence[str | Path], systems: Sequence[Path]) -> d
     return {**asdict(ranking), "frames": int(sum(len(g) for g in groups))}
 
 
+def trained_labels(ensemble: Ensemble, system, symbols: Sequence[str], moments: np.ndarray | None) -> np.ndarray:
+    """Mask of the frames the train stage trains on (not `hidden_state_frames`): the ones to rank."""
+    kept = np.ones(system.get_nframes(), dtype=bool)
+    if moments is not None:
+        kept[hidden_state_frames(system.data["coords"], system.data["cells"], system.data["energies"], moments,
+                                 np.isin(symbols, ensemble.encoding.magnetic))[0]] = False
+    return kept
+
+
 def errors_of_system(ensemble: Ensemble, path: Path) -> SystemErrors:
     system, symbols, atypes, moments = load_for(ensemble, path)
     coords, cells = system.data["coords"], system.data["cells"]
     energies, forces = ensemble.energy_forces(coords, cells, atypes, symbols, moments)
     natoms = len(symbols)
+    kept = trained_labels(ensemble, system, symbols, moments)  # the labels a model can rank
     e_dft = system.data["energies"] / natoms
     f_dft = system.data["forces"]
     flip = None
@@ -196,7 +205,7 @@ def errors_of_system(ensemble: Ensemble, path: Path) -> SystemErrors:
         name=str(path), n_frames=len(coords), n_atoms=natoms,
         rmse_e=float(np.sqrt(np.mean((energies / natoms - e_dft) ** 2)) * 1000),
         rmse_f=float(np.sqrt(np.mean((forces - f_dft) ** 2)) * 1000),
-        flip_asymmetry=flip, ranking=state_ranking(e_dft, energies / natoms, geometry_groups(coords, cells)),
+        flip_asymmetry=flip, ranking=state_ranking(e_dft[kept], energies[kept] / natoms, geometry_groups(coords, cells)[kept]),
         energies=(e_dft, energies / natoms), forces=(f_dft.ravel(), forces.ravel()))
 
 

@@ -71,4 +71,5 @@ def test_spingen_test_ranks_the_judge(tmp_path, capsys):
     groups = geometry_groups(*(load_system(JUDGE / "data").data[k] for k in ("coords", "cells")))
     assert geometries == len(np.unique(groups)) and 0 <= right <= geometries
     assert float(row[-3]) > 0  # state gap RMSE, meV/atom
-    assert (float(row[-1]) == 0) is (right == geometries)  # how far above DFT's lowest its picks lie, meV/atom
+    excess = float(row[-1])  # how far above DFT's lowest its picks lie, meV/atom (0 where every pick is right)
+    assert excess >= 0 and (right < geometries or excess == 0)

@@ -154,8 +154,10 @@ class MemberStates:
         held = calc.drive if calc.drive != "mean" and calc.lowest_here else None
         found = []
         for k in range(len(calc.models)):
-            state = calc.moments if k == held else self._member_state(k, energies[k], minus_grads[k])
-            found.append(np.asarray(state, dtype=float))
+            if k == held:  # its own: what it certified of the frames before no longer speaks of them
+                self.held[k] = np.asarray(calc.moments, dtype=float)
+                self.certificates.pop(k, None)
+            found.append(self.held[k] if k == held else self._member_state(k, energies[k], minus_grads[k]))
         for model in self.models:
             calc.keep_fast_verdicts(model)
         return np.array(found)
@@ -182,10 +184,13 @@ class MemberStates:
             if own_energy[0] < energy - SAME_ENERGY:
                 start, energy, minus_grad = own, float(own_energy[0]), own_grad[0]
         cert = self.certificates.get(k) or self.certificates.setdefault(k, calc.new_certificate())
+        if calc.certify is None:  # no certificate asked for: every competitor of the start, every frame
+            cert.release()
         if cert.holds_for(start):
             indices = cert.to_check(minus_grad)
             pool = cert.competitors[indices]
         else:
+            cert.tick()
             indices, pool = None, calc.competitors(start, calc.pair_limit)
         for _ in range(levels.n_magnetic * max(levels.n_values)):  # more moves than a descent makes
             pool_energies = self._energies(k, pool)
@@ -227,7 +232,10 @@ def spin_disagreement(calc, atoms, members: MemberStates | None = None) -> tuple
     states = members.states(atoms, energies, minus_grads)
     if not np.all(np.isfinite(states)):
         return float("nan"), float("nan"), None
-    differs = np.any(np.abs(states - states[0]) > 1e-6, axis=0)
+    levels = calc.levels  # S and -S are one state under a fixed global sign: compared first-up
+    compared = levels.to_moments(levels.first_up(levels.to_indices(states, snap=True))) if levels.fix_global_sign \
+        else states
+    differs = np.any(np.abs(compared - compared[0]) > 1e-6, axis=0)
     if not differs.any():
         return 0.0, 0.0, states
     above = (members.energies(np.unique(states, axis=0)) - energies[:, None]) / len(atoms)
