@@ -137,6 +137,37 @@ def check_param_data(param: Param) -> None:
                 f"from these moments")
 
 
+def input_warnings(param: Param) -> list[str]:
+    """What `spingen check` and `spingen run` warn of before anything runs: `label_mismatches` and
+    `hidden_labels`."""
+    from spingen.schema import label_settings
+
+    return label_mismatches(param, label_settings(param)) + hidden_labels(param)
+
+
+def hidden_labels(param: Param) -> list[str]:
+    """One warning per initial data system holding labels the train stage will leave out
+    (spingen.model_errors.hidden_state_frames: the moments of a lower label of the same geometry)."""
+    from spingen.data.npy import load_system
+    from spingen.model_errors import HIDDEN_ENERGY_TOL, HIDDEN_MOMENT_TOL, hidden_state_frames
+
+    if not param.spin.enabled:
+        return []
+    found = []
+    for path in param.init_data_sys:
+        data = load_system(path).data
+        symbols = [data["atom_names"][t] for t in data["atom_types"]]
+        hidden, excess = hidden_state_frames(data["coords"], data["cells"], data["energies"], data["spins"][..., 2],
+                                             np.isin(symbols, param.spin.magnetic))
+        if hidden.size:
+            found.append(f"data '{path}': {hidden.size} label(s) repeat the magnetic moments of a lower label of "
+                         f"their geometry (within {HIDDEN_MOMENT_TOL:g} uB on every magnetic ion) "
+                         f"{1000 * excess.min():.1f}-{1000 * excess.max():.1f} meV/atom above it (more than "
+                         f"{1000 * HIDDEN_ENERGY_TOL:g} meV/atom): the spin model cannot tell them apart, so training leaves "
+                         "them out (docs/cathode-guide.md section 4)")
+    return found
+
+
 def label_mismatches(param: Param, settings: LabelSettings) -> list[str]:
     """One warning per pair of labeled cells (the initial data's, init_data_gen's and the explored ones), one a
     supercell of the other, whose labels would differ by a discretization error no model can fit: k-point

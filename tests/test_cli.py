@@ -78,3 +78,32 @@ def test_spin_search_bad_arguments(tmp_path, capsys, model_text, args, message):
     assert main(["spin-search", str(model), str(poscar), "--moments", "Ni=1,3", "--offset", "0.2", *args]) == 2
     err = capsys.readouterr().err
     assert message.format(model=model) in err and err.count("\n") == 1
+
+
+def test_check_warns_of_initial_labels_the_moments_cannot_tell_apart(tmp_path, capsys):
+    """An initial geometry labeled twice with the same moments but about 60 meV/atom apart: `spingen check` says,
+    before anything runs, that training will leave the higher label out; the example's own data draw no
+    such warning."""
+    import json
+
+    from conftest import write_spin_system
+
+    from spingen.data.npy import load_system
+
+    repo = Path(__file__).resolve().parent.parent
+    example = repo / "param_examples" / "linio2_spin_loop"
+    machine = str(repo / "machine_examples" / "local.json")
+    assert main(["check", str(example / "param.json"), machine]) == 0
+    assert "cannot tell them apart" not in capsys.readouterr().out
+    source = write_spin_system(tmp_path / "data" / "states", n_frames=2, states=[(1.7, 1.7), (1.72, 1.69)])
+    system = load_system(source)
+    system.data["energies"][1] += 0.5  # eV of 8 atoms: about 60 meV/atom above its geometry's first label
+    system.to("deepmd/npy", str(source))
+    above = 1000 * (system.data["energies"][1] - system.data["energies"][0]) / 8
+    param = json.loads((example / "param.json").read_text())
+    param.update(init_data_prefix=str(tmp_path / "data"), init_data_sys=["states"],
+                 sys_configs=[[str(example / "POSCAR.2x2x1")]])
+    (tmp_path / "param.json").write_text(json.dumps(param))
+    assert main(["check", str(tmp_path / "param.json"), machine]) == 0
+    warning = next(line for line in capsys.readouterr().out.splitlines() if "cannot tell them apart" in line)
+    assert warning.startswith("WARNING") and "1 label(s)" in warning and f"{above:.1f}-{above:.1f} meV/atom" in warning
