@@ -137,12 +137,10 @@ def check_param_data(param: Param) -> None:
                 f"from these moments")
 
 
-def input_warnings(param: Param) -> list[str]:
+def input_warnings(param: Param, settings: LabelSettings) -> list[str]:
     """What `spingen check` and `spingen run` warn of before anything runs: `label_mismatches` and
-    `hidden_labels`."""
-    from spingen.schema import label_settings
-
-    return label_mismatches(param, label_settings(param)) + hidden_labels(param)
+    `hidden_labels`. settings: the label stage's (spingen.schema.label_settings)."""
+    return label_mismatches(param, settings) + hidden_labels(param)
 
 
 def hidden_labels(param: Param) -> list[str]:

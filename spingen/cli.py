@@ -14,7 +14,7 @@ from spingen import __version__
 def cmd_run(args: argparse.Namespace) -> int:
     from spingen.checks import input_warnings
     from spingen.loop import Loop, setup_logging
-    from spingen.schema import load_machine, load_param
+    from spingen.schema import label_settings, load_machine, load_param
     from spingen.stages import build_stages
 
     param = load_param(args.param)
@@ -22,7 +22,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     stages = build_stages(param, machines)  # every setting checked before anything runs
     workdir = Path(args.workdir).resolve()
     setup_logging(workdir, args.debug)
-    for line in input_warnings(param):
+    for line in input_warnings(param, label_settings(param)):
         logging.getLogger("spingen").warning(line)
     os.chdir(workdir)  # dpdispatcher writes its own log to the current directory
     if param.init_gen is not None:
@@ -74,6 +74,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 def summary(param, machines) -> str:
     """A short human summary of a checked param/machine pair."""
     from spingen.checks import input_warnings
+    from spingen.schema import label_settings
 
     spin = param.spin
     lines = [
@@ -93,7 +94,7 @@ def summary(param, machines) -> str:
     else:
         lines.append("spin     disabled: pristine Deep Potential baseline")
     lines.append(f"label    fp_style {param.raw['fp_style']}, at most {param.raw['fp_task_max']} per system")
-    lines += [f"WARNING  {line}" for line in input_warnings(param)]
+    lines += [f"WARNING  {line}" for line in input_warnings(param, label_settings(param))]
     for name in ("train", "model_devi", "fp"):
         section = getattr(machines, name)
         lines.append(f"machine  {name:<10} {section.machine['batch_type']}/{section.machine['context_type']}: "
