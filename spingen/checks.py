@@ -147,16 +147,13 @@ def hidden_labels(param: Param) -> list[str]:
     """One warning per initial data system holding labels the train stage will leave out
     (spingen.model_errors.hidden_state_frames: the moments of a lower label of the same geometry)."""
     from spingen.data.npy import load_system
-    from spingen.model_errors import HIDDEN_ENERGY_TOL, HIDDEN_MOMENT_TOL, hidden_state_frames
+    from spingen.model_errors import HIDDEN_ENERGY_TOL, HIDDEN_MOMENT_TOL, system_hidden_frames
 
     if not param.spin.enabled:
         return []
     found = []
     for path in param.init_data_sys:
-        data = load_system(path).data
-        symbols = [data["atom_names"][t] for t in data["atom_types"]]
-        hidden, excess = hidden_state_frames(data["coords"], data["cells"], data["energies"], data["spins"][..., 2],
-                                             np.isin(symbols, param.spin.magnetic))
+        hidden, excess = system_hidden_frames(load_system(path), param.spin.magnetic)
         if hidden.size:
             found.append(f"data '{path}': {hidden.size} label(s) repeat the magnetic moments of a lower label of "
                          f"their geometry (within {HIDDEN_MOMENT_TOL:g} uB on every magnetic ion) "

@@ -126,6 +126,14 @@ def hidden_state_frames(coords: np.ndarray, cells: np.ndarray, energies: np.ndar
     return np.array(hidden, dtype=int)[order], np.array(excess)[order]
 
 
+def system_hidden_frames(system, magnetic: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """`hidden_state_frames` of a stored system (raw moments in its spins); magnetic: the magnetic elements."""
+    data = system.data
+    symbols = [data["atom_names"][t] for t in data["atom_types"]]
+    return hidden_state_frames(data["coords"], data["cells"], data["energies"], data["spins"][..., 2],
+                               np.isin(symbols, magnetic))
+
+
 def state_ranking(e_dft: np.ndarray, e_model: np.ndarray, groups: np.ndarray) -> StateRanking | None:
     """The ranking of the states of the geometries (`groups`) labeled in several states, from energies
     per atom in eV; None when every geometry has one state."""
@@ -164,7 +172,7 @@ def state_ranking_on(models: Sequence[str | Path], systems: Sequence[Path]) -> d
     for path in systems:
         system, symbols, atypes, moments = load_for(ensemble, Path(path))
         own = geometry_groups(system.data["coords"], system.data["cells"])
-        kept = trained_labels(ensemble, system, symbols, moments)
+        kept = trained_labels(ensemble, system)
         several = np.flatnonzero(kept & (np.bincount(own[kept], minlength=own.max() + 1)[own] > 1))
         if not several.size:
             continue
@@ -180,12 +188,11 @@ def state_ranking_on(models: Sequence[str | Path], systems: Sequence[Path]) -> d
     return {**asdict(ranking), "frames": int(sum(len(g) for g in groups))}
 
 
-def trained_labels(ensemble: Ensemble, system, symbols: Sequence[str], moments: np.ndarray | None) -> np.ndarray:
+def trained_labels(ensemble: Ensemble, system) -> np.ndarray:
     """Mask of the frames the train stage trains on (not `hidden_state_frames`): the ones to rank."""
     kept = np.ones(system.get_nframes(), dtype=bool)
-    if moments is not None:
-        kept[hidden_state_frames(system.data["coords"], system.data["cells"], system.data["energies"], moments,
-                                 np.isin(symbols, ensemble.encoding.magnetic))[0]] = False
+    if ensemble.has_spin:
+        kept[system_hidden_frames(system, ensemble.encoding.magnetic)[0]] = False
     return kept
 
 
@@ -194,7 +201,7 @@ def errors_of_system(ensemble: Ensemble, path: Path) -> SystemErrors:
     coords, cells = system.data["coords"], system.data["cells"]
     energies, forces = ensemble.energy_forces(coords, cells, atypes, symbols, moments)
     natoms = len(symbols)
-    kept = trained_labels(ensemble, system, symbols, moments)  # the labels a model can rank
+    kept = trained_labels(ensemble, system)  # the labels a model can rank
     e_dft = system.data["energies"] / natoms
     f_dft = system.data["forces"]
     flip = None

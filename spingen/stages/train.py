@@ -32,7 +32,7 @@ from spingen.layout import (
     TRAIN_DIR,
 )
 from spingen.loop import Stage, StageContext
-from spingen.model_errors import HIDDEN_MOMENT_TOL, hidden_state_frames
+from spingen.model_errors import HIDDEN_MOMENT_TOL, system_hidden_frames
 from spingen.schema import MachineSection, Param, SpinSettings, thaw
 from spingen.spin.encoding import SIDECAR
 from spingen.tasks.lock import LOCK_FILE
@@ -243,7 +243,7 @@ def write_training_data(systems: Sequence[Path], out: Path, type_map: Sequence[s
         twins = 0
         if spin.enabled:
             symbols = [system.data["atom_names"][t] for t in system.data["atom_types"]]
-            system = without_hidden_states(system, system_path, np.isin(symbols, spin.magnetic))
+            system = without_hidden_states(system, system_path, spin.magnetic)
             moments = system.data["spins"][..., 2]
             if spin.flip_symmetry == "augment":
                 reversed_frames = missing_reversed_twins(system.data["coords"], system.data["energies"], moments)
@@ -262,11 +262,9 @@ def write_training_data(systems: Sequence[Path], out: Path, type_map: Sequence[s
     return written
 
 
-def without_hidden_states(system, path: Path, magnetic: np.ndarray):
-    """The system without its `hidden_state_frames` (magnetic: mask of the magnetic atoms), warned about."""
-    data = system.data
-    hidden, excess = hidden_state_frames(data["coords"], data["cells"], data["energies"], data["spins"][..., 2],
-                                         magnetic)
+def without_hidden_states(system, path: Path, magnetic: Sequence[str]):
+    """The system without its `hidden_state_frames` (magnetic: the magnetic elements), warned about."""
+    hidden, excess = system_hidden_frames(system, magnetic)
     if not hidden.size:
         return system
     log.warning("train: data '%s': %d label(s) left out of training: each has the magnetic moments of a lower label "

@@ -164,7 +164,7 @@ class MemberStates:
 
     def energies(self, states: np.ndarray) -> np.ndarray:
         """Every member's energies (M, n) of configurations (n, n_magnetic) at the geometry of the last `states`."""
-        return np.array([model.evaluate(states)[0] for model in self.models])
+        return np.array([self._energies(k, states) for k in range(len(self.models))])
 
     def _energies(self, k: int, configurations: np.ndarray) -> np.ndarray:
         """Member k's energies of configurations at this geometry, none evaluated twice here."""
@@ -183,7 +183,9 @@ class MemberStates:
             own_energy, own_grad = model.evaluate(own[None], gradient=True)
             if own_energy[0] < energy - SAME_ENERGY:
                 start, energy, minus_grad = own, float(own_energy[0]), own_grad[0]
-        cert = self.certificates.get(k) or self.certificates.setdefault(k, calc.new_certificate())
+        if k not in self.certificates:
+            self.certificates[k] = calc.new_certificate()
+        cert = self.certificates[k]
         if calc.certify is None:  # no certificate asked for: every competitor of the start, every frame
             cert.release()
         if cert.holds_for(start):
