@@ -286,6 +286,54 @@ def test_member_states_follow_the_trajectory_certified_frame_to_frame(dps):
     assert np.mean(evaluated[1:]) < pool_size, evaluated
 
 
+def test_a_member_held_in_a_local_minimum_descends_from_new_driving_moments(dps, monkeypatch):
+    """A member whose own state of the frame before is a local minimum of its landscape, lower for it
+    than the driving moments, leaves it when the driving moments are new: it descends from those too and
+    keeps the lower end; with the same driving moments as before it keeps its own minimum. Member 1's
+    landscape is a two-basin one (below) under single-ion moves (pair_limit 0)."""
+    from spingen.md import SpinModelCalculator
+    from spingen.spin.model import EnergyModel
+    from spingen.tasks.explore import MemberStates
+
+    up, local = np.array([1.0, 1.0, 1.0, 1.0]), np.array([1.0, 1.0, -1.0, -1.0])
+
+    class TwoBasins(EnergyModel):
+        """E = -(up.s)^2 - (local.s)^2 / 2 + sum_i (|S_i| - 1)^2, s the signs: lowest at `up`; `local` lies
+        below every single-ion move from it."""
+
+        models, fast_ok = (), ()  # no deepmd-kit fixed-geometry path checks (keep_fast_verdicts)
+
+        def calculate(self, moments, gradient):
+            signs = np.sign(moments)
+            energies = -(signs @ up) ** 2 - 0.5 * (signs @ local) ** 2 + ((np.abs(moments) - 1) ** 2).sum(axis=1)
+            return energies, (-2 * (np.abs(moments) - 1) * signs if gradient else None)
+
+    atoms = cell16(seed=4)
+    driving = np.array([1.0, 1.0, 1.0, -1.0])  # one single-ion move from `up`; above `local` in TwoBasins
+    start = np.zeros(len(atoms))
+    start[atoms.symbols == "Ni"] = driving
+    calc = SpinModelCalculator(dps, MAGNITUDES, encoding=SPIN.encoding, drive=0, spin_opt_freq=0, moments=start,
+                               certify={"pair_limit": 0})
+    atoms.calc = calc
+    atoms.get_potential_energy()
+    member_model, energy_model = TwoBasins(4), calc.energy_model
+    monkeypatch.setattr(calc, "energy_model", lambda a, models=None:
+                        member_model if models == [dps[1]] else energy_model(a, models))
+    members = MemberStates(calc)
+
+    def member_state(own, drive_before):
+        members.held[1], members.drive = own.copy(), drive_before  # member 1's state at the frame before
+        members.certificates.pop(1, None)
+        at_driving = [calc.energy_model(atoms, [dp]).evaluate(driving[None], gradient=True) for dp in dps]
+        return members.states(atoms, np.array([e[0] for e, _ in at_driving]),
+                              np.array([g[0] for _, g in at_driving]))[1]
+
+    assert member_model.evaluate(local[None])[0][0] < member_model.evaluate(driving[None])[0][0]
+    np.testing.assert_array_equal(member_state(driving, drive_before=None), up)  # the first frame
+    np.testing.assert_array_equal(member_state(local, drive_before=None), up)  # new driving moments
+    np.testing.assert_array_equal(member_state(local, drive_before=driving), local)  # the same as before
+
+
 def test_symmetrized_calculator_is_exactly_reversal_symmetric(dps):
     """model_devi_spin_symmetrize: E_sym(S) = (E(S) + E(-S)) / 2, its forces and -dE/dS, for
     models whose own energies are not symmetric."""

@@ -18,9 +18,9 @@ steps, streamed and flushed:
   over atoms; virial (divided by natoms) std over models per component, then max/min over the 9
   components and avg = |std|/3 (deepmd's definition); `devi_e` = std over models of energy per
   atom; `spin_disagree` = fraction of magnetic ions whose ground-state moment differs between
-  members (each member starts from the frame's moments, or from its own state of the frame before
-  where that is lower for it, certifies it and goes downhill only when a competitor is lower for it;
-  see `MemberStates`); `spin_devi_e` (eV/atom) =
+  members (each member goes downhill from its own state of the frame before, certified, and from the
+  frame's moments where those are new or lower for it, and keeps the lower end; see `MemberStates`);
+  `spin_devi_e` (eV/atom) =
   how much the members disagree on the energies of those ground states: std over members of
   each state's energy above the frame's state, max over the states (0 when all members agree).
   Both every spin_devi_freq-th frame; ``SPIN_NOT_COMPUTED`` (-1) on the others; NaN when a
@@ -34,6 +34,7 @@ are removed first); one that finished is left as it is (``spingen.tasks.lock``).
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 import time
@@ -125,14 +126,16 @@ def model_deviation(energies: np.ndarray, forces: np.ndarray, virials: np.ndarra
 class MemberStates:
     """Each member's own ground state at the frames of one explore task (the spin disagreement's states).
 
-    A member starts from the driving moments, or from its own state of the frame before where that is
-    still lower for it (one evaluation with -dE/dS), and certifies the start as the driving calculator
+    A member descends from its own state of the frame before, certified as the driving calculator
     certifies its moments (``spingen.spin.certificate``, with the calculator's certify settings): from
     -dE/dS at the start only the competitors that may lie lower are evaluated, in one energy-only batch,
-    none when the start is certified (every competitor at a member's first frame). A member for which one
-    is lower moves to it and goes on downhill, its new competitors taking the gaps the old ones carry over
-    (``GroundStateCertificate.move_to``). Not the driving model where the calculator re-optimized its
-    moments at this geometry: they are its own.
+    none when the start is certified. A member for which one is lower moves to it and goes on downhill,
+    its new competitors taking the gaps the old ones carry over (``GroundStateCertificate.move_to``).
+    It also descends from the driving moments, checking every competitor there, where those are new
+    since the frame before or lower for it than its own state (at its first frame that is the only
+    descent): a member's own state can sit in a local minimum of its landscape while the driving
+    moments lead to a lower one. The lower end of the two is its state. Not the driving model where the
+    calculator re-optimized its moments at this geometry: they are its own.
     """
 
     def __init__(self, calc) -> None:
@@ -141,23 +144,28 @@ class MemberStates:
         self.models: list = []  # each member's energy model at the geometry of the last `states`
         self.seen: list[dict[bytes, float]] = []
         self.held: dict[int, np.ndarray] = {}  # member -> its ground state at the last frame
-        self.certificates: dict[int, Any] = {}  # member -> GroundStateCertificate of its start moments
+        self.certificates: dict[int, Any] = {}  # member -> GroundStateCertificate of its held state
+        self.drive: np.ndarray | None = None  # the driving moments at the last frame
 
     def states(self, atoms, energies: np.ndarray, minus_grads: np.ndarray) -> np.ndarray:
         """(members x magnetic ions) ground states at this geometry; energies (M,) and -dE/dS (M, n_magnetic)
         of every member at the calculator's moments. NaN rows where a member's energies are not finite."""
         calc = self.calc
         if self.levels is not calc.levels:
-            self.levels, self.held, self.certificates = calc.levels, {}, {}
+            self.levels, self.held, self.certificates, self.drive = calc.levels, {}, {}, None
         self.models = [calc.energy_model(atoms, [dp]) for dp in calc.models]  # this geometry's, for every batch
         self.seen = [{} for _ in calc.models]  # per member: configuration -> energy evaluated at this geometry
         held = calc.drive if calc.drive != "mean" and calc.lowest_here else None
+        drive = np.asarray(calc.moments, dtype=float)
+        drive_moved = self.drive is None or not np.array_equal(drive, self.drive)
         found = []
         for k in range(len(calc.models)):
             if k == held:  # its own: what it certified of the frames before no longer speaks of them
-                self.held[k] = np.asarray(calc.moments, dtype=float)
+                self.held[k] = drive
                 self.certificates.pop(k, None)
-            found.append(self.held[k] if k == held else self._member_state(k, energies[k], minus_grads[k]))
+            found.append(self.held[k] if k == held else
+                         self._member_state(k, energies[k], minus_grads[k], drive_moved))
+        self.drive = drive
         for model in self.models:
             calc.keep_fast_verdicts(model)
         return np.array(found)
@@ -175,19 +183,36 @@ class MemberStates:
             seen.update(zip([keys[i] for i in new], self.models[k].evaluate(configurations[new])[0]))
         return np.array([seen[key] for key in keys], dtype=float)
 
-    def _member_state(self, k: int, energy: float, minus_grad: np.ndarray) -> np.ndarray:
-        calc, levels, model = self.calc, self.calc.levels, self.models[k]
-        start = np.asarray(calc.moments, dtype=float)
+    def _member_state(self, k: int, energy: float, minus_grad: np.ndarray, drive_moved: bool) -> np.ndarray:
+        """Member k's state here: the lower end of the descents from its own state and from the driving
+        moments (energy and -dE/dS there under member k)."""
+        calc = self.calc
+        drive = np.asarray(calc.moments, dtype=float)
         own = self.held.pop(k, None)
-        if own is not None and not np.array_equal(own, start):
-            own_energy, own_grad = model.evaluate(own[None], gradient=True)
-            if own_energy[0] < energy - SAME_ENERGY:
-                start, energy, minus_grad = own, float(own_energy[0]), own_grad[0]
-        if k not in self.certificates:
-            self.certificates[k] = calc.new_certificate()
-        cert = self.certificates[k]
+        cert = self.certificates.pop(k, None) or calc.new_certificate()
         if calc.certify is None:  # no certificate asked for: every competitor of the start, every frame
             cert.release()
+        ends = []  # (energy, state, certificate) at the end of each descent
+        if own is not None and not np.array_equal(own, drive):
+            own_energy, own_grad = self.models[k].evaluate(own[None], gradient=True)
+            from_drive = drive_moved or energy < own_energy[0] - SAME_ENERGY
+            drive_cert = copy.deepcopy(cert) if from_drive else None  # its measured errors, not its state
+            ends.append(self._descend(k, cert, own, float(own_energy[0]), own_grad[0]))
+            if drive_cert is not None:
+                drive_cert.release()
+                ends.append(self._descend(k, drive_cert, drive, energy, minus_grad))
+        else:
+            ends.append(self._descend(k, cert, drive, energy, minus_grad))
+        if not all(np.isfinite(end[0]) for end in ends):
+            return np.full(len(drive), np.nan)
+        _, state, self.certificates[k] = min(ends, key=lambda end: end[0])
+        self.held[k] = state
+        return state
+
+    def _descend(self, k: int, cert, start: np.ndarray, energy: float, minus_grad: np.ndarray) -> tuple:
+        """(energy, state, cert) at the end of member k's certified descent from start (energy, -dE/dS
+        there); NaN energy where a member's energies are not finite."""
+        calc, levels, model = self.calc, self.calc.levels, self.models[k]
         if cert.holds_for(start):
             indices = cert.to_check(minus_grad)
             pool = cert.competitors[indices]
@@ -197,15 +222,13 @@ class MemberStates:
         for _ in range(levels.n_magnetic * max(levels.n_values)):  # more moves than a descent makes
             pool_energies = self._energies(k, pool)
             if not (np.isfinite(energy) and np.all(np.isfinite(pool_energies))):
-                self.certificates.pop(k)
-                return np.full(len(start), np.nan)
+                return float("nan"), start, cert
             if indices is None:
                 cert.set_reference(start, energy, minus_grad, pool, pool_energies)
             else:
                 cert.update(indices, energy, minus_grad, pool_energies)
             if not (len(pool) and pool_energies.min() < energy - SAME_ENERGY):
-                self.held[k] = start
-                return start
+                return energy, start, cert
             moved_from = minus_grad  # downhill: the lower state's competitors take the gaps carried over
             start = levels.to_moments(levels.first_up(levels.to_indices(pool[np.argmin(pool_energies)], snap=True)))[0]
             energy, minus_grad = (v[0] for v in model.evaluate(start[None], gradient=True))
@@ -213,8 +236,7 @@ class MemberStates:
                                    calc.reversal_symmetric)
             pool = cert.competitors[indices]
         cert.release()  # still moving: the next frame evaluates every competitor
-        self.held[k] = start
-        return start
+        return float(energy), start, cert
 
 
 def spin_disagreement(calc, atoms, members: MemberStates | None = None) -> tuple[float, float, np.ndarray | None]:
