@@ -22,7 +22,8 @@ What runs:
   seconds of the spin disagreement per frame with the members' states kept from frame to frame (the
   default) and computed afresh at the same frames, and the non-driving member's state both ways
   against its own exhaustive minimum (`--frames-only`: this and the fixed-moment baseline alone,
-  written to its own block).
+  written to its own block; `--no-frames`: without it). Each temperature and cell (`--repeat`) other
+  than 900 K and 3x1x1 writes blocks of its own.
 
 Usage (about 30 min on 2 cores with the models trained; training adds ~25 min):
 
@@ -83,7 +84,8 @@ def trained_models(workdir: Path, steps: int, seeds=(1, 2)) -> list[Path]:
     return [f / "frozen_model.pth" for f in folders]
 
 
-REPEAT = [3, 1, 1]  # set from --repeat
+DEFAULT_REPEAT = (3, 1, 1)
+REPEAT = list(DEFAULT_REPEAT)  # set from --repeat
 
 
 def start_cell():
@@ -312,10 +314,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="Ni magnitudes (uB); default: inferred from the data at tol 0.1 (1.671, 1.86)")
     parser.add_argument("--frame-steps", type=int, default=100, help="MD steps of the explore-frame measurement")
     parser.add_argument("--trj-freq", type=int, default=10, help="MD steps between explore frames")
-    parser.add_argument("--frames-only", action="store_true",
-                        help="only the explore-frame measurement (and the fixed-moment baseline), its block only")
+    parts = parser.add_mutually_exclusive_group()
+    parts.add_argument("--frames-only", action="store_true",
+                       help="only the explore-frame measurement (and the fixed-moment baseline), its block only")
+    parts.add_argument("--no-frames", action="store_true", help="leave out the explore-frame measurement")
     parser.add_argument("--no-doc", action="store_true")
     args = parser.parse_args(argv)
+    default_cell = tuple(args.repeat) == DEFAULT_REPEAT
     REPEAT[:] = args.repeat
     command = "python benchmarks/spin_md.py " + " ".join(argv if argv is not None else sys.argv[1:])
     workdir = Path(args.workdir)
@@ -347,9 +352,11 @@ def main(argv: list[str] | None = None) -> int:
         if samples:
             r["judged"] = truth.judge(samples)
             print(r["name"], json.dumps(r["judged"]), flush=True)
-    costs = frame_costs(dps, magnitudes, workdir, args.temperature, args.frame_steps, args.trj_freq)
-    frames = judge_frames(costs, Truth(models[1], magnitudes, symbols, args.workers, workdir), results[0]["wall_per_step"])
-    print(json.dumps(frames), flush=True)
+    if not args.no_frames:
+        costs = frame_costs(dps, magnitudes, workdir, args.temperature, args.frame_steps, args.trj_freq)
+        frames = judge_frames(costs, Truth(models[1], magnitudes, symbols, args.workers, workdir),
+                              results[0]["wall_per_step"])
+        print(json.dumps(frames), flush=True)
     atoms = start_cell()
     info = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": command,
             "machine": " ".join(platform.uname()[:3]), "cpu": cpu_model(), "cores": os.cpu_count(),
@@ -360,8 +367,12 @@ def main(argv: list[str] | None = None) -> int:
             "formula": atoms.get_chemical_formula(), "natoms": len(atoms), "n_magnetic": symbols.count("Ni"),
             "magnitudes": magnitudes["Ni"], "n_configurations": MomentLevels(magnitudes, symbols).n_configurations,
             "temperature": args.temperature}
-    suffix = "" if args.temperature == 900.0 else f", {args.temperature:.0f} K"  # a block of its own per temperature
-    blocks = [(DOC_BEGIN.replace(") -->", f"{suffix}, explore frames) -->"), render_frames(info, costs, frames))]
+    # a block of its own per temperature and cell
+    suffix = ("" if default_cell else f", {atoms.get_chemical_formula()}") + \
+        ("" if args.temperature == 900.0 else f", {args.temperature:.0f} K")
+    blocks = []
+    if not args.no_frames:
+        blocks.append((DOC_BEGIN.replace(") -->", f"{suffix}, explore frames) -->"), render_frames(info, costs, frames)))
     if not args.frames_only:
         blocks.insert(0, (DOC_BEGIN.replace(") -->", f"{suffix}) -->"), render(info, results, truth)))
     for begin, text in blocks:

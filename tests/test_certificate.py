@@ -315,3 +315,19 @@ def test_a_return_to_a_state_left_recalls_its_references():
     left = np.setdiff1d(np.arange(len(cert.competitors)), named)
     exact = models[2].evaluate(cert.competitors[left])[0] - energy
     assert np.all(exact > 0) and np.any(cert.ages[left] == 2)  # recalled: referenced two geometries ago
+
+
+def test_a_certificate_absorbs_the_errors_another_one_measured():
+    """Two certificates of one model along one trajectory (an explore member's two descents): the kept one
+    takes the larger error of each kind and way, and the way the larger errors favour."""
+    levels = MomentLevels({"Ni": [1.0, 3.0]}, ["Ni"] * 3)
+    kept, other = GroundStateCertificate(levels), GroundStateCertificate(levels)
+    kept.way_errors[MAGNITUDES] = [0.002, 0.003]  # following measured better for magnitude changes
+    other.way_errors[MAGNITUDES] = [0.005, 0.001]  # keeping, by the other's larger error
+    other.way_errors[REVERSALS] = [0.004, 0.006]  # a kind only the other measured
+    other.move_error = 0.007
+    kept.absorb_errors(other)
+    np.testing.assert_allclose(kept.way_errors[MAGNITUDES], [0.005, 0.003])
+    assert not kept.follow[MAGNITUDES] and kept.step_errors[MAGNITUDES] == 0.003
+    assert kept.follow[REVERSALS] and kept.step_errors[REVERSALS] == 0.004
+    assert np.isnan(kept.step_errors[OTHER_SECTOR]) and kept.move_error == 0.007

@@ -325,13 +325,18 @@ def test_a_member_held_in_a_local_minimum_descends_from_new_driving_moments(dps,
         members.held[1], members.drive = own.copy(), drive_before  # member 1's state at the frame before
         members.certificates.pop(1, None)
         at_driving = [calc.energy_model(atoms, [dp]).evaluate(driving[None], gradient=True) for dp in dps]
-        return members.states(atoms, np.array([e[0] for e, _ in at_driving]),
-                              np.array([g[0] for _, g in at_driving]))[1]
+        state = members.states(atoms, np.array([e[0] for e, _ in at_driving]),
+                               np.array([g[0] for _, g in at_driving]))[1]
+        assert members.certificates[1].holds_for(members.held[1]) and np.array_equal(members.held[1], state)
+        return state
 
     assert member_model.evaluate(local[None])[0][0] < member_model.evaluate(driving[None])[0][0]
-    np.testing.assert_array_equal(member_state(driving, drive_before=None), up)  # the first frame
+    np.testing.assert_array_equal(member_state(driving, drive_before=None), up)  # from the driving moments alone
     np.testing.assert_array_equal(member_state(local, drive_before=None), up)  # new driving moments
     np.testing.assert_array_equal(member_state(local, drive_before=driving), local)  # the same as before
+    higher = np.array([1.0, -1.0, 1.0, -1.0])  # no minimum: above the driving moments for member 1
+    assert member_model.evaluate(higher[None])[0][0] > member_model.evaluate(driving[None])[0][0]
+    np.testing.assert_array_equal(member_state(higher, drive_before=driving), up)  # the same, but lower
 
 
 def test_symmetrized_calculator_is_exactly_reversal_symmetric(dps):

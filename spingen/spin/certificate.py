@@ -236,6 +236,15 @@ class GroundStateCertificate:
         self.gaps[indices], self.minus_grads[indices], self.ages[indices] = gaps, minus_grad, 0
         self.slack[indices] = 0.0
 
+    def absorb_errors(self, other: GroundStateCertificate) -> None:
+        """Keep the larger of each prediction error measured here and by `other`, a certificate of another
+        state under the same model along the same geometries (errors measured once are not forgotten)."""
+        self.way_errors = np.fmax(self.way_errors, other.way_errors)
+        self.follow = ~(self.way_errors[:, 1] < self.way_errors[:, 0])
+        self.step_errors = np.where(self.follow, self.way_errors[:, 0], self.way_errors[:, 1])
+        errors = [e for e in (self.move_error, other.move_error) if e is not None]
+        self.move_error = max(errors) if errors else None
+
     def set_reference(self, moments: np.ndarray, energy: float, minus_grad: np.ndarray,
                       competitors: np.ndarray, competitor_energies: np.ndarray) -> None:
         """A new S0 with every competitor evaluated at this geometry (the measured error is kept; the old S0's

@@ -132,10 +132,11 @@ class MemberStates:
     none when the start is certified. A member for which one is lower moves to it and goes on downhill,
     its new competitors taking the gaps the old ones carry over (``GroundStateCertificate.move_to``).
     It also descends from the driving moments, checking every competitor there, where those are new
-    since the frame before or lower for it than its own state (at its first frame that is the only
-    descent): a member's own state can sit in a local minimum of its landscape while the driving
-    moments lead to a lower one. The lower end of the two is its state. Not the driving model where the
-    calculator re-optimized its moments at this geometry: they are its own.
+    since the last frame whose states were computed or not above its own state for it (the only descent
+    at its first frame, or where its state is the driving one): a member's own state can sit in a local
+    minimum of its landscape while the driving moments lead to a lower one. The lower end of the two is
+    its state (its own on a tie), and its certificate keeps the errors both descents measured. Not the
+    driving model where the calculator re-optimized its moments at this geometry: they are its own.
     """
 
     def __init__(self, calc) -> None:
@@ -145,7 +146,7 @@ class MemberStates:
         self.seen: list[dict[bytes, float]] = []
         self.held: dict[int, np.ndarray] = {}  # member -> its ground state at the last frame
         self.certificates: dict[int, Any] = {}  # member -> GroundStateCertificate of its held state
-        self.drive: np.ndarray | None = None  # the driving moments at the last frame
+        self.drive: np.ndarray | None = None  # the driving moments at the last `states`
 
     def states(self, atoms, energies: np.ndarray, minus_grads: np.ndarray) -> np.ndarray:
         """(members x magnetic ions) ground states at this geometry; energies (M,) and -dE/dS (M, n_magnetic)
@@ -157,7 +158,8 @@ class MemberStates:
         self.seen = [{} for _ in calc.models]  # per member: configuration -> energy evaluated at this geometry
         held = calc.drive if calc.drive != "mean" and calc.lowest_here else None
         drive = np.asarray(calc.moments, dtype=float)
-        drive_moved = self.drive is None or not np.array_equal(drive, self.drive)
+        drive_moved = self.drive is None or not (np.array_equal(drive, self.drive) or (  # S and -S: one state
+            calc.levels.fix_global_sign and np.array_equal(drive, -self.drive)))
         found = []
         for k in range(len(calc.models)):
             if k == held:  # its own: what it certified of the frames before no longer speaks of them
@@ -185,29 +187,32 @@ class MemberStates:
 
     def _member_state(self, k: int, energy: float, minus_grad: np.ndarray, drive_moved: bool) -> np.ndarray:
         """Member k's state here: the lower end of the descents from its own state and from the driving
-        moments (energy and -dE/dS there under member k)."""
+        moments (energy and -dE/dS there under member k); NaN where neither ends finite."""
         calc = self.calc
         drive = np.asarray(calc.moments, dtype=float)
         own = self.held.pop(k, None)
         cert = self.certificates.pop(k, None) or calc.new_certificate()
-        if calc.certify is None:  # no certificate asked for: every competitor of the start, every frame
+        if calc.certify is None:  # no certificate asked for: every competitor of every start, every frame
             cert.release()
-        ends = []  # (energy, state, certificate) at the end of each descent
-        if own is not None and not np.array_equal(own, drive):
+        if own is None or np.array_equal(own, drive):
+            ends = [self._descend(k, cert, drive, energy, minus_grad)]
+        else:
             own_energy, own_grad = self.models[k].evaluate(own[None], gradient=True)
-            from_drive = drive_moved or energy < own_energy[0] - SAME_ENERGY
+            from_drive = drive_moved or not own_energy[0] < energy - SAME_ENERGY
             drive_cert = copy.deepcopy(cert) if from_drive else None  # its measured errors, not its state
-            ends.append(self._descend(k, cert, own, float(own_energy[0]), own_grad[0]))
+            ends = [self._descend(k, cert, own, float(own_energy[0]), own_grad[0])]
             if drive_cert is not None:
                 drive_cert.release()
                 ends.append(self._descend(k, drive_cert, drive, energy, minus_grad))
-        else:
-            ends.append(self._descend(k, cert, drive, energy, minus_grad))
-        if not all(np.isfinite(end[0]) for end in ends):
+        ends = [end for end in ends if np.isfinite(end[0])]
+        if not ends:
             return np.full(len(drive), np.nan)
-        _, state, self.certificates[k] = min(ends, key=lambda end: end[0])
-        self.held[k] = state
-        return state
+        kept = ends[-1] if len(ends) == 2 and ends[1][0] < ends[0][0] - SAME_ENERGY else ends[0]
+        for end in ends:
+            if end is not kept:
+                kept[2].absorb_errors(end[2])
+        _, self.held[k], self.certificates[k] = kept
+        return kept[1]
 
     def _descend(self, k: int, cert, start: np.ndarray, energy: float, minus_grad: np.ndarray) -> tuple:
         """(energy, state, cert) at the end of member k's certified descent from start (energy, -dE/dS
