@@ -721,6 +721,8 @@ def test_an_unconverged_gpaw_scf_runs_once_more_with_retry_maxiter(tmp_path):
     assert not stage.labeler.retry(task)  # converged: never again
     stage.post(ctx)
     assert load_system(stage.path(ctx) / "data.000").get_nframes() == 1
+    entry, = json.loads((stage.path(ctx) / "labels.json").read_text())
+    assert entry["ok"] and entry["earlier_attempts"] == [first["reason"]]
 
 
 @needs_gpaw

@@ -96,6 +96,10 @@ class Labeler(ABC):
         first attempt's outputs; True if it will run again (a code without retries: never)."""
         return False
 
+    def earlier_attempts(self, task_dir: Path) -> list[str]:
+        """Why each earlier run of a retried task stopped (its first attempt's reason, ...); none retried: []."""
+        return []
+
     def unfinished_reason(self, task_dir: Path) -> str:
         """Why a task that has run is not finished (the reason reported for its excluded frame)."""
         return "not finished: no result after the run"

@@ -112,6 +112,17 @@ class GpawLabeler(Labeler):
                 (task_dir / name).replace(task_dir / kept)
         return True
 
+    def earlier_attempts(self, task_dir: Path) -> list[str]:
+        """The reasons of the result.maxiterN.json files `retry` kept, fewest iterations first."""
+        kept = sorted(Path(task_dir).glob("result.maxiter*.json"), key=lambda p: int(re.sub(r"\D", "", p.name) or 0))
+        reasons = []
+        for path in kept:
+            try:
+                reasons.append(str(json.loads(path.read_text()).get("reason")))
+            except (OSError, json.JSONDecodeError):
+                reasons.append(f"unreadable {path.name}")
+        return reasons
+
     def read_result(self, task_dir: Path) -> LabelResult:
         path = Path(task_dir) / RESULT_FILE
         try:

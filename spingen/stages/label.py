@@ -9,7 +9,8 @@ run: dispatches only the tasks the labeler does not see finished (its result fil
 finished tasks are never recomputed, whatever changed in machine.json.
 post: reads every task; converged frames whose moments are within fp_moment_tolerance of the
 allowed levels are appended (atomically, without duplicates) to `02.fp/data.SSS` with their raw
-DFT moments; `02.fp/labels.json` lists every task's outcome. More failures than ratio_failed
+DFT moments; `02.fp/labels.json` lists every task's outcome (and why earlier runs of a retried one
+stopped). More failures than ratio_failed
 stop the run with one message naming each failed task and its reason.
 """
 
@@ -272,6 +273,9 @@ class LabelStage(Stage):
             system = int(task.split(".")[1])
             entry = {"task": task, "system": system, "state": int(atoms.info.get("state", 0)), "ok": result.ok,
                      "reason": result.reason}
+            earlier = self.labeler.earlier_attempts(path / task)
+            if earlier:
+                entry["earlier_attempts"] = earlier
             if result.ok:
                 converged.setdefault(system, []).append((atoms, result))
                 entry.update(energy=result.energy, moments=np.round(result.moments, 3).tolist(),
