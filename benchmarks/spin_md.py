@@ -368,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
             "magnitudes": magnitudes["Ni"], "n_configurations": MomentLevels(magnitudes, symbols).n_configurations,
             "temperature": args.temperature}
     # a block of its own per temperature and cell
-    suffix = ("" if default_cell else f", {atoms.get_chemical_formula()}") + \
+    suffix = ("" if default_cell else f", {'x'.join(map(str, args.repeat))}") + \
         ("" if args.temperature == 900.0 else f", {args.temperature:.0f} K")
     blocks = []
     if not args.no_frames:
@@ -377,8 +377,12 @@ def main(argv: list[str] | None = None) -> int:
         blocks.insert(0, (DOC_BEGIN.replace(") -->", f"{suffix}) -->"), render(info, results, truth)))
     for begin, text in blocks:
         print(text)
-        if not args.no_doc:
+        if args.no_doc:
+            continue
+        if begin in DOC.read_text():
             write_results(DOC, begin, DOC_END, text)
+        else:
+            print(f"(not written: {DOC} has no marker {begin!r}; add it with {DOC_END!r} where the block goes)")
     return 0
 
 

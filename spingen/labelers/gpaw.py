@@ -118,9 +118,10 @@ class GpawLabeler(Labeler):
         reasons = []
         for path in kept:
             try:
-                reasons.append(str(json.loads(path.read_text()).get("reason")))
-            except (OSError, json.JSONDecodeError):
-                reasons.append(f"unreadable {path.name}")
+                data = json.loads(path.read_text())
+            except (OSError, ValueError):
+                data = None
+            reasons.append(str(data.get("reason")) if isinstance(data, dict) else f"unreadable {path.name}")
         return reasons
 
     def read_result(self, task_dir: Path) -> LabelResult:

@@ -158,8 +158,7 @@ class MemberStates:
         self.seen = [{} for _ in calc.models]  # per member: configuration -> energy evaluated at this geometry
         held = calc.drive if calc.drive != "mean" and calc.lowest_here else None
         drive = np.asarray(calc.moments, dtype=float)
-        drive_moved = self.drive is None or not (np.array_equal(drive, self.drive) or (  # S and -S: one state
-            calc.levels.fix_global_sign and np.array_equal(drive, -self.drive)))
+        drive_moved = self.drive is None or not self._same_state(drive, self.drive)
         found = []
         for k in range(len(calc.models)):
             if k == held:  # its own: what it certified of the frames before no longer speaks of them
@@ -194,7 +193,7 @@ class MemberStates:
         cert = self.certificates.pop(k, None) or calc.new_certificate()
         if calc.certify is None:  # no certificate asked for: every competitor of every start, every frame
             cert.release()
-        if own is None or np.array_equal(own, drive):
+        if own is None or self._same_state(own, drive):
             ends = [self._descend(k, cert, drive, energy, minus_grad)]
         else:
             own_energy, own_grad = self.models[k].evaluate(own[None], gradient=True)
@@ -204,15 +203,22 @@ class MemberStates:
             if drive_cert is not None:
                 drive_cert.release()
                 ends.append(self._descend(k, drive_cert, drive, energy, minus_grad))
-        ends = [end for end in ends if np.isfinite(end[0])]
-        if not ends:
-            return np.full(len(drive), np.nan)
-        kept = ends[-1] if len(ends) == 2 and ends[1][0] < ends[0][0] - SAME_ENERGY else ends[0]
-        for end in ends:
+        finite = [end for end in ends if np.isfinite(end[0])]
+        kept = (finite[-1] if len(finite) == 2 and finite[1][0] < finite[0][0] - SAME_ENERGY else finite[0]) \
+            if finite else ends[0]
+        for end in ends:  # the errors measured on the way are kept, whichever end counts
             if end is not kept:
                 kept[2].absorb_errors(end[2])
-        _, self.held[k], self.certificates[k] = kept
+        self.certificates[k] = kept[2]
+        if not finite:
+            kept[2].release()
+            return np.full(len(drive), np.nan)
+        self.held[k] = kept[1]
         return kept[1]
+
+    def _same_state(self, a: np.ndarray, b: np.ndarray) -> bool:
+        """Whether moments a and b are one state (S and -S are under a fixed global sign)."""
+        return np.array_equal(a, b) or (self.calc.levels.fix_global_sign and np.array_equal(a, -b))
 
     def _descend(self, k: int, cert, start: np.ndarray, energy: float, minus_grad: np.ndarray) -> tuple:
         """(energy, state, cert) at the end of member k's certified descent from start (energy, -dE/dS
