@@ -165,7 +165,7 @@ class MemberStates:
                 self.held[k] = drive
                 self.certificates.pop(k, None)
             found.append(self.held[k] if k == held else
-                         self._member_state(k, energies[k], minus_grads[k], drive_moved))
+                         self._member_state(k, drive, energies[k], minus_grads[k], drive_moved))
         self.drive = drive
         for model in self.models:
             calc.keep_fast_verdicts(model)
@@ -184,11 +184,11 @@ class MemberStates:
             seen.update(zip([keys[i] for i in new], self.models[k].evaluate(configurations[new])[0]))
         return np.array([seen[key] for key in keys], dtype=float)
 
-    def _member_state(self, k: int, energy: float, minus_grad: np.ndarray, drive_moved: bool) -> np.ndarray:
+    def _member_state(self, k: int, drive: np.ndarray, energy: float, minus_grad: np.ndarray,
+                      drive_moved: bool) -> np.ndarray:
         """Member k's state here: the lower end of the descents from its own state and from the driving
-        moments (energy and -dE/dS there under member k); NaN where neither ends finite."""
+        moments `drive` (energy and -dE/dS there under member k); NaN where neither ends finite."""
         calc = self.calc
-        drive = np.asarray(calc.moments, dtype=float)
         own = self.held.pop(k, None)
         cert = self.certificates.pop(k, None) or calc.new_certificate()
         if calc.certify is None:  # no certificate asked for: every competitor of every start, every frame
@@ -204,8 +204,9 @@ class MemberStates:
                 drive_cert.release()
                 ends.append(self._descend(k, drive_cert, drive, energy, minus_grad))
         finite = [end for end in ends if np.isfinite(end[0])]
-        kept = (finite[-1] if len(finite) == 2 and finite[1][0] < finite[0][0] - SAME_ENERGY else finite[0]) \
-            if finite else ends[0]
+        kept = finite[0] if finite else ends[0]
+        if len(finite) == 2 and finite[1][0] < finite[0][0] - SAME_ENERGY:  # the own end on a tie
+            kept = finite[1]
         for end in ends:  # the errors measured on the way are kept, whichever end counts
             if end is not kept:
                 kept[2].absorb_errors(end[2])
