@@ -283,6 +283,12 @@ def param_arginfo() -> Argument:
         Argument("training_reuse_start_lr", [None, float], optional=True, default=None,
                  doc="With training_init_model, the start learning rate of a model that starts from its "
                      "predecessor; default: default_training_param's start_lr (DP-GEN's key)."),
+        Argument("training_init_data_ratio", [None, float], optional=True, default=None,
+                 doc="Share of training batches drawn from the initial data (init_data_sys and init_data_gen's "
+                     "data), the rest from the labels of the loop's iterations; e.g. 0.5 when a few large-cell "
+                     "labels would otherwise be drowned by many small initial frames. null: deepmd-kit's default, "
+                     "each system in proportion to its frames. Sets training_data/auto_prob of every model "
+                     "(iteration 1 on; DP-GEN's training_reuse_old_ratio splits by iteration instead)."),
         Argument("default_training_param", dict, optional=False,
                  doc="deepmd-kit input.json (PyTorch backend); spingen fills type_map, spin, loss type, "
                      "data systems and seeds."),
@@ -431,6 +437,7 @@ class TrainSettings:
     init_model: bool = False  # training_init_model
     reuse_numb_steps: int | None = None  # training_reuse_numb_steps
     reuse_start_lr: float | None = None  # training_reuse_start_lr
+    init_data_ratio: float | None = None  # training_init_data_ratio
 
     def reused_training_param(self) -> Mapping[str, Any]:
         """default_training_param for a model that starts from its predecessor (training_reuse_*)."""
@@ -744,8 +751,17 @@ def _train_settings(raw: Mapping[str, Any], path: Path) -> TrainSettings:
     if (steps is not None or start_lr is not None) and not raw["training_init_model"]:
         raise InputError(f"{path}: keys 'training_reuse_numb_steps'/'training_reuse_start_lr' apply to a model "
                          "that starts from its predecessor: set training_init_model true or remove them")
+    ratio = raw["training_init_data_ratio"]
+    if ratio is not None and not 0 < ratio < 1:
+        raise InputError(f"{path}: key 'training_init_data_ratio': expected a share between 0 and 1 (exclusive), "
+                         f"got {ratio}")
+    training_data = (raw["default_training_param"].get("training") or {}).get("training_data") or {}
+    chosen = [k for k in ("auto_prob", "auto_prob_style", "sys_probs") if training_data.get(k) is not None]
+    if ratio is not None and chosen:
+        raise InputError(f"{path}: keys 'training_init_data_ratio' and 'default_training_param/training/"
+                         f"training_data/{chosen[0]}' both set how often each system is drawn: keep one")
     return TrainSettings(raw["numb_models"], _freeze(raw["default_training_param"]), raw["training_init_model"],
-                         steps, start_lr)
+                         steps, start_lr, ratio)
 
 
 def _mass_map(mass_map: list | str, type_map: tuple[str, ...], path: Path) -> tuple[float, ...]:

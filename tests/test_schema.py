@@ -68,6 +68,8 @@ PARAM_CASES = [
     ("no model", "numb_models", 0, "key 'numb_models': expected at least 2 models, got 0"),
     ("reuse steps without init model", "training_reuse_numb_steps", 500, "keys 'training_reuse_numb_steps'/"
      "'training_reuse_start_lr' apply to a model that starts from its predecessor: set training_init_model true"),
+    ("init data ratio of 1", "training_init_data_ratio", 1.0, "key 'training_init_data_ratio': expected a share "
+     "between 0 and 1 (exclusive), got 1.0"),
     ("no reuse steps", "training_reuse_numb_steps", 0, "key 'training_reuse_numb_steps': expected at least 1 "
      "training step, got 0"),
     ("skip beyond every frame", "model_devi_skip", 20, "key 'model_devi_skip' (20): model_devi_jobs[0] writes its last "

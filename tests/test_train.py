@@ -38,6 +38,31 @@ def test_training_input_pristine_model():
     assert not any("fm" in key for key in inp["loss"])
 
 
+def test_training_init_data_ratio_sets_how_often_deepmd_draws_the_initial_data(tmp_path):
+    from deepmd.utils.data_system import prob_sys_size_ext
+
+    from spingen.loop import StageContext
+    from spingen.schema import load_machine, load_param
+    from spingen.stages.train import TrainStage
+
+    param_path, machine_path = write_inputs(tmp_path, make_param(tmp_path, training_init_data_ratio=0.4))
+    fp_dir = tmp_path / "iter.000000" / "02.fp"
+    for index, frames in enumerate((2, 6)):
+        write_spin_system(fp_dir / f"data.{index:03d}", n_frames=frames, seed=index + 1)
+    stage = TrainStage(load_param(param_path), load_machine(machine_path).train)
+    for iteration in (0, 1):
+        (tmp_path / f"iter.{iteration:06d}").mkdir(exist_ok=True)
+        stage.make(StageContext(tmp_path, iteration))
+    inputs = [json.loads((tmp_path / f"iter.{i:06d}" / "00.train" / "000" / "input.json").read_text())
+              for i in (0, 1)]
+    assert "auto_prob" not in inputs[0]["training"]["training_data"], "iteration 0 trains on the initial data alone"
+    data = inputs[1]["training"]["training_data"]
+    assert len(data["systems"]) == 3
+    # deepmd-kit's own reading of the string: 40 % to the initial system, 60 % split 2:6 by frames
+    probabilities = prob_sys_size_ext(data["auto_prob"], 3, np.array([12, 2, 6]))
+    np.testing.assert_allclose(probabilities, [0.4, 0.15, 0.45])
+
+
 def test_flip_augmentation_adds_reversed_twins(tmp_path):
     from spingen.data.npy import load_system
 

@@ -61,6 +61,7 @@ class TrainStage(Stage):
         log.info("training data: %d systems, %d frames %s", len(written), frames,
                  symmetry[self.param.spin.flip_symmetry] if self.param.spin.enabled else "(no spin)")
         data_dirs = [f"../data/{name}" for name, _, _ in written]
+        probabilities = self.system_probabilities(ctx, len(written))
         for index in range(self.param.train.numb_models):
             task = path / f"{index:03d}"
             task.mkdir()
@@ -68,12 +69,25 @@ class TrainStage(Stage):
             reused = self.param.train.init_model and ctx.iteration > 0
             settings = self.param.train.reused_training_param() if reused else self.param.train.training_param
             inp = training_input(settings, self.param.type_map, self.param.spin, data_dirs, seed)
+            if probabilities:
+                inp["training"]["training_data"]["auto_prob"] = probabilities
             (task / "input.json").write_text(json.dumps(inp, indent=2))
             if reused:
                 previous = ctx.previous()[-1].iter_dir / self.dirname / task.name / MODEL_FILE
                 shutil.copyfile(previous, task / INIT_MODEL_FILE)
             if self.param.spin.enabled:
                 self.param.spin.encoding.save(task / SIDECAR)
+
+    def system_probabilities(self, ctx: StageContext, n_systems: int) -> str | None:
+        """deepmd-kit's auto_prob giving the initial data training_init_data_ratio of the batches (systems
+        within each part in proportion to their frames); None where the ratio is unset or a part is empty."""
+        ratio = self.param.train.init_data_ratio
+        n_init = len(layout.training_systems(ctx.workdir, self.param.init_data_sys, 0)) if ratio is not None else 0
+        if not 0 < n_init < n_systems:
+            return None
+        log.info("training data: the %d initial system(s) drawn for %.0f %% of the batches, the %d labeled "
+                 "system(s) for the rest (training_init_data_ratio)", n_init, 100 * ratio, n_systems - n_init)
+        return f"prob_sys_size; 0:{n_init}:{ratio:g}; {n_init}:{n_systems}:{1 - ratio:g}"
 
     def training_systems(self, ctx: StageContext) -> list[Path]:
         """init_data_sys, the data made in WORKDIR/init and every set labeled by earlier iterations."""
