@@ -285,10 +285,12 @@ def param_arginfo() -> Argument:
                      "predecessor; default: default_training_param's start_lr (DP-GEN's key)."),
         Argument("training_init_data_ratio", [None, float], optional=True, default=None,
                  doc="Share of training batches drawn from the initial data (init_data_sys and init_data_gen's "
-                     "data), the rest from the labels of the loop's iterations; e.g. 0.5 when a few large-cell "
-                     "labels would otherwise be drowned by many small initial frames. null: deepmd-kit's default, "
-                     "each system in proportion to its frames. Sets training_data/auto_prob of every model "
-                     "(iteration 1 on; DP-GEN's training_reuse_old_ratio splits by iteration instead)."),
+                     "data), the rest from the labels of the loop's iterations; e.g. 0.5 when a few labels of a "
+                     "supercell would otherwise be drowned by many initial frames of a small cell. null: "
+                     "deepmd-kit's default, each system in proportion to its number of batches (frames / "
+                     "batch_size). Sets training_data/auto_prob (and validation_data's) of every model from the "
+                     "first iteration with labels on (DP-GEN's training_reuse_old_ratio splits by iteration "
+                     "instead)."),
         Argument("default_training_param", dict, optional=False,
                  doc="deepmd-kit input.json (PyTorch backend); spingen fills type_map, spin, loss type, "
                      "data systems and seeds."),
@@ -760,6 +762,12 @@ def _train_settings(raw: Mapping[str, Any], path: Path) -> TrainSettings:
     if ratio is not None and chosen:
         raise InputError(f"{path}: keys 'training_init_data_ratio' and 'default_training_param/training/"
                          f"training_data/{chosen[0]}' both set how often each system is drawn: keep one")
+    batch_size = training_data.get("batch_size")
+    if ratio is not None and (training_data.get("rglob_patterns") or
+                              (isinstance(batch_size, str) and batch_size.startswith("filter:"))):
+        raise InputError(f"{path}: key 'training_init_data_ratio' needs every system the train stage lists to be "
+                         "trained on, in that order: remove 'default_training_param/training/training_data/"
+                         "rglob_patterns' or the \"filter:\" batch_size, which drop or add systems")
     return TrainSettings(raw["numb_models"], _freeze(raw["default_training_param"]), raw["training_init_model"],
                          steps, start_lr, ratio)
 

@@ -118,6 +118,19 @@ def test_bad_param(tmp_path, capsys, key, value, message):
     assert_refused(capsys, tmp_path, ["run", str(param_path), str(machine_path)], message, param_path)
 
 
+@pytest.mark.parametrize("key,value,message", [
+    ("auto_prob", "prob_uniform", "keys 'training_init_data_ratio' and 'default_training_param/training/training_data/"
+     "auto_prob' both set how often each system is drawn: keep one"),
+    ("batch_size", "filter:20", "key 'training_init_data_ratio' needs every system the train stage lists to be trained "
+     "on, in that order"),
+])
+def test_the_init_data_ratio_refuses_what_would_draw_other_systems(tmp_path, capsys, key, value, message):
+    param = make_param(tmp_path, training_init_data_ratio=0.5)
+    param["default_training_param"]["training"]["training_data"][key] = value
+    param_path, machine_path = write_inputs(tmp_path, param)
+    assert_refused(capsys, tmp_path, ["run", str(param_path), str(machine_path)], message, param_path)
+
+
 def poscar_with(path: Path, species: str, counts: str) -> Path:
     """A VASP 5 POSCAR of 8 atoms (written as Li Ni O, 2 2 4) whose species and counts lines are replaced."""
     write_poscar(path)

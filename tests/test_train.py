@@ -39,28 +39,32 @@ def test_training_input_pristine_model():
 
 
 def test_training_init_data_ratio_sets_how_often_deepmd_draws_the_initial_data(tmp_path):
-    from deepmd.utils.data_system import prob_sys_size_ext
+    from deepmd.pt.utils.dataloader import DpLoaderSet, get_sampler_from_params
 
     from spingen.loop import StageContext
     from spingen.schema import load_machine, load_param
     from spingen.stages.train import TrainStage
 
     param_path, machine_path = write_inputs(tmp_path, make_param(tmp_path, training_init_data_ratio=0.4))
-    fp_dir = tmp_path / "iter.000000" / "02.fp"
-    for index, frames in enumerate((2, 6)):
-        write_spin_system(fp_dir / f"data.{index:03d}", n_frames=frames, seed=index + 1)
+    # initial data: init_data_sys (12 frames) and what init_data_gen labeled in WORKDIR/init (4 frames)
+    write_spin_system(tmp_path / "init" / "iter.000000" / "02.fp" / "data.000", n_frames=4, seed=5)
+    for index, frames in enumerate((2, 6)):  # iteration 0's labels
+        write_spin_system(tmp_path / "iter.000000" / "02.fp" / f"data.{index:03d}", n_frames=frames, seed=index + 1)
     stage = TrainStage(load_param(param_path), load_machine(machine_path).train)
     for iteration in (0, 1):
         (tmp_path / f"iter.{iteration:06d}").mkdir(exist_ok=True)
         stage.make(StageContext(tmp_path, iteration))
-    inputs = [json.loads((tmp_path / f"iter.{i:06d}" / "00.train" / "000" / "input.json").read_text())
-              for i in (0, 1)]
+    task = tmp_path / "iter.000001" / "00.train" / "000"
+    inputs = [json.loads((tmp_path / f"iter.{i:06d}" / "00.train" / "000" / "input.json").read_text()) for i in (0, 1)]
     assert "auto_prob" not in inputs[0]["training"]["training_data"], "iteration 0 trains on the initial data alone"
-    data = inputs[1]["training"]["training_data"]
-    assert len(data["systems"]) == 3
-    # deepmd-kit's own reading of the string: 40 % to the initial system, 60 % split 2:6 by frames
-    probabilities = prob_sys_size_ext(data["auto_prob"], 3, np.array([12, 2, 6]))
-    np.testing.assert_allclose(probabilities, [0.4, 0.15, 0.45])
+    training = inputs[1]["training"]
+    assert training["validation_data"]["auto_prob"] == training["training_data"]["auto_prob"]
+    # deepmd-kit's own loader and sampler on the systems as written: 40 % to the 12 + 4 initial frames
+    systems = [str((task / d).resolve()) for d in training["training_data"]["systems"]]
+    loaders = DpLoaderSet(systems, 1, ["Li", "Ni", "O"], shuffle=False)
+    assert [len(loader) for loader in loaders.dataloaders] == [12, 4, 2, 6]
+    weights = get_sampler_from_params(loaders, training["training_data"]).weights.numpy()
+    np.testing.assert_allclose(weights, [0.3, 0.1, 0.15, 0.45])
 
 
 def test_flip_augmentation_adds_reversed_twins(tmp_path):

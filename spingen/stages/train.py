@@ -70,7 +70,8 @@ class TrainStage(Stage):
             settings = self.param.train.reused_training_param() if reused else self.param.train.training_param
             inp = training_input(settings, self.param.type_map, self.param.spin, data_dirs, seed)
             if probabilities:
-                inp["training"]["training_data"]["auto_prob"] = probabilities
+                for part in ("training_data", "validation_data"):
+                    inp["training"][part]["auto_prob"] = probabilities
             (task / "input.json").write_text(json.dumps(inp, indent=2))
             if reused:
                 previous = ctx.previous()[-1].iter_dir / self.dirname / task.name / MODEL_FILE
@@ -80,7 +81,7 @@ class TrainStage(Stage):
 
     def system_probabilities(self, ctx: StageContext, n_systems: int) -> str | None:
         """deepmd-kit's auto_prob giving the initial data training_init_data_ratio of the batches (systems
-        within each part in proportion to their frames); None where the ratio is unset or a part is empty."""
+        within each part in proportion to their batches); None where the ratio is unset or a part is empty."""
         ratio = self.param.train.init_data_ratio
         n_init = len(layout.training_systems(ctx.workdir, self.param.init_data_sys, 0)) if ratio is not None else 0
         if not 0 < n_init < n_systems:
