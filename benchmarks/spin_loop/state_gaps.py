@@ -1,0 +1,46 @@
+"""Per kind of spin state on the held-out judge: the ensemble's gap error and its members' spread.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/spin_loop/state_gaps.py MODEL.pth [MODEL.pth ...]
+
+Each judge geometry holds its states in one order (FM low spin, in-plane AFM, one Ni layer reversed,
+a reversed nearest pair; make_judge.py). For each state kind it prints, over the 8 geometries, the
+ensemble's gap to FM minus DFT's (mean and RMS, meV/atom) and the standard deviation of that gap over
+the members (how far the ensemble's disagreement could point at the error).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from spingen.model_errors import Ensemble, geometry_groups, load_for
+
+JUDGE = Path(__file__).resolve().parent / "judge" / "data"
+KINDS = ("FM", "in-plane AFM", "layer reversed", "reversed pair")
+
+
+def main(models: list[str]) -> int:
+    members = [Ensemble([m]) for m in models]
+    system, symbols, atypes, moments = load_for(members[0], JUDGE)
+    coords, cells = system.data["coords"], system.data["cells"]
+    per_atom = 1000 / len(symbols)
+    energies = np.array([m.energy_forces(coords, cells, atypes, symbols, moments)[0] for m in members]) * per_atom
+    dft = system.data["energies"] * per_atom
+    groups = geometry_groups(coords, cells)
+    frames = np.array([np.flatnonzero(groups == g) for g in np.unique(groups)])  # (geometries, states)
+    model_gaps = energies[:, frames] - energies[:, frames[:, :1]]  # (members, geometries, states)
+    errors = model_gaps.mean(axis=0) - (dft[frames] - dft[frames[:, :1]])
+    spread = model_gaps.std(axis=0)
+    print(f"{'state':<16} {'gap error mean':>15} {'gap error rms':>14} {'members spread':>15}  (meV/atom)")
+    for k, kind in enumerate(KINDS[:frames.shape[1]]):
+        print(f"{kind:<16} {errors[:, k].mean():>15.1f} {np.sqrt(np.mean(errors[:, k] ** 2)):>14.1f} "
+              f"{spread[:, k].mean():>15.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        raise SystemExit(__doc__)
+    raise SystemExit(main(sys.argv[1:]))
