@@ -754,22 +754,27 @@ def _train_settings(raw: Mapping[str, Any], path: Path) -> TrainSettings:
         raise InputError(f"{path}: keys 'training_reuse_numb_steps'/'training_reuse_start_lr' apply to a model "
                          "that starts from its predecessor: set training_init_model true or remove them")
     ratio = raw["training_init_data_ratio"]
-    if ratio is not None and not 0 < ratio < 1:
+    if ratio is not None:
+        _check_init_data_ratio(ratio, raw["default_training_param"], path)
+    return TrainSettings(raw["numb_models"], _freeze(raw["default_training_param"]), raw["training_init_model"],
+                         steps, start_lr, ratio)
+
+
+def _check_init_data_ratio(ratio: float, training_param: Mapping[str, Any], path: Path) -> None:
+    """training_init_data_ratio is a share, and nothing else in training_data draws or drops systems."""
+    if not 0 < ratio < 1:
         raise InputError(f"{path}: key 'training_init_data_ratio': expected a share between 0 and 1 (exclusive), "
                          f"got {ratio}")
-    training_data = (raw["default_training_param"].get("training") or {}).get("training_data") or {}
+    training_data = (training_param.get("training") or {}).get("training_data") or {}
     chosen = [k for k in ("auto_prob", "auto_prob_style", "sys_probs") if training_data.get(k) is not None]
-    if ratio is not None and chosen:
+    if chosen:
         raise InputError(f"{path}: keys 'training_init_data_ratio' and 'default_training_param/training/"
                          f"training_data/{chosen[0]}' both set how often each system is drawn: keep one")
     batch_size = training_data.get("batch_size")
-    if ratio is not None and (training_data.get("rglob_patterns") or
-                              (isinstance(batch_size, str) and batch_size.startswith("filter:"))):
+    if training_data.get("rglob_patterns") or (isinstance(batch_size, str) and batch_size.startswith("filter:")):
         raise InputError(f"{path}: key 'training_init_data_ratio' needs every system the train stage lists to be "
                          "trained on, in that order: remove 'default_training_param/training/training_data/"
                          "rglob_patterns' or the \"filter:\" batch_size, which drop or add systems")
-    return TrainSettings(raw["numb_models"], _freeze(raw["default_training_param"]), raw["training_init_model"],
-                         steps, start_lr, ratio)
 
 
 def _mass_map(mass_map: list | str, type_map: tuple[str, ...], path: Path) -> tuple[float, ...]:
