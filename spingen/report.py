@@ -270,7 +270,7 @@ def format_status(status: Status) -> str:
               "(* on the training set: no validation data)",
               "(spin) %: candidates only because the models disagree on the ground-state moments (force "
               "deviation below the lower trust level)",
-              "(states): labels in a state other than the predicted ground state (fp_spin_init states/members)",
+              "(states): labels in a state other than the predicted ground state (fp_spin_init states/members/sectors)",
               "ranked, gap: training geometries labeled in several spin states on which the ensemble's lowest "
               "state is DFT's (k/n), and its state gap RMSE there, meV/atom",
               "new E/F: the ensemble's RMSE on the iteration's new labels before training on them, meV/atom / "

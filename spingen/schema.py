@@ -35,7 +35,7 @@ _CERTIFICATE = CertificateSettings()  # the certificate's defaults, documented a
 MACHINE_SECTIONS = ("train", "model_devi", "fp")
 FP_STYLES = ("gpaw", "vasp")
 MODEL_DEVI_DRIVERS = {"first": 0, "mean": "mean"}  # model_devi_driver -> the MD calculator's drive
-SPIN_INIT_STRATEGIES = ("predicted", "random", "states", "members")
+SPIN_INIT_STRATEGIES = ("predicted", "random", "states", "members", "sectors")
 FLIP_SYMMETRIES = ("augment", "canonical", "none")
 MD_ENSEMBLES = ("nvt", "nvt-langevin", "nvt-berendsen", "nvt-nose-hoover", "npt", "npt-berendsen")
 DPGEN_FORMATS = {"vasp/poscar": "vasp", "vasp/contcar": "vasp"}  # DP-GEN's (dpdata's) names of ASE formats
@@ -177,11 +177,23 @@ def _fp_variant() -> Variant:
                              "the predicted ground state and one for each other ground state a member model "
                              "found on its own (where the spin disagreement was computed): the states the "
                              "ensemble disputes, labeled so that DFT settles them (an undisputed frame is "
-                             "labeled as in `predicted`). In `states` and disputed `members` frames each task "
+                             "labeled as in `predicted`). `sectors`: one task for the predicted ground state "
+                             "and one for the driving model's lowest state in each of up to fp_spin_sectors "
+                             "total-moment sectors around it (windows of twice the mean |moment| wide: k ions "
+                             "reversed, e.g. half the ions for in-plane or layer AFM; searched by the explore "
+                             "stage for each picked candidate): the orderings far from the ground state that MD "
+                             "never visits, so that the models learn their gaps; docs/benchmarks/"
+                             "spin_loop.md. In `states`, `sectors` and disputed `members` frames each task "
                              "starts from its state's moments with a fixed total moment (VASP "
                              "NUPDOWN, GPAW fixmagmom): the sum of the state's moments, each element's sum "
                              "scaled by the ratio of DFT total to summed ion moments fitted on the run's "
                              "earlier labels (1 before any), rounded to an integer.")
+    sectors = Argument("fp_spin_sectors", int, optional=True, default=4,
+                       doc="fp_spin_init \"sectors\": most total-moment sectors labeled per candidate beside "
+                           "its ground state; where a cell has more, this many spread evenly from the nearest "
+                           "to the farthest. Each costs one spin search per candidate in the explore stage's "
+                           "post (in the main process: about a minute per sector for 8 Ni and 4 models of "
+                           "32 atoms on one CPU core) and one DFT task.")
     tolerance = Argument("fp_moment_tolerance", float, optional=True, default=0.5,
                          doc="Largest distance (uB) of a labeled magnetic moment from the nearest allowed "
                              "magnitude of spin/moments; a frame with a moment farther away is excluded and "
@@ -202,7 +214,7 @@ def _fp_variant() -> Variant:
         Argument("fp_kpoints", [list, type(None)], optional=True, default=None,
                  doc="A Gamma-centred k-mesh [k1, k2, k3] written as KPOINTS for every task (instead of "
                      "fp_kspacing)."),
-        ldau, spin_init, tolerance,
+        ldau, spin_init, sectors, tolerance,
     ]
     gpaw = [
         Argument("fp_gpaw", dict, optional=True, default={},
@@ -244,7 +256,7 @@ def _fp_variant() -> Variant:
                               doc="fp_spin_init \"random\": largest |initial moment| (uB) drawn per "
                                   "magnetic ion."),
                  ]),
-        ldau, spin_init, tolerance,
+        ldau, spin_init, sectors, tolerance,
     ]
     return Variant("fp_style", [
         Argument("vasp", dict, vasp, doc="VASP on HPC (POSCAR/INCAR/KPOINTS/POTCAR per task)."),
@@ -1046,6 +1058,7 @@ class ExploreSettings:
     task_min: int
     jobs: tuple[ExploreJob, ...]  # model_devi_jobs, one per iteration
     certify: Mapping[str, Any] | None = None  # CertificateSettings fields; None: search at every re-optimizing step
+    sectors: int = 0  # total-moment sectors searched per picked candidate (fp_spin_init "sectors"); 0: none
 
 
 def explore_settings(param: Param) -> ExploreSettings:
@@ -1078,6 +1091,10 @@ def explore_settings(param: Param) -> ExploreSettings:
         raise InputError(f"{where} 'fp_task_max'/'fp_task_max_total'/'fp_task_min': expected fp_task_max >= 1, "
                          f"fp_task_max_total null or >= 1, fp_task_min >= 0; got {raw['fp_task_max']}, {total}, "
                          f"{raw['fp_task_min']}")
+    sectors = int(raw["fp_spin_sectors"]) if raw["fp_spin_init"] == "sectors" else 0
+    if raw["fp_spin_init"] == "sectors" and sectors < 1:
+        raise InputError(f"{where} 'fp_spin_sectors': expected at least 1 sector with fp_spin_init \"sectors\", "
+                         f"got {raw['fp_spin_sectors']}")
     search_arg = param_arginfo().sub_fields["model_devi_spin_search"]
     search = search_arg.normalize_value(thaw(raw["model_devi_spin_search"]), trim_pattern="_*")
     search = {key: value for key, value in search.items() if value is not None}  # None: the search's default
@@ -1120,7 +1137,7 @@ def explore_settings(param: Param) -> ExploreSettings:
             trj_freq=int(job["trj_freq"]), taut_ps=float(job["taut"]), taup_ps=float(job["taup"]),
             spin_opt_freq=int(job["spin_opt_freq"]), spin_devi_freq=int(job["spin_devi_freq"]))
             for job in param.model_devi_jobs),
-        certify=certify if enabled else None)
+        certify=certify if enabled else None, sectors=sectors)
 
 
 def label_settings(param: Param) -> LabelSettings:

@@ -16,7 +16,7 @@ import pytest
 from conftest import BIN, lini_frames, make_machine, make_param, tiny_training_param, write_inputs, write_spin_system
 
 from spingen.schema import MD_ENSEMBLES, SpinSettings
-from spingen.stages.explore import classify, read_model_devi, sample_candidates
+from spingen.stages.explore import classify, read_model_devi, sample_candidates, write_candidates
 from spingen.tasks.explore import DEVI_COLUMNS, SPIN_NOT_COMPUTED, ExploreTaskSettings
 
 TYPE_MAP = ["Li", "Ni", "O"]
@@ -484,6 +484,34 @@ def test_nvt_task_deviations_equal_an_independent_recomputation(tmp_path, model_
     assert {name: (task / name).read_bytes() for name in outputs} == outputs
 
 
+def test_candidates_get_the_lowest_state_of_each_sector_under_the_driving_model(tmp_path, model_paths, dps):
+    import ase.io
+
+    from spingen.spin import MomentLevels
+    from spingen.spin.search import sector_totals
+    from spingen.tasks.explore import run
+
+    task = write_task(tmp_path / "task.000.000000", model_paths, nsteps=2)
+    assert run(task, models=dps) == 0
+    rows = read_model_devi(task / "model_devi.out")
+    out = tmp_path / "candidates.000.extxyz"
+    write_candidates(tmp_path, out, [(task.name, int(row[0]), row) for row in rows], sectors=2)
+    frames = ase.io.read(out, index=":")
+    assert len(frames) == 2
+    for frame in frames:
+        ni = frame.symbols == "Ni"
+        ground = frame.get_initial_magnetic_moments()
+        levels = MomentLevels({"Ni": (1.0, 3.0)}, list(frame.symbols))
+        totals, width = sector_totals(levels, ground[ni], 2)
+        sectors = frame.arrays["sector_magmoms"].reshape(len(frame), -1)  # one column reads back 1-D
+        assert sectors.shape == (len(frame), len(totals)) and len(totals) >= 1
+        assert np.all(sectors[~ni] == 0) and set(np.abs(sectors[ni]).ravel()) <= {1.0, 3.0}
+        np.testing.assert_array_less(np.abs(sectors[ni].sum(axis=0) - totals), width)  # each in its own sector
+        e_sector = predict(dps[:1], [frame] * sectors.shape[1], sectors.T)[0][0]
+        e_ground = predict(dps[:1], [frame], ground[None])[0][0, 0]
+        assert np.all(e_sector >= e_ground - 1e-6)  # model 0 drives: its ground state is below every sector's
+
+
 class NaNAfter:
     """A DeepPot whose eval returns NaN energies and forces after `calls` calls."""
 
@@ -663,6 +691,7 @@ def test_stage_runs_through_dpdispatcher_and_resumes_after_a_kill(tmp_path, mode
     ({"model_devi_spin_certify": {"max_age": 0}}, "model_devi_spin_certify"),
     ({"model_devi_jobs": [{"sys_idx": [0], "temps": [300], "nsteps": 10, "ensemble": "npt"}]}, "press"),
     ({"model_devi_jobs": [{"sys_idx": [0], "temps": [300], "nsteps": 10, "trj_freq": 0}]}, "trj_freq"),
+    ({"fp_spin_init": "sectors", "fp_spin_sectors": 0}, "fp_spin_sectors"),
 ])
 def test_explore_settings_name_the_bad_key(tmp_path, change, key):
     from spingen.schema import InputError, explore_settings, load_param

@@ -28,6 +28,7 @@ from spingen.schema import (
     LabelSettings,
     MachineSection,
     VaspSettings,
+    explore_settings,
     label_settings,
     load_machine,
     load_param,
@@ -138,6 +139,28 @@ def test_vasp_inputs_follow_poscar_species_order(tmp_path):
     frame = mixed_frame()
     order = [2, 6, 1, 8, 3, 5, 0, 4, 7, 9]
     np.testing.assert_allclose(written.positions, frame.positions[order], atol=1e-8)
+
+
+def test_sectors_label_each_searched_sector_at_its_own_fixed_total(tmp_path):
+    param = load_param(vasp_param(tmp_path, "sectors", fp_spin_sectors=2))
+    assert explore_settings(param).sectors == 2
+    stage = LabelStage(param, local_machine("vasp_std", tmp_path))
+    predicted = [0, 1, 0, 0, 0, 3, 0, 0, 1, 0]  # Ni +1 +1, Mn 3: total 5
+    one_down = [0, 1, 0, 0, 0, 3, 0, 0, -1, 0]
+    mn_down = [0, 1, 0, 0, 0, -3, 0, 0, 1, 0]
+    frame = candidate(mixed_frame(), predicted, excited=np.array([one_down]).T)  # not labeled under sectors
+    frame.arrays["sector_magmoms"] = np.array([mn_down, one_down]).T
+    write_candidates(tmp_path, 0, [frame])
+    ctx = make_stage(tmp_path, stage)
+    tasks = sorted(stage.path(ctx).glob("task.*"))
+    assert [incar_of(t)["NUPDOWN"] for t in tasks] == ["5", "-1", "3"]
+    assert [incar_of(t)["MAGMOM"] for t in tasks] == ["2*0 2*1 0 3 4*0", "2*0 2*1 0 -3 4*0", "2*0 1 -1 0 3 4*0"]
+    # without sectors searched (an older candidate file), the frame is labeled in its predicted state alone
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    write_candidates(plain, 0, [candidate(mixed_frame(), predicted)])
+    ctx = make_stage(plain, LabelStage(param, local_machine("vasp_std", plain)))
+    assert len(list(stage.path(ctx).glob("task.*"))) == 1
 
 
 def test_total_moment_rule_fitted_on_earlier_labels():

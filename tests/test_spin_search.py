@@ -16,6 +16,7 @@ from spingen.spin import (
     search_ground_state,
     triangular_layers,
 )
+from spingen.spin.search import sector_ground_states, sector_totals
 
 SYMBOLS8 = ["Ni", "Co", "Mn", "Ni", "Co", "Mn", "Ni", "Co"]
 MAGS8 = {"Ni": [1, 3], "Co": [1, 4], "Mn": [3, 4]}  # 4 signed states per ion
@@ -325,3 +326,35 @@ def test_settings_are_checked():
         SearchSettings(explore=1.5)
     with pytest.raises(ValueError, match="magnetic ions"):
         search_ground_state(model, MomentLevels(MAGS8, SYMBOLS8[:7]))
+
+
+@pytest.mark.parametrize("enumerate_limit", [0, 10**6])
+def test_sector_ground_states_are_the_lowest_of_each_total_moment_window(enumerate_limit):
+    pos, cell = triangular_layers(2, 2, 2)
+    symbols = ["Ni"] * 8
+    model = AnalyticSpinModel(pos, cell, symbols, {"Ni": {1.671: 0.0, 1.86: 0.01}},
+                              [Exchange(-0.02, 0.5), Exchange(0.01, 1.5, r_ref=5.0, cutoff=7.0)])
+    levels = MomentLevels({"Ni": [1.671, 1.86]}, symbols)
+    ground = search_ground_state(model, levels, seed=0).best_moments  # in-plane AFM, total 0
+    totals, width = sector_totals(levels, ground, max_sectors=4)
+    assert width == pytest.approx(1.671)
+    np.testing.assert_allclose(totals, 2 * 1.671 * np.arange(1, 5))  # 1..4 ions of the minority turned up
+    states = sector_ground_states(model, levels, ground, max_sectors=4, enumerate_limit=enumerate_limit)
+    assert len(states) == 4
+    for (moments, energy), total in zip(states, totals):
+        window = levels.within_total(total, 0.999 * width)
+        assert abs(moments.sum() - total) <= width  # in its sector, not the ground state's
+        assert energy == pytest.approx(brute_force(model, window), abs=1e-9)
+        assert energy == pytest.approx(model.evaluate(moments[None])[0][0], abs=1e-12)
+    assert np.allclose(np.abs(states[-1][0]), np.abs(states[-1][0][0]))  # the farthest sector: all parallel
+
+
+def test_sector_totals_keep_the_nearest_and_farthest_and_skip_a_zero_ground_state():
+    levels = MomentLevels({"Ni": [2.0]}, ["Ni"] * 12)
+    ferro = np.full(12, 2.0)
+    totals, width = sector_totals(levels, ferro, max_sectors=3)
+    np.testing.assert_allclose(totals, [0.0, 12.0, 20.0])  # of 20, 16, 12, 8, 4, 0: nearest, middle, farthest
+    assert width == 2.0
+    assert sector_totals(levels, ferro, max_sectors=0)[0].size == 0
+    zero = MomentLevels({"Ni": [0.0, 2.0]}, ["Ni"] * 4)
+    assert sector_totals(zero, np.zeros(4), max_sectors=4)[0].size == 0

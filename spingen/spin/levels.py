@@ -92,6 +92,12 @@ class MomentLevels:
             raise ValueError(
                 f"no configuration reaches the total moment {self.total_moment} +- {self.total_tolerance}")
 
+    def within_total(self, total_moment: float, total_tolerance: float) -> MomentLevels:
+        """The same ions and signs restricted to the total-moment window total_moment +- total_tolerance."""
+        return MomentLevels(self.magnitudes, self.symbols, total_moment=total_moment,
+                            total_tolerance=total_tolerance, fixed_signs=self.fixed_signs,
+                            fix_global_sign=self.fix_global_sign)
+
     def __repr__(self) -> str:
         return (f"MomentLevels(n_magnetic={self.n_magnetic}, n_configurations={self.n_configurations}, "
                 f"total_moment={self.total_moment}, fix_global_sign={self.fix_global_sign})")

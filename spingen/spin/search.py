@@ -117,6 +117,52 @@ def search_ground_state(model: EnergyModel, levels: MomentLevels, *, start: np.n
     return SearchResult(lowest[0][0], lowest[0][1], evals.count, lowest, "genetic", generations, surrogate)
 
 
+def sector_totals(levels: MomentLevels, ground: np.ndarray, max_sectors: int) -> tuple[np.ndarray, float]:
+    """The total moments of the sectors around `ground` and their half-width.
+
+    A sector is a window of total moment 2 m wide, m the mean |moment| of ground's nonzero ions, centred on
+    |sum(ground)| + 2 k m (k != 0: reversing k more, or fewer, ions of ground's magnitudes), from 0 to the
+    largest total the levels reach. Where there are more than max_sectors, max_sectors of them spread
+    evenly from the nearest to the farthest are kept. No sectors where ground has no nonzero moment.
+    """
+    ground = np.asarray(ground, dtype=float)
+    nonzero = np.abs(ground[ground != 0])
+    if nonzero.size == 0 or max_sectors < 1:
+        return np.empty(0), 0.0
+    width = float(nonzero.mean())
+    largest = float(sum(np.abs(v).max() for v in levels.values))
+    own = abs(float(ground.sum()))
+    steps = np.arange(-levels.n_magnetic, levels.n_magnetic + 1)
+    totals = own + 2 * width * steps[steps != 0]
+    totals = totals[(totals >= -1e-9) & (totals <= largest + 1e-9)]
+    totals = totals[np.argsort(np.abs(totals - own), kind="stable")]
+    if totals.size > max_sectors:
+        totals = totals[np.unique(np.round(np.linspace(0, totals.size - 1, max_sectors)).astype(int))]
+    return np.sort(totals), width
+
+
+def sector_ground_states(model: EnergyModel, levels: MomentLevels, ground: np.ndarray, *, max_sectors: int = 4,
+                         seed: int = 0, settings: SearchSettings | None = None,
+                         **overrides) -> list[tuple[np.ndarray, float]]:
+    """The lowest configuration (moments, energy) of each total-moment sector around `ground` (``sector_totals``).
+
+    What a DFT run with the total moment fixed to that sector's (VASP NUPDOWN, GPAW fixmagmom) relaxes to,
+    as the model sees it: orderings far from the ground state (half the ions reversed, whole layers) that MD
+    never visits, where a model trained near its ground state is least constrained. One search per sector
+    (``search_ground_state`` within the window); sectors the levels cannot reach are left out.
+    """
+    totals, width = sector_totals(levels, ground, max_sectors)
+    states = []
+    for k, total in enumerate(totals):
+        try:
+            window = levels.within_total(float(total), 0.999 * width)
+        except ValueError:  # no configuration reaches this window
+            continue
+        result = search_ground_state(model, window, seed=seed + k, settings=settings, **overrides)
+        states.append((np.asarray(result.best_moments, dtype=float), float(result.best_energy)))
+    return states
+
+
 def _enumerate(model: EnergyModel, levels: MomentLevels, n_lowest: int, chunk_size: int) -> SearchResult:
     best_rows = np.empty((0, levels.n_magnetic), dtype=np.int8)
     best_e = np.empty(0)

@@ -16,7 +16,8 @@ recorded seed, at most fp_task_max per system and fp_task_max_total in all, none
 with fewer than fp_task_min. Writes `candidates.SSS.extxyz` for the label stage (each frame:
 cell/pbc/positions/symbols, arrays `initial_magmoms` (predicted ground state, uB, 0 on
 non-magnetic atoms) and, when the search found them, `excited_magmoms` (natoms, k) and
-`member_magmoms` (natoms, members: each member's own ground state); info `task`,
+`member_magmoms` (natoms, members: each member's own ground state), with fp_spin_init "sectors"
+`sector_magmoms` (natoms, k: the lowest state of each total-moment sector); info `task`,
 `step`, `max_devi_f`, plus `max_devi_v`, `devi_e`, `spin_disagree`, `spin_devi_e`), DP-GEN's
 `candidate/rest_accurate/rest_failed.shuffled.SSS.out` lists and `selection.json` (counts).
 """
@@ -27,6 +28,7 @@ import json
 import logging
 import math
 import os
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -56,6 +58,7 @@ from spingen.tasks.explore import (
     TASK_FILE,
     TRAJ_FILE,
     ExploreTaskSettings,
+    sector_states,
 )
 
 log = logging.getLogger("spingen")
@@ -261,7 +264,7 @@ class ExploreStage(Stage):
                      len(selected[system]))
             self._write_lists(path, system, classified[system], seed)
             if selected[system]:
-                write_candidates(path, path / CANDIDATES_FILE.format(system), selected[system])
+                write_candidates(path, path / CANDIDATES_FILE.format(system), selected[system], s.sectors)
             report["systems"][f"{system:03d}"] = {**count, "total": total, "selected": len(selected[system])}
         n_selected = sum(len(v) for v in selected.values())
         report["selected"] = n_selected
@@ -349,8 +352,11 @@ def sample_candidates(candidates: Mapping[int, Sequence[T]], task_max: int, task
     return capped
 
 
-def write_candidates(stage_dir: Path, out: Path, picks: Sequence[tuple[str, int, np.ndarray]]) -> None:
-    """The label stage's input: the picked frames of the trajectories, with moments and deviations."""
+def write_candidates(stage_dir: Path, out: Path, picks: Sequence[tuple[str, int, np.ndarray]],
+                     sectors: int = 0) -> None:
+    """The label stage's input: the picked frames of the trajectories, with moments and deviations; with
+    sectors > 0 also `sector_magmoms`, each frame's lowest state in up to that many total-moment sectors
+    under its task's driving model (``spingen.tasks.explore.sector_states``)."""
     import ase.io
     from ase import Atoms
 
@@ -359,6 +365,7 @@ def write_candidates(stage_dir: Path, out: Path, picks: Sequence[tuple[str, int,
     for task, step, row in sorted(picks, key=lambda p: (p[0], p[1])):
         by_task.setdefault(task, []).append((step, row))
     for task, items in by_task.items():
+        first = len(frames)
         traj = {int(a.info["step"]): a for a in ase.io.read(stage_dir / task / TRAJ_FILE, index=":", format="extxyz")}
         for step, row in items:
             if step not in traj:
@@ -367,7 +374,7 @@ def write_candidates(stage_dir: Path, out: Path, picks: Sequence[tuple[str, int,
             frame = Atoms(source.get_chemical_symbols(), positions=source.positions, cell=source.cell,
                           pbc=source.pbc)
             frame.set_initial_magnetic_moments(source.get_initial_magnetic_moments())
-            for key in ("excited_magmoms", "member_magmoms"):
+            for key in ("excited_magmoms", "member_magmoms", "sector_magmoms"):
                 if key in source.arrays:
                     frame.arrays[key] = np.asarray(source.arrays[key], dtype=float).reshape(len(source), -1)
             frame.info.update(task=task, step=int(step), max_devi_f=float(row[_COL["max_devi_f"]]),
@@ -375,5 +382,12 @@ def write_candidates(stage_dir: Path, out: Path, picks: Sequence[tuple[str, int,
                               spin_disagree=float(row[_COL["spin_disagree"]]),
                               spin_devi_e=float(row[_COL["spin_devi_e"]]))
             frames.append(frame)
+        if sectors:
+            began = time.perf_counter()
+            for frame, states in zip(frames[first:], sector_states(stage_dir / task, frames[first:], sectors)):
+                if states.shape[1]:
+                    frame.arrays["sector_magmoms"] = states
+            log.info("model_devi: %s: sector states of %d candidate(s) searched in %.1f s", task,
+                     len(frames) - first, time.perf_counter() - began)
     ase.io.write(out, frames, format="extxyz")
 

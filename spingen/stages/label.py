@@ -99,15 +99,17 @@ class TotalMomentRule:
 
 
 PLAIN_TOTALS = TotalMomentRule({})  # the rounded sum of the moments
+STATE_COLUMNS = {"states": "excited_magmoms", "members": "member_magmoms", "sectors": "sector_magmoms"}
 
 
 def spin_starts(atoms, strategy: str, totals: TotalMomentRule = PLAIN_TOTALS) -> list[SpinStart]:
     """The DFT runs of one candidate under fp_spin_init `strategy`.
 
     states: the predicted ground state and each distinct excited state of the ensemble's search
-    (`excited_magmoms`); members: the predicted ground state and each member model's own ground
-    state (`member_magmoms`, written where the spin disagreement was computed; a frame the members
-    agree on is labeled as under `predicted`, total free). Columns with NaN,
+    (`excited_magmoms`); sectors: the predicted ground state and the lowest state of each total-moment
+    sector the explore task searched (`sector_magmoms`); members: the predicted ground state and each
+    member model's own ground state (`member_magmoms`, written where the spin disagreement was computed;
+    a frame the members agree on is labeled as under `predicted`, total free). Columns with NaN,
     repeats and globally reversed repeats are skipped; each state gets the fixed total
     `totals.total(symbols, moments)`.
     """
@@ -119,7 +121,7 @@ def spin_starts(atoms, strategy: str, totals: TotalMomentRule = PLAIN_TOTALS) ->
     if strategy == "predicted":
         return as_predicted
     states = [predicted]
-    others = atoms.arrays.get("excited_magmoms" if strategy == "states" else "member_magmoms")
+    others = atoms.arrays.get(STATE_COLUMNS[strategy])
     if others is not None:
         others = np.asarray(others, dtype=float).reshape(len(atoms), -1)
         for column in others.T:
@@ -197,7 +199,7 @@ class LabelStage(Stage):
         path = self.path(ctx)
         n_frames = n_tasks = 0
         totals = PLAIN_TOTALS
-        if self.settings.spin_init in ("states", "members"):
+        if self.settings.spin_init in STATE_COLUMNS:
             totals = TotalMomentRule.fit(earlier_label_entries(ctx.workdir), self.settings.magnetic)
             log.info("fp: fixed total moment of each state = round(sum of moments, %s)", totals.describe())
         for file in sorted((ctx.iter_dir / self.candidates_dir).glob(CANDIDATES_GLOB)):

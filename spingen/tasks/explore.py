@@ -354,20 +354,46 @@ def run(task_dir: str | Path, models: Sequence[Any] | None = None) -> int:
         return _run_locked(task_dir, models)
 
 
+def task_calculator(task_dir: Path, settings: ExploreTaskSettings, models: Sequence[Any] | None = None,
+                    spin_opt_freq: int | None = None):
+    """The task's spin-minimized calculator (``SpinModelCalculator``) with task.json's models and settings;
+    `models` (loaded DeepPot objects) replaces the paths, spin_opt_freq the task's."""
+    from spingen.md import SpinModelCalculator
+
+    return SpinModelCalculator(list(models) if models is not None else [task_dir / m for m in settings.models],
+                               settings.magnitudes, encoding=settings.encoding, drive=settings.drive,
+                               spin_opt_freq=settings.spin_opt_freq if spin_opt_freq is None else spin_opt_freq,
+                               search=settings.spin_search, certify=settings.certify, seed=settings.seed,
+                               symmetrize=settings.symmetrize)
+
+
+def sector_states(task_dir: Path, frames: Sequence[Any], max_sectors: int,
+                  models: Sequence[Any] | None = None) -> list[np.ndarray]:
+    """For each frame of the task (a candidate, its moments in initial_magmoms): the lowest state of each of up
+    to max_sectors total-moment sectors around those moments under the task's driving model(s), columns
+    (natoms, k) (``SpinModelCalculator.sector_magmoms``)."""
+    settings = ExploreTaskSettings.load(task_dir / TASK_FILE)
+    calc = task_calculator(task_dir, settings, models, spin_opt_freq=0)  # the frame's moments, no search
+    states = []
+    for frame in frames:
+        atoms = frame.copy()
+        atoms.calc = calc
+        atoms.get_potential_energy()
+        states.append(calc.sector_magmoms(atoms, max_sectors))
+    return states
+
+
 def _run_locked(task_dir: Path, models: Sequence[Any] | None) -> int:
     import ase.io
 
-    from spingen.md import NonFiniteError, SpinModelCalculator, run_md
+    from spingen.md import NonFiniteError, run_md
 
     settings = ExploreTaskSettings.load(task_dir / TASK_FILE)
     for name in (TRAJ_FILE, DEVI_FILE, FINISHED_TAG):
         (task_dir / name).unlink(missing_ok=True)
     atoms = ase.io.read(task_dir / CONF_FILE, format="extxyz")
     begin = time.perf_counter()
-    calc = SpinModelCalculator(list(models) if models is not None else [task_dir / m for m in settings.models],
-                               settings.magnitudes, encoding=settings.encoding, drive=settings.drive,
-                               spin_opt_freq=settings.spin_opt_freq, search=settings.spin_search,
-                               certify=settings.certify, seed=settings.seed, symmetrize=settings.symmetrize)
+    calc = task_calculator(task_dir, settings, models)
     writer = FrameWriter(task_dir, calc, settings.spin_devi_freq)
     status = "finished"
     try:
