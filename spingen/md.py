@@ -154,7 +154,7 @@ class SpinModelCalculator(Calculator):
         self.n_certified = self.n_references = self.n_reference_evaluations = self.n_descents = 0
         self._moved_from: np.ndarray | None = None  # -dE/dS at the moments a move left, until it is settled
         self._step_model = None  # the spin model of the geometry being re-optimized
-        self.timings = {"search": 0.0, "certify": 0.0, "evaluate": 0.0, "members": 0.0, "sectors": 0.0}
+        self.timings = {"search": 0.0, "certify": 0.0, "evaluate": 0.0, "members": 0.0}
 
     # -- schedule ----------------------------------------------------------------------------
     def begin_step(self, step: int, force_search: bool = False) -> None:
@@ -405,14 +405,16 @@ class SpinModelCalculator(Calculator):
         return np.array(states).T.reshape(len(self.symbols), len(states))
 
     def sector_magmoms(self, atoms, max_sectors: int) -> np.ndarray:
-        """The driving model's lowest state of each total-moment sector around the current moments
-        (``sector_ground_states``), as columns (natoms, k); k may be 0."""
-        began = time.perf_counter()
+        """The driving model's lowest state of each total-moment sector (``sector_ground_states``) around the
+        atoms' initial moments (snapped to the levels), as columns (natoms, k); k is 0 where those moments
+        are all 0. Sets the calculator to the atoms' structure and moments; evaluates no forces."""
+        self._set_structure(atoms)
+        if self.moments is None:
+            return np.zeros((len(atoms), 0))
         model = self.energy_model(atoms)
         states = sector_ground_states(model, self.levels, self.moments, max_sectors=max_sectors, seed=self.seed,
                                       **self.search_kwargs)
         self.keep_fast_verdicts(model)
-        self.timings["sectors"] += time.perf_counter() - began
         columns = [self.full_moments(m) for m, _ in states]
         return np.array(columns).T.reshape(len(self.symbols), len(columns))
 

@@ -488,8 +488,8 @@ def test_candidates_get_the_lowest_state_of_each_sector_under_the_driving_model(
     import ase.io
 
     from spingen.spin import MomentLevels
-    from spingen.spin.search import sector_totals
-    from spingen.tasks.explore import run
+    from spingen.spin.search import sector_windows
+    from spingen.tasks.explore import run, sector_states
 
     task = write_task(tmp_path / "task.000.000000", model_paths, nsteps=2)
     assert run(task, models=dps) == 0
@@ -497,19 +497,28 @@ def test_candidates_get_the_lowest_state_of_each_sector_under_the_driving_model(
     out = tmp_path / "candidates.000.extxyz"
     write_candidates(tmp_path, out, [(task.name, int(row[0]), row) for row in rows], sectors=2)
     frames = ase.io.read(out, index=":")
-    assert len(frames) == 2
-    for frame in frames:
+    assert len(frames) == 2 and len(list(task.glob("sectors.*.npy"))) == 2  # kept for a rerun of the post
+
+    def check(frame, sectors):
         ni = frame.symbols == "Ni"
-        ground = frame.get_initial_magnetic_moments()
-        levels = MomentLevels({"Ni": (1.0, 3.0)}, list(frame.symbols))
-        totals, width = sector_totals(levels, ground[ni], 2)
-        sectors = frame.arrays["sector_magmoms"].reshape(len(frame), -1)  # one column reads back 1-D
-        assert sectors.shape == (len(frame), len(totals)) and len(totals) >= 1
+        start = frame.get_initial_magnetic_moments()
+        windows = sector_windows(MomentLevels({"Ni": (1.0, 3.0)}, list(frame.symbols)), start[ni], 2)
+        assert sectors.shape == (len(frame), len(windows)) and len(windows) >= 1
         assert np.all(sectors[~ni] == 0) and set(np.abs(sectors[ni]).ravel()) <= {1.0, 3.0}
-        np.testing.assert_array_less(np.abs(sectors[ni].sum(axis=0) - totals), width)  # each in its own sector
-        e_sector = predict(dps[:1], [frame] * sectors.shape[1], sectors.T)[0][0]
-        e_ground = predict(dps[:1], [frame], ground[None])[0][0, 0]
-        assert np.all(e_sector >= e_ground - 1e-6)  # model 0 drives: its ground state is below every sector's
+        for (lo, hi), total in zip(windows, np.abs(sectors[ni].sum(axis=0))):
+            assert lo - 1e-9 <= total <= hi + 1e-9  # each in its own sector, none in the start's
+        return predict(dps[:1], [frame] * sectors.shape[1], sectors.T)[0][0], predict(dps[:1], [frame], start[None])[0][0, 0]
+
+    for frame in frames:
+        e_sectors, e_ground = check(frame, frame.arrays["sector_magmoms"].reshape(len(frame), -1))  # 1 column: 1-D
+        assert np.all(e_sectors >= e_ground - 1e-6)  # model 0 drives: its ground state is below every sector's
+    # the sectors are built around the frame's own moments, not a search's: a parallel start gets other sectors
+    parallel = frames[0].copy()
+    parallel.set_initial_magnetic_moments(np.where(parallel.symbols == "Ni", 3.0, 0.0))
+    parallel.info["step"] = 99
+    (states,) = sector_states(task, [parallel], 2, models=dps)
+    check(parallel, states)
+    assert not np.allclose(np.abs(states[parallel.symbols == "Ni"].sum(axis=0)), 6.0)
 
 
 class NaNAfter:

@@ -51,7 +51,7 @@ PARAM_CASES = [
     ("bad ensemble", "model_devi_jobs/0/ensemble", "nve-ish", "key 'model_devi_jobs[0]/ensemble': expected one of"),
     ("missing nsteps", "model_devi_jobs/0/nsteps", DELETE, "key `nsteps` is required"),
     ("bad fp_style", "fp_style", "cp2k", "fp_style"),
-    ("bad fp_spin_init", "fp_spin_init", "guess", "key 'fp_spin_init': expected one of ['predicted', 'random', 'states', 'members']"),
+    ("bad fp_spin_init", "fp_spin_init", "guess", "key 'fp_spin_init': expected one of ['predicted', 'random', 'states', 'members', 'sectors']"),
     ("fp_ldau for unknown element", "fp_ldau", {"Fe": {"L": 2, "U": 4}}, "key 'fp_ldau/Fe': 'Fe' is not in type_map"),
     ("mass_map length", "mass_map", [6.9, 58.7], "key 'mass_map': expected \"auto\" or 3 masses"),
     ("unknown element", "type_map", ["Li", "Ni", "O", "Xx"], "unknown element symbols ['Xx']"),

@@ -16,7 +16,7 @@ from spingen.spin import (
     search_ground_state,
     triangular_layers,
 )
-from spingen.spin.search import sector_ground_states, sector_totals
+from spingen.spin.search import sector_ground_states, sector_windows
 
 SYMBOLS8 = ["Ni", "Co", "Mn", "Ni", "Co", "Mn", "Ni", "Co"]
 MAGS8 = {"Ni": [1, 3], "Co": [1, 4], "Mn": [3, 4]}  # 4 signed states per ion
@@ -336,25 +336,33 @@ def test_sector_ground_states_are_the_lowest_of_each_total_moment_window(enumera
                               [Exchange(-0.02, 0.5), Exchange(0.01, 1.5, r_ref=5.0, cutoff=7.0)])
     levels = MomentLevels({"Ni": [1.671, 1.86]}, symbols)
     ground = search_ground_state(model, levels, seed=0).best_moments  # in-plane AFM, total 0
-    totals, width = sector_totals(levels, ground, max_sectors=4)
-    assert width == pytest.approx(1.671)
-    np.testing.assert_allclose(totals, 2 * 1.671 * np.arange(1, 5))  # 1..4 ions of the minority turned up
+    windows = sector_windows(levels, ground, max_sectors=4)
+    centres = 2 * 1.671 * np.arange(1, 5)  # 1..4 ions of the minority turned up
+    assert len(windows) == 4 and all(lo <= c + 1.671 and hi >= c - 1.671 for (lo, hi), c in zip(windows, centres))
     states = sector_ground_states(model, levels, ground, max_sectors=4, enumerate_limit=enumerate_limit)
     assert len(states) == 4
-    for (moments, energy), total in zip(states, totals):
-        window = levels.within_total(total, 0.999 * width)
-        assert abs(moments.sum() - total) <= width  # in its sector, not the ground state's
-        assert energy == pytest.approx(brute_force(model, window), abs=1e-9)
+    for (moments, energy), (lo, hi) in zip(states, windows):
+        window = levels.within_total((lo + hi) / 2, (hi - lo) / 2)
+        assert lo - 1e-9 <= moments.sum() <= hi + 1e-9  # in its sector, not the ground state's
+        assert energy == pytest.approx(brute_force(model, window), abs=1e-9)  # the whole window, brute force
         assert energy == pytest.approx(model.evaluate(moments[None])[0][0], abs=1e-12)
     assert np.allclose(np.abs(states[-1][0]), np.abs(states[-1][0][0]))  # the farthest sector: all parallel
 
 
-def test_sector_totals_keep_the_nearest_and_farthest_and_skip_a_zero_ground_state():
+def test_sector_windows_cover_every_reachable_total_and_keep_the_nearest_and_farthest():
     levels = MomentLevels({"Ni": [2.0]}, ["Ni"] * 12)
-    ferro = np.full(12, 2.0)
-    totals, width = sector_totals(levels, ferro, max_sectors=3)
-    np.testing.assert_allclose(totals, [0.0, 12.0, 20.0])  # of 20, 16, 12, 8, 4, 0: nearest, middle, farthest
-    assert width == 2.0
-    assert sector_totals(levels, ferro, max_sectors=0)[0].size == 0
-    zero = MomentLevels({"Ni": [0.0, 2.0]}, ["Ni"] * 4)
-    assert sector_totals(zero, np.zeros(4), max_sectors=4)[0].size == 0
+    ferro = np.full(12, 2.0)  # totals 24, 20, ..., 0: one bin each
+    assert sector_windows(levels, ferro, max_sectors=3) == [(0.0, 0.0), (12.0, 12.0), (20.0, 20.0)]
+    assert sector_windows(levels, ferro, max_sectors=0) == []
+    assert sector_windows(MomentLevels({"Ni": [0.0, 2.0]}, ["Ni"] * 4), np.zeros(4), 4) == []
+    # mixed magnitudes: Ni (1, 3) and Mn 3, ground total 1 (m = 5/3): every reachable total lies in a bin
+    mixed = MomentLevels({"Ni": [1.0, 3.0], "Mn": [3.0]}, ["Ni", "Ni", "Mn"])
+    ground = np.array([1.0, -1.0, 3.0])
+    windows = sector_windows(mixed, ground, max_sectors=10)
+    covered = [t for t in np.unique(np.abs(mixed.reachable_totals())) if any(lo <= t <= hi for lo, hi in windows)]
+    own_bin = [t for t in np.unique(np.abs(mixed.reachable_totals())) if abs(t - 3.0) < 5 / 3]
+    assert sorted(covered + own_bin) == sorted(np.unique(np.abs(mixed.reachable_totals())).tolist())
+    assert windows[-1][1] == 9.0  # all parallel at high spin
+    # pinned signs: no reversal symmetry, the totals keep their sign
+    pinned = MomentLevels({"Ni": [2.0]}, ["Ni"] * 4, fixed_signs={0: -1, 1: -1})
+    assert sector_windows(pinned, np.array([-2.0, -2.0, 2.0, 2.0]), 4) == [(-8.0, -8.0), (-4.0, -4.0)]  # of -8, -4, 0

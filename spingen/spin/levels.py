@@ -224,6 +224,10 @@ class MomentLevels:
                 total += c
         return total
 
+    def reachable_totals(self) -> np.ndarray:
+        """Every total moment an allowed configuration has (sorted, uB)."""
+        return self._suffix_sums(self.values)[0] * _SUM_GRID
+
     @cached_property
     def n_allowed(self) -> int:
         """Configurations within the levels and total window, both global signs counted."""

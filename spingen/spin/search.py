@@ -117,47 +117,44 @@ def search_ground_state(model: EnergyModel, levels: MomentLevels, *, start: np.n
     return SearchResult(lowest[0][0], lowest[0][1], evals.count, lowest, "genetic", generations, surrogate)
 
 
-def sector_totals(levels: MomentLevels, ground: np.ndarray, max_sectors: int) -> tuple[np.ndarray, float]:
-    """The total moments of the sectors around `ground` and their half-width.
+def sector_windows(levels: MomentLevels, ground: np.ndarray, max_sectors: int) -> list[tuple[float, float]]:
+    """The total-moment sectors around `ground` as windows (lowest, highest total), sorted.
 
-    A sector is a window of total moment 2 m wide, m the mean |moment| of ground's nonzero ions, centred on
-    |sum(ground)| + 2 k m (k != 0: reversing k more, or fewer, ions of ground's magnitudes), from 0 to the
-    largest total the levels reach. Where there are more than max_sectors, max_sectors of them spread
-    evenly from the nearest to the farthest are kept. No sectors where ground has no nonzero moment.
+    The totals the levels reach are binned into windows 2 m wide, m the mean |moment| of ground's nonzero
+    ions, centred on ground's total + 2 k m (k ions of ground's magnitudes reversed where the magnitudes
+    are equal); ground's own bin (k = 0) is left out, each other bin spans the totals it holds. With
+    fix_global_sign and no pinned signs, S and -S are one state: totals count by magnitude. Where there
+    are more than max_sectors bins, max_sectors of them are kept, spread evenly from the nearest to the
+    farthest. None where ground has no nonzero moment.
     """
     ground = np.asarray(ground, dtype=float)
     nonzero = np.abs(ground[ground != 0])
     if nonzero.size == 0 or max_sectors < 1:
-        return np.empty(0), 0.0
-    width = float(nonzero.mean())
-    largest = float(sum(np.abs(v).max() for v in levels.values))
-    own = abs(float(ground.sum()))
-    steps = np.arange(-levels.n_magnetic, levels.n_magnetic + 1)
-    totals = own + 2 * width * steps[steps != 0]
-    totals = totals[(totals >= -1e-9) & (totals <= largest + 1e-9)]
-    totals = totals[np.argsort(np.abs(totals - own), kind="stable")]
-    if totals.size > max_sectors:
-        totals = totals[np.unique(np.round(np.linspace(0, totals.size - 1, max_sectors)).astype(int))]
-    return np.sort(totals), width
+        return []
+    width = 2 * float(nonzero.mean())
+    totals, own = levels.reachable_totals(), float(ground.sum())
+    if levels.fix_global_sign and not levels.fixed_signs:
+        totals, own = np.unique(np.abs(totals)), abs(own)
+    bins = np.floor((totals - own) / width + 0.5).astype(int)
+    ks = sorted(set(bins.tolist()) - {0}, key=lambda k: (abs(k), k))
+    if len(ks) > max_sectors:
+        ks = [ks[i] for i in np.unique(np.round(np.linspace(0, len(ks) - 1, max_sectors)).astype(int))]
+    return sorted((float(totals[bins == k].min()), float(totals[bins == k].max())) for k in ks)
 
 
 def sector_ground_states(model: EnergyModel, levels: MomentLevels, ground: np.ndarray, *, max_sectors: int = 4,
                          seed: int = 0, settings: SearchSettings | None = None,
                          **overrides) -> list[tuple[np.ndarray, float]]:
-    """The lowest configuration (moments, energy) of each total-moment sector around `ground` (``sector_totals``).
+    """The lowest configuration (moments, energy) of each total-moment sector around `ground` (``sector_windows``).
 
     What a DFT run with the total moment fixed to that sector's (VASP NUPDOWN, GPAW fixmagmom) relaxes to,
     as the model sees it: orderings far from the ground state (half the ions reversed, whole layers) that MD
     never visits, where a model trained near its ground state is least constrained. One search per sector
-    (``search_ground_state`` within the window); sectors the levels cannot reach are left out.
+    (``search_ground_state`` within the window).
     """
-    totals, width = sector_totals(levels, ground, max_sectors)
     states = []
-    for k, total in enumerate(totals):
-        try:
-            window = levels.within_total(float(total), 0.999 * width)
-        except ValueError:  # no configuration reaches this window
-            continue
+    for k, (lowest, highest) in enumerate(sector_windows(levels, ground, max_sectors)):
+        window = levels.within_total((lowest + highest) / 2, (highest - lowest) / 2)
         result = search_ground_state(model, window, seed=seed + k, settings=settings, **overrides)
         states.append((np.asarray(result.best_moments, dtype=float), float(result.best_energy)))
     return states

@@ -374,7 +374,7 @@ def write_candidates(stage_dir: Path, out: Path, picks: Sequence[tuple[str, int,
             frame = Atoms(source.get_chemical_symbols(), positions=source.positions, cell=source.cell,
                           pbc=source.pbc)
             frame.set_initial_magnetic_moments(source.get_initial_magnetic_moments())
-            for key in ("excited_magmoms", "member_magmoms", "sector_magmoms"):
+            for key in ("excited_magmoms", "member_magmoms"):
                 if key in source.arrays:
                     frame.arrays[key] = np.asarray(source.arrays[key], dtype=float).reshape(len(source), -1)
             frame.info.update(task=task, step=int(step), max_devi_f=float(row[_COL["max_devi_f"]]),

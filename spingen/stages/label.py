@@ -107,9 +107,10 @@ def spin_starts(atoms, strategy: str, totals: TotalMomentRule = PLAIN_TOTALS) ->
 
     states: the predicted ground state and each distinct excited state of the ensemble's search
     (`excited_magmoms`); sectors: the predicted ground state and the lowest state of each total-moment
-    sector the explore task searched (`sector_magmoms`); members: the predicted ground state and each
-    member model's own ground state (`member_magmoms`, written where the spin disagreement was computed;
-    a frame the members agree on is labeled as under `predicted`, total free). Columns with NaN,
+    sector the explore stage searched (`sector_magmoms`; a frame without any is labeled as under
+    `predicted`, total free); members: the predicted ground state and each member model's own ground
+    state (`member_magmoms`, written where the spin disagreement was computed; a frame the members
+    agree on is labeled as under `predicted`, total free). Columns with NaN,
     repeats and globally reversed repeats are skipped; each state gets the fixed total
     `totals.total(symbols, moments)`.
     """
@@ -128,7 +129,7 @@ def spin_starts(atoms, strategy: str, totals: TotalMomentRule = PLAIN_TOTALS) ->
             if np.all(np.isfinite(column)) and not any(
                     np.allclose(column, s, atol=1e-6) or np.allclose(column, -s, atol=1e-6) for s in states):
                 states.append(column)
-    if strategy == "members" and len(states) == 1:  # no dispute: labeled as under `predicted`
+    if strategy in ("members", "sectors") and len(states) == 1:  # no dispute, no sector: as under `predicted`
         return as_predicted
     symbols = atoms.get_chemical_symbols()
     return [SpinStart(k, m, totals.total(symbols, m)) for k, m in enumerate(states)]

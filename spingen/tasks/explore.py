@@ -53,6 +53,7 @@ TASK_FILE = "task.json"
 CONF_FILE = "conf.extxyz"
 TRAJ_FILE = "traj.extxyz"
 FINISHED_TAG = "finished"
+SECTORS_FILE, SECTORS_GLOB = "sectors.{step:06d}.{sectors}.npy", "sectors.*.npy"  # sector_states of one frame
 DEVI_COLUMNS = ("step", "max_devi_v", "min_devi_v", "avg_devi_v", "max_devi_f", "min_devi_f", "avg_devi_f",
                 "devi_e", "spin_disagree", "spin_devi_e")
 SPIN_NOT_COMPUTED = -1.0
@@ -354,32 +355,37 @@ def run(task_dir: str | Path, models: Sequence[Any] | None = None) -> int:
         return _run_locked(task_dir, models)
 
 
-def task_calculator(task_dir: Path, settings: ExploreTaskSettings, models: Sequence[Any] | None = None,
-                    spin_opt_freq: int | None = None):
+def task_calculator(task_dir: Path, settings: ExploreTaskSettings, models: Sequence[Any] | None = None):
     """The task's spin-minimized calculator (``SpinModelCalculator``) with task.json's models and settings;
-    `models` (loaded DeepPot objects) replaces the paths, spin_opt_freq the task's."""
+    `models` (loaded DeepPot objects) replaces the paths."""
     from spingen.md import SpinModelCalculator
 
     return SpinModelCalculator(list(models) if models is not None else [task_dir / m for m in settings.models],
                                settings.magnitudes, encoding=settings.encoding, drive=settings.drive,
-                               spin_opt_freq=settings.spin_opt_freq if spin_opt_freq is None else spin_opt_freq,
-                               search=settings.spin_search, certify=settings.certify, seed=settings.seed,
-                               symmetrize=settings.symmetrize)
+                               spin_opt_freq=settings.spin_opt_freq, search=settings.spin_search,
+                               certify=settings.certify, seed=settings.seed, symmetrize=settings.symmetrize)
 
 
 def sector_states(task_dir: Path, frames: Sequence[Any], max_sectors: int,
                   models: Sequence[Any] | None = None) -> list[np.ndarray]:
-    """For each frame of the task (a candidate, its moments in initial_magmoms): the lowest state of each of up
-    to max_sectors total-moment sectors around those moments under the task's driving model(s), columns
-    (natoms, k) (``SpinModelCalculator.sector_magmoms``)."""
-    settings = ExploreTaskSettings.load(task_dir / TASK_FILE)
-    calc = task_calculator(task_dir, settings, models, spin_opt_freq=0)  # the frame's moments, no search
+    """For each frame of the task (a candidate: info `step`, its moments in initial_magmoms) the lowest state of
+    each of up to max_sectors total-moment sectors around those moments under the task's driving model(s),
+    columns (natoms, k) (``SpinModelCalculator.sector_magmoms``). Each frame's result is kept in the task
+    directory (`sectors.STEP.K.npy`), so that a post killed and rerun searches only what it had not."""
+    calc = None
     states = []
     for frame in frames:
-        atoms = frame.copy()
-        atoms.calc = calc
-        atoms.get_potential_energy()
-        states.append(calc.sector_magmoms(atoms, max_sectors))
+        cache = task_dir / SECTORS_FILE.format(step=int(frame.info["step"]), sectors=max_sectors)
+        if cache.is_file():
+            states.append(np.load(cache))
+            continue
+        if calc is None:
+            calc = task_calculator(task_dir, ExploreTaskSettings.load(task_dir / TASK_FILE), models)
+        columns = calc.sector_magmoms(frame, max_sectors)
+        partial = cache.with_suffix(".part.npy")
+        np.save(partial, columns)
+        partial.replace(cache)
+        states.append(columns)
     return states
 
 
@@ -391,6 +397,8 @@ def _run_locked(task_dir: Path, models: Sequence[Any] | None) -> int:
     settings = ExploreTaskSettings.load(task_dir / TASK_FILE)
     for name in (TRAJ_FILE, DEVI_FILE, FINISHED_TAG):
         (task_dir / name).unlink(missing_ok=True)
+    for stale in task_dir.glob(SECTORS_GLOB):  # sector states of an earlier trajectory
+        stale.unlink()
     atoms = ase.io.read(task_dir / CONF_FILE, format="extxyz")
     begin = time.perf_counter()
     calc = task_calculator(task_dir, settings, models)
