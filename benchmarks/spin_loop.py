@@ -48,6 +48,7 @@ DOC_BEGIN = "<!-- results:begin (written by benchmarks/spin_loop.py) -->"
 DOC_END = "<!-- results:end -->"
 LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) ")
 TARGET_GAP_RMSE = 3.0  # meV/atom
+SEARCH_SEEDS = 3  # cold searches per judge geometry: one seed missed the FM minimum of geometry 2 (docs)
 TARGET_WALL_H = 2.0
 
 
@@ -101,15 +102,17 @@ def judge_geometries():
 
 
 def search_minimum(dps: list, encoding, atoms, magnitudes: dict) -> np.ndarray:
-    """The ensemble's lowest-energy moments of every atom (spin search over the explore stage's levels);
-    dps: the loaded models, encoding: theirs (loaded and resolved once per iteration)."""
+    """The ensemble's lowest-energy moments of every atom (the lowest of SEARCH_SEEDS cold spin searches over
+    the explore stage's levels); dps: the loaded models, encoding: theirs (loaded and resolved once per
+    iteration)."""
     from spingen.deepmd_model import DeepmdSpinModel
     from spingen.spin import MomentLevels, search_ground_state
 
     symbols = atoms.get_chemical_symbols()
     levels = MomentLevels(magnitudes, symbols)
     model = DeepmdSpinModel(dps, atoms.positions, atoms.cell.array, symbols, encoding, levels.magnetic_indices)
-    result = search_ground_state(model, levels, seed=0, n_lowest=1)
+    result = min((search_ground_state(model, levels, seed=seed, n_lowest=1) for seed in range(SEARCH_SEEDS)),
+                 key=lambda r: r.best_energy)
     moments = np.zeros(len(atoms))
     moments[levels.magnetic_indices] = result.best_moments
     return moments
