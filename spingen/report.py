@@ -155,7 +155,7 @@ def ensemble_summary(errors) -> dict:
     """The ensemble's error on the iteration's new labels (before training on them) and spin agreement."""
     if not isinstance(errors, dict):
         return {"ensemble_frames": None, "ensemble_rmse_e_meV_atom": None, "ensemble_rmse_f_meV_A": None,
-                "spin_agree_pct": None, "states_kept_pct": None}
+                "spin_agree_pct": None, "states_kept_pct": None, "predicted_lowest": None, "candidates_in_states": None}
     spin = errors.get("spin_agreement")
     spin = spin if isinstance(spin, dict) else {}
     fraction = finite(spin.get("fraction"))
@@ -164,7 +164,8 @@ def ensemble_summary(errors) -> dict:
             "ensemble_rmse_f_meV_A": finite(errors.get("rmse_f")),
             "spin_agree_pct": 100.0 * fraction if fraction is not None else None,
             "states_kept_pct": 100.0 * kept / states if isinstance(states, int) and states and isinstance(kept, int)
-            else None}
+            else None,
+            "predicted_lowest": spin.get("predicted_lowest"), "candidates_in_states": spin.get("candidates_in_states")}
 
 
 def ranking_summary(ranking) -> dict:
@@ -239,7 +240,7 @@ def format_status(status: Status) -> str:
     names = sorted({m["model"] for row in status.rows for m in row["models"] or []})
     header = ["iter", "step", "explored", "acc %", "cand %", "(spin) %", "fail %", "selected", "labeled",
               "(states)", "lbl failed", *(f"m{name} E/F" for name in names), "ranked", "gap", "new E", "new F",
-              "spin %", "kept %"]
+              "spin %", "kept %", "pred low"]
     table = [header]
     for row in status.rows:
         models = {m["model"]: m for m in row["models"] or []}
@@ -259,7 +260,8 @@ def format_status(status: Status) -> str:
                   else f"{row['ranking_right']}/{row['ranking_geometries']}")
         cells += [ranked, _number(row["state_gap_rmse_meV_atom"], ".1f"),
                   _number(row["ensemble_rmse_e_meV_atom"], ".2f"), _number(row["ensemble_rmse_f_meV_A"], ".1f"),
-                  _number(row["spin_agree_pct"], ".1f"), _number(row["states_kept_pct"], ".0f")]
+                  _number(row["spin_agree_pct"], ".1f"), _number(row["states_kept_pct"], ".0f"),
+                  MISSING if not row["candidates_in_states"] else f"{row['predicted_lowest']}/{row['candidates_in_states']}"]
         table.append(cells)
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
     lines = [] if status.init is None else [init_line(status.init), ""]
@@ -275,7 +277,8 @@ def format_status(status: Status) -> str:
               "state is DFT's (k/n), and its state gap RMSE there, meV/atom",
               "new E/F: the ensemble's RMSE on the iteration's new labels before training on them, meV/atom / "
               "meV/A; spin %: magnetic ions whose predicted moment agrees with DFT's; kept %: labels whose start "
-              "moments DFT kept on every magnetic ion (a state DFT does not keep is a spurious minimum of the model)",
+              "moments DFT kept on every magnetic ion (a state DFT does not keep is a spurious minimum of the model); "
+              "pred low: candidates labeled in several states whose predicted state DFT puts lowest (k/n)",
               last_line(status)]
     return "\n".join(lines)
 

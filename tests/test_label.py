@@ -628,19 +628,26 @@ def test_spin_agreement_counts_the_states_dft_kept():
     from spingen.labelers import LabelResult
     from spingen.stages.label import spin_agreement
 
-    def label(state, start, dft):
+    def label(state, start, dft, energy=-1.0, candidate=0):
         atoms = Atoms("LiNi2O", positions=np.zeros((4, 3)))
         if start is not None:
             atoms.arrays["initial_magmoms"] = np.array(start, dtype=float)
-        atoms.info["state"] = state
-        return atoms, LabelResult(True, energy=-1.0, forces=np.zeros((4, 3)), moments=np.array(dft, dtype=float))
+        atoms.info.update(state=state, system=0, source="candidates.000.extxyz", candidate=candidate)
+        return atoms, LabelResult(True, energy=energy, forces=np.zeros((4, 3)), moments=np.array(dft, dtype=float))
 
     labeled = [label(0, [0, 1.7, -1.7, 0], [0.0, -1.65, 1.72, 0.1]),
-               label(1, [0, 1.7, 1.7, 0], [0.0, 1.66, -1.7, 0.0]),
-               label(0, None, [0.0, 1.6, 1.6, 0.0])]
+               label(1, [0, 1.7, 1.7, 0], [0.0, 1.66, -1.7, 0.0], energy=-1.02),
+               label(0, None, [0.0, 1.6, 1.6, 0.0], candidate=1)]
     agreement = spin_agreement(labeled, ["Ni"], tolerance=0.5)
-    assert agreement == {"ions": 2, "agree": 2, "fraction": 1.0, "states": 2, "states_kept": 1}
+    assert agreement == {"ions": 2, "agree": 2, "fraction": 1.0, "states": 2, "states_kept": 1,
+                         "candidates_in_states": 1, "predicted_lowest": 0, "predicted_excess_meV_atom": pytest.approx(5.0)}
     assert spin_agreement(labeled[2:], ["Ni"], 0.5) is None
+    # a second candidate whose predicted state DFT puts lowest; one labeled in its predicted state alone
+    labeled += [label(0, [0, 1.7, 1.7, 0], [0.0, 1.7, 1.7, 0.0], -2.0, 2), label(1, [0, 1.7, -1.7, 0],
+                [0.0, 1.7, -1.7, 0.0], -1.96, 2), label(0, [0, 1.7, 1.7, 0], [0.0, 1.7, 1.7, 0.0], -3.0, 3)]
+    agreement = spin_agreement(labeled, ["Ni"], tolerance=0.5)
+    assert (agreement["candidates_in_states"], agreement["predicted_lowest"]) == (2, 1)
+    assert agreement["predicted_excess_meV_atom"] == pytest.approx(2.5)
 
 
 # ---------------------------------------------------------------- real GPAW

@@ -341,6 +341,10 @@ class LabelStage(Stage):
                  "force %.1f meV/A (largest %.0f meV/A); predicted spin states agree with DFT on %s",
                  report["n_frames"], report["rmse_e"], report["rmse_f"], report["max_f_error"],
                  "-" if agreement is None else f"{agreement['agree']} of {agreement['ions']} ions")
+        if agreement is not None and agreement["candidates_in_states"]:
+            log.info("fp: the predicted spin state is DFT's lowest of the labeled states on %d of %d candidate(s); "
+                     "%.1f meV/atom above it on average", agreement["predicted_lowest"],
+                     agreement["candidates_in_states"], agreement["predicted_excess_meV_atom"])
 
     def collect(self, task_dir: Path) -> tuple[object, LabelResult]:
         """The frame of a task and its checked result (a failed result with the reason if excluded)."""
@@ -372,10 +376,16 @@ def spin_agreement(labeled: Sequence[tuple[object, LabelResult]], magnetic: Sequ
     ions/agree/fraction: magnetic ions of the predicted ground states (state 0 with start moments);
     states/states_kept: labels of every state whose magnetic ions DFT all kept, the measure of
     predicted states DFT does not hold (a spin search walks into them, DFT relaxes away). A frame
-    may agree up to a global reversal of its moments. None when no labeled frame had start moments.
+    may agree up to a global reversal of its moments. candidates_in_states/predicted_lowest: candidates
+    labeled in their predicted state and at least one other, and those whose predicted state DFT puts
+    lowest; predicted_excess_meV_atom: the predicted state's mean DFT energy above the lowest labeled one
+    (the ensemble's spin-state errors the labels found). None when no labeled frame had start moments.
     """
     ions = agree = states = kept = 0
+    energies: dict[tuple, dict[int, float]] = {}  # candidate -> state -> DFT energy per atom
     for atoms, result in labeled:
+        candidate = tuple(atoms.info.get(k) for k in ("system", "source", "candidate"))
+        energies.setdefault(candidate, {})[int(atoms.info.get("state", 0))] = result.energy / len(atoms)
         predicted = atoms.arrays.get("initial_magmoms")
         if predicted is None:
             continue
@@ -393,8 +403,11 @@ def spin_agreement(labeled: Sequence[tuple[object, LabelResult]], magnetic: Sequ
             agree += best
     if not states:
         return None
+    excess = [1000.0 * (e[0] - min(e.values())) for e in energies.values() if 0 in e and len(e) > 1]
     return {"ions": ions, "agree": agree, "fraction": agree / ions if ions else None, "states": states,
-            "states_kept": kept}
+            "states_kept": kept, "candidates_in_states": len(excess),
+            "predicted_lowest": sum(x <= 0.0 for x in excess),
+            "predicted_excess_meV_atom": float(np.mean(excess)) if excess else None}
 
 
 def _with_geometry(atoms, result: LabelResult) -> LabelResult:
