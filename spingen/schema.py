@@ -182,7 +182,7 @@ def _fp_variant() -> Variant:
                              "total-moment sectors around it (windows of twice the mean |moment| wide: k ions "
                              "reversed, e.g. half the ions for in-plane or layer AFM; searched by the explore "
                              "stage for each picked candidate): the orderings far from the ground state that MD "
-                             "never visits, so that the models learn their gaps; docs/benchmarks/"
+                             "never visits, so that the labels hold their gaps; docs/benchmarks/"
                              "spin_loop.md. In `states`, `sectors` and disputed `members` frames each task "
                              "starts from its state's moments with a fixed total moment (VASP "
                              "NUPDOWN, GPAW fixmagmom): the sum of the state's moments, each element's sum "
@@ -192,8 +192,8 @@ def _fp_variant() -> Variant:
                        doc="fp_spin_init \"sectors\": most total-moment sectors labeled per candidate beside "
                            "its ground state; where a cell has more, this many spread evenly from the nearest "
                            "to the farthest. Each costs one spin search per candidate in the explore stage's "
-                           "post (in the main process: about a minute per sector for 8 Ni and 4 models of "
-                           "32 atoms on one CPU core) and one DFT task.")
+                           "post (in the main process: 72 s for 2 candidates x 4 sectors with 8 Ni and the "
+                           "mean of 4 models of 32 atoms on 2 shared CPU cores) and one DFT task.")
     tolerance = Argument("fp_moment_tolerance", float, optional=True, default=0.5,
                          doc="Largest distance (uB) of a labeled magnetic moment from the nearest allowed "
                              "magnitude of spin/moments; a frame with a moment farther away is excluded and "

@@ -56,11 +56,13 @@ def labels(n_ok: int, n_failed: int) -> list[dict]:
 
 
 def model_errors(rmse_e: float, rmse_f: float, agree: int) -> dict:
+    """Iteration 0's file predates the count of candidates whose predicted state DFT puts lowest."""
+    counted = {} if agree < 8 else {"candidates_in_states": 2, "predicted_lowest": 1, "predicted_excess_meV_atom": 2.1}
     return {"models": ["graph.000.pth", "graph.001.pth"], "n_frames": 3, "rmse_e": rmse_e, "rmse_f": rmse_f,
             "max_f_error": 3 * rmse_f, "systems": [{"name": "data.000", "n_frames": 3, "rmse_e": rmse_e,
                                                     "rmse_f": rmse_f}],
             "spin_agreement": {"ions": 8, "agree": agree, "fraction": agree / 8, "states": 4,
-                               "states_kept": agree // 2},
+                               "states_kept": agree // 2, **counted},
             "parity": {"e_dft": [-5.0, -5.1, -5.2], "e_model": [-5.01, -5.08, -5.22],
                        "f_dft": [0.1, -0.2, 0.3, 0.0], "f_model": [0.12, -0.18, 0.31, 0.01]}}
 
@@ -108,6 +110,8 @@ def test_status_rows(workdir):
     assert first["spin_agree_pct"] == pytest.approx(75.0)
     assert first["states_kept_pct"] == pytest.approx(75.0) and rows[1]["states_kept_pct"] == pytest.approx(100.0)
     assert rows[1]["candidate_pct"] == pytest.approx(8.0) and rows[1]["spin_agree_pct"] == pytest.approx(100.0)
+    assert (first["predicted_lowest"], first["candidates_in_states"]) == (None, None)  # an older file: shown "-"
+    assert (rows[1]["predicted_lowest"], rows[1]["candidates_in_states"]) == (1, 2)
     in_progress = rows[2]
     assert in_progress["models"][0]["rmse_e_eV_atom"] == 0.0008
     assert all(in_progress[key] is None for key in ("explore_frames", "candidate_pct", "labeled",

@@ -125,7 +125,7 @@ def sector_windows(levels: MomentLevels, ground: np.ndarray, max_sectors: int) -
     are equal); ground's own bin (k = 0) is left out, each other bin spans the totals it holds. With
     fix_global_sign and no pinned signs, S and -S are one state: totals count by magnitude. Where there
     are more than max_sectors bins, max_sectors of them are kept, spread evenly from the nearest to the
-    farthest. None where ground has no nonzero moment.
+    farthest. Empty where ground has no nonzero moment or max_sectors < 1.
     """
     ground = np.asarray(ground, dtype=float)
     nonzero = np.abs(ground[ground != 0])

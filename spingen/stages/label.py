@@ -100,6 +100,7 @@ class TotalMomentRule:
 
 PLAIN_TOTALS = TotalMomentRule({})  # the rounded sum of the moments
 STATE_COLUMNS = {"states": "excited_magmoms", "members": "member_magmoms", "sectors": "sector_magmoms"}
+SAME_STATE_ENERGY = 0.1  # meV/atom: a predicted state this close to the lowest label counts as lowest (SCF noise)
 
 
 def spin_starts(atoms, strategy: str, totals: TotalMomentRule = PLAIN_TOTALS) -> list[SpinStart]:
@@ -378,8 +379,9 @@ def spin_agreement(labeled: Sequence[tuple[object, LabelResult]], magnetic: Sequ
     predicted states DFT does not hold (a spin search walks into them, DFT relaxes away). A frame
     may agree up to a global reversal of its moments. candidates_in_states/predicted_lowest: candidates
     labeled in their predicted state and at least one other, and those whose predicted state DFT puts
-    lowest; predicted_excess_meV_atom: the predicted state's mean DFT energy above the lowest labeled one
-    (the ensemble's spin-state errors the labels found). None when no labeled frame had start moments.
+    lowest (within SAME_STATE_ENERGY); predicted_excess_meV_atom: the predicted state's mean DFT energy
+    above the lowest labeled one (the ensemble's spin-state errors the labels found). None when no
+    labeled frame had start moments.
     """
     ions = agree = states = kept = 0
     energies: dict[tuple, dict[int, float]] = {}  # candidate -> state -> DFT energy per atom
@@ -406,7 +408,7 @@ def spin_agreement(labeled: Sequence[tuple[object, LabelResult]], magnetic: Sequ
     excess = [1000.0 * (e[0] - min(e.values())) for e in energies.values() if 0 in e and len(e) > 1]
     return {"ions": ions, "agree": agree, "fraction": agree / ions if ions else None, "states": states,
             "states_kept": kept, "candidates_in_states": len(excess),
-            "predicted_lowest": sum(x <= 0.0 for x in excess),
+            "predicted_lowest": sum(x <= SAME_STATE_ENERGY for x in excess),
             "predicted_excess_meV_atom": float(np.mean(excess)) if excess else None}
 
 
@@ -427,7 +429,7 @@ def _write_frame(path: Path, atoms, start: SpinStart, system: int, source: str, 
     import ase.io
 
     frame = atoms.copy()
-    for key in ("initial_magmoms", "excited_magmoms", "member_magmoms"):
+    for key in ("initial_magmoms", *STATE_COLUMNS.values()):
         frame.arrays.pop(key, None)
     if start.moments is not None:
         frame.arrays["initial_magmoms"] = np.asarray(start.moments, dtype=float)
