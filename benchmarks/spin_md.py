@@ -88,7 +88,7 @@ DEFAULT_REPEAT = (3, 1, 1)
 REPEAT = list(DEFAULT_REPEAT)  # set from --repeat
 PRIMITIVE = [False]  # set from --primitive
 # the 8-atom cell's cations alternate in layers normal to a; its primitive cell (Li Ni O2) in its lattice vectors
-TO_PRIMITIVE = np.array([[1.0, 0.0, 0.0], [0.0, 0.5, 0.5], [0.0, 0.5, -0.5]])
+TO_PRIMITIVE = np.array([[1.0, 0.0, 0.0], [0.0, 0.5, 0.5], [0.0, -0.5, 0.5]])  # right-handed: deepmd-kit needs det > 0
 ENUMERATE_TRUTH = 2 ** 16  # larger moment spaces are judged against the best of long searches
 TRUTH_SEEDS = (0, 1, 2)  # the cold searches of that judgment
 TRUTH_SEARCH = {"population": 32, "patience": 30}  # each one longer than the default (16, 15)
@@ -218,7 +218,7 @@ class Truth:
             for key, (energy, gap, seconds) in zip(todo, pool.map(exhaustive_minimum, jobs)):
                 self.minima[key] = (energy, gap)
                 self.seconds[key] = seconds
-        self.cache.write_text(json.dumps({k: [*v, self.seconds[k]] for k, v in self.minima.items()}))
+                self.cache.write_text(json.dumps({k: [*v, self.seconds[k]] for k, v in self.minima.items()}))
 
     def judge(self, samples: list[dict]) -> dict:
         """Exact count of the samples, mean excess (meV per cell) of the misses, smallest gap seen."""

@@ -8,7 +8,9 @@ is trained `--steps` more steps from its frozen model (`dp --pt train --init-frz
 it was trained on plus the judge (written as the train stage writes data: spingen.stages.train
 .write_training_data), with `--label-share` of the batches drawn from every system but the first
 (the initial data) and the energy prefactor raised to `--limit-pref-e`; `--without-judge` trains the
-same way without it (the baseline). Then the ensemble of the retrained members is judged on the judge:
+same way without it (the baseline). `--large` trains instead from scratch a larger network than the
+loop's (LARGE: descriptor 32/64/128, axis 16, rcut 5 A, fitting 240x3; learning rate 0.002 decayed over
+the steps) on the same data. Then the ensemble of the retrained members is judged on the judge:
 energy RMSE, state gap RMSE and lowest state right (`spingen test`), and the gap error per state kind.
 
 A model trained on the judge itself that still misses its state gaps shows that the model and its
@@ -41,6 +43,9 @@ KINDS = ("in-plane AFM", "layer reversed", "reversed pair")
 DOC = REPO / "docs" / "benchmarks" / "spin_loop.md"
 DOC_BEGIN = "<!-- results:begin (written by benchmarks/spin_loop/fit_floor.py) -->"
 DOC_END = "<!-- results:end -->"
+LARGE = {"descriptor": {"type": "se_e2_a", "sel": [24, 24, 40], "rcut_smth": 0.5, "rcut": 5.0,
+                        "neuron": [32, 64, 128], "axis_neuron": 16},
+         "fitting_net": {"neuron": [240, 240, 240]}}
 
 
 def prepare(train_dir: Path, param_path: Path, work: Path, members: list[str], args) -> list[Path]:
@@ -70,17 +75,24 @@ def prepare(train_dir: Path, param_path: Path, work: Path, members: list[str], a
                 f"prob_sys_size; 0:1:{1 - args.label_share:g}; 1:{len(systems)}:{args.label_share:g}"
         config["training"]["numb_steps"] = args.steps
         config["loss"]["limit_pref_e"] = args.limit_pref_e
+        if args.large:
+            for part, settings in LARGE.items():
+                seed = config["model"][part].get("seed")
+                config["model"][part] = {**settings, **({"seed": seed} if seed is not None else {})}
+            config["learning_rate"].update(start_lr=0.002, decay_steps=max(1, args.steps // 40))
+            (folder / "frozen_model.pth").unlink()
         (folder / "input.json").write_text(json.dumps(config, indent=1))
         folders.append(folder)
     return folders
 
 
 def train(folder: Path) -> None:
-    """dp --pt train from the member's frozen model, then freeze to retrained.pth (log: train.log)."""
+    """dp --pt train from the member's frozen model (from scratch where there is none), then freeze to
+    retrained.pth (log: train.log)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    start = ["--init-frz-model", "frozen_model.pth"] if (folder / "frozen_model.pth").is_file() else []
     with open(folder / "train.log", "w") as log:
-        for command in (["dp", "--pt", "train", "input.json", "--init-frz-model", "frozen_model.pth"],
-                        ["dp", "--pt", "freeze", "-o", "retrained.pth"]):
+        for command in (["dp", "--pt", "train", "input.json", *start], ["dp", "--pt", "freeze", "-o", "retrained.pth"]):
             subprocess.run(command, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
 
 
@@ -103,13 +115,14 @@ def judged(models: list[Path]) -> dict:
 
 
 def render(rows: list[dict]) -> str:
-    lines = ["| run | models | judge in training | steps | share of batches off the initial data | limit_pref_e | "
+    lines = ["| run | models | network | judge in training | steps | share of batches off the initial data | limit_pref_e | "
              "judge E RMSE meV/atom | state gap RMSE meV/atom | lowest right | "
              + " | ".join(f"{k} gap error" for k in KINDS) + " |",
-             "|---" * (9 + len(KINDS)) + "|"]
+             "|---" * (10 + len(KINDS)) + "|"]
     for r in rows:
         j = r["judged"]
-        lines.append(f"| {r['date']} | {r['models']} | {'yes' if r['with_judge'] else 'no'} | {r['steps']} | "
+        network = "larger, from scratch" if r.get("large") else "the loop's, continued"
+        lines.append(f"| {r['date']} | {r['models']} | {network} | {'yes' if r['with_judge'] else 'no'} | {r['steps']} | "
                      f"{r['label_share']:g} | {r['limit_pref_e']:g} | {j['e_rmse']:.1f} | {j['gap_rmse']:.1f} | "
                      f"{j['right']}/{j['geometries']} | " + " | ".join(f"{j['kinds'][k]:+.1f}" for k in KINDS) + " |")
     return "\n".join(lines)
@@ -126,18 +139,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="share of the batches drawn from every system but the first (the initial data)")
     parser.add_argument("--limit-pref-e", type=float, default=200.0)
     parser.add_argument("--without-judge", action="store_true", help="the baseline: the same training without it")
+    parser.add_argument("--large", action="store_true", help="from scratch, the larger network LARGE")
     parser.add_argument("--no-doc", action="store_true")
     args = parser.parse_args(argv)
     if not 0 < args.label_share < 1:
         parser.error(f"--label-share must lie between 0 and 1, got {args.label_share}")
-    run = args.workdir.resolve() / ("without_judge" if args.without_judge else "with_judge")
+    run = args.workdir.resolve() / (("large_" if args.large else "") + ("without_judge" if args.without_judge else "with_judge"))
     folders = prepare(args.train_dir.resolve(), args.param, run, args.members, args)
     began = time.time()
     for folder in folders:
         train(folder)
     result = judged([f / "retrained.pth" for f in folders])
     row = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "models": len(folders),
-           "with_judge": not args.without_judge, "steps": args.steps, "label_share": args.label_share,
+           "with_judge": not args.without_judge, "large": args.large, "steps": args.steps, "label_share": args.label_share,
            "limit_pref_e": args.limit_pref_e, "train_s": time.time() - began, "judged": result,
            "train_dir": str(args.train_dir)}
     print(json.dumps(row), flush=True)
