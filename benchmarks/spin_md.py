@@ -115,6 +115,7 @@ def primitive_cell(conventional):
     scaled = np.round(np.linalg.solve(cell.T, conventional.positions.T).T, 6) % 1.0
     _, first = np.unique(np.round(scaled, 4) % 1.0, axis=0, return_index=True)
     first = np.sort(first)
+    assert len(first) == len(conventional) // 2, "TO_PRIMITIVE is not a primitive cell of the 8-atom cell"
     return Atoms([conventional[i].symbol for i in first], scaled_positions=scaled[first], cell=cell, pbc=True)
 
 
@@ -182,7 +183,8 @@ class Truth:
 
     def __init__(self, model_path: Path, magnitudes, symbols, workers: int, cache: Path):
         self.model_path, self.magnitudes, self.symbols, self.workers = str(model_path), magnitudes, symbols, workers
-        tag = hashlib.sha1(json.dumps([self.model_path, magnitudes, symbols]).encode()).hexdigest()[:12]
+        method = [] if self.exhaustive else [TRUTH_SEEDS, TRUTH_SEARCH]  # searched minima depend on the searches
+        tag = hashlib.sha1(json.dumps([self.model_path, magnitudes, symbols, *method]).encode()).hexdigest()[:12]
         self.cache = cache / f"truth_{tag}.json"
         stored = json.loads(self.cache.read_text()) if self.cache.is_file() else {}
         self.minima: dict[str, tuple[float, float]] = {k: (e, g) for k, (e, g, _) in stored.items()}
@@ -200,7 +202,7 @@ class Truth:
             return "enumerated"
         settings = ", ".join(f"{k} {v}" for k, v in TRUTH_SEARCH.items())
         return (f"searched (the best of {len(TRUTH_SEEDS)} cold genetic searches, {settings}, and one started "
-                f"from the held moments)")
+                f"from the held moments with the default warm patience)")
 
     @staticmethod
     def key(sample) -> str:

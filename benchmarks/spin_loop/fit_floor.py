@@ -14,9 +14,9 @@ the steps) on the same data. Then the ensemble of the retrained members is judge
 energy RMSE, state gap RMSE and lowest state right (`spingen test`), and the gap error per state kind.
 
 A model trained on the judge itself that still misses its state gaps shows that the model and its
-training, not the choice of labels, limit the gap RMSE the loop can reach. Each run appends its row to
-WORKDIR/fit_floor.json and the table of all rows is written into docs/benchmarks/spin_loop.md (`--no-doc`:
-printed only).
+training recipe, not the choice of labels, limit the gap RMSE the loop can reach. Each run trains in a
+folder of its own under WORKDIR and appends its row to WORKDIR/fit_floor.json; the table of all rows is
+written into docs/benchmarks/spin_loop.md (`--no-doc`: printed only; `--render-only`: the table again).
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ def judged(models: list[Path]) -> dict:
 def render(rows: list[dict]) -> str:
     lines = ["| run | models | network | judge in training | steps | share of batches off the initial data | limit_pref_e | "
              "judge E RMSE meV/atom | state gap RMSE meV/atom | lowest right | "
-             + " | ".join(f"{k} gap error" for k in KINDS) + " |",
+             + " | ".join(f"{k}: mean gap error to FM" for k in KINDS) + " |",
              "|---" * (10 + len(KINDS)) + "|"]
     for r in rows:
         j = r["judged"]
@@ -130,8 +130,8 @@ def render(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("train_dir", type=Path)
-    parser.add_argument("param", type=Path)
+    parser.add_argument("train_dir", type=Path, nargs="?")
+    parser.add_argument("param", type=Path, nargs="?")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/spin_fit_floor"))
     parser.add_argument("--members", nargs="+", default=["000", "001"])
     parser.add_argument("--steps", type=int, default=3000)
@@ -141,10 +141,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--without-judge", action="store_true", help="the baseline: the same training without it")
     parser.add_argument("--large", action="store_true", help="from scratch, the larger network LARGE")
     parser.add_argument("--no-doc", action="store_true")
+    parser.add_argument("--render-only", action="store_true", help="rewrite the table from WORKDIR/fit_floor.json")
     args = parser.parse_args(argv)
     if not 0 < args.label_share < 1:
         parser.error(f"--label-share must lie between 0 and 1, got {args.label_share}")
-    run = args.workdir.resolve() / (("large_" if args.large else "") + ("without_judge" if args.without_judge else "with_judge"))
+    store = args.workdir / "fit_floor.json"
+    if args.render_only:
+        return publish(json.loads(store.read_text()), args.no_doc)
+    if args.train_dir is None or args.param is None:
+        parser.error("TRAIN_DIR and PARAM are needed unless --render-only")
+    run = args.workdir.resolve() / "_".join(["large" if args.large else "continued",
+                                              "without_judge" if args.without_judge else "with_judge",
+                                              f"{args.steps}steps", f"pref{args.limit_pref_e:g}"])
     folders = prepare(args.train_dir.resolve(), args.param, run, args.members, args)
     began = time.time()
     for folder in folders:
@@ -153,14 +161,18 @@ def main(argv: list[str] | None = None) -> int:
     row = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "models": len(folders),
            "with_judge": not args.without_judge, "large": args.large, "steps": args.steps, "label_share": args.label_share,
            "limit_pref_e": args.limit_pref_e, "train_s": time.time() - began, "judged": result,
-           "train_dir": str(args.train_dir)}
+           "train_dir": str(args.train_dir.resolve())}
     print(json.dumps(row), flush=True)
-    store = args.workdir / "fit_floor.json"
     rows = (json.loads(store.read_text()) if store.is_file() else []) + [row]
     store.write_text(json.dumps(rows, indent=1))
+    return publish(rows, args.no_doc)
+
+
+def publish(rows: list[dict], no_doc: bool) -> int:
+    """Print the table of every recorded run and write it into the docs page (unless no_doc)."""
     text = render(rows)
     print(text)
-    if not args.no_doc:
+    if not no_doc:
         write_results(DOC, DOC_BEGIN, DOC_END, text)
     return 0
 

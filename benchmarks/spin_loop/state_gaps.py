@@ -5,7 +5,8 @@
 Each judge geometry holds its states in one order (FM low spin, in-plane AFM, one Ni layer reversed,
 a reversed nearest pair; make_judge.py). For each state kind it prints, over the 8 geometries, the
 ensemble's gap to FM minus DFT's (mean and RMS, meV/atom) and the standard deviation of that gap over
-the members (how far the ensemble's disagreement could point at the error).
+the members (how far the ensemble's disagreement could point at the error); then each kind's error per
+geometry.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ def main(models: list[str]) -> int:
     for k, kind in enumerate(KINDS[:frames.shape[1]]):
         print(f"{kind:<16} {errors[:, k].mean():>15.1f} {np.sqrt(np.mean(errors[:, k] ** 2)):>14.1f} "
               f"{spread[:, k].mean():>15.1f}")
+    print("per geometry (gap error, meV/atom):")
+    for k, kind in enumerate(KINDS[1:frames.shape[1]], start=1):
+        print(f"{kind:<16} " + " ".join(f"{e:+6.1f}" for e in errors[:, k]))
     return 0
 
 
