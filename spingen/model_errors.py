@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from spingen.cells import right_handed_cells
 from spingen.errors import InputError
 
 FRAMES_PER_CALL = 256
@@ -158,6 +159,7 @@ def load_for(ensemble: Ensemble, path: Path):
     from spingen.data.npy import load_system
 
     system = load_system(path, require_spins=ensemble.has_spin)
+    system.data["cells"] = right_handed_cells(system.data["cells"])  # as the train stage writes them
     symbols = [system.data["atom_names"][t] for t in system.data["atom_types"]]
     moments = system.data["spins"][..., 2] if ensemble.has_spin else None
     return system, symbols, ensemble.atom_types(symbols, str(path)), moments

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from spingen import layout
+from spingen.cells import right_handed_cells
 from spingen.dispatch import TaskSpec, run_tasks
 from spingen.errors import InputError
 from spingen.layout import (
@@ -245,7 +246,8 @@ def write_training_data(systems: Sequence[Path], out: Path, type_map: Sequence[s
     Moments are encoded S -> S + d/eta (canonical sign if spin/flip_symmetry says so); with "augment"
     each frame's globally reversed twin (moments negated, same energy and forces) is added unless the
     data already holds it. A label whose moments the model cannot tell from a lower label of the same
-    geometry (`hidden_state_frames`) is left out, with a warning; the stored data keeps it.
+    geometry (`hidden_state_frames`) is left out, with a warning; the stored data keeps it. Left-handed
+    cells are written right-handed (spingen.cells.right_handed_cells).
     """
     from spingen.data.npy import load_system
 
@@ -256,6 +258,7 @@ def write_training_data(systems: Sequence[Path], out: Path, type_map: Sequence[s
         if missing:
             raise ValueError(f"data '{system_path}': elements {missing} are not in type_map")
         twins = 0
+        system.data["cells"] = right_handed_cells(system.data["cells"])
         if spin.enabled:
             symbols = [system.data["atom_names"][t] for t in system.data["atom_types"]]
             system = without_hidden_states(system, system_path, spin.magnetic)
