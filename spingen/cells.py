@@ -12,15 +12,15 @@ def right_handed(atoms):
     count) and dpdata's perturb asserts a right-handed cell; POSCARs written by hand often have one.
     Cartesian positions do not change.
     """
-    if atoms.pbc.any() and np.linalg.det(atoms.cell[:]) < 0:
-        atoms.set_cell(atoms.cell[[1, 0, 2]], scale_atoms=False)
+    if atoms.pbc.any():
+        atoms.set_cell(right_handed_cells(atoms.cell[:][None])[0], scale_atoms=False)
     return atoms
 
 
 def right_handed_cells(cells: np.ndarray) -> np.ndarray:
-    """Cells (nframes, 3, 3) with every left-handed one made right-handed as `right_handed` does (a and b
-    swapped: the same crystal, Cartesian coordinates unchanged); deepmd-kit evaluates a left-handed cell
-    silently wrong (3.2, pt: -1.62 instead of -2.04 eV/atom for one LiNiO2 structure)."""
+    """Cells (nframes, 3, 3) with every left-handed one made right-handed (a and b swapped: the same
+    crystal, Cartesian coordinates unchanged); the rule of `right_handed` too. deepmd-kit evaluates a
+    left-handed cell silently wrong (3.2, pt: -1.62 instead of -2.04 eV/atom for one LiNiO2 structure)."""
     cells = np.array(cells, dtype=float)
     left = np.linalg.det(cells) < 0
     cells[left] = cells[left][:, [1, 0, 2]]

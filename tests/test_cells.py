@@ -31,3 +31,16 @@ def test_training_data_of_a_left_handed_system_is_written_right_handed(tmp_path)
     written = load_system(tmp_path / "data" / "sys.000")
     assert np.all(np.linalg.det(written.data["cells"]) > 0)
     assert np.allclose(written.data["coords"], system.data["coords"])
+
+
+def test_right_handed_atoms_follow_the_same_rule():
+    from ase import Atoms
+
+    from spingen.cells import right_handed
+
+    left = Atoms("LiO", positions=[[0, 0, 0], [1.0, 0.5, 0.2]], cell=np.diag([4.0, 5.0, 6.0])[[1, 0, 2]], pbc=True)
+    positions = left.positions.copy()
+    assert np.linalg.det(right_handed(left).cell[:]) > 0
+    assert np.allclose(left.positions, positions)
+    right = Atoms("LiO", positions=positions, cell=np.diag([4.0, 5.0, 6.0]), pbc=True)
+    assert np.array_equal(right_handed(right).cell[:], np.diag([4.0, 5.0, 6.0]))

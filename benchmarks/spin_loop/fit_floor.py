@@ -37,9 +37,11 @@ REPO = HERE.parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE.parent))
 from results_block import write_results  # noqa: E402
+from state_gaps import KINDS as JUDGE_KINDS  # noqa: E402
+from state_gaps import judge_frames  # noqa: E402
 
 JUDGE = HERE / "judge" / "data"
-KINDS = ("in-plane AFM", "layer reversed", "reversed pair")
+KINDS = JUDGE_KINDS[1:]  # the kinds beside FM
 DOC = REPO / "docs" / "benchmarks" / "spin_loop.md"
 DOC_BEGIN = "<!-- results:begin (written by benchmarks/spin_loop/fit_floor.py) -->"
 DOC_END = "<!-- results:end -->"
@@ -105,9 +107,8 @@ def judged(models: list[Path]) -> dict:
     energies = ensemble.energy_forces(system.data["coords"], system.data["cells"], atypes, symbols, moments)[0]
     per_atom = 1 / len(symbols)
     model, dft = energies * per_atom, system.data["energies"] * per_atom
-    groups = geometry_groups(system.data["coords"], system.data["cells"])
-    ranking = state_ranking(dft, model, groups)
-    frames = np.array([np.flatnonzero(groups == g) for g in np.unique(groups)])  # (geometries, states) in KINDS order
+    ranking = state_ranking(dft, model, geometry_groups(system.data["coords"], system.data["cells"]))
+    frames = judge_frames(system.data["coords"], system.data["cells"])
     errors = 1000 * ((model[frames] - model[frames[:, :1]]) - (dft[frames] - dft[frames[:, :1]]))[:, 1:]
     return {"e_rmse": 1000 * float(np.sqrt(np.mean((model - dft) ** 2))), "gap_rmse": ranking.state_gap_rmse,
             "right": ranking.lowest_state_right, "geometries": ranking.geometries,

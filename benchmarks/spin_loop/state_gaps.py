@@ -22,6 +22,12 @@ JUDGE = Path(__file__).resolve().parent / "judge" / "data"
 KINDS = ("FM", "in-plane AFM", "layer reversed", "reversed pair")
 
 
+def judge_frames(coords: np.ndarray, cells: np.ndarray) -> np.ndarray:
+    """Frame indices (geometries, states) of the judge, each geometry's states in KINDS order."""
+    groups = geometry_groups(coords, cells)
+    return np.array([np.flatnonzero(groups == g) for g in np.unique(groups)])
+
+
 def main(models: list[str]) -> int:
     members = [Ensemble([m]) for m in models]
     system, symbols, atypes, moments = load_for(members[0], JUDGE)
@@ -29,8 +35,7 @@ def main(models: list[str]) -> int:
     per_atom = 1000 / len(symbols)
     energies = np.array([m.energy_forces(coords, cells, atypes, symbols, moments)[0] for m in members]) * per_atom
     dft = system.data["energies"] * per_atom
-    groups = geometry_groups(coords, cells)
-    frames = np.array([np.flatnonzero(groups == g) for g in np.unique(groups)])  # (geometries, states)
+    frames = judge_frames(coords, cells)
     model_gaps = energies[:, frames] - energies[:, frames[:, :1]]  # (members, geometries, states)
     errors = model_gaps.mean(axis=0) - (dft[frames] - dft[frames[:, :1]])
     spread = model_gaps.std(axis=0)
