@@ -29,7 +29,7 @@ from dargs.dargs import ArgumentError
 from spingen.errors import InputError
 from spingen.spin.certificate import CertificateSettings
 from spingen.spin.encoding import SpinEncoding
-from spingen.spin.search import SEARCH_KEYS
+from spingen.spin.search import SEARCH_KEYS, SearchSettings
 
 _CERTIFICATE = CertificateSettings()  # the certificate's defaults, documented as the keys'
 MACHINE_SECTIONS = ("train", "model_devi", "fp")
@@ -349,19 +349,24 @@ def param_arginfo() -> Argument:
                      "null or absent: the search's own default.",
                  sub_fields=[
                      Argument("population", [int, type(None)], optional=True, default=None,
-                              doc="Genetic-search population."),
+                              doc="Genetic-search population (default: 16, or the number of magnetic ions "
+                                  "when larger)."),
                      Argument("warm_patience", [int, type(None)], optional=True, default=None,
                               doc="Generations without improvement before a warm-started search stops."),
                      Argument("patience", [int, type(None)], optional=True, default=None,
-                              doc="The same for the first (cold) search of a trajectory."),
+                              doc="The same for the first (cold) search of a trajectory (default: 15, or the "
+                                  "number of magnetic ions when larger: a 27-ion landscape of a trained model "
+                                  "needs the longer search, docs/benchmarks/spin_md.md)."),
                      Argument("enumerate_limit", [int, type(None)], optional=True, default=None,
                               doc="Enumerate every configuration when there are at most this many."),
                      Argument("max_evaluations", [int, type(None)], optional=True, default=None,
                               doc="Most configurations one search evaluates; bounds the cost of a step "
                                   "(docs/benchmarks/explore.md)."),
                      Argument("use_gradient", [bool, type(None)], optional=True, default=None,
-                              doc="Ask the models for -dE/dS to screen moves (every evaluation then costs a "
-                                  "full deepmd-kit evaluation, about 4x an energy-only one)."),
+                              doc="Ask the models for -dE/dS to screen moves (default false: every evaluation "
+                                  "then costs a full deepmd-kit evaluation, about 2.5x an energy-only one, and "
+                                  "with trained models it found no better states; docs/benchmarks/spin_md.md, "
+                                  "the 27-Ni cell)."),
                      Argument("n_lowest", [int, type(None)], optional=True, default=None,
                               doc="Lowest distinct states kept per search: the ground state and n_lowest - 1 "
                                   "excited states (excited_magmoms of the candidates)."),
@@ -1104,6 +1109,10 @@ def explore_settings(param: Param) -> ExploreSettings:
     for key, value in search.items():
         if isinstance(value, int) and not isinstance(value, bool) and value < (2 if key == "population" else 1):
             raise InputError(f"{where} 'model_devi_spin_search/{key}': expected a larger value, got {value}")
+    try:
+        SearchSettings(**search)
+    except ValueError as err:
+        raise InputError(f"{where} 'model_devi_spin_search': {err}") from None
     certify_arg = param_arginfo().sub_fields["model_devi_spin_certify"]
     certify = dict(certify_arg.normalize_value(thaw(raw["model_devi_spin_certify"]), trim_pattern="_*"))
     enabled = certify.pop("enable", True)

@@ -184,6 +184,19 @@ def test_27_ion_cell_builds_and_evaluates():
     assert model.evaluate(np.ones((3, 27)))[0].shape == (3,)
 
 
+def test_cold_search_effort_grows_with_the_ions():
+    """Population and cold patience default to max(16, n) and max(15, n): the first generation of a
+    27-ion search is 27 configurations, of an 8-ion search 16; an explicit population wins."""
+    pos, cell = triangular_layers(3, 3, 3)
+    symbols = [["Ni", "Co", "Mn"][(i + j + k) % 3] for k in range(3) for j in range(3) for i in range(3)]
+    for model, syms, kwargs, first in [(AnalyticSpinModel(pos, cell, symbols, ONSITE8, EXCHANGE), symbols, {}, 27),
+                                       (model8(3), SYMBOLS8, {}, 16),
+                                       (model8(3), SYMBOLS8, {"population": 20}, 20)]:
+        rec = Recording(model)
+        search_ground_state(rec, MomentLevels(MAGS8, syms), seed=0, enumerate_limit=0, max_generations=1, **kwargs)
+        assert len(rec.seen[0]) == first
+
+
 def test_symmetrized_model():
     class Lopsided(EnergyModel):
         def calculate(self, moments, gradient):
@@ -287,8 +300,8 @@ def test_warm_start_from_the_ground_state_is_cheap():
     assert cold.best_energy == pytest.approx(brute_force(model, levels), abs=1e-9)
     warm = search_ground_state(model, levels, seed=1, enumerate_limit=0, start=cold.best_moments)
     assert warm.best_energy == pytest.approx(cold.best_energy, abs=1e-12)
-    s = SearchSettings()  # the start, its 24 neighbours, warm_patience small generations
-    assert warm.n_evaluations <= 1 + 24 + s.warm_patience * round(s.warm_fraction * s.population)
+    s = SearchSettings()  # the start, its 24 neighbours, warm_patience small generations of the default 16
+    assert warm.n_evaluations <= 1 + 24 + s.warm_patience * round(s.warm_fraction * 16)
     again = search_ground_state(model8(7), levels, seed=2, enumerate_limit=0, prior=cold)
     assert again.best_energy == pytest.approx(cold.best_energy, abs=1e-12)
     assert again.n_evaluations <= 0.25 * cold.n_evaluations  # the prior's surrogate screens
@@ -314,6 +327,23 @@ def test_first_order_screening_without_surrogate():
                                  patience=40, population=32)
     assert result.surrogate is None
     assert result.best_energy == pytest.approx(brute_force(model, levels), abs=1e-9)
+
+
+def test_spin_forces_are_asked_for_only_with_use_gradient():
+    """By default the search evaluates energies only (spin forces cost 2.5x with deepmd-kit and did not help
+    trained models); use_gradient=True asks for them in every call. Both find the minimum here."""
+    asked = {}
+    for use_gradient in (False, True):
+        model, levels = model8(4), MomentLevels(MAGS8, SYMBOLS8)
+        calls = []
+        inner = model.calculate
+        model.calculate = lambda m, gradient, calls=calls, inner=inner: calls.append(gradient) or inner(m, gradient)
+        kwargs = {"use_gradient": True} if use_gradient else {}
+        result = search_ground_state(model, levels, seed=0, enumerate_limit=0, **kwargs)
+        asked[use_gradient] = list(calls)
+        assert result.best_energy == pytest.approx(brute_force(model, levels), abs=1e-9)
+    assert asked[False] and not any(asked[False])
+    assert asked[True] and all(asked[True])
 
 
 def test_settings_are_checked():

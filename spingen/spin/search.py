@@ -5,6 +5,11 @@ and every model call is one batch. The GA saves evaluations by screening: a pair
 the energies and spin forces -dE/dS seen so far (spingen.spin.surrogate) ranks offspring after a
 free descent on it and orders local moves; without it, the first-order estimate
 dE ~ -(-dE/dS)_i * dS_i from the spin force of the current row orders local moves.
+
+The search asks the model for spin forces only with use_gradient: with trained deepmd-kit models
+they cost 2.5x an energy-only evaluation and bought nothing (docs/benchmarks/spin_md.md, "The
+27-Ni cell"): a reversal moves a virtual atom by about 1 A, beyond what the slope at one
+configuration says. Spin forces handed over as `known` (the MD step's own) still feed the fit.
 """
 
 from __future__ import annotations
@@ -24,9 +29,11 @@ Known = tuple  # (moments (k, n_magnetic), energies (k,), -dE/dS (k, n_magnetic)
 class SearchSettings:
     """Every knob of search_ground_state, with its default (tuned on benchmarks/spin_search.py)."""
 
-    population: int = 16  # configurations kept, and evaluated per generation on a cold start
+    population: int | None = None  # configurations kept, and evaluated per generation on a cold start;
+    # None: max(16, number of magnetic ions)
     max_generations: int = 400
-    patience: int = 15  # generations without a new best before a cold search stops
+    patience: int | None = None  # generations without a new best before a cold search stops;
+    # None: max(15, number of magnetic ions)
     warm_patience: int = 5  # the same with a start or prior
     warm_fraction: float = 0.5  # share of population evaluated per generation with a start
     enumerate_limit: int = 2048  # enumerate spaces up to this size
@@ -39,7 +46,7 @@ class SearchSettings:
     explore: float = 0.25  # share of each generation evaluated without regard to screening
     screen_sigmas: float = 3.0  # screening rules out only what is worse by this many errors
     polish_batch: int = 8  # local moves evaluated per call during polish
-    use_gradient: bool = True  # ask the model for -dE/dS (free with deepmd-kit)
+    use_gradient: bool = False  # ask the model for -dE/dS (a full evaluation, about 2.5x an energy-only one)
     use_surrogate: bool = True
     max_evaluations: int | None = None
     chunk_size: int = 65536  # configurations per model call when enumerating
@@ -47,9 +54,9 @@ class SearchSettings:
     def __post_init__(self) -> None:
         for name in ("population", "max_generations", "patience", "warm_patience", "n_lowest",
                      "tournament_size", "oversample", "polish_batch", "chunk_size"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.population < 2:
+        if self.population is not None and self.population < 2:
             raise ValueError(f"population must be >= 2, got {self.population}")
         for name in ("warm_fraction", "crossover_rate", "cluster_rate", "explore"):
             if not 0 <= getattr(self, name) <= 1:
@@ -96,6 +103,8 @@ def search_ground_state(model: EnergyModel, levels: MomentLevels, *, start: np.n
     s = replace(settings or SearchSettings(), **overrides)
     if model.n_magnetic != levels.n_magnetic:
         raise ValueError(f"model has {model.n_magnetic} magnetic ions, levels {levels.n_magnetic}")
+    s = replace(s, population=s.population or max(16, levels.n_magnetic),
+                patience=s.patience or max(15, levels.n_magnetic))
     if s.max_evaluations is None or levels.n_configurations <= s.max_evaluations:
         if levels.n_configurations <= s.enumerate_limit:
             return _enumerate(model, levels, s.n_lowest, s.chunk_size)
