@@ -1,7 +1,8 @@
 """How close the cold spin search lands to the ground state of a trained model (issue #20).
 
-The cells, start geometry and trained models are spin_md.py's: by default `--primitive --repeat 3 3 3`
-(108 atoms, 27 Ni, 4^27 / 2 configurations); `--repeat 2 2 1` is the 8-Ni cell (32,768 configurations).
+The cells, start geometry and trained models are spin_md.py's: by default its primitive cell repeated
+3 3 3 (108 atoms, 27 Ni, 4^27 / 2 configurations); `--conventional --repeat 2 2 1` is the 8-Ni cell
+(32,768 configurations).
 Each search setting runs from each seed at the start geometry with the driving model
 (`search_ground_state`, what SpinModelCalculator's first step runs); a row reports its energy above the
 reference, the configurations it evaluated and its wall time. The reference is the exhaustive minimum
@@ -33,6 +34,7 @@ BEGIN = "<!-- results:begin (written by benchmarks/cold_search.py) -->"
 SETTINGS = {
     "default": {},
     "before: spin forces, population 16, patience 15": {"use_gradient": True, "population": 16, "patience": 15},
+    "energy only, population 16, patience 15": {"use_gradient": False, "population": 16, "patience": 15},
     "long: population 32, patience 40": {"population": 32, "patience": 40},
 }
 
@@ -41,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="/tmp/spingen_bench_spin_md")
     parser.add_argument("--train-steps", type=int, default=6000)
-    parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2, 3])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     parser.add_argument("--settings", nargs="*", default=list(SETTINGS), help=f"of {list(SETTINGS)}")
     parser.add_argument("--repeat", type=int, nargs=3, default=[3, 3, 3])
     parser.add_argument("--conventional", action="store_true", help="repeat the 8-atom cell, not the primitive one")
@@ -93,8 +95,13 @@ def main(argv: list[str] | None = None) -> int:
                      f"{np.mean([r['configurations'] for r in rows]):.0f} | {np.mean([r['s'] for r in rows]):.0f} |")
     text = "\n".join(lines)
     print(text)
-    if not args.no_doc:
-        write_results(spin_md.DOC, BEGIN.replace(") -->", f", {levels.n_magnetic} Ni) -->"), spin_md.DOC_END, text)
+    begin = BEGIN.replace(") -->", f", {levels.n_magnetic} Ni) -->")
+    if args.no_doc:
+        return 0
+    if begin in spin_md.DOC.read_text():
+        write_results(spin_md.DOC, begin, spin_md.DOC_END, text)
+    else:
+        print(f"(not written: {spin_md.DOC} has no marker {begin!r}; add it with {spin_md.DOC_END!r} where the block goes)")
     return 0
 
 

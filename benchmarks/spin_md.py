@@ -91,7 +91,7 @@ PRIMITIVE = [False]  # set from --primitive
 TO_PRIMITIVE = np.array([[1.0, 0.0, 0.0], [0.0, 0.5, 0.5], [0.0, -0.5, 0.5]])  # right-handed: deepmd-kit needs det > 0
 ENUMERATE_TRUTH = 2 ** 16  # larger moment spaces are judged against the best of long searches
 TRUTH_SEEDS = (0, 1, 2)  # the cold searches of that judgment
-TRUTH_SEARCH = {"population": 32, "patience": 40}  # each one longer than the default (27 and 27 for 27 ions)
+TRUTH_SEARCH = {"population": 32, "patience": 40, "use_gradient": False}  # longer than the default (27, 27)
 
 
 def start_cell():

@@ -350,7 +350,8 @@ def param_arginfo() -> Argument:
                  sub_fields=[
                      Argument("population", [int, type(None)], optional=True, default=None,
                               doc="Genetic-search population (default: 16, or the number of magnetic ions "
-                                  "when larger)."),
+                                  "when larger for a cold search: the first of a trajectory and each search of "
+                                  "fp_spin_sectors; warm searches keep 16)."),
                      Argument("warm_patience", [int, type(None)], optional=True, default=None,
                               doc="Generations without improvement before a warm-started search stops."),
                      Argument("patience", [int, type(None)], optional=True, default=None,
@@ -363,10 +364,11 @@ def param_arginfo() -> Argument:
                               doc="Most configurations one search evaluates; bounds the cost of a step "
                                   "(docs/benchmarks/explore.md)."),
                      Argument("use_gradient", [bool, type(None)], optional=True, default=None,
-                              doc="Ask the models for -dE/dS to screen moves (default false: every evaluation "
-                                  "then costs a full deepmd-kit evaluation, about 2.5x an energy-only one, and "
-                                  "with trained models it found no better states; docs/benchmarks/spin_md.md, "
-                                  "the 27-Ni cell)."),
+                              doc="Ask the models for -dE/dS to screen moves (every evaluation then costs a full "
+                                  "deepmd-kit evaluation, about 2.5x an energy-only one). Default: only where the "
+                                  "search has no pair surrogate to screen with (more than about 80 magnetic "
+                                  "ions); with trained models the spin forces found no better states "
+                                  "(docs/benchmarks/spin_md.md, the 27-Ni cell)."),
                      Argument("n_lowest", [int, type(None)], optional=True, default=None,
                               doc="Lowest distinct states kept per search: the ground state and n_lowest - 1 "
                                   "excited states (excited_magmoms of the candidates)."),

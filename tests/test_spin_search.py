@@ -185,8 +185,8 @@ def test_27_ion_cell_builds_and_evaluates():
 
 
 def test_cold_search_effort_grows_with_the_ions():
-    """Population and cold patience default to max(16, n) and max(15, n): the first generation of a
-    27-ion search is 27 configurations, of an 8-ion search 16; an explicit population wins."""
+    """Population and cold patience default to max(16, n) and max(15, n) for a cold search: the first generation
+    of a 27-ion search is 27 configurations, of an 8-ion search 16; an explicit population wins."""
     pos, cell = triangular_layers(3, 3, 3)
     symbols = [["Ni", "Co", "Mn"][(i + j + k) % 3] for k in range(3) for j in range(3) for i in range(3)]
     for model, syms, kwargs, first in [(AnalyticSpinModel(pos, cell, symbols, ONSITE8, EXCHANGE), symbols, {}, 27),
@@ -195,6 +195,11 @@ def test_cold_search_effort_grows_with_the_ions():
         rec = Recording(model)
         search_ground_state(rec, MomentLevels(MAGS8, syms), seed=0, enumerate_limit=0, max_generations=1, **kwargs)
         assert len(rec.seen[0]) == first
+    model27, levels27 = AnalyticSpinModel(pos, cell, symbols, ONSITE8, EXCHANGE), MomentLevels(MAGS8, symbols)
+    assert search_ground_state(model27, levels27, seed=0).n_generations >= 27  # cold patience 27
+    rec = Recording(model27)  # a warm search keeps generations of warm_fraction x 16 (and polish batches of 8)
+    search_ground_state(rec, levels27, seed=0, start=np.ones(27), max_generations=3)
+    assert max(len(batch) for batch in rec.seen) <= 8
 
 
 def test_symmetrized_model():
@@ -329,21 +334,23 @@ def test_first_order_screening_without_surrogate():
     assert result.best_energy == pytest.approx(brute_force(model, levels), abs=1e-9)
 
 
-def test_spin_forces_are_asked_for_only_with_use_gradient():
-    """By default the search evaluates energies only (spin forces cost 2.5x with deepmd-kit and did not help
-    trained models); use_gradient=True asks for them in every call. Both find the minimum here."""
+def test_spin_forces_are_asked_for_only_where_they_order_the_moves():
+    """By default a search with a surrogate evaluates energies only (spin forces cost 2.5x with deepmd-kit and
+    did not help trained models); without a surrogate, or with use_gradient=True, it asks for them in every
+    call. Each finds the minimum here."""
     asked = {}
-    for use_gradient in (False, True):
+    for case, kwargs in {"default": {}, "use_gradient": {"use_gradient": True},
+                         "no surrogate": {"use_surrogate": False, "population": 32, "patience": 40}}.items():
         model, levels = model8(4), MomentLevels(MAGS8, SYMBOLS8)
         calls = []
         inner = model.calculate
         model.calculate = lambda m, gradient, calls=calls, inner=inner: calls.append(gradient) or inner(m, gradient)
-        kwargs = {"use_gradient": True} if use_gradient else {}
         result = search_ground_state(model, levels, seed=0, enumerate_limit=0, **kwargs)
-        asked[use_gradient] = list(calls)
+        asked[case] = list(calls)
         assert result.best_energy == pytest.approx(brute_force(model, levels), abs=1e-9)
-    assert asked[False] and not any(asked[False])
-    assert asked[True] and all(asked[True])
+    assert asked["default"] and not any(asked["default"])
+    assert asked["use_gradient"] and all(asked["use_gradient"])
+    assert asked["no surrogate"] and all(asked["no surrogate"])
 
 
 def test_settings_are_checked():

@@ -6,10 +6,12 @@ the energies and spin forces -dE/dS seen so far (spingen.spin.surrogate) ranks o
 free descent on it and orders local moves; without it, the first-order estimate
 dE ~ -(-dE/dS)_i * dS_i from the spin force of the current row orders local moves.
 
-The search asks the model for spin forces only with use_gradient: with trained deepmd-kit models
-they cost 2.5x an energy-only evaluation and bought nothing (docs/benchmarks/spin_md.md, "The
-27-Ni cell"): a reversal moves a virtual atom by about 1 A, beyond what the slope at one
-configuration says. Spin forces handed over as `known` (the MD step's own) still feed the fit.
+With a surrogate the search asks the model for energies only unless use_gradient is set: with
+trained deepmd-kit models the spin forces cost 2.5x an energy-only evaluation and led to no better
+states (docs/benchmarks/spin_md.md, "The 27-Ni cell"; a reversal moves a virtual atom by about 1 A,
+beyond what the slope at one configuration says). Without a surrogate (use_surrogate off, or more
+ions than it can fit) it asks for them, since they are then all that orders the local moves. Spin
+forces handed over as `known` (the MD step's own) always feed the fit.
 """
 
 from __future__ import annotations
@@ -27,10 +29,11 @@ Known = tuple  # (moments (k, n_magnetic), energies (k,), -dE/dS (k, n_magnetic)
 
 @dataclass(frozen=True)
 class SearchSettings:
-    """Every knob of search_ground_state, with its default (tuned on benchmarks/spin_search.py)."""
+    """Every knob of search_ground_state, with its default (tuned on benchmarks/spin_search.py, the
+    gradient and the size defaults on benchmarks/cold_search.py)."""
 
     population: int | None = None  # configurations kept, and evaluated per generation on a cold start;
-    # None: max(16, number of magnetic ions)
+    # None: max(16, number of magnetic ions) for a cold search, 16 with a start or prior
     max_generations: int = 400
     patience: int | None = None  # generations without a new best before a cold search stops;
     # None: max(15, number of magnetic ions)
@@ -46,7 +49,8 @@ class SearchSettings:
     explore: float = 0.25  # share of each generation evaluated without regard to screening
     screen_sigmas: float = 3.0  # screening rules out only what is worse by this many errors
     polish_batch: int = 8  # local moves evaluated per call during polish
-    use_gradient: bool = False  # ask the model for -dE/dS (a full evaluation, about 2.5x an energy-only one)
+    use_gradient: bool | None = None  # ask the model for -dE/dS (a full evaluation, about 2.5x an energy-only
+    # one); None: only without a surrogate
     use_surrogate: bool = True
     max_evaluations: int | None = None
     chunk_size: int = 65536  # configurations per model call when enumerating
@@ -103,7 +107,8 @@ def search_ground_state(model: EnergyModel, levels: MomentLevels, *, start: np.n
     s = replace(settings or SearchSettings(), **overrides)
     if model.n_magnetic != levels.n_magnetic:
         raise ValueError(f"model has {model.n_magnetic} magnetic ions, levels {levels.n_magnetic}")
-    s = replace(s, population=s.population or max(16, levels.n_magnetic),
+    cold = start is None and prior is None
+    s = replace(s, population=s.population or (max(16, levels.n_magnetic) if cold else 16),
                 patience=s.patience or max(15, levels.n_magnetic))
     if s.max_evaluations is None or levels.n_configurations <= s.max_evaluations:
         if levels.n_configurations <= s.enumerate_limit:
@@ -117,7 +122,8 @@ def search_ground_state(model: EnergyModel, levels: MomentLevels, *, start: np.n
             surrogate = prior.surrogate.carried(levels)
         else:
             surrogate = PairSurrogate(levels)
-    evals = _Evaluations(model, levels, s.use_gradient, s.max_evaluations, surrogate)
+    gradient = surrogate is None if s.use_gradient is None else s.use_gradient
+    evals = _Evaluations(model, levels, gradient, s.max_evaluations, surrogate)
     for batch in [known] if isinstance(known, tuple) else known or []:
         evals.add_known(*batch)
     ga = _Genetic(evals, np.random.default_rng(seed), s)
