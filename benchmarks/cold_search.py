@@ -27,7 +27,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import spin_md  # noqa: E402  (the cell, the models, the doc)
-from results_block import cpu_model, write_results  # noqa: E402
+from results_block import cpu_model, write_if_marked  # noqa: E402
 
 BEGIN = "<!-- results:begin (written by benchmarks/cold_search.py) -->"
 # name -> search settings; "before" is the search as it was until this benchmark (spin forces, 16 / 15)
@@ -98,10 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     begin = BEGIN.replace(") -->", f", {levels.n_magnetic} Ni) -->")
     if args.no_doc:
         return 0
-    if begin in spin_md.DOC.read_text():
-        write_results(spin_md.DOC, begin, spin_md.DOC_END, text)
-    else:
-        print(f"(not written: {spin_md.DOC} has no marker {begin!r}; add it with {spin_md.DOC_END!r} where the block goes)")
+    write_if_marked(spin_md.DOC, begin, spin_md.DOC_END, text)
     return 0
 
 

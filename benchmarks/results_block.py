@@ -16,6 +16,14 @@ def write_results(doc: Path, begin: str, end: str, block: str) -> None:
     doc.write_text(text[:start] + "\n\n" + block + "\n" + text[stop:])
 
 
+def write_if_marked(doc: Path, begin: str, end: str, block: str) -> None:
+    """write_results where doc has the marker `begin`; else say where to add it."""
+    if begin in doc.read_text():
+        write_results(doc, begin, end, block)
+    else:
+        print(f"(not written: {doc} has no marker {begin!r}; add it with {end!r} where the block goes)")
+
+
 def step_durations(log: Path) -> dict[str, float]:
     """Total seconds per 'phase_stage' over the main loop (init's own loop counted as init_*)."""
     totals: dict[str, float] = {}

@@ -53,7 +53,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE / "paper"))
 import accuracy  # noqa: E402  (the paper benchmark's network, loss and training)
-from results_block import cpu_model, write_results  # noqa: E402
+from results_block import cpu_model, write_if_marked  # noqa: E402
 
 DATA = HERE / "paper" / "data" / "linio2"
 POSCAR = HERE / "paper" / "linio2" / "POSCAR"
@@ -432,10 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         print(text)
         if args.no_doc:
             continue
-        if begin in DOC.read_text():
-            write_results(DOC, begin, DOC_END, text)
-        else:
-            print(f"(not written: {DOC} has no marker {begin!r}; add it with {DOC_END!r} where the block goes)")
+        write_if_marked(DOC, begin, DOC_END, text)
     return 0
 
 
