@@ -41,13 +41,14 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from spingen.spin.encoding import SpinEncoding
-from spingen.spin.model import EnergyModel
+from spingen.spin.model import EnergyModel, minimum_image_distances, nearest_neighbours
 
 log = logging.getLogger("spingen")
 
@@ -327,6 +328,10 @@ class DeepmdSpinModel(EnergyModel):
         return names[0] if len(set(names)) == 1 else "/".join(names)
 
     # -- evaluation --------------------------------------------------------------------------
+    @cached_property
+    def neighbours(self) -> np.ndarray:
+        return nearest_neighbours(minimum_image_distances(self.positions[self.magnetic_indices], self.cell))
+
     def spin_vectors(self, moments: np.ndarray) -> np.ndarray:
         """Raw moments of the magnetic ions (nconf, n_magnetic) -> deepmd spin (nconf, natoms*3)."""
         full = self.full_moments(moments)

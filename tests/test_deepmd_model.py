@@ -190,6 +190,7 @@ def test_search_matches_brute_force(deeppots, atoms):
     model = bind(deeppots, atoms)
     levels = MomentLevels({"Ni": [1, 3]}, atoms.get_chemical_symbols())
     assert np.array_equal(levels.magnetic_indices, model.magnetic_indices) and levels.n_configurations == 8
+    assert model.neighbours.tolist() == [[False, True], [True, False]]  # the GA's domain reversals use it
     every = np.concatenate(list(levels.iter_moments()))
     energies, _ = model.evaluate(every)
     best = every[np.argmin(energies)]

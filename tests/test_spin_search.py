@@ -16,7 +16,7 @@ from spingen.spin import (
     search_ground_state,
     triangular_layers,
 )
-from spingen.spin.search import sector_ground_states, sector_windows
+from spingen.spin.search import _Evaluations, _Genetic, sector_ground_states, sector_windows
 
 SYMBOLS8 = ["Ni", "Co", "Mn", "Ni", "Co", "Mn", "Ni", "Co"]
 MAGS8 = {"Ni": [1, 3], "Co": [1, 4], "Mn": [3, 4]}  # 4 signed states per ion
@@ -56,6 +56,10 @@ class Recording(EnergyModel):
         self.seen.append(moments.copy())
         self.gradients.append(gradient)
         return self.inner.calculate(moments, gradient)
+
+    @property
+    def neighbours(self) -> np.ndarray | None:
+        return self.inner.neighbours
 
     @property
     def all_seen(self) -> np.ndarray:
@@ -201,6 +205,34 @@ def test_cold_search_effort_grows_with_the_ions():
     rec = Recording(model27)  # a warm search keeps generations of warm_fraction x 16 (and polish batches of 8)
     search_ground_state(rec, levels27, seed=0, start=np.ones(27), max_generations=3)
     assert max(len(batch) for batch in rec.seen) <= 8
+
+
+def test_domain_reversals_follow_the_nearest_neighbour_graph():
+    """The model's nearest-neighbour graph is its first shell (six in-plane ions at a in triangular layers); a
+    domain reversal flips a connected set of it: ions of one sign, or an ion and some of its neighbours."""
+    pos, cell = triangular_layers(3, 3, 3)
+    symbols = [["Ni", "Co", "Mn"][(i + j + k) % 3] for k in range(3) for j in range(3) for i in range(3)]
+    model, levels = AnalyticSpinModel(pos, cell, symbols, ONSITE8, EXCHANGE), MomentLevels(MAGS8, symbols)
+    graph = model.neighbours
+    assert graph.sum(axis=1).tolist() == [6] * 27 and (graph == graph.T).all() and not graph.diagonal().any()
+    assert np.array_equal(graph, (model.distances > 0) & (model.distances < 3.0))
+    assert SymmetrizedModel(model).neighbours is graph
+    rng = np.random.default_rng(0)
+    ga = _Genetic(_Evaluations(model, levels, False, None, None), rng, SearchSettings(population=16))
+    sizes = []
+    for row in levels.random_indices(40, rng):
+        flipped = ga._domain_flip(row)
+        ions = np.flatnonzero(flipped != row)
+        before, after = levels.to_moments(row)[0][ions], levels.to_moments(flipped)[0][ions]
+        assert len(ions) >= 1 and np.allclose(after, -before)
+        reached = {ions[0]}
+        for _ in ions:
+            reached |= {j for i in reached for j in ions if graph[i, j]}
+        assert reached == set(ions)  # connected
+        one_sign = len(set(np.sign(before))) == 1
+        assert one_sign or any(graph[i, np.setdiff1d(ions, i)].all() for i in ions)  # else an ion and neighbours
+        sizes.append(len(ions))
+    assert max(sizes) >= 4
 
 
 def test_symmetrized_model():

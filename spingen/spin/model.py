@@ -10,6 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -41,6 +42,12 @@ class EnergyModel(ABC):
     def calculate(self, moments: np.ndarray, gradient: bool) -> tuple[np.ndarray, np.ndarray | None]:
         """Energies of the rows of moments and, if gradient, -dE/dS; no counting here."""
 
+    @property
+    def neighbours(self) -> np.ndarray | None:
+        """Nearest-neighbour graph of the magnetic ions, (n, n) bool, where the model knows its geometry
+        (``nearest_neighbours``), else None; the spin search reverses domains on it."""
+        return None
+
 
 class SymmetrizedModel(EnergyModel):
     """E_sym(S) = (E(S) + E(-S)) / 2: restores reversal symmetry of a model trained without it.
@@ -52,6 +59,10 @@ class SymmetrizedModel(EnergyModel):
     def __init__(self, inner: EnergyModel) -> None:
         super().__init__(inner.n_magnetic)
         self.inner = inner
+
+    @property
+    def neighbours(self) -> np.ndarray | None:
+        return self.inner.neighbours
 
     def calculate(self, moments, gradient):
         n = len(moments)
@@ -92,6 +103,16 @@ def minimum_image_distances(positions: np.ndarray, cell: np.ndarray | None) -> n
     shifts = np.array(np.meshgrid([-1, 0, 1], [-1, 0, 1], [-1, 0, 1], indexing="ij")).reshape(3, -1).T
     cart = (frac[:, :, None, :] + shifts[None, None, :, :]) @ cell
     return np.linalg.norm(cart, axis=-1).min(axis=2)
+
+
+def nearest_neighbours(distances: np.ndarray, shell: float = 1.2) -> np.ndarray:
+    """Pairs closer than `shell` x the shortest distance between two different ions, (n, n) bool with a
+    False diagonal: the nearest-neighbour shell (2.9-3.1 A Ni-Ni in LiNiO2 cells, not the 4.1 A of the next)."""
+    distances = np.asarray(distances, dtype=float)
+    off_diagonal = ~np.eye(len(distances), dtype=bool)
+    if not off_diagonal.any():
+        return np.zeros_like(off_diagonal)
+    return off_diagonal & (distances < shell * distances[off_diagonal].min())
 
 
 class _OnsiteCurve:
@@ -165,6 +186,10 @@ class AnalyticSpinModel(EnergyModel):
         self.distances = dist
         self.coupling = self._pair_matrix(exchange)  # J_ij (eV/uB^2), zero diagonal
         self.biquadratic = self._pair_matrix(biquadratic) if biquadratic is not None else None
+
+    @cached_property
+    def neighbours(self) -> np.ndarray:
+        return nearest_neighbours(self.distances)
 
     def _pair_matrix(self, spec) -> np.ndarray:
         out = np.zeros_like(self.distances)

@@ -44,7 +44,8 @@ class SearchSettings:
     tournament_size: int = 3
     crossover_rate: float = 0.9
     extra_mutations: float = 0.5  # mean number of mutations beyond the first (Poisson)
-    cluster_rate: float = 0.3  # share of mutations that reverse a strongly coupled cluster
+    cluster_rate: float = 0.3  # share of mutations that reverse a cluster (coupled under the surrogate, or a
+    # domain of the model's nearest-neighbour graph)
     oversample: int = 8  # offspring generated per population member before screening
     explore: float = 0.25  # share of each generation evaluated without regard to screening
     screen_sigmas: float = 3.0  # screening rules out only what is worse by this many errors
@@ -270,6 +271,7 @@ class _Genetic:
     def __init__(self, evals: _Evaluations, rng: np.random.Generator, settings: SearchSettings) -> None:
         self.evals, self.levels, self.rng, self.s = evals, evals.levels, rng, settings
         self.surrogate = evals.surrogate
+        self.neighbours = evals.model.neighbours
         self.size = settings.population
 
     def run(self, start) -> int:
@@ -344,9 +346,13 @@ class _Genetic:
         return np.array(children, dtype=np.int8).reshape(-1, n)
 
     def _mutate(self, row: np.ndarray) -> np.ndarray:
-        """A random allowed single-ion move or, at cluster_rate, reversal of a coupled cluster."""
-        if self.surrogate is not None and self.rng.random() < self.s.cluster_rate:
-            flipped = self._cluster_flip(row)
+        """A random allowed single-ion move or, at cluster_rate, the reversal of a cluster: one coupled
+        under the surrogate or a domain of the nearest-neighbour graph (each half the time when both exist)."""
+        reversals = [move for move, usable in ((self._cluster_flip, self.surrogate is not None),
+                                               (self._domain_flip, self.neighbours is not None)) if usable]
+        if reversals and self.rng.random() < self.s.cluster_rate:
+            reverse = reversals[0] if len(reversals) == 1 else reversals[self.rng.integers(len(reversals))]
+            flipped = reverse(row)
             if flipped is not None:
                 return flipped
         moves = self.levels.single_moves(row)
@@ -365,8 +371,34 @@ class _Genetic:
             if (grown == cluster).all():
                 break
             cluster = grown
+        return self._reversed(row, cluster)
+
+    def _domain_flip(self, row: np.ndarray) -> np.ndarray | None:
+        """Reverse a domain around a random ion on the nearest-neighbour graph: its connected ions of the
+        same sign or, 30 % of the time, the ion and its neighbours whatever their signs; each bond kept at
+        a random rate of 0.5-1. Walls between domains (a layer of one sign beside a mixed one) are what
+        single-ion moves cross only one uphill step at a time; the geometry finds them where a
+        surrogate fitted to a trained model's landscape does not (docs/benchmarks/spin_md.md)."""
+        rng, adjacency, n = self.rng, self.neighbours, self.levels.n_magnetic
+        up = self.levels.to_moments(row)[0] > 0
+        centre = int(rng.integers(n))
+        kept = rng.choice([0.5, 0.8, 1.0])
+        domain = np.zeros(n, dtype=bool)
+        domain[centre] = True
+        if rng.random() < 0.3:
+            domain |= adjacency[centre] & (rng.random(n) < kept)
+            return self._reversed(row, domain)
+        frontier = [centre]
+        while frontier:
+            grown = adjacency[frontier.pop()] & (up == up[centre]) & ~domain & (rng.random(n) < kept)
+            domain |= grown
+            frontier.extend(np.flatnonzero(grown))
+        return self._reversed(row, domain)
+
+    def _reversed(self, row: np.ndarray, ions: np.ndarray) -> np.ndarray | None:
+        """row with the moments of the masked ions reversed, or None where that leaves the levels or window."""
         flipped = row.copy()
-        flipped[cluster] = self.levels.flip_table[np.flatnonzero(cluster), row[cluster]]
+        flipped[ions] = self.levels.flip_table[np.flatnonzero(ions), row[ions]]
         ok = (flipped >= 0).all() and self.levels.is_allowed(flipped)[0]
         return flipped if ok else None
 
