@@ -7,6 +7,7 @@ import subprocess
 
 import numpy as np
 import pytest
+from ase.neighborlist import neighbor_list
 from conftest import BIN, lini_frames, tiny_training_param, write_poscar, write_spin_system
 
 from spingen.cli import main
@@ -190,7 +191,13 @@ def test_search_matches_brute_force(deeppots, atoms):
     model = bind(deeppots, atoms)
     levels = MomentLevels({"Ni": [1, 3]}, atoms.get_chemical_symbols())
     assert np.array_equal(levels.magnetic_indices, model.magnetic_indices) and levels.n_configurations == 8
-    assert model.neighbours.tolist() == [[False, True], [True, False]]  # the GA's domain reversals use it
+    larger = bind(deeppots, atoms.repeat((2, 2, 1)))  # the nearest-neighbour graph, against ase's neighbour list
+    ni = larger[[s == "Ni" for s in larger.get_chemical_symbols()]]
+    first, second, distance = neighbor_list("ijd", ni, 6.0)
+    expected = np.zeros((len(ni), len(ni)), dtype=bool)
+    close = distance < 1.2 * distance.min()
+    expected[first[close], second[close]] = True
+    assert np.array_equal(larger.neighbours, expected) and expected.any() and not expected.all()
     every = np.concatenate(list(levels.iter_moments()))
     energies, _ = model.evaluate(every)
     best = every[np.argmin(energies)]

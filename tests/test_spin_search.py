@@ -233,6 +233,17 @@ def test_domain_reversals_follow_the_nearest_neighbour_graph():
         assert one_sign or any(graph[i, np.setdiff1d(ions, i)].all() for i in ions)  # else an ion and neighbours
         sizes.append(len(ions))
     assert max(sizes) >= 4
+    pinned = MomentLevels({"Ni": [0, 1], "Co": [0, 1], "Mn": [0, 3]}, symbols, fixed_signs={0: 1, 1: 1})
+    ga = _Genetic(_Evaluations(model, pinned, False, None, None), rng, SearchSettings(population=16))
+    for row in pinned.random_indices(40, rng):
+        flipped = ga._domain_flip(row)
+        if flipped is None:  # only where no reversible ion was drawn
+            continue
+        changed = np.flatnonzero(flipped != row)
+        assert len(changed) and not {0, 1} & set(changed) and (pinned.to_moments(row)[0][changed] != 0).all()
+    without = _Genetic(_Evaluations(model, levels, False, None, None), rng,
+                       SearchSettings(population=16, domain_reversals=False))
+    assert without.graph is None
 
 
 def test_symmetrized_model():

@@ -107,7 +107,8 @@ def minimum_image_distances(positions: np.ndarray, cell: np.ndarray | None) -> n
 
 def nearest_neighbours(distances: np.ndarray, shell: float = 1.2) -> np.ndarray:
     """Pairs closer than `shell` x the shortest distance between two different ions, (n, n) bool with a
-    False diagonal: the nearest-neighbour shell (2.9-3.1 A Ni-Ni in LiNiO2 cells, not the 4.1 A of the next)."""
+    False diagonal: the nearest-neighbour shell (Ni-Ni 2.9-3.1 A in the rattled LiNiO2 cells of the
+    benchmarks, where the next pairs lie at 4.1 A or more)."""
     distances = np.asarray(distances, dtype=float)
     off_diagonal = ~np.eye(len(distances), dtype=bool)
     if not off_diagonal.any():

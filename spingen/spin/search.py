@@ -46,6 +46,7 @@ class SearchSettings:
     extra_mutations: float = 0.5  # mean number of mutations beyond the first (Poisson)
     cluster_rate: float = 0.3  # share of mutations that reverse a cluster (coupled under the surrogate, or a
     # domain of the model's nearest-neighbour graph)
+    domain_reversals: bool = True  # reverse domains of the model's nearest-neighbour graph (EnergyModel.neighbours)
     oversample: int = 8  # offspring generated per population member before screening
     explore: float = 0.25  # share of each generation evaluated without regard to screening
     screen_sigmas: float = 3.0  # screening rules out only what is worse by this many errors
@@ -95,7 +96,8 @@ def search_ground_state(model: EnergyModel, levels: MomentLevels, *, start: np.n
 
     Enumerates when the space has at most enumerate_limit configurations (and fits
     max_evaluations); else a GA: tournament selection, uniform crossover, single-ion and
-    cluster-reversal mutation, oversample x population offspring screened down to population,
+    cluster-reversal mutation (clusters coupled under the surrogate, domains of the model's
+    nearest-neighbour graph), oversample x population offspring screened down to population,
     (mu + lambda) elitism, greedy polish of every new best. Stops after `patience` generations
     without a new best (`warm_patience` with a start), max_generations or max_evaluations.
     start: moments (n_magnetic,) or (k, n_magnetic), snapped to the levels; prior: the result
@@ -271,7 +273,7 @@ class _Genetic:
     def __init__(self, evals: _Evaluations, rng: np.random.Generator, settings: SearchSettings) -> None:
         self.evals, self.levels, self.rng, self.s = evals, evals.levels, rng, settings
         self.surrogate = evals.surrogate
-        self.neighbours = evals.model.neighbours
+        self.graph = evals.model.neighbours if settings.domain_reversals else None
         self.size = settings.population
 
     def run(self, start) -> int:
@@ -347,14 +349,17 @@ class _Genetic:
 
     def _mutate(self, row: np.ndarray) -> np.ndarray:
         """A random allowed single-ion move or, at cluster_rate, the reversal of a cluster: one coupled
-        under the surrogate or a domain of the nearest-neighbour graph (each half the time when both exist)."""
+        under the surrogate or a domain of the nearest-neighbour graph (in random order when both exist,
+        the second where the first leaves the levels or window)."""
         reversals = [move for move, usable in ((self._cluster_flip, self.surrogate is not None),
-                                               (self._domain_flip, self.neighbours is not None)) if usable]
+                                               (self._domain_flip, self.graph is not None)) if usable]
         if reversals and self.rng.random() < self.s.cluster_rate:
-            reverse = reversals[0] if len(reversals) == 1 else reversals[self.rng.integers(len(reversals))]
-            flipped = reverse(row)
-            if flipped is not None:
-                return flipped
+            if len(reversals) > 1 and self.rng.integers(len(reversals)):
+                reversals.reverse()
+            for reverse in reversals:
+                flipped = reverse(row)
+                if flipped is not None:
+                    return flipped
         moves = self.levels.single_moves(row)
         return moves[self.rng.integers(len(moves))] if len(moves) else row
 
@@ -376,24 +381,26 @@ class _Genetic:
     def _domain_flip(self, row: np.ndarray) -> np.ndarray | None:
         """Reverse a domain around a random ion on the nearest-neighbour graph: its connected ions of the
         same sign or, 30 % of the time, the ion and its neighbours whatever their signs; each bond kept at
-        a random rate of 0.5-1. Walls between domains (a layer of one sign beside a mixed one) are what
-        single-ion moves cross only one uphill step at a time; the geometry finds them where a
-        surrogate fitted to a trained model's landscape does not (docs/benchmarks/spin_md.md)."""
-        rng, adjacency, n = self.rng, self.neighbours, self.levels.n_magnetic
-        up = self.levels.to_moments(row)[0] > 0
+        a random rate of 0.5-1; ions at zero or that may not reverse (fixed signs) are left out. Walls
+        between domains (a layer of one sign beside a mixed one) are what single-ion moves cross only one
+        uphill step at a time. None where no ion can reverse or the result leaves the window."""
+        rng, graph, n = self.rng, self.graph, self.levels.n_magnetic
+        sign = np.sign(self.levels.to_moments(row)[0])
+        reversible = (sign != 0) & (self.levels.flip_table[np.arange(n), row] >= 0)
         centre = int(rng.integers(n))
         kept = rng.choice([0.5, 0.8, 1.0])
         domain = np.zeros(n, dtype=bool)
         domain[centre] = True
         if rng.random() < 0.3:
-            domain |= adjacency[centre] & (rng.random(n) < kept)
-            return self._reversed(row, domain)
-        frontier = [centre]
-        while frontier:
-            grown = adjacency[frontier.pop()] & (up == up[centre]) & ~domain & (rng.random(n) < kept)
-            domain |= grown
-            frontier.extend(np.flatnonzero(grown))
-        return self._reversed(row, domain)
+            domain |= graph[centre] & (rng.random(n) < kept)
+        else:
+            frontier = [centre]
+            while frontier:
+                grown = graph[frontier.pop()] & (sign == sign[centre]) & ~domain & (rng.random(n) < kept)
+                domain |= grown
+                frontier.extend(np.flatnonzero(grown))
+        domain &= reversible
+        return self._reversed(row, domain) if domain.any() else None
 
     def _reversed(self, row: np.ndarray, ions: np.ndarray) -> np.ndarray | None:
         """row with the moments of the masked ions reversed, or None where that leaves the levels or window."""
