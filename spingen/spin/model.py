@@ -106,14 +106,16 @@ def minimum_image_distances(positions: np.ndarray, cell: np.ndarray | None) -> n
 
 
 def nearest_neighbours(distances: np.ndarray, shell: float = 1.2) -> np.ndarray:
-    """Pairs closer than `shell` x the shortest distance between two different ions, (n, n) bool with a
+    """Pairs closer than `shell` x the typical nearest-neighbour distance (the median over ions of each
+    one's shortest distance, so one close pair of a hot geometry does not shrink it), (n, n) bool with a
     False diagonal: the nearest-neighbour shell (Ni-Ni 2.9-3.1 A in the rattled LiNiO2 cells of the
     benchmarks, where the next pairs lie at 4.1 A or more)."""
     distances = np.asarray(distances, dtype=float)
     off_diagonal = ~np.eye(len(distances), dtype=bool)
-    if not off_diagonal.any():
+    if len(distances) < 2:
         return np.zeros_like(off_diagonal)
-    return off_diagonal & (distances < shell * distances[off_diagonal].min())
+    nearest = np.where(off_diagonal, distances, np.inf).min(axis=1)
+    return off_diagonal & (distances < shell * np.median(nearest))
 
 
 class _OnsiteCurve:
