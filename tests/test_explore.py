@@ -721,6 +721,8 @@ def test_explore_settings_defaults(tmp_path):
                                 "remembered_states": 8}
     param_path, _ = write_inputs(tmp_path, make_param(tmp_path, model_devi_spin_certify={"enable": False}))
     assert explore_settings(load_param(param_path)).certify is None
+    param_path, _ = write_inputs(tmp_path, make_param(tmp_path, model_devi_spin_search={"domain_reversals": False}))
+    assert explore_settings(load_param(param_path)).spin_search == {"domain_reversals": False}
 
 
 def test_magnitudes_inferred_from_training_data(tmp_path):

@@ -381,7 +381,7 @@ class _Genetic:
     def _domain_flip(self, row: np.ndarray) -> np.ndarray | None:
         """Reverse a domain around a random ion on the nearest-neighbour graph: its connected ions of the
         same sign or, 30 % of the time, the ion and its neighbours whatever their signs; each bond kept at
-        a random rate of 0.5-1; ions at zero or that may not reverse (fixed signs) are left out. Walls
+        a rate drawn from 0.5, 0.8 and 1; ions at zero or that may not reverse (fixed signs) are left out. Walls
         between domains (a layer of one sign beside a mixed one) are what single-ion moves cross only one
         uphill step at a time. None where no ion can reverse or the result leaves the window."""
         rng, graph, n = self.rng, self.graph, self.levels.n_magnetic
