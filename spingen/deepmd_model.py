@@ -314,6 +314,10 @@ class DeepmdSpinModel(EnergyModel):
         settings = model_spin_settings(self.models[0])
         return set(settings) if settings else None
 
+    @cached_property
+    def neighbours(self) -> np.ndarray:
+        return nearest_neighbours(minimum_image_distances(self.positions[self.magnetic_indices], self.cell))
+
     @property
     def n_models(self) -> int:
         return len(self.models)
@@ -328,10 +332,6 @@ class DeepmdSpinModel(EnergyModel):
         return names[0] if len(set(names)) == 1 else "/".join(names)
 
     # -- evaluation --------------------------------------------------------------------------
-    @cached_property
-    def neighbours(self) -> np.ndarray:
-        return nearest_neighbours(minimum_image_distances(self.positions[self.magnetic_indices], self.cell))
-
     def spin_vectors(self, moments: np.ndarray) -> np.ndarray:
         """Raw moments of the magnetic ions (nconf, n_magnetic) -> deepmd spin (nconf, natoms*3)."""
         full = self.full_moments(moments)

@@ -34,6 +34,15 @@ def model8(seed: int, biquadratic: float = 5e-4, symbols=SYMBOLS8) -> AnalyticSp
     return AnalyticSpinModel(pos, cell @ strain, symbols, ONSITE8, EXCHANGE, biquadratic=bq)
 
 
+SYMBOLS27 = [["Ni", "Co", "Mn"][(i + j + k) % 3] for k in range(3) for j in range(3) for i in range(3)]
+
+
+def model27() -> AnalyticSpinModel:
+    """A 27-ion NCM-like cell: three 3x3 triangular layers, unstrained, with the 8-ion cell's on-site and exchange."""
+    pos, cell = triangular_layers(3, 3, 3)
+    return AnalyticSpinModel(pos, cell, SYMBOLS27, ONSITE8, EXCHANGE)
+
+
 def all_rows(levels: MomentLevels) -> np.ndarray:
     return np.array(list(itertools.product(*[range(n) for n in levels.n_values])), dtype=np.int8)
 
@@ -180,9 +189,7 @@ def test_analytic_model_gradient_flip_and_counting():
 
 
 def test_27_ion_cell_builds_and_evaluates():
-    pos, cell = triangular_layers(3, 3, 3)
-    symbols = [["Ni", "Co", "Mn"][(i + j + k) % 3] for k in range(3) for j in range(3) for i in range(3)]
-    model = AnalyticSpinModel(pos, cell, symbols, ONSITE8, EXCHANGE)
+    model = model27()
     assert model.n_magnetic == 27
     nn = np.sort(model.distances, axis=1)[:, 1:7]
     assert np.allclose(nn, 2.85)  # six in-plane neighbours at a
@@ -192,17 +199,15 @@ def test_27_ion_cell_builds_and_evaluates():
 def test_cold_search_effort_grows_with_the_ions():
     """Population and cold patience default to max(16, n) and max(15, n) for a cold search: the first generation
     of a 27-ion search is 27 configurations, of an 8-ion search 16; an explicit population wins."""
-    pos, cell = triangular_layers(3, 3, 3)
-    symbols = [["Ni", "Co", "Mn"][(i + j + k) % 3] for k in range(3) for j in range(3) for i in range(3)]
-    for model, syms, kwargs, first in [(AnalyticSpinModel(pos, cell, symbols, ONSITE8, EXCHANGE), symbols, {}, 27),
+    for model, syms, kwargs, first in [(model27(), SYMBOLS27, {}, 27),
                                        (model8(3), SYMBOLS8, {}, 16),
                                        (model8(3), SYMBOLS8, {"population": 20}, 20)]:
         rec = Recording(model)
         search_ground_state(rec, MomentLevels(MAGS8, syms), seed=0, enumerate_limit=0, max_generations=1, **kwargs)
         assert len(rec.seen[0]) == first
-    model27, levels27 = AnalyticSpinModel(pos, cell, symbols, ONSITE8, EXCHANGE), MomentLevels(MAGS8, symbols)
-    assert search_ground_state(model27, levels27, seed=0).n_generations >= 27  # cold patience 27
-    rec = Recording(model27)  # a warm search keeps generations of warm_fraction x 16 (and polish batches of 8)
+    ncm27, levels27 = model27(), MomentLevels(MAGS8, SYMBOLS27)
+    assert search_ground_state(ncm27, levels27, seed=0).n_generations >= 27  # cold patience 27
+    rec = Recording(ncm27)  # a warm search keeps generations of warm_fraction x 16 (and polish batches of 8)
     search_ground_state(rec, levels27, seed=0, start=np.ones(27), max_generations=3)
     assert max(len(batch) for batch in rec.seen) <= 8
 
@@ -210,9 +215,7 @@ def test_cold_search_effort_grows_with_the_ions():
 def test_domain_reversals_follow_the_nearest_neighbour_graph():
     """The model's nearest-neighbour graph is its first shell (six in-plane ions at a in triangular layers); a
     domain reversal flips a connected set of it: ions of one sign, or an ion and some of its neighbours."""
-    pos, cell = triangular_layers(3, 3, 3)
-    symbols = [["Ni", "Co", "Mn"][(i + j + k) % 3] for k in range(3) for j in range(3) for i in range(3)]
-    model, levels = AnalyticSpinModel(pos, cell, symbols, ONSITE8, EXCHANGE), MomentLevels(MAGS8, symbols)
+    model, levels = model27(), MomentLevels(MAGS8, SYMBOLS27)
     graph = model.neighbours
     assert graph.sum(axis=1).tolist() == [6] * 27 and (graph == graph.T).all() and not graph.diagonal().any()
     assert np.array_equal(graph, (model.distances > 0) & (model.distances < 3.0))
@@ -233,7 +236,7 @@ def test_domain_reversals_follow_the_nearest_neighbour_graph():
         assert one_sign or any(graph[i, np.setdiff1d(ions, i)].all() for i in ions)  # else an ion and neighbours
         sizes.append(len(ions))
     assert max(sizes) >= 4
-    pinned = MomentLevels({"Ni": [0, 1], "Co": [0, 1], "Mn": [0, 3]}, symbols, fixed_signs={0: 1, 1: 1})
+    pinned = MomentLevels({"Ni": [0, 1], "Co": [0, 1], "Mn": [0, 3]}, SYMBOLS27, fixed_signs={0: 1, 1: 1})
     ga = _Genetic(_Evaluations(model, pinned, False, None, None), rng, SearchSettings(population=16))
     for row in pinned.random_indices(40, rng):
         flipped = ga._domain_flip(row)
