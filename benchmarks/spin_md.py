@@ -171,8 +171,8 @@ def exhaustive_minimum(job) -> tuple[float, float, float]:
         result = search_ground_state(model, levels, enumerate_limit=levels.n_configurations, n_lowest=2)
     else:
         starts = [{"seed": seed} for seed in TRUTH_SEEDS] + ([{"start": held}] if held is not None else [])
-        result = min((search_ground_state(model, levels, n_lowest=2, **TRUTH_SEARCH, **start) for start in starts),
-                     key=lambda r: r.best_energy)
+        result = min((search_ground_state(model, levels, n_lowest=2, cold_runs=1, **TRUTH_SEARCH, **start)
+                      for start in starts), key=lambda r: r.best_energy)  # its seeds are its runs (cache tag)
     return result.best_energy, result.lowest[1][1] - result.best_energy, time.perf_counter() - t0
 
 

@@ -212,6 +212,38 @@ def test_cold_search_effort_grows_with_the_ions():
     assert max(len(batch) for batch in rec.seen) <= 8
 
 
+def test_large_cold_searches_keep_the_best_of_independent_runs():
+    """Above 16 magnetic ions a cold search runs 3 independent GAs (cold_runs) and keeps the lowest: its first run
+    draws what a single run draws, its cost is the sum, its lowest states the distinct lowest of all runs; on
+    these short runs the extra runs find a lower state from some seeds. Warm and budgeted searches run once."""
+    model, levels = model27(), MomentLevels(MAGS8, SYMBOLS27)
+    short = {"patience": 3, "population": 16}
+    gains = []
+    for seed in range(4):
+        single, rec = Recording(model), Recording(model)
+        one = search_ground_state(single, levels, seed=seed, cold_runs=1, **short)
+        best = search_ground_state(rec, levels, seed=seed, **short)
+        assert all(np.array_equal(a, b) for a, b in zip(single.seen, rec.seen[: len(single.seen)]))
+        assert best.n_evaluations == sum(len(batch) for batch in rec.seen) > 2 * one.n_evaluations
+        energies = [e for _, e in best.lowest]
+        assert energies == sorted(energies) and energies[0] == best.best_energy <= one.best_energy
+        assert len({np.asarray(m).tobytes() for m, _ in best.lowest}) == len(best.lowest) == 5
+        gains.append(one.best_energy - best.best_energy)
+        explicit = search_ground_state(model, levels, seed=seed, cold_runs=3, **short)
+        assert (explicit.best_energy, explicit.n_evaluations) == (best.best_energy, best.n_evaluations)
+    assert max(gains) > 1e-3
+    start = np.ones(27)
+    warm = [search_ground_state(model, levels, seed=0, start=start, cold_runs=k, **short).n_evaluations for k in (1, 3)]
+    assert warm[0] == warm[1]
+    budgeted = search_ground_state(model, levels, seed=0, max_evaluations=300, cold_runs=3, **short)
+    assert budgeted.n_evaluations <= 300
+    small = search_ground_state(model8(3), MomentLevels(MAGS8, SYMBOLS8), seed=0, enumerate_limit=0, **short)
+    assert small.n_evaluations == search_ground_state(model8(3), MomentLevels(MAGS8, SYMBOLS8), seed=0,
+                                                      enumerate_limit=0, cold_runs=1, **short).n_evaluations
+    with pytest.raises(ValueError, match="cold_runs"):
+        SearchSettings(cold_runs=0)
+
+
 def test_domain_reversals_follow_the_nearest_neighbour_graph():
     """The model's nearest-neighbour graph is its first shell (six in-plane ions at a in triangular layers); a
     domain reversal flips a connected set of it: ions of one sign, or an ion and some of its neighbours."""
