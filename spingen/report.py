@@ -112,16 +112,19 @@ def iteration_step(iteration: int, last: tuple[int, int] | None, finished: bool)
 
 def explore_summary(selection) -> dict:
     """Explored frames, accurate/candidate/failed %, candidates by spin disagreement only (% of
-    frames: their force deviation is below the lower trust level) and selected count from selection.json."""
+    frames: their force deviation is below the lower trust level), selected count and how many of those are
+    spin-only (absent from runs before fp_spin_only_share) from selection.json."""
     if not isinstance(selection, dict):
         return {"explore_frames": None, **{f"{c}_pct": None for c in SELECTION_CLASSES}, "spin_only_pct": None,
-                "selected": None}
+                "selected": None, "spin_only_selected": None}
     systems = list(selection.get("systems", {}).values())
     counts = {c: sum(s.get(c, 0) for s in systems) for c in SELECTION_CLASSES}
     total = sum(counts.values())
     spin_only = sum(s.get("spin_only", 0) for s in systems)
     return {"explore_frames": total, **{f"{c}_pct": 100.0 * counts[c] / total if total else None for c in SELECTION_CLASSES},
-            "spin_only_pct": 100.0 * spin_only / total if total else None, "selected": selection.get("selected")}
+            "spin_only_pct": 100.0 * spin_only / total if total else None, "selected": selection.get("selected"),
+            "spin_only_selected": (sum(s["spin_only_selected"] for s in systems)
+                                   if all("spin_only_selected" in s for s in systems) else None)}
 
 
 def label_summary(labels) -> dict:
@@ -238,7 +241,7 @@ def _number(value, fmt: str) -> str:
 def format_status(status: Status) -> str:
     """An aligned text table, a legend and the record's last finished step."""
     names = sorted({m["model"] for row in status.rows for m in row["models"] or []})
-    header = ["iter", "step", "explored", "acc %", "cand %", "(spin) %", "fail %", "selected", "labeled",
+    header = ["iter", "step", "explored", "acc %", "cand %", "(spin) %", "fail %", "selected", "(spin)", "labeled",
               "(states)", "lbl failed", *(f"m{name} E/F" for name in names), "ranked", "gap", "new E", "new F",
               "spin %", "kept %", "pred low"]
     table = [header]
@@ -247,7 +250,7 @@ def format_status(status: Status) -> str:
         cells = [f"{row['iteration']:06d}", row["step"], _number(row["explore_frames"], "d"),
                  _number(row["accurate_pct"], ".1f"), _number(row["candidate_pct"], ".1f"),
                  _number(row["spin_only_pct"], ".1f"), _number(row["failed_pct"], ".1f"), _number(row["selected"], "d"),
-                 _number(row["labeled"], "d"), _number(row["labeled_other_states"], "d"),
+                 _number(row["spin_only_selected"], "d"), _number(row["labeled"], "d"), _number(row["labeled_other_states"], "d"),
                  _number(row["label_failed"], "d")]
         for name in names:
             model = models.get(name)
@@ -271,7 +274,8 @@ def format_status(status: Status) -> str:
               "mNNN E/F: model NNN's last lcurve RMSE, energy eV/atom / force eV/A, on the validation set "
               "(* on the training set: no validation data)",
               "(spin) %: candidates only because the models disagree on the ground-state moments (force "
-              "deviation below the lower trust level)",
+              "deviation below the lower trust level); selected (spin): how many of the selected are such candidates "
+              "(fp_spin_only_share reserves picks for them)",
               "(states): labels in a state other than the predicted ground state (fp_spin_init states/members/sectors)",
               "ranked, gap: training geometries labeled in several spin states on which the ensemble's lowest "
               "state is DFT's (k/n), and its state gap RMSE there, meV/atom",

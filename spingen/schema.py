@@ -415,6 +415,13 @@ def param_arginfo() -> Argument:
                  doc="At most this many candidates per iteration over all systems (null: no global cap); "
                      "taken in turn from each system's sampled candidates."),
         Argument("fp_task_min", int, optional=True, default=1, doc="Fewer candidates than this: label none."),
+        Argument("fp_spin_only_share", float, optional=True, default=0.5,
+                 doc="Share of each system's fp_task_max reserved for spin-only candidates (spin disagreement "
+                     "above the spin trusts while the force deviation is below model_devi_f_trust_lo): "
+                     "ceil(share x fp_task_max) of the picks are drawn from them first, as many as there are, the "
+                     "rest from all candidates. Force candidates usually outnumber them many times, and a "
+                     "uniform pick would leave the states the models rank differently unlabeled (0: DP-GEN's "
+                     "uniform pick)."),
         Argument("ratio_failed", float, optional=True, default=0.05,
                  doc="Largest fraction of failed label tasks before the run stops."),
     ]
@@ -1075,6 +1082,7 @@ class ExploreSettings:
     task_max: int
     task_max_total: int | None
     task_min: int
+    spin_only_share: float  # of task_max, reserved for spin-only candidates
     jobs: tuple[ExploreJob, ...]  # model_devi_jobs, one per iteration
     certify: Mapping[str, Any] | None = None  # CertificateSettings fields; None: search at every re-optimizing step
     sectors: int = 0  # total-moment sectors searched per picked candidate (fp_spin_init "sectors"); 0: none
@@ -1110,6 +1118,8 @@ def explore_settings(param: Param) -> ExploreSettings:
         raise InputError(f"{where} 'fp_task_max'/'fp_task_max_total'/'fp_task_min': expected fp_task_max >= 1, "
                          f"fp_task_max_total null or >= 1, fp_task_min >= 0; got {raw['fp_task_max']}, {total}, "
                          f"{raw['fp_task_min']}")
+    if not 0 <= raw["fp_spin_only_share"] <= 1:
+        raise InputError(f"{where} 'fp_spin_only_share': expected a share in [0, 1], got {raw['fp_spin_only_share']}")
     sectors = int(raw["fp_spin_sectors"]) if raw["fp_spin_init"] == "sectors" else 0
     if raw["fp_spin_init"] == "sectors" and sectors < 1:
         raise InputError(f"{where} 'fp_spin_sectors': expected at least 1 sector with fp_spin_init \"sectors\", "
@@ -1154,6 +1164,7 @@ def explore_settings(param: Param) -> ExploreSettings:
         compressibility=float(raw["model_devi_compressibility"]), spin_search=search,
         symmetrize=bool(raw["model_devi_spin_symmetrize"]), task_max=int(raw["fp_task_max"]),
         task_max_total=None if total is None else int(total), task_min=int(raw["fp_task_min"]),
+        spin_only_share=float(raw["fp_spin_only_share"]),
         jobs=tuple(ExploreJob(
             sys_idx=tuple(int(i) for i in job["sys_idx"]), temps=tuple(float(t) for t in job["temps"]),
             press=tuple(float(p) for p in job["press"]), ensemble=job["ensemble"], nsteps=int(job["nsteps"]),

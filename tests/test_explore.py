@@ -607,6 +607,25 @@ def test_sampling_is_seeded_and_both_caps_hold():
     assert sample_candidates(candidates, task_max=10, task_max_total=None, task_min=2, seed=42)[2] == []
 
 
+def test_spin_only_candidates_get_their_reserved_share_of_the_picks():
+    """ceil(share x task_max) picks go first to the spin-only candidates (as many as there are), the rest are drawn
+    from all; share 0, or no spin-only candidate, is the uniform pick, draw for draw."""
+    candidates = {0: [f"f{i}" for i in range(40)] + ["s0", "s1", "s2"], 1: [f"g{i}" for i in range(6)] + ["t0"]}
+    flags = {system: [c[0] in "st" for c in items] for system, items in candidates.items()}
+    uniform = sample_candidates(candidates, task_max=4, task_max_total=None, task_min=1, seed=7)
+    assert sample_candidates(candidates, 4, None, 1, 7, flags, 0.0) == uniform
+    assert sample_candidates(candidates, 4, None, 1, 7, {0: [False] * 43, 1: [False] * 7}, 0.5) == uniform
+    for seed in range(20):
+        half = sample_candidates(candidates, 4, None, 1, seed, flags, 0.5)
+        assert [sum(c[0] in "st" for c in half[s]) >= n for s, n in ((0, 2), (1, 1))] == [True, True]
+        assert all(len(half[s]) == len(set(half[s])) == 4 for s in (0, 1))
+        one = sample_candidates(candidates, 1, None, 1, seed, flags, 0.5)
+        assert one[0][0].startswith("s") and one[1] == ["t0"]
+        every = sample_candidates(candidates, 5, None, 1, seed, flags, 1.0)
+        assert {"s0", "s1", "s2"} <= set(every[0]) and "t0" in every[1]
+    assert sum(sample_candidates(candidates, 1, None, 1, seed)[0][0].startswith("s") for seed in range(20)) < 10
+
+
 # ---------------------------------------------------------------- the stage through dpdispatcher
 DRIVER = """
 import logging, sys
@@ -675,6 +694,7 @@ def test_stage_runs_through_dpdispatcher_and_resumes_after_a_kill(tmp_path, mode
     assert counts["total"] == 6 and counts["accurate"] + counts["candidate"] + counts["failed"] == 6
     candidates = ase.io.read(stage_dir / "candidates.000.extxyz", index=":")
     assert len(candidates) == counts["selected"] == min(3, counts["candidate"])
+    assert min(2, counts["spin_only"]) <= counts["spin_only_selected"] <= min(3, counts["spin_only"])  # share 0.5
     for frame in candidates:
         traj = {f.info["step"]: f for f in ase.io.read(stage_dir / frame.info["task"] / "traj.extxyz", index=":")}
         source = traj[frame.info["step"]]
@@ -695,6 +715,8 @@ def test_stage_runs_through_dpdispatcher_and_resumes_after_a_kill(tmp_path, mode
     ({"model_devi_spin_trust": 1.5}, "model_devi_spin_trust"),
     ({"model_devi_spin_e_trust": -0.01}, "model_devi_spin_e_trust"),
     ({"fp_task_max_total": 0}, "fp_task_max_total"),
+    ({"fp_spin_only_share": 1.5}, "fp_spin_only_share"),
+    ({"model_devi_spin_search": {"cold_runs": 0}}, "model_devi_spin_search/cold_runs"),
     ({"model_devi_spin_search": {"population": 1}}, "model_devi_spin_search/population"),
     ({"model_devi_spin_certify": {"margin": -0.1}}, "model_devi_spin_certify"),
     ({"model_devi_spin_certify": {"max_age": 0}}, "model_devi_spin_certify"),
@@ -716,13 +738,15 @@ def test_explore_settings_defaults(tmp_path):
     param_path, _ = write_inputs(tmp_path, make_param(tmp_path, model_devi_spin_search={"max_evaluations": 8}))
     settings = explore_settings(load_param(param_path))
     assert settings.driver == "first" and settings.task_max_total is None and settings.skip == 0
+    assert settings.spin_only_share == 0.5
     assert settings.spin_search == {"max_evaluations": 8}  # unset keys: the search's own defaults
     assert settings.certify == {"margin": 0.002, "max_age": 20, "search_every": 500, "pair_limit": 300,
                                 "remembered_states": 8}
     param_path, _ = write_inputs(tmp_path, make_param(tmp_path, model_devi_spin_certify={"enable": False}))
     assert explore_settings(load_param(param_path)).certify is None
-    param_path, _ = write_inputs(tmp_path, make_param(tmp_path, model_devi_spin_search={"domain_reversals": False}))
-    assert explore_settings(load_param(param_path)).spin_search == {"domain_reversals": False}
+    param_path, _ = write_inputs(tmp_path, make_param(tmp_path, model_devi_spin_search={"domain_reversals": False,
+                                                                                       "cold_runs": 1}))
+    assert explore_settings(load_param(param_path)).spin_search == {"domain_reversals": False, "cold_runs": 1}
 
 
 def test_magnitudes_inferred_from_training_data(tmp_path):

@@ -41,8 +41,8 @@ def selection(accurate: int, candidate: int, failed: int) -> dict:
     return {"seed": 1, "f_trust_lo": 0.05, "f_trust_hi": 0.15, "spin_trust": 0.3, "skip": 0, "fp_task_max": 5,
             "fp_task_max_total": None, "fp_task_min": 0,
             "systems": {"000": {**first, "total": sum(first[c] for c in ("accurate", "candidate", "failed")),
-                                "selected": 3},
-                        "001": {**second, "total": 1, "selected": 0}},
+                                "selected": 3, "spin_only_selected": min(2, candidate // 3)},
+                        "001": {**second, "total": 1, "selected": 0, "spin_only_selected": 0}},
             "selected": 3}
 
 
@@ -99,6 +99,7 @@ def test_status_rows(workdir):
     assert (first["accurate_pct"], first["candidate_pct"], first["failed_pct"]) == pytest.approx((50, 30, 20))
     assert first["spin_only_pct"] == pytest.approx(10.0) and rows[1]["spin_only_pct"] == pytest.approx(2.0)
     assert (first["selected"], first["labeled"], first["label_failed"]) == (3, 3, 1)
+    assert first["spin_only_selected"] == rows[1]["spin_only_selected"] == 2
     assert first["labeled_other_states"] == 1 and rows[1]["labeled_other_states"] == 1
     assert (first["ranking_right"], first["ranking_geometries"], first["state_gap_rmse_meV_atom"]) == (3, 5, 9.5)
     assert (rows[1]["ranking_right"], rows[1]["state_gap_rmse_meV_atom"]) == (4, 4.5)

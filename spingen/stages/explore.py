@@ -229,6 +229,7 @@ class ExploreStage(Stage):
             old.unlink()
         counts: dict[int, dict[str, int]] = {}
         classified: dict[int, dict[str, list[tuple[str, int, np.ndarray]]]] = {}
+        spin_only_flags: dict[int, list[bool]] = {}  # per candidate of each system
         for task in self.task_dirs(ctx):
             if not (path / task / FINISHED_TAG).is_file():
                 raise RuntimeError(f"model_devi: task {path / task} did not finish; see its {ERRLOG}")
@@ -238,6 +239,7 @@ class ExploreStage(Stage):
                               s.spin_e_trust)
             count = counts.setdefault(system, {c: 0 for c in SELECTION_CLASSES} | {"nan": 0, "spin_only": 0})
             lists = classified.setdefault(system, {c: [] for c in SELECTION_CLASSES})
+            flags = spin_only_flags.setdefault(system, [])
             finite = np.all(np.isfinite(rows[:, 1:]), axis=1)
             spin_only = spin_flags(rows, s.spin_trust, s.spin_e_trust) & (rows[:, _COL["max_devi_f"]] < s.f_trust_lo)
             for row, label, ok, by_spin in zip(rows, labels, finite, spin_only):
@@ -247,25 +249,32 @@ class ExploreStage(Stage):
                 count["nan"] += int(not ok)
                 count["spin_only"] += int(label == "candidate" and by_spin)
                 lists[label].append((task, int(row[0]), row))
+                if label == "candidate":
+                    flags.append(bool(by_spin))
         candidates = {system: lists["candidate"] for system, lists in classified.items()}
-        selected = sample_candidates(candidates, s.task_max, s.task_max_total, s.task_min, seed)
+        selected = sample_candidates(candidates, s.task_max, s.task_max_total, s.task_min, seed, spin_only_flags,
+                                     s.spin_only_share)
         report = {"seed": seed, "f_trust_lo": s.f_trust_lo, "f_trust_hi": s.f_trust_hi, "spin_trust": s.spin_trust,
                   "spin_e_trust": s.spin_e_trust,
                   "skip": s.skip, "fp_task_max": s.task_max, "fp_task_max_total": s.task_max_total,
-                  "fp_task_min": s.task_min, "systems": {}}
+                  "fp_task_min": s.task_min, "fp_spin_only_share": s.spin_only_share, "systems": {}}
         for system in sorted(counts):
             count, total = counts[system], sum(counts[system][c] for c in SELECTION_CLASSES)
             for label in SELECTION_CLASSES:
                 log.info("system %03d %-9s : %6d in %6d %6.2f %%", system, label, count[label], total,
                          100.0 * count[label] / total if total else 0.0)
-            log.info("system %03d accurate/candidate/failed ratios %.4f / %.4f / %.4f; %d NaN/inf row(s), %d "
-                     "candidate(s) by spin disagreement only; %d selected", system,
-                     *(count[c] / total if total else 0.0 for c in SELECTION_CLASSES), count["nan"], count["spin_only"],
-                     len(selected[system]))
             self._write_lists(path, system, classified[system], seed)
             if selected[system]:
                 write_candidates(path, path / CANDIDATES_FILE.format(system), selected[system], s.sectors)
-            report["systems"][f"{system:03d}"] = {**count, "total": total, "selected": len(selected[system])}
+            spin_keys = {(task, step) for (task, step, _), flag in zip(candidates[system], spin_only_flags[system])
+                         if flag}
+            report["systems"][f"{system:03d}"] = {
+                **count, "total": total, "selected": len(selected[system]),
+                "spin_only_selected": sum((task, step) in spin_keys for task, step, _ in selected[system])}
+            log.info("system %03d accurate/candidate/failed ratios %.4f / %.4f / %.4f; %d NaN/inf row(s), %d "
+                     "candidate(s) by spin disagreement only; %d selected (%d of them spin-only)", system,
+                     *(count[c] / total if total else 0.0 for c in SELECTION_CLASSES), count["nan"], count["spin_only"],
+                     len(selected[system]), report["systems"][f"{system:03d}"]["spin_only_selected"])
         n_selected = sum(len(v) for v in selected.values())
         report["selected"] = n_selected
         (path / SELECTION_FILE).write_text(json.dumps(report, indent=1) + "\n")
@@ -328,9 +337,11 @@ def classify(rows: np.ndarray, lo: float, hi: float, spin_trust: float, skip: in
 
 
 def sample_candidates(candidates: Mapping[int, Sequence[T]], task_max: int, task_max_total: int | None,
-                      task_min: int, seed: int) -> dict[int, list[T]]:
+                      task_min: int, seed: int, spin_only: Mapping[int, Sequence[bool]] | None = None,
+                      spin_only_share: float = 0.0) -> dict[int, list[T]]:
     """Seeded random picks per system: at most task_max each (none below task_min), then at most
-    task_max_total in all, taken in turn from each system's picks (system order)."""
+    task_max_total in all, taken in turn from each system's picks (system order). With spin_only (a
+    flag per candidate), ceil(spin_only_share x task_max) picks go first to the flagged candidates."""
     picked: dict[int, list[T]] = {}
     for system in sorted(candidates):
         items = list(candidates[system])
@@ -338,7 +349,10 @@ def sample_candidates(candidates: Mapping[int, Sequence[T]], task_max: int, task
             picked[system] = []
             continue
         order = np.random.default_rng([seed, system]).permutation(len(items))
-        picked[system] = [items[i] for i in order[:task_max]]
+        flags = (spin_only or {}).get(system, [False] * len(items))
+        reserved = [int(i) for i in order if flags[i]][: math.ceil(spin_only_share * task_max)]
+        rest = [int(i) for i in order if int(i) not in set(reserved)][: task_max - len(reserved)]
+        picked[system] = [items[i] for i in reserved + rest]
     if task_max_total is None or sum(len(v) for v in picked.values()) <= task_max_total:
         return picked
     capped: dict[int, list[T]] = {system: [] for system in picked}
