@@ -42,23 +42,28 @@ def render(rows: list[dict], wall: float, durations: dict[str, float], rss_mib: 
     def ranked(row):
         return "-" if row["ranking_geometries"] is None else f"{row['ranking_right']}/{row['ranking_geometries']}"
 
+    def predicted(row):
+        return "-" if not row["candidates_in_states"] else f"{row['predicted_lowest']}/{row['candidates_in_states']}"
+
     lines = [f"Measured {info['date']} on `{info['uname']}` ({info['cpu']}, nproc {info['nproc']}); load average "
              f"before {info['load_before']}, after {info['load_after']}.", "", f"    {command}", "",
              f"- **wall time, fresh work dir to the closing train: {wall / 60:.1f} min** (target 20 min)",
              f"- peak resident memory of one process (the largest of spingen and every `dp`/GPAW/explore task): "
              f"{rss_mib:.0f} MiB", "",
              "| iteration | explored frames | accurate % | candidate % | of which by spin disagreement only % | "
-             "failed % | labeled | failed labels | ensemble error on the new labels, energy meV/atom | force meV/A "
-             "| spin states agreeing % | labels in other states | states DFT kept % | ranked right (training geometries) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "failed % | selected (spin-only) | labeled | failed labels | ensemble error on the new labels, energy "
+             "meV/atom | force meV/A | spin states agreeing % | labels in other states | states DFT kept % | predicted "
+             "state lowest by DFT | ranked right (training geometries) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['iteration']} | {cell(r['explore_frames'], 'd')} | {cell(r['accurate_pct'], '.1f')} | "
                      f"{cell(r['candidate_pct'], '.1f')} | {cell(r['spin_only_pct'], '.1f')} | "
-                     f"{cell(r['failed_pct'], '.1f')} | {cell(r['labeled'], 'd')} | "
+                     f"{cell(r['failed_pct'], '.1f')} | {cell(r['selected'], 'd')} ({cell(r['spin_only_selected'], 'd')}) | "
+                     f"{cell(r['labeled'], 'd')} | "
                      f"{cell(r['label_failed'], 'd')} | {cell(r['ensemble_rmse_e_meV_atom'], '.1f')} | "
                      f"{cell(r['ensemble_rmse_f_meV_A'], '.0f')} | {cell(r['spin_agree_pct'], '.0f')} | "
                      f"{cell(r['labeled_other_states'], 'd')} | {cell(r['states_kept_pct'], '.0f')} | "
-                     f"{ranked(r)} |")
+                     f"{predicted(r)} | {ranked(r)} |")
     lines += ["", "Time per step kind, summed over iterations (s):", "",
               "| step | s |", "|---|---|"]
     lines += [f"| {k} | {v:.0f} |" for k, v in durations.items()]
