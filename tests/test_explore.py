@@ -624,6 +624,11 @@ def test_spin_only_candidates_get_their_reserved_share_of_the_picks():
         every = sample_candidates(candidates, 5, None, 1, seed, flags, 1.0)
         assert {"s0", "s1", "s2"} <= set(every[0]) and "t0" in every[1]
     assert sum(sample_candidates(candidates, 1, None, 1, seed)[0][0].startswith("s") for seed in range(20)) < 10
+    many = {0: [f"f{i}" for i in range(30)] + [f"s{i}" for i in range(10)]}
+    order = [many[0][i] for i in np.random.default_rng([0, 0]).permutation(40)]
+    spins = [c for c in order if c[0] == "s"]
+    expected = spins[:7] + [c for c in order if c not in spins[:7]][:18]  # 0.28 x 25 is 7, not the float's ceil 8
+    assert sample_candidates(many, 25, None, 1, 0, {0: [c[0] == "s" for c in many[0]]}, 0.28)[0] == expected
 
 
 # ---------------------------------------------------------------- the stage through dpdispatcher

@@ -350,8 +350,9 @@ def sample_candidates(candidates: Mapping[int, Sequence[T]], task_max: int, task
             continue
         order = np.random.default_rng([seed, system]).permutation(len(items))
         flags = (spin_only or {}).get(system, [False] * len(items))
-        reserved = [int(i) for i in order if flags[i]][: math.ceil(spin_only_share * task_max)]
-        rest = [int(i) for i in order if int(i) not in set(reserved)][: task_max - len(reserved)]
+        reserved = [int(i) for i in order if flags[i]][: math.ceil(round(spin_only_share * task_max, 9))]
+        taken = set(reserved)
+        rest = [int(i) for i in order if int(i) not in taken][: task_max - len(reserved)]
         picked[system] = [items[i] for i in reserved + rest]
     if task_max_total is None or sum(len(v) for v in picked.values()) <= task_max_total:
         return picked
