@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--conventional", action="store_true", help="repeat the 8-atom cell, not the primitive one")
     parser.add_argument("--no-doc", action="store_true")
     args = parser.parse_args(argv)
+    unknown = sorted(set(args.settings) - set(SETTINGS))
+    if unknown:
+        parser.error(f"unknown --settings {unknown}; known: {list(SETTINGS)}")
     spin_md.PRIMITIVE[0] = not args.conventional
     spin_md.REPEAT[:] = args.repeat
     from spingen.data.levels import magnitudes_from_data

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import signal
 import subprocess
@@ -627,8 +628,49 @@ def test_spin_only_candidates_get_their_reserved_share_of_the_picks():
     many = {0: [f"f{i}" for i in range(30)] + [f"s{i}" for i in range(10)]}
     order = [many[0][i] for i in np.random.default_rng([0, 0]).permutation(40)]
     spins = [c for c in order if c[0] == "s"]
-    expected = spins[:7] + [c for c in order if c not in spins[:7]][:18]  # 0.28 x 25 is 7, not the float's ceil 8
-    assert sample_candidates(many, 25, None, 1, 0, {0: [c[0] == "s" for c in many[0]]}, 0.28)[0] == expected
+    picks = sample_candidates(many, 25, None, 1, 0, {0: [c[0] == "s" for c in many[0]]}, 0.28)[0]
+    assert set(spins[:7]) <= set(picks) and sorted(picks) == sorted(spins[:7] + [c for c in order if c not in
+                                                                                 spins[:7]][:18])  # 7, not ceil(7.000001)
+    for k in range(1, 26):  # spread: a capped prefix keeps its share
+        assert sum(c[0] == "s" for c in picks[:k]) >= min(7, math.ceil(round(0.28 * k, 9)))
+    capped = sample_candidates(candidates, 4, 4, 1, 3, flags, 0.5)  # two systems, two picks each under the cap
+    assert [sum(c[0] in "st" for c in capped[s]) for s in (0, 1)] == [1, 1]
+
+
+def test_post_counts_and_labels_the_spin_only_candidates(tmp_path):
+    """post on finished tasks: the spin-only rows (spin disagreement, forces below lo) are counted, the reserved
+    pick goes to one of them, and selection.json and the candidates file say so."""
+    import ase.io
+
+    from spingen.loop import StageContext
+    from spingen.schema import load_machine, load_param
+    from spingen.stages.explore import ExploreStage
+
+    param_path, machine_path = write_inputs(tmp_path, make_param(tmp_path, fp_task_max=2))
+    stage_dir = tmp_path / "iter.000000" / "01.model_devi"
+    rows = [[step, 0, 0, 0, 0.1, 0, 0, 0.01, -1, -1] for step in range(6)]  # force candidates
+    rows += [[step, 0, 0, 0, 0.01, 0, 0, 0.01, 0.5, 0.01] for step in (6, 7)]  # spin-only candidates
+    rows += [[8, 0, 0, 0, 0.01, 0, 0, 0.01, 0.0, 0.0], [9, 0, 0, 0, 0.9, 0, 0, 0.01, -1, -1]]  # accurate, failed
+    for k, task_rows in enumerate((rows[:5], rows[5:])):
+        task = stage_dir / f"task.000.{k:06d}"
+        task.mkdir(parents=True)
+        np.savetxt(task / "model_devi.out", task_rows, header=" ".join(DEVI_COLUMNS))
+        frames = []
+        for row in task_rows:
+            atoms = cell16(int(row[0]))
+            atoms.info["step"] = int(row[0])
+            frames.append(atoms)
+        ase.io.write(task / "traj.extxyz", frames, format="extxyz")
+        (task / "finished").touch()
+    for share, spin_picked in ((0.5, 1), (1.0, 2)):
+        param = make_param(tmp_path, fp_task_max=2, fp_spin_only_share=share)
+        param_path.write_text(json.dumps(param))
+        ExploreStage(load_param(param_path), load_machine(machine_path).model_devi).post(StageContext(tmp_path, 0))
+        counts = json.loads((stage_dir / "selection.json").read_text())["systems"]["000"]
+        assert (counts["candidate"], counts["spin_only"], counts["accurate"], counts["failed"]) == (8, 2, 1, 1)
+        assert (counts["selected"], counts["spin_only_selected"]) == (2, spin_picked)
+        picked = ase.io.read(stage_dir / "candidates.000.extxyz", index=":")
+        assert sum(frame.info["spin_disagree"] > 0 for frame in picked) == spin_picked
 
 
 # ---------------------------------------------------------------- the stage through dpdispatcher

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from spingen.cli import main
-from spingen.report import format_status, gather
+from spingen.report import explore_summary, format_status, gather
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 DEVI_HEADER = ("#       step max_devi_v min_devi_v avg_devi_v max_devi_f min_devi_f avg_devi_f devi_e "
@@ -98,8 +98,16 @@ def test_status_rows(workdir):
     assert first["explore_frames"] == 100
     assert (first["accurate_pct"], first["candidate_pct"], first["failed_pct"]) == pytest.approx((50, 30, 20))
     assert first["spin_only_pct"] == pytest.approx(10.0) and rows[1]["spin_only_pct"] == pytest.approx(2.0)
+    table = format_status(gather(workdir)).splitlines()
+    header = next(line for line in table if line.lstrip().startswith("iter"))
+    row = next(line for line in table if line.startswith("000000"))
+    column = header.index("(spin)", header.index("selected"))  # right-aligned: ends where its header ends
+    assert row[: column + len("(spin)")].split()[-2:] == ["3", "2"]  # selected 3, of them spin-only 2
     assert (first["selected"], first["labeled"], first["label_failed"]) == (3, 3, 1)
     assert first["spin_only_selected"] == rows[1]["spin_only_selected"] == 2
+    older = selection(50, 30, 20)  # selection.json of a run before fp_spin_only_share
+    del older["systems"]["000"]["spin_only_selected"]
+    assert explore_summary(older)["spin_only_selected"] is None
     assert first["labeled_other_states"] == 1 and rows[1]["labeled_other_states"] == 1
     assert (first["ranking_right"], first["ranking_geometries"], first["state_gap_rmse_meV_atom"]) == (3, 5, 9.5)
     assert (rows[1]["ranking_right"], rows[1]["state_gap_rmse_meV_atom"]) == (4, 4.5)

@@ -73,8 +73,7 @@ class SearchSettings:
 
 SEARCH_KEYS = tuple(f.name for f in fields(SearchSettings))  # the search's knobs
 LARGE_CELL = 16  # magnetic ions above which one cold GA run often ends in another basin (27 Ni: 4 of 16 runs
-LARGE_COLD_RUNS = 3  # > 100 meV/cell above the best seen); the best of 3 runs ended a mean 32 meV/cell above
-# it (benchmarks/cold_search.py; docs/benchmarks/spin_md.md, "The first search decides")
+LARGE_COLD_RUNS = 3  # > 100 meV/cell above the best seen; docs/benchmarks/spin_md.md, "The first search decides")
 
 
 @dataclass(frozen=True)
@@ -90,7 +89,7 @@ class SearchResult:
     n_evaluations: int
     lowest: list[tuple[np.ndarray, float]] = field(repr=False)
     method: str  # "enumeration" | "genetic"
-    n_generations: int = 0
+    n_generations: int = 0  # summed over the runs of a best-of-runs cold search
     surrogate: PairSurrogate | None = field(default=None, repr=False, compare=False)
 
 
@@ -106,7 +105,8 @@ def search_ground_state(model: EnergyModel, levels: MomentLevels, *, start: np.n
     (mu + lambda) elitism, greedy polish of every new best. Stops after `patience` generations
     without a new best (`warm_patience` with a start), max_generations or max_evaluations. A cold
     search (no start, no prior) runs cold_runs independent GAs and keeps the lowest (default: 3 above
-    16 magnetic ions, where one run often settles in another basin).
+    16 magnetic ions without max_evaluations, where one run often settles in another basin; else 1);
+    n_evaluations and n_generations are then summed over the runs.
     start: moments (n_magnetic,) or (k, n_magnetic), snapped to the levels; prior: the result
     for a nearby geometry (its lowest configurations start too, its surrogate seeds the fit).
     known: evaluations already made at this geometry, (moments (k, n_magnetic), energies (k,),
@@ -126,8 +126,9 @@ def search_ground_state(model: EnergyModel, levels: MomentLevels, *, start: np.n
     large = levels.n_magnetic > LARGE_CELL and s.max_evaluations is None
     runs = (s.cold_runs or (LARGE_COLD_RUNS if large else 1)) if cold else 1
     results: list[SearchResult] = []
-    for run in range(runs):
-        budget = None if s.max_evaluations is None else s.max_evaluations - sum(r.n_evaluations for r in results)
+    for run in range(runs):  # with max_evaluations, each run gets an equal part of what is left
+        budget = (None if s.max_evaluations is None
+                  else (s.max_evaluations - sum(r.n_evaluations for r in results)) // (runs - run))
         if budget is not None and budget < 1:
             break
         rng = np.random.default_rng(seed if run == 0 else [seed, run])  # run 0 draws what a single run draws

@@ -341,7 +341,8 @@ def sample_candidates(candidates: Mapping[int, Sequence[T]], task_max: int, task
                       spin_only_share: float = 0.0) -> dict[int, list[T]]:
     """Seeded random picks per system: at most task_max each (none below task_min), then at most
     task_max_total in all, taken in turn from each system's picks (system order). With spin_only (a
-    flag per candidate), ceil(spin_only_share x task_max) picks go first to the flagged candidates."""
+    flag per candidate), ceil(spin_only_share x task_max) of a system's picks are flagged ones where it
+    has that many, spread through its picks so that a capped first k keep ceil(spin_only_share x k)."""
     picked: dict[int, list[T]] = {}
     for system in sorted(candidates):
         items = list(candidates[system])
@@ -350,10 +351,14 @@ def sample_candidates(candidates: Mapping[int, Sequence[T]], task_max: int, task
             continue
         order = np.random.default_rng([seed, system]).permutation(len(items))
         flags = (spin_only or {}).get(system, [False] * len(items))
-        reserved = [int(i) for i in order if flags[i]][: math.ceil(round(spin_only_share * task_max, 9))]
+        reserved = [int(i) for i in order if flags[i]][: _share_of(spin_only_share, task_max)]
         taken = set(reserved)
         rest = [int(i) for i in order if int(i) not in taken][: task_max - len(reserved)]
-        picked[system] = [items[i] for i in reserved + rest]
+        merged: list[int] = []  # a flagged pick wherever the prefix so far holds fewer than its share
+        while reserved or rest:
+            spin_due = sum(flags[i] for i in merged) < _share_of(spin_only_share, len(merged) + 1)
+            merged.append((reserved if reserved and (spin_due or not rest) else rest).pop(0))
+        picked[system] = [items[i] for i in merged]
     if task_max_total is None or sum(len(v) for v in picked.values()) <= task_max_total:
         return picked
     capped: dict[int, list[T]] = {system: [] for system in picked}
@@ -365,6 +370,11 @@ def sample_candidates(candidates: Mapping[int, Sequence[T]], task_max: int, task
                 taken += 1
         depth += 1
     return capped
+
+
+def _share_of(share: float, n: int) -> int:
+    """ceil(share x n), the product rounded first (0.28 x 25 is 7, not the float's ceil 8)."""
+    return math.ceil(round(share * n, 9))
 
 
 def write_candidates(stage_dir: Path, out: Path, picks: Sequence[tuple[str, int, np.ndarray]],
