@@ -419,7 +419,8 @@ def param_arginfo() -> Argument:
                  doc="Share of each system's fp_task_max reserved for spin-only candidates (spin disagreement "
                      "above the spin trusts while the force deviation is below model_devi_f_trust_lo): "
                      "ceil(share x fp_task_max) of the picks are spin-only ones where there are that many, the "
-                     "rest drawn from all candidates, spread so that fp_task_max_total keeps the share. Force candidates usually outnumber them many times, and a "
+                     "rest drawn from all candidates, spread so that fp_task_max_total keeps the share. Force "
+                     "candidates usually outnumber them many times, and a "
                      "uniform pick would leave the states the models rank differently unlabeled (0: DP-GEN's "
                      "uniform pick)."),
         Argument("ratio_failed", float, optional=True, default=0.05,
