@@ -380,7 +380,8 @@ def param_arginfo() -> Argument:
                      Argument("cold_runs", [int, type(None)], optional=True, default=None,
                               doc="Independent genetic runs of a cold search (the first of a trajectory, each "
                                   "search of fp_spin_sectors), the lowest kept. Default: 3 above 16 magnetic ions "
-                                  "(1 with max_evaluations, whose budget the runs share), else 1: one run on a "
+                                  "(1 when max_evaluations is set; an explicit cold_runs splits that budget "
+                                  "equally among its runs), else 1: one run on a "
                                   "27-Ni cell ended more than 100 meV/cell above the best state found from 4 of 16 "
                                   "seeds, the best of 3 within 40 from each of 8 (docs/benchmarks/spin_md.md, "
                                   "\"The first search decides\")."),
