@@ -143,7 +143,8 @@ def cmd_spin_search(args: argparse.Namespace) -> int:
         raise InputError("give at least one MODEL and the STRUCTURE")
     return run(args.paths[:-1], args.paths[-1], args.moments, magnetic=args.magnetic, eta=args.eta,
                offset=args.offset, nupdown=args.nupdown, k=args.k, seed=args.seed, output=args.output,
-               batch_size=args.batch_size, max_evaluations=args.max_evaluations, symmetrize=args.symmetrize)
+               batch_size=args.batch_size, max_evaluations=args.max_evaluations, cold_runs=args.cold_runs,
+               symmetrize=args.symmetrize)
 
 
 def cmd_test(args: argparse.Namespace) -> int:
@@ -257,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--batch-size", type=int, help="most configurations per model call (default: about 1024 "
                         "atoms, real and virtual, per call)")
     search.add_argument("--max-evaluations", type=int, help="stop the search after this many evaluations")
+    search.add_argument("--cold-runs", type=int, help="independent genetic runs, the lowest kept (default: 3 above "
+                        "16 searched ions without --max-evaluations, else 1)")
     search.add_argument("--symmetrize", action="store_true",
                         help="search E_sym(S) = (E(S) + E(-S)) / 2 (models trained with spin/flip_symmetry none)")
     search.add_argument("-o", "--output", help="write the MAGMOM lines here (default: print them)")

@@ -67,6 +67,7 @@ def test_init_data_names_a_non_collinear_run(tmp_path, capsys):
 
 @pytest.mark.parametrize("model_text,args,message", [
     (None, ["--max-evaluations", "0"], "--max-evaluations must be >= 1, got 0"),
+    (None, ["--cold-runs", "0"], "--cold-runs must be >= 1, got 0"),
     ("not a model\n", [], "model file '{model}' is not a frozen deepmd-kit model"),
 ])
 def test_spin_search_bad_arguments(tmp_path, capsys, model_text, args, message):

@@ -91,6 +91,7 @@ class SearchResult:
     method: str  # "enumeration" | "genetic"
     n_generations: int = 0  # summed over the runs of a best-of-runs cold search
     surrogate: PairSurrogate | None = field(default=None, repr=False, compare=False)
+    n_runs: int = 1  # independent GA runs of a cold search (cold_runs) it is the best of
 
 
 def search_ground_state(model: EnergyModel, levels: MomentLevels, *, start: np.ndarray | None = None,
@@ -167,7 +168,7 @@ def _best_of(results: list[SearchResult], n_lowest: int) -> SearchResult:
     lowest = sorted(seen.values(), key=lambda state: state[1])[:n_lowest]
     winner = min(results, key=lambda r: r.best_energy)
     return SearchResult(lowest[0][0], lowest[0][1], sum(r.n_evaluations for r in results), lowest, "genetic",
-                        sum(r.n_generations for r in results), winner.surrogate)
+                        sum(r.n_generations for r in results), winner.surrogate, len(results))
 
 
 def sector_windows(levels: MomentLevels, ground: np.ndarray, max_sectors: int) -> list[tuple[float, float]]:

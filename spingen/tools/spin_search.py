@@ -130,7 +130,7 @@ def searched_ions(symbols: list[str], magnitudes: dict[str, list[float]], magnet
 def run(models: Sequence[str], structure: str, moments: Sequence[str], *, magnetic: Sequence[int] | None = None,
         eta: float | None = None, offset: float | None = None, nupdown: float | None = None, k: int = 5,
         seed: int = 0, output: str | None = None, batch_size: int | None = None, max_evaluations: int | None = None,
-        symmetrize: bool = False, out: TextIO | None = None) -> int:
+        cold_runs: int | None = None, symmetrize: bool = False, out: TextIO | None = None) -> int:
     """The tool itself; returns the exit code. Bad input raises InputError."""
     out = out or sys.stdout
     magnitudes = parse_moments(moments)
@@ -138,6 +138,8 @@ def run(models: Sequence[str], structure: str, moments: Sequence[str], *, magnet
         raise InputError(f"--k must be >= 1, got {k}")
     if max_evaluations is not None and max_evaluations < 1:
         raise InputError(f"--max-evaluations must be >= 1, got {max_evaluations}")
+    if cold_runs is not None and cold_runs < 1:
+        raise InputError(f"--cold-runs must be >= 1, got {cold_runs}")
     check_model_files(models)
     atoms = read_structure(structure)
     symbols = atoms.get_chemical_symbols()
@@ -160,7 +162,8 @@ def run(models: Sequence[str], structure: str, moments: Sequence[str], *, magnet
     if symmetrize and np.any(np.delete(background, sel) != 0):
         raise InputError("--symmetrize reverses every moment: the atoms outside --magnetic must have no moment")
     searched = SymmetrizedModel(model) if symmetrize else model
-    result = search_ground_state(searched, levels, seed=seed, n_lowest=k, max_evaluations=max_evaluations)
+    result = search_ground_state(searched, levels, seed=seed, n_lowest=k, max_evaluations=max_evaluations,
+                                 cold_runs=cold_runs)
 
     counts = {el: searched_symbols.count(el) for el in magnitudes}
     print(f"structure   {structure}: {len(symbols)} atoms, {atoms.get_chemical_formula()}", file=out)
@@ -170,7 +173,8 @@ def run(models: Sequence[str], structure: str, moments: Sequence[str], *, magnet
     print("levels      " + "; ".join(f"{el} x{counts[el]}: +-{', +-'.join(_fmt(v) for v in sorted(magnitudes[el]))}"
                                       for el in magnitudes)
           + (f"; total moment {nupdown}" if nupdown is not None else "") + " (global sign fixed)", file=out)
-    print(f"search      {result.method}; {result.n_evaluations} evaluations of {levels.n_configurations} "
+    runs = f" (the best of {result.n_runs} runs)" if result.n_runs > 1 else ""
+    print(f"search      {result.method}{runs}; {result.n_evaluations} evaluations of {levels.n_configurations} "
           f"configurations ({100.0 * result.n_evaluations / levels.n_configurations:.3g}%)", file=out)
     print_states(result, model, symbols, background, symmetrize, out, output)
     return 0
