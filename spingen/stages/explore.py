@@ -229,7 +229,6 @@ class ExploreStage(Stage):
             old.unlink()
         counts: dict[int, dict[str, int]] = {}
         classified: dict[int, dict[str, list[tuple[str, int, np.ndarray]]]] = {}
-        spin_only_flags: dict[int, list[bool]] = {}  # per candidate of each system
         for task in self.task_dirs(ctx):
             if not (path / task / FINISHED_TAG).is_file():
                 raise RuntimeError(f"model_devi: task {path / task} did not finish; see its {ERRLOG}")
@@ -239,9 +238,8 @@ class ExploreStage(Stage):
                               s.spin_e_trust)
             count = counts.setdefault(system, {c: 0 for c in SELECTION_CLASSES} | {"nan": 0, "spin_only": 0})
             lists = classified.setdefault(system, {c: [] for c in SELECTION_CLASSES})
-            flags = spin_only_flags.setdefault(system, [])
             finite = np.all(np.isfinite(rows[:, 1:]), axis=1)
-            spin_only = spin_flags(rows, s.spin_trust, s.spin_e_trust) & (rows[:, _COL["max_devi_f"]] < s.f_trust_lo)
+            spin_only = self._spin_only(rows)
             for row, label, ok, by_spin in zip(rows, labels, finite, spin_only):
                 if label is None:
                     continue
@@ -249,9 +247,8 @@ class ExploreStage(Stage):
                 count["nan"] += int(not ok)
                 count["spin_only"] += int(label == "candidate" and by_spin)
                 lists[label].append((task, int(row[0]), row))
-                if label == "candidate":
-                    flags.append(bool(by_spin))
         candidates = {system: lists["candidate"] for system, lists in classified.items()}
+        spin_only_flags = {system: self._spin_only(picked_rows(items)) for system, items in candidates.items()}
         selected = sample_candidates(candidates, s.task_max, s.task_max_total, s.task_min, seed, spin_only_flags,
                                      s.spin_only_share)
         report = {"seed": seed, "f_trust_lo": s.f_trust_lo, "f_trust_hi": s.f_trust_hi, "spin_trust": s.spin_trust,
@@ -266,11 +263,9 @@ class ExploreStage(Stage):
             self._write_lists(path, system, classified[system], seed)
             if selected[system]:
                 write_candidates(path, path / CANDIDATES_FILE.format(system), selected[system], s.sectors)
-            spin_keys = {(task, step) for (task, step, _), flag in zip(candidates[system], spin_only_flags[system])
-                         if flag}
             report["systems"][f"{system:03d}"] = {
                 **count, "total": total, "selected": len(selected[system]),
-                "spin_only_selected": sum((task, step) in spin_keys for task, step, _ in selected[system])}
+                "spin_only_selected": int(self._spin_only(picked_rows(selected[system])).sum())}
             log.info("system %03d accurate/candidate/failed ratios %.4f / %.4f / %.4f; %d NaN/inf row(s), %d "
                      "candidate(s) by spin disagreement only; %d selected (%d of them spin-only)", system,
                      *(count[c] / total if total else 0.0 for c in SELECTION_CLASSES), count["nan"], count["spin_only"],
@@ -280,6 +275,11 @@ class ExploreStage(Stage):
         (path / SELECTION_FILE).write_text(json.dumps(report, indent=1) + "\n")
         log.info("model_devi: %d candidate(s) selected for labeling (fp_task_max %d per system, fp_task_max_total "
                  "%s)", n_selected, s.task_max, s.task_max_total)
+
+    def _spin_only(self, rows: np.ndarray) -> np.ndarray:
+        """Rows of model_devi.out that are candidates by spin disagreement alone (forces below f_trust_lo)."""
+        s = self.settings
+        return spin_flags(rows, s.spin_trust, s.spin_e_trust) & (rows[:, _COL["max_devi_f"]] < s.f_trust_lo)
 
     @staticmethod
     def _write_lists(path: Path, system: int, lists, seed: int) -> None:
@@ -334,6 +334,11 @@ def classify(rows: np.ndarray, lo: float, hi: float, spin_trust: float, skip: in
     for step, bad, cand in zip(rows[:, 0], failed, candidate):
         labels.append(None if step < skip else "failed" if bad else "candidate" if cand else "accurate")
     return labels
+
+
+def picked_rows(picks: Sequence[tuple[str, int, np.ndarray]]) -> np.ndarray:
+    """The model_devi.out rows (n, len(DEVI_COLUMNS)) of (task, step, row) picks."""
+    return np.array([row for _, _, row in picks], dtype=float).reshape(-1, len(DEVI_COLUMNS))
 
 
 def sample_candidates(candidates: Mapping[int, Sequence[T]], task_max: int, task_max_total: int | None,
