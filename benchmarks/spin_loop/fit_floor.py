@@ -30,15 +30,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE.parent))
 from results_block import write_results  # noqa: E402
 from state_gaps import KINDS as JUDGE_KINDS  # noqa: E402
-from state_gaps import judge_frames  # noqa: E402
+from state_gaps import judged  # noqa: E402
 
 JUDGE = HERE / "judge" / "data"
 KINDS = JUDGE_KINDS[1:]  # the kinds beside FM
@@ -96,23 +94,6 @@ def train(folder: Path) -> None:
     with open(folder / "train.log", "w") as log:
         for command in (["dp", "--pt", "train", "input.json", *start], ["dp", "--pt", "freeze", "-o", "retrained.pth"]):
             subprocess.run(command, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
-
-
-def judged(models: list[Path]) -> dict:
-    """The ensemble's energy RMSE, state ranking (as `spingen test`) and per-kind gap error to FM on the judge."""
-    from spingen.model_errors import Ensemble, geometry_groups, load_for, state_ranking
-
-    ensemble = Ensemble(models)
-    system, symbols, atypes, moments = load_for(ensemble, JUDGE)
-    energies = ensemble.energy_forces(system.data["coords"], system.data["cells"], atypes, symbols, moments)[0]
-    per_atom = 1 / len(symbols)
-    model, dft = energies * per_atom, system.data["energies"] * per_atom
-    ranking = state_ranking(dft, model, geometry_groups(system.data["coords"], system.data["cells"]))
-    frames = judge_frames(system.data["coords"], system.data["cells"])
-    errors = 1000 * ((model[frames] - model[frames[:, :1]]) - (dft[frames] - dft[frames[:, :1]]))[:, 1:]
-    return {"e_rmse": 1000 * float(np.sqrt(np.mean((model - dft) ** 2))), "gap_rmse": ranking.state_gap_rmse,
-            "right": ranking.lowest_state_right, "geometries": ranking.geometries,
-            "kinds": {kind: float(errors[:, k].mean()) for k, kind in enumerate(KINDS)}}
 
 
 def render(rows: list[dict]) -> str:

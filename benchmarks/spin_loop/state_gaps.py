@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from spingen.model_errors import Ensemble, geometry_groups, load_for
+from spingen.model_errors import Ensemble, geometry_groups, load_for, state_ranking
 
 JUDGE = Path(__file__).resolve().parent / "judge" / "data"
 KINDS = ("FM", "in-plane AFM", "layer reversed", "reversed pair")
@@ -26,6 +26,24 @@ def judge_frames(coords: np.ndarray, cells: np.ndarray) -> np.ndarray:
     """Frame indices (geometries, states) of the judge, each geometry's states in KINDS order."""
     groups = geometry_groups(coords, cells)
     return np.array([np.flatnonzero(groups == g) for g in np.unique(groups)])
+
+
+def judged(models: list[Path], geometries: slice = slice(None)) -> dict:
+    """The ensemble of `models` on the judge's `geometries`: energy RMSE, state gap RMSE and lowest state
+    right (as `spingen test`), and each kind's mean gap error to FM (meV/atom)."""
+    ensemble = Ensemble(models)
+    system, symbols, atypes, moments = load_for(ensemble, JUDGE)
+    energies = ensemble.energy_forces(system.data["coords"], system.data["cells"], atypes, symbols, moments)[0]
+    model, dft = energies / len(symbols), system.data["energies"] / len(symbols)
+    frames = judge_frames(system.data["coords"], system.data["cells"])[geometries]
+    picked = frames.ravel()
+    ranking = state_ranking(dft[picked], model[picked],
+                            geometry_groups(system.data["coords"][picked], system.data["cells"][picked]))
+    errors = 1000 * ((model[frames] - model[frames[:, :1]]) - (dft[frames] - dft[frames[:, :1]]))[:, 1:]
+    return {"e_rmse": 1000 * float(np.sqrt(np.mean((model[picked] - dft[picked]) ** 2))),
+            "gap_rmse": ranking.state_gap_rmse, "right": ranking.lowest_state_right,
+            "geometries": ranking.geometries,
+            "kinds": {kind: float(errors[:, k].mean()) for k, kind in enumerate(KINDS[1:frames.shape[1]])}}
 
 
 def main(models: list[str]) -> int:
