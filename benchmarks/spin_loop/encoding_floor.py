@@ -47,10 +47,9 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE.parent))
 from fit_floor import LARGE  # noqa: E402
 from results_block import write_if_marked  # noqa: E402
+from state_gaps import JUDGE, judge_frames, judged  # noqa: E402
 from state_gaps import KINDS as JUDGE_KINDS  # noqa: E402
-from state_gaps import judge_frames, judged  # noqa: E402
 
-JUDGE = HERE / "judge" / "data"
 PARAM = REPO / "param_examples" / "linio2_spin_loop" / "param.json"
 KINDS = JUDGE_KINDS[1:]  # the kinds beside FM
 DOC = REPO / "docs" / "benchmarks" / "spin_loop.md"
@@ -78,10 +77,9 @@ def prepare(args, work: Path) -> list[Path]:
     spin = dataclasses.replace(param.spin, virtual_scale=args.virtual_scale, offset=args.offset)
     system, geometries = judge_system()
     trained = geometries[SPLITS[args.judge][0]].ravel()
-    initial = list(param.init_data_sys)
     data = work / "data"
     judge_part = work / "judge_part"
-    systems = list(initial) if args.initial else []
+    systems = list(param.init_data_sys) if args.initial else []
     if len(trained):
         system.sub_system(np.sort(trained)).to("deepmd/npy", str(judge_part))
         systems.append(judge_part)
@@ -133,10 +131,10 @@ def render(rows: list[dict]) -> str:
     for r in rows:
         j = r["judged"]
         cells = [r["date"], f"{r['virtual_scale']:g}", f"{r['offset']:g}", "larger" if r["large"] else "the loop's",
-                 f"{r.get('rcut', 5.0 if r['large'] else 4.0):g}",
-                 r["steps"], f"{r['limit_pref_e']:g}", f"{r.get('limit_pref_f', 1.0):g}", JUDGE_WORDS[r["judge"]],
-                 "yes" if r.get("initial", True) else "no", r["models"], f"{r['train_s']:.0f}", f"{j['e_rmse']:.1f}",
-                 f"{j['gap_rmse']:.1f}", f"{j['right']}/{j['geometries']}", *(f"{j['kinds'][k]:+.1f}" for k in KINDS)]
+                 f"{r['rcut']:g}", r["steps"], f"{r['limit_pref_e']:g}", f"{r['limit_pref_f']:g}",
+                 JUDGE_WORDS[r["judge"]], "yes" if r["initial"] else "no", r["models"], f"{r['train_s']:.0f}",
+                 f"{j['e_rmse']:.1f}", f"{j['gap_rmse']:.1f}", f"{j['right']}/{j['geometries']}",
+                 *(f"{j['kinds'][k]:+.1f}" for k in KINDS)]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
