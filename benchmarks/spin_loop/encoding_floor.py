@@ -2,7 +2,7 @@
 
     PATH=$PWD/.venv/bin:$PATH OMP_NUM_THREADS=1 .venv/bin/python benchmarks/spin_loop/encoding_floor.py \\
         [PARAM] --workdir WORKDIR [--virtual-scale 0.3] [--offset 0.2] [--large] [--steps 6000] \\
-        [--limit-pref-e P] [--limit-pref-f P] [--judge all|half|none] [--no-initial] [--seeds 1 2]
+        [--batch-size N] [--limit-pref-e P] [--limit-pref-f P] [--judge all|half|none] [--no-initial] [--seeds 1 2]
 
 fit_floor.py showed that the spin loop's network, continued on the judge itself, stays at a state gap
 RMSE of 7.7-8.1 meV/atom, and that what it misses is the magnitude of reversed ions (1.65 against
@@ -86,6 +86,8 @@ def prepare(args, work: Path) -> list[Path]:
     written = write_training_data(systems, data, param.type_map, spin)
     base = thaw(param.train.training_param)
     base["training"]["numb_steps"] = args.steps
+    if args.batch_size is not None:
+        base["training"]["training_data"]["batch_size"] = args.batch_size
     if args.limit_pref_e is not None:
         base["loss"]["limit_pref_e"] = args.limit_pref_e
     if args.limit_pref_f == 0:  # energies alone
@@ -124,14 +126,14 @@ def train_all(folders: list[Path]) -> None:
 
 def render(rows: list[dict]) -> str:
     """The markdown table of every recorded run."""
-    columns = ["run", "eta A/uB", "d A", "network", "rcut A", "steps", "limit_pref_e", "limit_pref_f",
+    columns = ["run", "eta A/uB", "d A", "network", "rcut A", "steps", "batch", "limit_pref_e", "limit_pref_f",
                "judge geometries in training", "initial data", "models", "train s", "E RMSE meV/atom",
                "state gap RMSE meV/atom", "lowest right", *(f"{k}: mean gap error to FM" for k in KINDS)]
     lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
     for r in rows:
         j = r["judged"]
         cells = [r["date"], f"{r['virtual_scale']:g}", f"{r['offset']:g}", "larger" if r["large"] else "the loop's",
-                 f"{r['rcut']:g}", r["steps"], f"{r['limit_pref_e']:g}", f"{r['limit_pref_f']:g}",
+                 f"{r['rcut']:g}", r["steps"], r["batch_size"], f"{r['limit_pref_e']:g}", f"{r['limit_pref_f']:g}",
                  JUDGE_WORDS[r["judge"]], "yes" if r["initial"] else "no", r["models"], f"{r['train_s']:.0f}",
                  f"{j['e_rmse']:.1f}", f"{j['gap_rmse']:.1f}", f"{j['right']}/{j['geometries']}",
                  *(f"{j['kinds'][k]:+.1f}" for k in KINDS)]
@@ -143,7 +145,7 @@ def run_name(args) -> str:
     """The run's folder under WORKDIR, from its settings."""
     parts = [f"eta{args.virtual_scale:g}", f"d{args.offset:g}", "large" if args.large else "loop",
              *([] if args.rcut is None else [f"rcut{args.rcut:g}"]),
-             f"{args.steps}steps"]
+             f"{args.steps}steps", *([] if args.batch_size is None else [f"batch{args.batch_size}"])]
     if args.limit_pref_e is not None:
         parts.append(f"pref{args.limit_pref_e:g}")
     if args.limit_pref_f is not None:
@@ -165,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rcut", type=float, default=None,
                         help="descriptor cutoff, A (sel scaled with the volume; default the network's)")
     parser.add_argument("--steps", type=int, default=6000)
+    parser.add_argument("--batch-size", type=int, default=None, help="frames per training step (default PARAM's)")
     parser.add_argument("--limit-pref-e", type=float, default=None, help="energy prefactor at the end (default PARAM's)")
     parser.add_argument("--limit-pref-f", type=float, default=None,
                         help="force prefactor at the end (0: energies alone, from the start; default PARAM's)")
@@ -190,13 +193,15 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{work} exists: remove it to train this run again")
         work.mkdir(parents=True)
         folders = prepare(args, work)
-        loss = json.loads((folders[0] / "input.json").read_text())["loss"]
+        inp = json.loads((folders[0] / "input.json").read_text())
+        loss = inp["loss"]
         began = time.time()
         train_all(folders)
         row = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "virtual_scale": args.virtual_scale,
                "offset": args.offset, "large": args.large, "steps": args.steps,
-               "rcut": json.loads((folders[0] / "input.json").read_text())["model"]["descriptor"]["rcut"],
-               "limit_pref_e": loss.get("limit_pref_e", 1.0), "limit_pref_f": loss.get("limit_pref_fr", 1.0),
+               "rcut": inp["model"]["descriptor"]["rcut"], "batch_size": inp["training"]["training_data"]["batch_size"],
+               "limit_pref_e": loss.get("limit_pref_e", 1.0),
+               "limit_pref_f": loss.get("limit_pref_fr", 1.0),  # ener_spin: the force on real atoms
                "judge": args.judge, "initial": args.initial, "models": len(folders), "seeds": args.seeds,
                "param": str(args.param.resolve()), "train_s": time.time() - began,
                "judged": judged([f / "model.pth" for f in folders], SPLITS[args.judge][1])}
