@@ -146,12 +146,11 @@ class TrainStage(Stage):
         wrong = ranking["geometries"] - ranking["lowest_state_right"]
         if not wrong:
             return
-        why = ("DFT's two lowest states lie closer than the models' state gap error, so the models cannot "
-               "tell them apart: models that fit the state gaps better do (more numb_steps first, then a larger "
-               "energy prefactor; docs/cathode-guide.md section 2)"
+        fix = "more numb_steps first, then a larger energy prefactor; docs/cathode-guide.md section 2"
+        why = (f"DFT's two lowest states lie closer than the models' state gap error, so the models cannot "
+               f"tell them apart: models that fit the state gaps better do ({fix})"
                if ranking["dft_next_state_gap_mean"] < ranking["state_gap_rmse"] else
-               "they do not resolve those spin states yet (more numb_steps first, then a larger energy "
-               "prefactor; docs/cathode-guide.md section 2)")
+               f"they do not resolve those spin states yet ({fix})")
         log.warning("train: the models put a wrong spin state lowest on %d of the %d training geometries labeled "
                     "in several states; the states they put lowest lie %.2f meV/atom above DFT's lowest on average "
                     "(by DFT). %s", wrong, ranking["geometries"], ranking["pick_excess_mean"], why)
