@@ -2,7 +2,8 @@
 
     PATH=$PWD/.venv/bin:$PATH OMP_NUM_THREADS=1 .venv/bin/python benchmarks/spin_loop/encoding_floor.py \\
         [PARAM] --workdir WORKDIR [--virtual-scale 0.3] [--offset 0.2] [--large] [--steps 6000] \\
-        [--batch-size N] [--limit-pref-e P] [--limit-pref-f P] [--judge all|half|none] [--no-initial] [--seeds 1 2]
+        [--batch-size N] [--limit-pref-e P] [--limit-pref-f P] [--judge all|half|other-half|none] \\
+        [--no-initial] [--extra-data DIR] [--seeds 1 2]
 
 fit_floor.py showed that the spin loop's network, continued on the judge itself, stays at a state gap
 RMSE of 7.7-8.1 meV/atom, and that what it misses is the magnitude of reversed ions (1.65 against
@@ -16,7 +17,12 @@ training_init_data_ratio):
 
 - `--judge all`: every judge geometry in training and in the test (the floor: train = test);
 - `--judge half`: geometries 0, 2, 4, 6 in training, judged on 1, 3, 5, 7 (held out);
+- `--judge other-half`: the other way round (1, 3, 5, 7 in training: the reversed pairs whose both ions
+  keep 1.60-1.65 uB, which the even half lacks);
 - `--judge none`: the initial data alone, judged on every geometry.
+
+`--extra-data DIR` trains on more labeled systems beside those (make_judge.py --training-set: other
+geometries of the judge's cell in the judge's states, never judged).
 
 `--limit-pref-e` / `--limit-pref-f` set the final energy / force prefactors (`--limit-pref-f 0`:
 energies alone from the first step); `--large` swaps in fit_floor.py's larger network (PARAM's
@@ -56,8 +62,10 @@ DOC = REPO / "docs" / "benchmarks" / "spin_loop.md"
 DOC_BEGIN = "<!-- results:begin (written by benchmarks/spin_loop/encoding_floor.py) -->"
 DOC_END = "<!-- results:end -->"
 SPLITS = {"all": (slice(None), slice(None)), "half": (slice(0, None, 2), slice(1, None, 2)),
+          "other-half": (slice(1, None, 2), slice(0, None, 2)),
           "none": (slice(0, 0), slice(None))}  # judge geometries (trained on, judged on)
-JUDGE_WORDS = {"all": "all 8 (train = test)", "half": "4, judged on the other 4", "none": "none"}
+JUDGE_WORDS = {"all": "all 8 (train = test)", "half": "0, 2, 4, 6; judged on 1, 3, 5, 7",
+               "other-half": "1, 3, 5, 7; judged on 0, 2, 4, 6", "none": "none"}
 
 
 def judge_system():
@@ -83,6 +91,7 @@ def prepare(args, work: Path) -> list[Path]:
     if len(trained):
         system.sub_system(np.sort(trained)).to("deepmd/npy", str(judge_part))
         systems.append(judge_part)
+    systems += [path.resolve() for path in args.extra_data]
     written = write_training_data(systems, data, param.type_map, spin)
     base = thaw(param.train.training_param)
     base["training"]["numb_steps"] = args.steps
@@ -113,6 +122,13 @@ def prepare(args, work: Path) -> list[Path]:
     return folders
 
 
+def extra_frames(paths: list[Path]) -> int:
+    """Frames of the --extra-data systems."""
+    from spingen.data.npy import load_system
+
+    return sum(load_system(path).get_nframes() for path in paths)
+
+
 def train_all(folders: list[Path]) -> None:
     """dp --pt train then freeze in every folder, all at once (one thread each; log: train.log)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DP_INTRA_OP_PARALLELISM_THREADS": "1",
@@ -127,14 +143,14 @@ def train_all(folders: list[Path]) -> None:
 def render(rows: list[dict]) -> str:
     """The markdown table of every recorded run."""
     columns = ["run", "eta A/uB", "d A", "network", "rcut A", "steps", "batch", "limit_pref_e", "limit_pref_f",
-               "judge geometries in training", "initial data", "models", "train s", "E RMSE meV/atom",
+               "judge geometries in training", "initial data", "other supercell frames", "models", "train s", "E RMSE meV/atom",
                "state gap RMSE meV/atom", "lowest right", *(f"{k}: mean gap error to FM" for k in KINDS)]
     lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
     for r in rows:
         j = r["judged"]
         cells = [r["date"], f"{r['virtual_scale']:g}", f"{r['offset']:g}", "larger" if r["large"] else "the loop's",
                  f"{r['rcut']:g}", r["steps"], r["batch_size"], f"{r['limit_pref_e']:g}", f"{r['limit_pref_f']:g}",
-                 JUDGE_WORDS[r["judge"]], "yes" if r["initial"] else "no", r["models"], f"{r['train_s']:.0f}",
+                 JUDGE_WORDS[r["judge"]], "yes" if r["initial"] else "no", r["extra_frames"], r["models"], f"{r['train_s']:.0f}",
                  f"{j['e_rmse']:.1f}", f"{j['gap_rmse']:.1f}", f"{j['right']}/{j['geometries']}",
                  *(f"{j['kinds'][k]:+.1f}" for k in KINDS)]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
@@ -151,6 +167,8 @@ def run_name(args) -> str:
     if args.limit_pref_f is not None:
         parts.append(f"preff{args.limit_pref_f:g}")
     parts.append(f"judge-{args.judge}")
+    if args.extra_data:
+        parts.append(f"extra{len(args.extra_data)}")
     if not args.initial:
         parts.append("no-initial")
     return "_".join(parts)
@@ -174,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--judge", choices=sorted(SPLITS), default="all")
     parser.add_argument("--no-initial", dest="initial", action="store_false",
                         help="train on the judge's part alone, without PARAM's initial data")
+    parser.add_argument("--extra-data", type=Path, nargs="+", default=[], metavar="DIR",
+                        help="more labeled data to train on (e.g. make_judge.py --training-set DIR: other supercell "
+                             "geometries in the judge's states)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--no-doc", action="store_true")
     parser.add_argument("--render-only", action="store_true")
@@ -186,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--virtual-scale must be > 0, got {args.virtual_scale}")
         if args.judge == "none" and not args.initial:
             parser.error("--judge none --no-initial leaves nothing to train on")
+        for path in args.extra_data:
+            if not (path / "type.raw").is_file():
+                parser.error(f"--extra-data {path}: not a deepmd/npy system (no type.raw)")
         if len(set(args.seeds)) != len(args.seeds):
             parser.error(f"--seeds must differ, got {args.seeds}")
         work = args.workdir.resolve() / run_name(args)
@@ -202,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
                "rcut": inp["model"]["descriptor"]["rcut"], "batch_size": inp["training"]["training_data"]["batch_size"],
                "limit_pref_e": loss.get("limit_pref_e", 1.0),
                "limit_pref_f": loss.get("limit_pref_fr", 1.0),  # ener_spin: the force on real atoms
-               "judge": args.judge, "initial": args.initial, "models": len(folders), "seeds": args.seeds,
+               "judge": args.judge, "initial": args.initial, "extra_frames": extra_frames(args.extra_data),
+               "models": len(folders), "seeds": args.seeds,
                "param": str(args.param.resolve()), "train_s": time.time() - began,
                "judged": judged([f / "model.pth" for f in folders], SPLITS[args.judge][1])}
         print(json.dumps(row), flush=True)

@@ -14,6 +14,11 @@ Usage (32 GPAW runs of 32 atoms at one irreducible k-point):
 runs), for a session that cannot wait for all of them: the converged labels of every geometry with
 at least two states; states.json and labels.json say what is there.
 
+`--training-set DIR --seed S [--geometries N]` labels N (default 4) other geometries of the same cell in
+the same states, drawn with seed S (not the judge's), and writes them to DIR/data (deepmd/npy with
+spin.npy; DIR/labels.json) instead of the judge: supercell labels to train on beside the judge's training
+half (encoding_floor.py --extra-data DIR/data), never judged.
+
 `--retry-failed MAXITER` reruns the stored judge's unconverged runs (labels.json `ok: false`) with
 the same geometry (regenerated from the seed and checked against the stored frames), start moments
 and total moment, allowing MAXITER SCF steps instead of the loop's 120, as many at once as there are
@@ -49,13 +54,14 @@ JUDGE_GEOMETRIES = 8
 JUDGE_SEED = 7  # the loop's initial data use seed 0 on another cell
 
 
-def judge_param() -> dict:
-    """The loop's param with init_data_gen replaced by the judge's geometries and states."""
+def judge_param(seed: int = JUDGE_SEED, geometries: int = JUDGE_GEOMETRIES) -> dict:
+    """The loop's param with init_data_gen replaced by the judge's geometries and states (another seed and
+    number of geometries: a training set made like the judge)."""
     param = json.loads((EXAMPLE / "param.json").read_text())
     param["init_data_gen"] = {
-        "configs": [str(EXAMPLE / "POSCAR.2x2x1")], "pert_numb": JUDGE_GEOMETRIES, "pert_box": 0.02,
+        "configs": [str(EXAMPLE / "POSCAR.2x2x1")], "pert_numb": geometries, "pert_box": 0.02,
         "pert_atom": 0.1, "spin_states": list(JUDGE_STATES.values()), "fixed_total": True,
-        "ratio_failed": 0.5, "seed": JUDGE_SEED}
+        "ratio_failed": 0.5, "seed": seed}
     param["sys_configs"] = [[str(EXAMPLE / "POSCAR.2x2x1")]]
     param["init_data_prefix"] = str((EXAMPLE / param.get("init_data_prefix", ".")).resolve())
     return param
@@ -166,6 +172,16 @@ def retry_failed(work: Path, maxiter: int) -> list[dict]:
     return entries
 
 
+def label(work: Path, param: dict) -> Path:
+    """`spingen init` on param in WORKDIR (a rerun resumes); the folder of its labeled data."""
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "param.json").write_text(json.dumps(param, indent=1) + "\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{BIN}:{os.environ['PATH']}")
+    subprocess.run([str(BIN / "spingen"), "init", str(work / "param.json"), str(MACHINE), "-w", str(work)],
+                   env=env, check=True)
+    return work / "init" / "iter.000000" / "02.fp"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="/tmp/spin_judge")
@@ -173,8 +189,24 @@ def main(argv: list[str] | None = None) -> int:
                         help="write the judge from the runs finished so far (does not run anything)")
     parser.add_argument("--retry-failed", type=int, metavar="MAXITER",
                         help="rerun the stored judge's unconverged labels with MAXITER SCF steps")
+    parser.add_argument("--training-set", type=Path, metavar="DIR",
+                        help="label other geometries (--seed, --geometries) into DIR instead of the judge")
+    parser.add_argument("--seed", type=int, default=None, help="the training set's geometries (not the judge's seed)")
+    parser.add_argument("--geometries", type=int, default=4, help="the training set's number of geometries")
     args = parser.parse_args(argv)
     work = Path(args.workdir)
+    if args.training_set is not None:
+        if args.seed is None or args.seed == JUDGE_SEED:
+            parser.error(f"--training-set needs --seed other than the judge's ({JUDGE_SEED})")
+        if args.geometries < 1:
+            parser.error(f"--geometries must be >= 1, got {args.geometries}")
+        labeled = label(work, judge_param(args.seed, args.geometries))
+        if args.training_set.exists():
+            shutil.rmtree(args.training_set)
+        shutil.copytree(labeled / "data.000", args.training_set / "data")
+        shutil.copy(labeled / "labels.json", args.training_set / "labels.json")
+        print(f"training set written to {args.training_set / 'data'}")
+        return 0
     if args.retry_failed:
         entries = retry_failed(work, args.retry_failed)
         (JUDGE_DIR / "labels.json").write_text(json.dumps(entries, indent=1) + "\n")
@@ -187,12 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         done = sum(e["ok"] for e in entries)
         print(f"judge written to {JUDGE_DIR}: {done} converged of {len(entries)} runs")
         return 0
-    work.mkdir(parents=True, exist_ok=True)  # rerun: `spingen init` resumes
-    (work / "param.json").write_text(json.dumps(judge_param(), indent=1) + "\n")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{BIN}:{os.environ['PATH']}")
-    subprocess.run([str(BIN / "spingen"), "init", str(work / "param.json"), str(MACHINE), "-w", str(work)],
-                   env=env, check=True)
-    labeled = work / "init" / "iter.000000" / "02.fp"
+    labeled = label(work, judge_param())
     if JUDGE_DIR.exists():
         shutil.rmtree(JUDGE_DIR)
     shutil.copytree(labeled / "data.000", JUDGE_DIR / "data")
