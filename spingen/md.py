@@ -215,7 +215,7 @@ class SpinModelCalculator(Calculator):
             self.timings["certify"] += time.perf_counter() - began
             return False
         if indices is None:
-            pool = self.competitors(before, cert.settings.pair_limit)
+            pool = self.competitors(before)
         else:
             pool = cert.competitors[indices]
         self._step_model = self.spin_model(atoms)  # one per geometry: its neighbour data serve every batch here
@@ -249,7 +249,7 @@ class SpinModelCalculator(Calculator):
                 break
             began = time.perf_counter()
             energy, minus_grad = self.results["energy"], self.minus_spin_grad
-            pool = self.competitors(self.moments, cert.settings.pair_limit)
+            pool = self.competitors(self.moments)
             indices = cert.move_to(self.moments, pool, self._moved_from, minus_grad, self.reversal_symmetric)
             self._moved_from = None
             energies = self._energies(self._step_model, cert.competitors[indices])
@@ -278,15 +278,13 @@ class SpinModelCalculator(Calculator):
         """The lowest configurations of the last adopted search (none before it)."""
         return [] if self.last_search is None else [np.asarray(m, dtype=float) for m, _ in self.last_search.lowest]
 
-    def competitors(self, moments: np.ndarray, pair_limit: int = 0) -> np.ndarray:
-        """The competitors of `moments` (spingen.spin.certificate.competitors) with the last search's lowest
-        states, first-up unless the energy is reversal-symmetric."""
-        return competitors(self.levels, moments, self.lowest_states(), pair_limit, first_up=not self.reversal_symmetric)
-
-    @property
-    def pair_limit(self) -> int:
-        """Two-ion moves are competitors up to this many (certify.pair_limit, its default without certify)."""
-        return (self.certify or CertificateSettings()).pair_limit
+    def competitors(self, moments: np.ndarray) -> np.ndarray:
+        """The competitors of `moments` (spingen.spin.certificate.competitors, with certify's pair_limit and
+        exchange_limit, their defaults without certify) with the last search's lowest states, first-up unless
+        the energy is reversal-symmetric."""
+        settings = self.certify or DEFAULT_CERTIFICATE
+        return competitors(self.levels, moments, self.lowest_states(), settings.pair_limit,
+                           first_up=not self.reversal_symmetric, exchange_limit=settings.exchange_limit)
 
     @property
     def reversal_symmetric(self) -> bool:

@@ -154,7 +154,8 @@ def test_a_reversal_gap_the_slope_does_not_follow_is_kept_once_measured_better()
 
 
 def test_certificate_settings_are_checked():
-    for bad in ({"margin": -1.0}, {"max_age": 0}, {"search_every": 0}, {"safety": float("nan")}):
+    for bad in ({"margin": -1.0}, {"max_age": 0}, {"search_every": 0}, {"safety": float("nan")},
+                {"exchange_limit": -1}):
         with pytest.raises(ValueError):
             CertificateSettings(**bad)
 
@@ -169,6 +170,27 @@ def test_pair_moves_change_exactly_two_ions_and_join_the_competitors_below_the_l
     assert len(competitors(levels, moments)) == 24
     assert len(competitors(levels, moments, pair_limit=252)) == 24 + 252
     assert len(competitors(levels, moments, pair_limit=251)) == 24
+
+
+def test_exchange_moves_swap_two_moments_of_one_element_and_join_the_competitors_beyond_the_pair_limit():
+    """An exchange swaps the moments of two ions that allow the same values (same element, no pinned sign):
+    the total moment is kept; beyond pair_limit the exchanges are the two-ion competitors, up to
+    exchange_limit of them."""
+    levels = MomentLevels(MAGS8, SYMBOLS8, fixed_signs={6: 1})  # Ni 0 and 3 alike; Ni 6 pinned up
+    row = levels.to_indices(np.array([[1, -1, 3, -3, 4, -4, 3, 1]], dtype=float))[0]
+    exchanges = levels.exchange_moves(row)
+    alike = [(0, 3), (1, 4), (1, 7), (4, 7), (2, 5)]  # pairs of the same values that differ in this row
+    assert len(exchanges) == len(alike) and len(np.unique(exchanges, axis=0)) == len(alike)
+    moments, exchanged = levels.to_moments(row)[0], levels.to_moments(exchanges)
+    for moves in exchanged:
+        i, j = np.flatnonzero(moves != moments)
+        assert (i, j) in alike and moves[i] == moments[j] and moves[j] == moments[i]
+    np.testing.assert_allclose(exchanged.sum(axis=1), moments.sum())
+    singles = len(competitors(levels, moments))
+    assert len(competitors(levels, moments, pair_limit=0, exchange_limit=5)) == singles + 5
+    assert len(competitors(levels, moments, pair_limit=0, exchange_limit=4)) == singles  # too many
+    everything = competitors(levels, moments, pair_limit=n_pair_moves(levels), exchange_limit=5)
+    assert len(everything) == singles + len(pair_moves(levels, row))  # the pairs hold the exchanges
 
 
 def test_a_move_carries_the_gaps_over_exactly_in_a_pair_landscape():

@@ -273,11 +273,11 @@ def test_member_states_follow_the_trajectory_certified_frame_to_frame(dps):
         frames.append((a.copy(), calc.moments.copy(), states, sum(n for models, n in made if models == [dps[1]])))
 
     run_md(atoms, calc, "nvt", 900, nsteps=12, dt_fs=2.0, trj_freq=2, seed=4, observers=[frame])
-    pool_size = len(calc.competitors(calc.moments, calc.pair_limit))
+    pool_size = len(calc.competitors(calc.moments))
     full = np.zeros(len(atoms))
     for geometry, driving, states, _ in frames:
         for k, state in enumerate(states):
-            rivals = np.concatenate([[state, driving], calc.competitors(state, calc.pair_limit)])
+            rivals = np.concatenate([[state, driving], calc.competitors(state)])
             full_rows = np.repeat(full[None], len(rivals), axis=0)
             full_rows[:, geometry.symbols == "Ni"] = rivals
             energies = predict(dps[k:k + 1], [geometry] * len(rivals), full_rows)[0][0]
@@ -788,7 +788,7 @@ def test_explore_settings_defaults(tmp_path):
     assert settings.spin_only_share == 0.5
     assert settings.spin_search == {"max_evaluations": 8}  # unset keys: the search's own defaults
     assert settings.certify == {"margin": 0.002, "max_age": 20, "search_every": 500, "pair_limit": 300,
-                                "remembered_states": 8}
+                                "exchange_limit": 1000, "remembered_states": 8}
     param_path, _ = write_inputs(tmp_path, make_param(tmp_path, model_devi_spin_certify={"enable": False}))
     assert explore_settings(load_param(param_path)).certify is None
     param_path, _ = write_inputs(tmp_path, make_param(tmp_path, model_devi_spin_search={"domain_reversals": False,

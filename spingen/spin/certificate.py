@@ -5,10 +5,13 @@ it again. The certificate proves it from what the MD step computes anyway: the e
 spin forces -dE/dS at the current moments S0.
 
 The competitors of S0 are every single-ion move to another allowed level, every two-ion move
-(when there are at most pair_limit of them: 135 for 6 ions of 4 levels, 252 for 8) and the lowest
-configurations of the last search. Each is evaluated exactly at some geometry, its reference: its
-gap G_c = E(c) - E(S0) there and the spin forces g at S0 there. At a later geometry its gap is
-predicted from the change of the spin forces since, g' - g:
+(when there are at most pair_limit of them: 135 for 6 ions of 4 levels, 252 for 8; else every
+exchange of two ions' moments, when there are at most exchange_limit of them: at most 351 for 27
+ions) and the lowest configurations of the last search. An exchange keeps the total moment, and so
+the gauge sector; on a trained LiNiO2 model with 27 Ni, every move of a descent over all two-ion
+moves from the moments MD held was an exchange, between Ni 2.9-5.9 A apart. Each competitor is
+evaluated exactly at some geometry, its reference: its gap G_c = E(c) - E(S0) there and the spin
+forces g at S0 there. At a later geometry its gap is predicted from the change of the spin forces since, g' - g:
 
     G_c' = G_c - (g' - g) . (c - S0)
 
@@ -78,14 +81,16 @@ class CertificateSettings:
     max_age: int = 20  # and every competitor at least every max_age geometries
     search_every: int = 500  # and run a full warm search at least this often (moves of several ions)
     pair_limit: int = 300  # two-ion moves are competitors too when a configuration has at most this many
+    exchange_limit: int = 1000  # else exchanges of two ions' moments, when a configuration has at most this many
     safety: float = 2.0  # times the measured prediction error per step, times the age
     remembered_states: int = 8  # the references of this many states left last are kept for a return
 
     def __post_init__(self) -> None:
         if not self.margin >= 0:
             raise ValueError(f"margin must be >= 0 eV, got {self.margin}")
-        if self.pair_limit < 0:
-            raise ValueError(f"pair_limit must be >= 0, got {self.pair_limit}")
+        for name in ("pair_limit", "exchange_limit"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.remembered_states < 0:
             raise ValueError(f"remembered_states must be >= 0, got {self.remembered_states}")
         for name in ("max_age", "search_every"):
@@ -119,9 +124,10 @@ def n_pair_moves(levels: MomentLevels) -> int:
 
 
 def competitors(levels: MomentLevels, moments: np.ndarray, lowest: list[np.ndarray] | None = None,
-                pair_limit: int = 0, first_up: bool = False) -> np.ndarray:
+                pair_limit: int = 0, first_up: bool = False, exchange_limit: int = 0) -> np.ndarray:
     """Every allowed single-ion move of `moments`, every two-ion move when there are at most pair_limit of
-    them, then the configurations of `lowest` that differ from it. Under a fixed global sign S and -S
+    them (else every exchange of two ions' moments when there are at most exchange_limit of those), then
+    the configurations of `lowest` that differ from it. Under a fixed global sign S and -S
     are one state: each is given in the orientation nearest to `moments` (right for a reversal-symmetric
     energy), or first-up with first_up=True (the representative the search evaluates, for an energy
     that is not symmetric)."""
@@ -130,6 +136,10 @@ def competitors(levels: MomentLevels, moments: np.ndarray, lowest: list[np.ndarr
     moves = levels.single_moves(row)
     if 0 < n_pair_moves(levels) <= pair_limit:
         moves = np.concatenate([moves, pair_moves(levels, row)])
+    elif exchange_limit:
+        exchanges = levels.exchange_moves(row)
+        if len(exchanges) <= exchange_limit:
+            moves = np.concatenate([moves, exchanges])
     if first_up and levels.fix_global_sign and len(moves):
         moves = levels.first_up(moves)
     found = [levels.to_moments(moves)] if len(moves) else []

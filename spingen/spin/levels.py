@@ -339,6 +339,20 @@ class MomentLevels:
             out[k] = (sums, np.concatenate([[0.0], np.cumsum(cnt)]))
         return out
 
+    def exchange_moves(self, index_row: np.ndarray) -> np.ndarray:
+        """Every configuration in which two ions with the same allowed values swap their moments (the
+        total moment kept): a reversed or high-spin ion passing to another site. Rows are not taken
+        first-up, as single_moves."""
+        row = np.asarray(index_row, dtype=np.int8).reshape(-1)
+        kinds: dict[tuple, int] = {}
+        groups = np.array([kinds.setdefault(tuple(v), len(kinds)) for v in self.values])
+        i, j = np.triu_indices(self.n_magnetic, k=1)
+        keep = (row[i] != row[j]) & (groups[i] == groups[j])
+        i, j = i[keep], j[keep]
+        moves = np.repeat(row[None, :], len(i), axis=0)
+        moves[np.arange(len(i)), i], moves[np.arange(len(i)), j] = row[j], row[i]
+        return moves
+
     def single_moves(self, index_row: np.ndarray) -> np.ndarray:
         """Every allowed configuration one ion (or, with a fixed total, up to two ions) away.
 

@@ -231,7 +231,7 @@ class MemberStates:
             pool = cert.competitors[indices]
         else:
             cert.tick()
-            indices, pool = None, calc.competitors(start, calc.pair_limit)
+            indices, pool = None, calc.competitors(start)
         for _ in range(levels.n_magnetic * max(levels.n_values)):  # more moves than a descent makes
             pool_energies = self._energies(k, pool)
             if not (np.isfinite(energy) and np.all(np.isfinite(pool_energies))):
@@ -245,7 +245,7 @@ class MemberStates:
             moved_from = minus_grad  # downhill: the lower state's competitors take the gaps carried over
             start = levels.to_moments(levels.first_up(levels.to_indices(pool[np.argmin(pool_energies)], snap=True)))[0]
             energy, minus_grad = (v[0] for v in model.evaluate(start[None], gradient=True))
-            indices = cert.move_to(start, calc.competitors(start, calc.pair_limit), moved_from, minus_grad,
+            indices = cert.move_to(start, calc.competitors(start), moved_from, minus_grad,
                                    calc.reversal_symmetric)
             pool = cert.competitors[indices]
         cert.release()  # still moving: the next frame evaluates every competitor
