@@ -173,7 +173,7 @@ def test_pair_moves_change_exactly_two_ions_and_join_the_competitors_below_the_l
 
 
 def test_exchange_moves_swap_two_moments_of_one_element_and_join_the_competitors_beyond_the_pair_limit():
-    """An exchange swaps the moments of two ions that allow the same values (same element, no pinned sign):
+    """An exchange swaps the moments of two ions that allow the same values (one element, no pinned sign):
     the total moment is kept; beyond pair_limit the exchanges are the two-ion competitors, up to
     exchange_limit of them."""
     levels = MomentLevels(MAGS8, SYMBOLS8, fixed_signs={6: 1})  # Ni 0 and 3 alike; Ni 6 pinned up

@@ -150,7 +150,8 @@ def render(rows: list[dict]) -> str:
         j = r["judged"]
         cells = [r["date"], f"{r['virtual_scale']:g}", f"{r['offset']:g}", "larger" if r["large"] else "the loop's",
                  f"{r['rcut']:g}", r["steps"], r["batch_size"], f"{r['limit_pref_e']:g}", f"{r['limit_pref_f']:g}",
-                 JUDGE_WORDS[r["judge"]], "yes" if r["initial"] else "no", r["extra_frames"], r["models"], f"{r['train_s']:.0f}",
+                 JUDGE_WORDS[r["judge"]], "yes" if r["initial"] else "no", r.get("extra_frames", 0), r["models"],
+                 f"{r['train_s']:.0f}",
                  f"{j['e_rmse']:.1f}", f"{j['gap_rmse']:.1f}", f"{j['right']}/{j['geometries']}",
                  *(f"{j['kinds'][k]:+.1f}" for k in KINDS)]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
@@ -219,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         folders = prepare(args, work)
         inp = json.loads((folders[0] / "input.json").read_text())
         loss = inp["loss"]
+        extra = extra_frames(args.extra_data)  # before training: an unreadable system fails first
         began = time.time()
         train_all(folders)
         row = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "virtual_scale": args.virtual_scale,
@@ -226,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
                "rcut": inp["model"]["descriptor"]["rcut"], "batch_size": inp["training"]["training_data"]["batch_size"],
                "limit_pref_e": loss.get("limit_pref_e", 1.0),
                "limit_pref_f": loss.get("limit_pref_fr", 1.0),  # ener_spin: the force on real atoms
-               "judge": args.judge, "initial": args.initial, "extra_frames": extra_frames(args.extra_data),
+               "judge": args.judge, "initial": args.initial, "extra_frames": extra,
                "models": len(folders), "seeds": args.seeds,
                "param": str(args.param.resolve()), "train_s": time.time() - began,
                "judged": judged([f / "model.pth" for f in folders], SPLITS[args.judge][1])}

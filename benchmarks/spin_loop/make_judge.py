@@ -173,9 +173,12 @@ def retry_failed(work: Path, maxiter: int) -> list[dict]:
 
 
 def label(work: Path, param: dict) -> Path:
-    """`spingen init` on param in WORKDIR (a rerun resumes); the folder of its labeled data."""
+    """`spingen init` on param in WORKDIR (a rerun of the same param resumes); the folder of its labeled data."""
+    text = json.dumps(param, indent=1) + "\n"
+    if (work / "param.json").is_file() and (work / "param.json").read_text() != text:
+        raise SystemExit(f"{work} holds a run of another param.json: give --workdir a folder of its own")
     work.mkdir(parents=True, exist_ok=True)
-    (work / "param.json").write_text(json.dumps(param, indent=1) + "\n")
+    (work / "param.json").write_text(text)
     env = dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{BIN}:{os.environ['PATH']}")
     subprocess.run([str(BIN / "spingen"), "init", str(work / "param.json"), str(MACHINE), "-w", str(work)],
                    env=env, check=True)
@@ -184,7 +187,8 @@ def label(work: Path, param: dict) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", default="/tmp/spin_judge")
+    parser.add_argument("--workdir", default=None,
+                        help="default /tmp/spin_judge (the judge), /tmp/spin_training_seedS_nN (--training-set)")
     parser.add_argument("--collect-finished", action="store_true",
                         help="write the judge from the runs finished so far (does not run anything)")
     parser.add_argument("--retry-failed", type=int, metavar="MAXITER",
@@ -194,19 +198,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None, help="the training set's geometries (not the judge's seed)")
     parser.add_argument("--geometries", type=int, default=4, help="the training set's number of geometries")
     args = parser.parse_args(argv)
-    work = Path(args.workdir)
+    if args.training_set is None and (args.seed is not None or args.geometries != 4):
+        parser.error("--seed and --geometries make a training set: give --training-set DIR")
     if args.training_set is not None:
         if args.seed is None or args.seed == JUDGE_SEED:
             parser.error(f"--training-set needs --seed other than the judge's ({JUDGE_SEED})")
         if args.geometries < 1:
             parser.error(f"--geometries must be >= 1, got {args.geometries}")
+        if args.training_set.is_file() or (args.training_set / "data").is_file():
+            parser.error(f"--training-set {args.training_set}: a folder is expected")
+        work = Path(args.workdir or f"/tmp/spin_training_seed{args.seed}_n{args.geometries}")
         labeled = label(work, judge_param(args.seed, args.geometries))
-        if args.training_set.exists():
-            shutil.rmtree(args.training_set)
+        if (args.training_set / "data").exists():
+            shutil.rmtree(args.training_set / "data")
         shutil.copytree(labeled / "data.000", args.training_set / "data")
         shutil.copy(labeled / "labels.json", args.training_set / "labels.json")
         print(f"training set written to {args.training_set / 'data'}")
         return 0
+    work = Path(args.workdir or "/tmp/spin_judge")
     if args.retry_failed:
         entries = retry_failed(work, args.retry_failed)
         (JUDGE_DIR / "labels.json").write_text(json.dumps(entries, indent=1) + "\n")

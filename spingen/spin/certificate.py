@@ -7,11 +7,13 @@ spin forces -dE/dS at the current moments S0.
 The competitors of S0 are every single-ion move to another allowed level, every two-ion move
 (when there are at most pair_limit of them: 135 for 6 ions of 4 levels, 252 for 8; else every
 exchange of two ions' moments, when there are at most exchange_limit of them: at most 351 for 27
-ions) and the lowest configurations of the last search. An exchange keeps the total moment, and so
-the gauge sector; on a trained LiNiO2 model with 27 Ni, every move of a descent over all two-ion
-moves from the moments MD held was an exchange, between Ni 2.9-5.9 A apart. Each competitor is
+ions; none by default) and the lowest configurations of the last search. An exchange swaps the
+moments of two ions with the same allowed values and so keeps the total moment; on a trained LiNiO2
+model with 27 Ni, every move of a descent over all two-ion moves from the moments MD held was an
+exchange, between Ni 2.9-5.9 A apart. Each competitor is
 evaluated exactly at some geometry, its reference: its gap G_c = E(c) - E(S0) there and the spin
-forces g at S0 there. At a later geometry its gap is predicted from the change of the spin forces since, g' - g:
+forces g at S0 there. At a later geometry its gap is predicted from the change of the spin forces
+since, g' - g:
 
     G_c' = G_c - (g' - g) . (c - S0)
 
@@ -81,7 +83,7 @@ class CertificateSettings:
     max_age: int = 20  # and every competitor at least every max_age geometries
     search_every: int = 500  # and run a full warm search at least this often (moves of several ions)
     pair_limit: int = 300  # two-ion moves are competitors too when a configuration has at most this many
-    exchange_limit: int = 1000  # else exchanges of two ions' moments, when a configuration has at most this many
+    exchange_limit: int = 0  # else exchanges of two ions' moments, when a configuration has at most this many
     safety: float = 2.0  # times the measured prediction error per step, times the age
     remembered_states: int = 8  # the references of this many states left last are kept for a return
 

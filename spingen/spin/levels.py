@@ -340,9 +340,9 @@ class MomentLevels:
         return out
 
     def exchange_moves(self, index_row: np.ndarray) -> np.ndarray:
-        """Every configuration in which two ions with the same allowed values swap their moments (the
-        total moment kept): a reversed or high-spin ion passing to another site. Rows are not taken
-        first-up, as single_moves."""
+        """Every configuration in which two ions with the same allowed values (one element, neither or both
+        pinned to one sign) swap their moments, the total moment kept: a reversed or high-spin ion passing
+        to another site. Rows are not taken first-up, as single_moves."""
         row = np.asarray(index_row, dtype=np.int8).reshape(-1)
         kinds: dict[tuple, int] = {}
         groups = np.array([kinds.setdefault(tuple(v), len(kinds)) for v in self.values])
