@@ -9,11 +9,10 @@ The competitors of S0 are every single-ion move to another allowed level, every 
 exchange of two ions' moments, when there are at most exchange_limit of them: at most 351 for 27
 ions; none by default) and the lowest configurations of the last search. An exchange swaps the
 moments of two ions with the same allowed values and so keeps the total moment; on a trained LiNiO2
-model with 27 Ni, every move of a descent over all two-ion moves from the moments MD held was an
-exchange, between Ni 2.9-5.9 A apart. Each competitor is
-evaluated exactly at some geometry, its reference: its gap G_c = E(c) - E(S0) there and the spin
-forces g at S0 there. At a later geometry its gap is predicted from the change of the spin forces
-since, g' - g:
+model with 27 Ni, descents over exchanges from the moments MD held went 10-203 meV per cell lower at
+every sampled step (docs/benchmarks/spin_md.md, "Exchanges"). Each competitor is evaluated exactly at
+some geometry, its reference: its gap G_c = E(c) - E(S0) there and the spin forces g at S0 there. At
+a later geometry its gap is predicted from the change of the spin forces since, g' - g:
 
     G_c' = G_c - (g' - g) . (c - S0)
 
