@@ -357,7 +357,7 @@ class SpinModelCalculator(Calculator):
 
     def new_certificate(self) -> GroundStateCertificate:
         """A ground-state certificate of this structure's moments (certify's settings, else the defaults)."""
-        return GroundStateCertificate(self.levels, self.certify or CertificateSettings(), self._gauge)
+        return GroundStateCertificate(self.levels, self.certify or DEFAULT_CERTIFICATE, self._gauge)
 
     def optimize(self, atoms, models: Sequence[Any] | None = None, seed: int | None = None,
                  adopt: bool = True, known: tuple | list | None = None, prior: SearchResult | None = None,

@@ -52,6 +52,7 @@ JUDGE_STATES = {
 }
 JUDGE_GEOMETRIES = 8
 JUDGE_SEED = 7  # the loop's initial data use seed 0 on another cell
+TRAINING_GEOMETRIES = 4  # of a --training-set, unless --geometries
 
 
 def judge_param(seed: int = JUDGE_SEED, geometries: int = JUDGE_GEOMETRIES) -> dict:
@@ -196,9 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--training-set", type=Path, metavar="DIR",
                         help="label other geometries (--seed, --geometries) into DIR instead of the judge")
     parser.add_argument("--seed", type=int, default=None, help="the training set's geometries (not the judge's seed)")
-    parser.add_argument("--geometries", type=int, default=4, help="the training set's number of geometries")
+    parser.add_argument("--geometries", type=int, default=TRAINING_GEOMETRIES,
+                        help="the training set's number of geometries")
     args = parser.parse_args(argv)
-    if args.training_set is None and (args.seed is not None or args.geometries != 4):
+    if args.training_set is None and (args.seed is not None or args.geometries != TRAINING_GEOMETRIES):
         parser.error("--seed and --geometries make a training set: give --training-set DIR")
     if args.training_set is not None:
         if args.seed is None or args.seed == JUDGE_SEED:
