@@ -69,6 +69,7 @@ SETTINGS = {
     "default (certificate)": (1, {}, {}, 1),
     "certificate, no state memory": (1, {}, {"remembered_states": 0}, 1),
     "certificate, single-ion moves only": (1, {}, {"pair_limit": 0}, 1),
+    "certificate with exchanges": (1, {}, {"exchange_limit": 1000}, 1),
     "search every step": (1, {}, None, 1),  # (--search-steps steps)
     "budget 8 every step": (1, {"max_evaluations": 8}, None, 10),
 }

@@ -5,10 +5,12 @@ import pytest
 
 from spingen.spin import AnalyticSpinModel, Exchange, MomentLevels, search_ground_state, triangular_layers
 from spingen.spin.certificate import (
+    EVALUATED,
     MAGNITUDES,
     OTHER_SECTOR,
     REVERSALS,
     SEVERAL_REVERSED,
+    UNTOUCHED,
     CertificateSettings,
     GroundStateCertificate,
     competitors,
@@ -231,15 +233,55 @@ def test_a_move_carries_the_gaps_over_exactly_in_a_pair_landscape():
         assert cert.move_error == pytest.approx(0.0, abs=1e-9) and cert.slack.max() < 1e-9
         energy, minus_grad, pool = new_energy, new_grad, new_pool
 
-    singles_only = GroundStateCertificate(levels, CertificateSettings(margin=0.0, pair_limit=0))
-    energy, minus_grad, pool = reference(start, pair_limit=0)
-    singles_only.set_reference(start, energy, minus_grad, pool, model.evaluate(pool)[0])
-    moved = first_up(pool[3])
-    new_energy, new_grad, new_pool = reference(moved, pair_limit=0)
-    named = singles_only.move_to(moved, new_pool, minus_grad, new_grad, symmetric=True)
-    unknown = np.isnan(singles_only.gaps)
-    assert unknown.sum() == len(new_pool) - 3  # only the moved ion's other levels are S0's own moves
-    assert set(np.flatnonzero(unknown)) <= set(named)
+
+
+
+@pytest.mark.parametrize("coupled", [False, True])
+def test_a_move_keeps_the_gap_of_a_change_it_left_alone_and_measures_their_coupling(coupled):
+    """Beyond pair_limit (single-ion moves and exchanges only) S0's gaps cannot expand a new competitor that
+    changes ions beside the moved one: it keeps S0's gap for the same change (an exchange of two other
+    ions, a single-ion move of another ion). Exact without couplings; with them the coupling is the error,
+    named for evaluation until measured, then measured apart from the expansion's error and added to
+    the allowance of the gaps so carried at the next move."""
+    levels = MomentLevels({"Ni": [1.0, 3.0]}, ["Ni"] * 8)
+    pos, cell = triangular_layers(2, 2, 2)
+    model = AnalyticSpinModel(pos, cell, ["Ni"] * 8, {"Ni": {1.0: 0.0, 3.0: 0.3}}, EXCHANGE if coupled else [])
+
+    def reference(moments):
+        energy, minus_grad = (x[0] for x in model.evaluate(moments, gradient=True))
+        return energy, minus_grad, competitors(levels, moments, pair_limit=0, exchange_limit=1000)
+
+    cert = GroundStateCertificate(levels, CertificateSettings(margin=0.0, pair_limit=0, exchange_limit=1000))
+    moments = levels.to_moments(np.array([[0, 1, 2, 3, 0, 1, 2, 3]], dtype=np.int8))[0]
+    energy, minus_grad, pool = reference(moments)
+    cert.set_reference(moments, energy, minus_grad, pool, model.evaluate(pool)[0])
+    cert.step_errors[:] = 0.0
+    for move in (0, 5):
+        before = moments
+        moments = pool[move]
+        new_energy, new_grad, new_pool = reference(moments)
+        measured = cert.untouched_error
+        named = cert.move_to(moments, new_pool, minus_grad, new_grad, symmetric=True)
+        moved_ions = np.abs(moments - before) > 1e-9
+        touched = np.any((np.abs(new_pool - moments) > 1e-9) & moved_ions, axis=1)
+        untouched = cert.carried == UNTOUCHED
+        assert untouched.sum() > len(new_pool) // 2 and not np.any(untouched & touched)
+        exact = model.evaluate(new_pool)[0] - new_energy
+        if not coupled:
+            np.testing.assert_allclose(cert.gaps[untouched], exact[untouched], atol=1e-9)
+        if measured is None:
+            assert set(np.flatnonzero(untouched)) <= set(named)
+        else:
+            assert np.all(cert.slack[untouched] >= measured - 1e-12)
+            np.testing.assert_array_equal(named, np.flatnonzero(~(cert.gaps > cert.slack)))
+        checked = np.zeros(len(new_pool), dtype=bool)
+        checked[named] = True
+        error = np.abs(cert.gaps - exact)[untouched & checked].max()
+        cert.update(named, new_energy, new_grad, exact[named] + new_energy)
+        assert (error > 1e-3) == coupled
+        assert cert.untouched_error == pytest.approx(max(error, 0.9 * (measured or 0.0)), abs=1e-12)
+        assert np.all(cert.carried[named] == EVALUATED) and cert.move_error is None  # no expansion here
+        energy, minus_grad, pool = new_energy, new_grad, new_pool
 
 
 def test_a_competitor_in_another_gauge_sector_keeps_its_gap_and_its_own_error():

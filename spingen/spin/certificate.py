@@ -48,8 +48,11 @@ After a move S0 -> S1 (a competitor found lower), S1's competitors are not all e
 each that S0's single- and two-ion gaps speak for, within S0's sector, gets the second-order
 expansion E(c) - E(S0) = sum_i G_i + sum_ij (G_ij - G_i - G_j) over the ions where c differs
 from S0 (exact for two ions or fewer, and in an on-site + pair landscape), widened by the
-measured error of such carried gaps; only the rest, and the carried ones within the allowance,
-are evaluated.
+measured error of such carried gaps. A competitor whose changed ions the move left alone and whose
+expansion needs gaps S0 lacks (beyond pair_limit: an exchange, or a single-ion move, beside a moved
+ion) keeps the gap of the same change made to S0, G_c = G_{c - S1 + S0}: exact when the two changes
+do not couple, their coupling being its error, measured apart from the expansion's. Only the rest,
+and the carried ones within the allowance, are evaluated.
 
 The moments of a near-degenerate landscape go back and forth between a few states. The certificate
 remembers the references of the last states it left (remembered_states): back at one of them, its
@@ -72,6 +75,7 @@ ERROR_MEMORY = 0.9  # a measured error is kept as the running maximum, decayed b
 # (0.7 forgot too fast once the reversals keep their gaps: a two-ion competitor erred by 6.7 meV per step
 # where the decayed maximum said 1.3, and a change of the ground state was missed)
 MAGNITUDES, REVERSALS, SEVERAL_REVERSED, OTHER_SECTOR = range(4)  # competitor kinds, each with its own error
+EVALUATED, EXPANDED, UNTOUCHED = range(3)  # how a gap was last set: evaluated, or carried over a move (move_to)
 
 
 @dataclass(frozen=True)
@@ -174,8 +178,10 @@ class GroundStateCertificate:
         self.minus_grads = np.empty((0, levels.n_magnetic))  # -dE/dS at S0 at each competitor's reference
         self.ages = np.empty(0, dtype=int)  # geometries since each competitor's reference
         self.slack = np.empty(0)  # eV: the allowance of a gap carried over from the previous moments (move_to)
+        self.carried = np.empty(0, dtype=int)  # EVALUATED, or how the gap was carried (EXPANDED, UNTOUCHED)
         self.step_errors = np.full(4, np.nan)  # measured |predicted - evaluated| gap per geometry by kind, eV
-        self.move_error: float | None = None  # measured |carried - evaluated| gap after a move, eV
+        self.move_error: float | None = None  # measured |expanded - evaluated| gap after a move, eV
+        self.untouched_error: float | None = None  # measured |kept - evaluated| gap of a change the move left alone
         self.kinds = np.empty(0, dtype=int)  # each competitor's kind (MAGNITUDES, REVERSALS, OTHER_SECTOR)
         self.way_errors = np.full((4, 2), np.nan)  # error per geometry by kind, [following, keeping] reversals
         self.follow = np.ones(4, dtype=bool)  # by kind: reversed ions' shares follow the change of -dE/dS
@@ -232,9 +238,11 @@ class GroundStateCertificate:
             return
         gaps = np.asarray(energies, dtype=float) - float(energy)
         errors = np.abs(self.predicted_gaps(minus_grad, indices) - gaps)
-        carried = self.slack[indices] > 0  # gaps carried over by a move: their error is the move's
-        if (carried & np.isfinite(errors)).any():
-            self.move_error = max(float(errors[carried & np.isfinite(errors)].max()), ERROR_MEMORY * (self.move_error or 0.0))
+        carried = self.carried[indices] != EVALUATED  # gaps carried over by a move: their error is the move's
+        for way, name in ((EXPANDED, "move_error"), (UNTOUCHED, "untouched_error")):
+            measured = (self.carried[indices] == way) & np.isfinite(errors)
+            if measured.any():
+                setattr(self, name, max(float(errors[measured].max()), ERROR_MEMORY * (getattr(self, name) or 0.0)))
         ages = np.maximum(self.ages[indices], 1)
         ways = [np.abs(self.predicted_gaps(minus_grad, indices, follow) - gaps) / ages for follow in (True, False)]
         for kind in range(len(self.step_errors)):
@@ -245,7 +253,7 @@ class GroundStateCertificate:
                 self.follow[kind] = not self.way_errors[kind, 1] < self.way_errors[kind, 0]
                 self.step_errors[kind] = self.way_errors[kind, 0 if self.follow[kind] else 1]
         self.gaps[indices], self.minus_grads[indices], self.ages[indices] = gaps, minus_grad, 0
-        self.slack[indices] = 0.0
+        self.slack[indices], self.carried[indices] = 0.0, EVALUATED
 
     def absorb_errors(self, other: GroundStateCertificate) -> None:
         """Keep the larger of each prediction error measured here and by `other`, a certificate of another
@@ -253,8 +261,9 @@ class GroundStateCertificate:
         self.way_errors = np.fmax(self.way_errors, other.way_errors)
         self.follow = ~(self.way_errors[:, 1] < self.way_errors[:, 0])
         self.step_errors = np.where(self.follow, self.way_errors[:, 0], self.way_errors[:, 1])
-        errors = [e for e in (self.move_error, other.move_error) if e is not None]
-        self.move_error = max(errors) if errors else None
+        for name in ("move_error", "untouched_error"):
+            errors = [e for e in (getattr(self, name), getattr(other, name)) if e is not None]
+            setattr(self, name, max(errors) if errors else None)
 
     def set_reference(self, moments: np.ndarray, energy: float, minus_grad: np.ndarray,
                       competitors: np.ndarray, competitor_energies: np.ndarray) -> None:
@@ -267,6 +276,7 @@ class GroundStateCertificate:
         self.minus_grads = np.tile(np.asarray(minus_grad, dtype=float), (len(self.competitors), 1))
         self.ages = np.zeros(len(self.competitors), dtype=int)
         self.slack = np.zeros(len(self.competitors))
+        self.carried = np.full(len(self.competitors), EVALUATED)
         self.kinds = self.kinds_of(self.competitors)
 
     def kinds_of(self, competitors: np.ndarray) -> np.ndarray:
@@ -295,7 +305,9 @@ class GroundStateCertificate:
 
         from S0's single-ion gaps G_i and two-ion gaps G_ij: exact for |D| <= 2 (S0's own competitors),
         and for more ions in a landscape of on-site and pair energies; beyond it the measured move error
-        is added to the allowance. A competitor of a remembered `moments` takes its remembered reference
+        is added to the allowance. Where those gaps are not known and c changes only ions the move left
+        alone, c keeps the gap of the same change made to S0 (the measured untouched error added to its
+        allowance). A competitor of a remembered `moments` takes its remembered reference
         instead where that allows less. symmetric: E(-S) = E(S) (a state stands for its reverse too).
         Returns the indices of the new competitors to evaluate now: those within the allowance, those no
         gaps of S0 speak for, and every one of more than two ions until a move error was measured."""
@@ -303,18 +315,21 @@ class GroundStateCertificate:
         old = self.moments
         states = np.concatenate([old[None], self.competitors])
         values = list(zip(np.concatenate([[0.0], self.predicted_gaps(minus_grad_before)]),
-                          np.concatenate([[0], self.ages]), np.concatenate([[0.0], self.slack])))
+                          np.concatenate([[0], self.ages]), np.concatenate([[0.0], self.slack]),
+                          np.concatenate([[EVALUATED], self.carried])))
         known = {self._key(-c): v for c, v in zip(states, values)} if symmetric else {}
         known.update({self._key(c): v for c, v in zip(states, values)})
         moments = np.asarray(moments, dtype=float)
         competitors = np.asarray(competitors, dtype=float).reshape(-1, self.levels.n_magnetic)
-        estimates = [self._cluster_gap(c, old, known, symmetric) for c in np.concatenate([moments[None], competitors])]
-        gap_moved = estimates[0][0]  # exact: `moments` is one of S0's competitors
-        gaps = np.array([e[0] for e in estimates[1:]]) - gap_moved
-        ages = np.array([e[1] for e in estimates[1:]], dtype=int)
-        slack = np.array([e[2] for e in estimates[1:]])
+        moved = self._cluster_gap(moments, old, known, symmetric)  # exact: `moments` is one of S0's competitors
+        estimates = [self._cluster_gap(c, old, known, symmetric) for c in competitors]
+        estimates = [e if np.isfinite(e[0]) else self._untouched_gap(c, old, moments, moved, known, symmetric)
+                     for c, e in zip(competitors, estimates)]
         self.moments, self.competitors = moments.copy(), competitors
-        self.gaps, self.ages, self.slack = gaps, ages, slack
+        self.gaps = np.array([e[0] for e in estimates], dtype=float) - moved[0]
+        self.ages = np.array([e[1] for e in estimates], dtype=int)
+        self.slack = np.array([e[2] for e in estimates], dtype=float)
+        self.carried = np.array([e[3] for e in estimates], dtype=int)
         self.kinds = self.kinds_of(competitors)
         self.minus_grads = np.tile(np.asarray(minus_grad, dtype=float), (len(competitors), 1))
         self._recall()
@@ -327,7 +342,8 @@ class GroundStateCertificate:
         key = self._key(self.moments)
         self.memory.pop(key, None)
         self.memory[key] = _Remembered(self.clock, {self._key(c): i for i, c in enumerate(self.competitors)},
-                                       self.gaps.copy(), self.minus_grads.copy(), self.ages.copy(), self.slack.copy())
+                                       self.gaps.copy(), self.minus_grads.copy(), self.ages.copy(), self.slack.copy(),
+                                       self.carried.copy())
         while len(self.memory) > self.settings.remembered_states:
             self.memory.pop(next(iter(self.memory)))
 
@@ -348,13 +364,13 @@ class GroundStateCertificate:
             & np.isfinite(past.gaps[then])
         now, then, ages = now[better], then[better], ages[better]
         self.gaps[now], self.minus_grads[now] = past.gaps[then], past.minus_grads[then]
-        self.ages[now], self.slack[now] = ages, past.slack[then]
+        self.ages[now], self.slack[now], self.carried[now] = ages, past.slack[then], past.carried[then]
 
     def _cluster_gap(self, state: np.ndarray, old: np.ndarray, known: dict, symmetric: bool
-                     ) -> tuple[float, int, float]:
-        """(E(state) - E(S0), the oldest age it rests on, the allowance it adds): S0's own gap for S0 and its
-        competitors, else the expansion in S0's single- and two-ion gaps within S0's gauge sector; NaN
-        when a gap it needs is not known or the expansion would cross into another sector."""
+                     ) -> tuple[float, int, float, int]:
+        """(E(state) - E(S0), the oldest age it rests on, the allowance it adds, how it was carried): S0's own
+        gap for S0 and its competitors, else the expansion in S0's single- and two-ion gaps within S0's gauge
+        sector; NaN when a gap it needs is not known or the expansion would cross into another sector."""
         if self._key(state) in known:
             return known[self._key(state)]
         if self.gauge is not None:  # expand within the gauge sector, where the energy is smooth
@@ -367,14 +383,37 @@ class GroundStateCertificate:
         for row, subset in zip(partial, subsets):
             row[ions[list(subset)]] = state[ions[list(subset)]]
         if np.any(self.sectors(partial) != self.sectors(base)[0]):
-            return np.nan, 0, 0.0
+            return np.nan, 0, 0.0, EVALUATED
         used = [known.get(self._key(p)) for p in partial]
         if any(u is None for u in used):
-            return np.nan, 0, 0.0
-        single = [g for g, _, _ in used[:len(ions)]]
+            return np.nan, 0, 0.0, EVALUATED
+        single = [u[0] for u in used[:len(ions)]]
         gap = sum(single) + sum(u[0] - single[s[0]] - single[s[1]] for s, u in zip(subsets[len(ions):], used[len(ions):]))
         slack = sum(u[2] for u in used) + (np.inf if self.move_error is None else self.move_error)
-        return float(gap), max(u[1] for u in used), float(slack)
+        return float(gap), max(u[1] for u in used), float(slack), max(EXPANDED, *(u[3] for u in used))
+
+    def _untouched_gap(self, state: np.ndarray, old: np.ndarray, moments: np.ndarray, moved: tuple, known: dict,
+                       symmetric: bool) -> tuple[float, int, float, int]:
+        """E(state) - E(S0) for a competitor of the new `moments` (reached from S0 at the gap `moved`) that
+        changes only ions the move left alone: the move's gap plus S0's gap for the same change, their
+        coupling taken as the error (the measured untouched error, inf until measured); NaN when the
+        change touches a moved ion, S0's gap for it is not known, or a gauge sector is crossed."""
+        if self.gauge is not None:  # each in its gauge; all in one sector, where the energy is smooth
+            old, moments, state = (x * self.sectors(x)[0] for x in (old, moments, state))
+        elif symmetric and np.abs(moments + old).sum() < np.abs(moments - old).sum():
+            old = -old
+        changed = np.abs(state - moments) > 1e-9
+        if np.any(changed & (np.abs(moments - old) > 1e-9)):
+            return np.nan, 0, 0.0, EVALUATED
+        shifted = old.copy()
+        shifted[changed] = state[changed]
+        if np.any(self.sectors(np.stack([moments, shifted, state])) != self.sectors(old)[0]):
+            return np.nan, 0, 0.0, EVALUATED
+        same = known.get(self._key(shifted))
+        if same is None:
+            return np.nan, 0, 0.0, EVALUATED
+        slack = same[2] + moved[2] + (np.inf if self.untouched_error is None else self.untouched_error)
+        return moved[0] + same[0], max(same[1], moved[1]), float(slack), UNTOUCHED
 
     @staticmethod
     def _key(moments: np.ndarray) -> bytes:
@@ -396,3 +435,4 @@ class _Remembered:
     minus_grads: np.ndarray
     ages: np.ndarray
     slack: np.ndarray
+    carried: np.ndarray
