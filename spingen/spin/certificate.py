@@ -398,17 +398,15 @@ class GroundStateCertificate:
         changes only ions the move left alone: the move's gap plus S0's gap for the same change, their
         coupling taken as the error (the measured untouched error, inf until measured); NaN when the
         change touches a moved ion, S0's gap for it is not known, or a gauge sector is crossed."""
-        if self.gauge is not None:  # each in its gauge; all in one sector, where the energy is smooth
-            old, moments, state = (x * self.sectors(x)[0] for x in (old, moments, state))
-        elif symmetric and np.abs(moments + old).sum() < np.abs(moments - old).sum():
-            old = -old
+        if symmetric and self.gauge is None:  # S and -S are one state: each taken nearest the new moments
+            old, state = (-x if np.abs(moments + x).sum() < np.abs(moments - x).sum() else x for x in (old, state))
         changed = np.abs(state - moments) > 1e-9
         if np.any(changed & (np.abs(moments - old) > 1e-9)):
             return np.nan, 0, 0.0, EVALUATED
         shifted = old.copy()
         shifted[changed] = state[changed]
         if np.any(self.sectors(np.stack([moments, shifted, state])) != self.sectors(old)[0]):
-            return np.nan, 0, 0.0, EVALUATED
+            return np.nan, 0, 0.0, EVALUATED  # all four in one gauge sector, where the energy is smooth
         same = known.get(self._key(shifted))
         if same is None:
             return np.nan, 0, 0.0, EVALUATED
