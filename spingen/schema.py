@@ -377,6 +377,12 @@ def param_arginfo() -> Argument:
                                   "(same-sign neighbours of a random ion) beside single ions (default: true). On "
                                   "a 27-Ni LiNiO2 cell they halved the cold search's mean and worst excess over the "
                                   "best state found (docs/benchmarks/spin_md.md, \"Domain reversals\")."),
+                     Argument("polish_exchanges", [bool, type(None)], optional=True, default=None,
+                              doc="Let the genetic search's greedy polish exchange the moments of two ions "
+                                  "(same element, total moment kept) beside moving single ions (default: "
+                                  "true): on a trained 27-Ni LiNiO2 model such exchanges went 10-203 meV/cell "
+                                  "below states no single-ion move lowers (docs/benchmarks/spin_md.md, "
+                                  "\"Exchanges\")."),
                      Argument("cold_runs", [int, type(None)], optional=True, default=None,
                               doc="Independent genetic runs of a cold search (the first of a trajectory, each "
                                   "search of fp_spin_sectors), the lowest kept. Default: 3 above 16 magnetic ions "

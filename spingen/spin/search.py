@@ -53,6 +53,7 @@ class SearchSettings:
     explore: float = 0.25  # share of each generation evaluated without regard to screening
     screen_sigmas: float = 3.0  # screening rules out only what is worse by this many errors
     polish_batch: int = 8  # local moves evaluated per call during polish
+    polish_exchanges: bool = True  # polish over exchanges of two ions' moments too, beside single-ion moves
     use_gradient: bool | None = None  # ask the model for -dE/dS (a full evaluation, about 2.5x an energy-only
     # one); None: only without a surrogate
     use_surrogate: bool = True
@@ -484,7 +485,8 @@ class _Genetic:
         return rows[np.concatenate([promising, explorers]).astype(int)]
 
     def _polish(self, key: bytes, full: bool = False) -> np.ndarray:
-        """Greedy descent from a row over screened single-ion moves, in batches.
+        """Greedy descent from a row over screened single-ion moves and (polish_exchanges) exchanges of two
+        ions' moments, in batches.
 
         Each step evaluates the most promising moves until one improves; it stops at the first
         batch without improvement or, with full=True, once every move the screening cannot rule
@@ -494,6 +496,8 @@ class _Genetic:
         row, energy = evals.rows[key], evals.energy[key]
         while not evals.exhausted:
             moves = levels.single_moves(row)
+            if self.s.polish_exchanges and levels.total_moment is None:  # else single_moves holds them
+                moves = np.concatenate([moves, levels.exchange_moves(row)])
             if len(moves) == 0:
                 break
             if self.surrogate is not None:
