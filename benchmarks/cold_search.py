@@ -33,6 +33,7 @@ BEGIN = "<!-- results:begin (written by benchmarks/cold_search.py) -->"
 # name -> search settings; "before" is the search as it was until this benchmark (spin forces, 16 / 15)
 SETTINGS = {
     "default": {},
+    "without exchanges in the polish (before 2026-12-06)": {"polish_exchanges": False},
     "one run per cold search (default on 2026-12-05)": {"cold_runs": 1},
     "one run without domain reversals (before 2026-12-05)": {"domain_reversals": False, "cold_runs": 1},
     "before: spin forces, population 16, patience 15": {"use_gradient": True, "population": 16, "patience": 15},
