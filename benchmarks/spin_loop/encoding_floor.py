@@ -19,6 +19,8 @@ training_init_data_ratio):
 - `--judge half`: geometries 0, 2, 4, 6 in training, judged on 1, 3, 5, 7 (held out);
 - `--judge other-half`: the other way round (1, 3, 5, 7 in training: the reversed pairs whose both ions
   keep 1.60-1.65 uB, which the even half lacks);
+- `--judge half-and-3`: the even half and geometry 3 (a reversed pair with both ions at 1.65 uB) in
+  training, judged on 1, 5, 7: whether one label of that kind teaches geometry 5's;
 - `--judge none`: the initial data alone, judged on every geometry.
 
 `--extra-data DIR` trains on more labeled systems beside those (make_judge.py --training-set: other
@@ -63,9 +65,11 @@ DOC_BEGIN = "<!-- results:begin (written by benchmarks/spin_loop/encoding_floor.
 DOC_END = "<!-- results:end -->"
 SPLITS = {"all": (slice(None), slice(None)), "half": (slice(0, None, 2), slice(1, None, 2)),
           "other-half": (slice(1, None, 2), slice(0, None, 2)),
+          "half-and-3": ([0, 2, 3, 4, 6], [1, 5, 7]),  # the even half and a reversed pair with both ions low
           "none": (slice(0, 0), slice(None))}  # judge geometries (trained on, judged on)
 JUDGE_WORDS = {"all": "all 8 (train = test)", "half": "0, 2, 4, 6; judged on 1, 3, 5, 7",
-               "other-half": "1, 3, 5, 7; judged on 0, 2, 4, 6", "none": "none"}
+               "other-half": "1, 3, 5, 7; judged on 0, 2, 4, 6", "half-and-3": "0, 2, 3, 4, 6; judged on 1, 5, 7",
+               "none": "none"}
 
 
 def judge_system():

@@ -28,7 +28,7 @@ def judge_frames(coords: np.ndarray, cells: np.ndarray) -> np.ndarray:
     return np.array([np.flatnonzero(groups == g) for g in np.unique(groups)])
 
 
-def judged(models: list[Path], geometries: slice = slice(None)) -> dict:
+def judged(models: list[Path], geometries: slice | list[int] = slice(None)) -> dict:
     """The ensemble of `models` on the judge's `geometries`: energy RMSE, state gap RMSE and lowest state
     right (as `spingen test`), and each kind's mean gap error to FM (meV/atom)."""
     ensemble = Ensemble(models)
