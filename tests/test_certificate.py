@@ -234,8 +234,6 @@ def test_a_move_carries_the_gaps_over_exactly_in_a_pair_landscape():
         energy, minus_grad, pool = new_energy, new_grad, new_pool
 
 
-
-
 @pytest.mark.parametrize("coupled,gauged", [(False, False), (True, False), (False, True)])
 def test_a_move_keeps_the_gap_of_a_change_it_left_alone_and_measures_their_coupling(coupled, gauged):
     """Beyond pair_limit (single-ion moves and exchanges only) S0's gaps cannot expand a new competitor that

@@ -238,9 +238,10 @@ class GroundStateCertificate:
             return
         gaps = np.asarray(energies, dtype=float) - float(energy)
         errors = np.abs(self.predicted_gaps(minus_grad, indices) - gaps)
-        carried = self.carried[indices] != EVALUATED  # gaps carried over by a move: their error is the move's
+        how = self.carried[indices]
+        carried = how != EVALUATED  # gaps carried over by a move: their error is the move's
         for way, name in ((EXPANDED, "move_error"), (UNTOUCHED, "untouched_error")):
-            measured = (self.carried[indices] == way) & np.isfinite(errors)
+            measured = (how == way) & np.isfinite(errors)
             if measured.any():
                 setattr(self, name, max(float(errors[measured].max()), ERROR_MEMORY * (getattr(self, name) or 0.0)))
         ages = np.maximum(self.ages[indices], 1)

@@ -104,8 +104,9 @@ def search_ground_state(model: EnergyModel, levels: MomentLevels, *, start: np.n
     max_evaluations); else a GA: tournament selection, uniform crossover, single-ion and
     cluster-reversal mutation (clusters coupled under the surrogate, domains of the model's
     nearest-neighbour graph), oversample x population offspring screened down to population,
-    (mu + lambda) elitism, greedy polish of every new best (single-ion moves and exchanges). Stops after `patience` generations
-    without a new best (`warm_patience` with a start), max_generations or max_evaluations. A cold
+    (mu + lambda) elitism, greedy polish of every new best (single-ion moves and exchanges). Stops
+    after `patience` generations without a new best (`warm_patience` with a start), max_generations
+    or max_evaluations. A cold
     search (no start, no prior) runs cold_runs independent GAs and keeps the lowest (default: 3 above
     16 magnetic ions without max_evaluations, where one run often settles in another basin; else 1);
     n_evaluations and n_generations are then summed over the runs.
