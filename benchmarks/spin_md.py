@@ -70,6 +70,7 @@ SETTINGS = {
     "certificate, no state memory": (1, {}, {"remembered_states": 0}, 1),
     "certificate, single-ion moves only": (1, {}, {"pair_limit": 0}, 1),
     "certificate with exchanges": (1, {}, {"exchange_limit": 1000}, 1),
+    "certificate, every competitor at max_age": (1, {}, {"backstop_age": 20}, 1),  # (before 2026-12-06)
     "search every step": (1, {}, None, 1),  # (--search-steps steps)
     "budget 8 every step": (1, {"max_evaluations": 8}, None, 10),
 }

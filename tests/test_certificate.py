@@ -111,18 +111,44 @@ def test_a_single_ion_move_that_turns_lower_is_named():
 
 def test_references_age_and_learn_their_error():
     levels = MomentLevels({"Ni": [1.0]}, ["Ni", "Ni"])
-    cert = GroundStateCertificate(levels, CertificateSettings(margin=0.0, max_age=3, safety=1.0))
+    cert = GroundStateCertificate(levels, CertificateSettings(margin=0.0, max_age=3, backstop_age=3, safety=1.0))
     moments = np.array([1.0, 1.0])
     pool = competitors(levels, moments)
     cert.set_reference(moments, 0.0, np.zeros(2), pool, np.array([1.0, 1.0]))
     cert.step_errors[:] = 0.0  # as if measured
-    assert [len(cert.to_check(np.zeros(2))) for _ in range(4)] == [0, 0, 0, 2]  # max_age 3
+    assert [len(cert.to_check(np.zeros(2))) for _ in range(4)] == [0, 0, 0, 2]  # backstop_age 3
     # evaluated gaps 0.35 lower than predicted after 4 geometries: 0.0875 eV of error per geometry from now on
     cert.update(np.arange(2), 0.0, np.zeros(2), np.array([0.65, 0.65]))
     assert cert.step_errors[REVERSALS] == pytest.approx(0.0875) and list(cert.ages) == [0, 0]
-    cert.settings = CertificateSettings(margin=0.0, max_age=100, safety=1.0)
+    cert.settings = CertificateSettings(margin=0.0, max_age=100, backstop_age=100, safety=1.0)
     named = [len(cert.to_check(np.zeros(2))) for _ in range(9)]
     assert named == [0] * 7 + [2] * 2  # the allowance 0.0875 x age passes the 0.65 gap at age 8
+
+
+def test_old_references_are_sized_by_the_error_measured_at_their_age():
+    """Beyond max_age a competitor is evaluated until its kind's error at such ages is measured; then only
+    where that error (per step, times the age) reaches its gap, and every one at backstop_age."""
+    levels = MomentLevels({"Ni": [1.0]}, ["Ni", "Ni", "Ni"])
+    cert = GroundStateCertificate(levels, CertificateSettings(margin=0.0, max_age=4, backstop_age=12, safety=1.0))
+    moments = np.ones(3)
+    pool = competitors(levels, moments)  # each single ion reversed
+    cert.set_reference(moments, 0.0, np.zeros(3), pool, np.array([0.1, 0.5, 0.9]))
+    cert.step_errors[:] = 0.001  # as if measured at young ages: 1 meV per geometry
+    assert [len(cert.to_check(np.zeros(3))) for _ in range(5)] == [0, 0, 0, 0, 3]  # age 5: unmeasured there
+    # evaluated at age 5, 0.09 off the prediction: 18 meV per geometry at such ages, far above the young 1 meV
+    cert.update(np.arange(3), 0.0, np.zeros(3), np.array([0.19, 0.59, 0.99]))
+    assert cert.old_way_errors[REVERSALS, 0] == pytest.approx(0.018)
+    assert cert.step_errors[REVERSALS] == pytest.approx(0.018)  # the running maximum of every age
+    cert.step_errors[:] = 0.001  # the young error forgotten again; the old one stays
+    named = [cert.to_check(np.zeros(3)) for _ in range(13)]
+    # ages 1-4: 1 meV per geometry; from 5 the allowance is 0.018 x age: it reaches the 0.19 gap at age 11,
+    # the others not before the backstop (age 13)
+    assert [list(n) for n in named] == [[]] * 10 + [[0]] * 2 + [[0, 1, 2]]
+    unsized = GroundStateCertificate(levels, CertificateSettings(margin=0.0, max_age=4, backstop_age=4, safety=1.0))
+    unsized.set_reference(moments, 0.0, np.zeros(3), pool, np.array([0.2, 0.6, 1.0]))
+    unsized.step_errors[:] = 0.001
+    unsized.old_way_errors[:] = 0.001  # measured, but backstop_age = max_age: every one at max_age, as before
+    assert [len(unsized.to_check(np.zeros(3))) for _ in range(5)] == [0, 0, 0, 0, 3]
 
 
 def test_a_reversal_gap_the_slope_does_not_follow_is_kept_once_measured_better():
@@ -157,7 +183,7 @@ def test_a_reversal_gap_the_slope_does_not_follow_is_kept_once_measured_better()
 
 def test_certificate_settings_are_checked():
     for bad in ({"margin": -1.0}, {"max_age": 0}, {"search_every": 0}, {"safety": float("nan")},
-                {"exchange_limit": -1}):
+                {"exchange_limit": -1}, {"max_age": 30, "backstop_age": 20}):
         with pytest.raises(ValueError):
             CertificateSettings(**bad)
 

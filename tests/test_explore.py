@@ -767,6 +767,7 @@ def test_stage_runs_through_dpdispatcher_and_resumes_after_a_kill(tmp_path, mode
     ({"model_devi_spin_search": {"population": 1}}, "model_devi_spin_search/population"),
     ({"model_devi_spin_certify": {"margin": -0.1}}, "model_devi_spin_certify"),
     ({"model_devi_spin_certify": {"max_age": 0}}, "model_devi_spin_certify"),
+    ({"model_devi_spin_certify": {"max_age": 30, "backstop_age": 25}}, "model_devi_spin_certify"),
     ({"model_devi_jobs": [{"sys_idx": [0], "temps": [300], "nsteps": 10, "ensemble": "npt"}]}, "press"),
     ({"model_devi_jobs": [{"sys_idx": [0], "temps": [300], "nsteps": 10, "trj_freq": 0}]}, "trj_freq"),
     ({"fp_spin_init": "sectors", "fp_spin_sectors": 0}, "fp_spin_sectors"),
@@ -787,8 +788,8 @@ def test_explore_settings_defaults(tmp_path):
     assert settings.driver == "first" and settings.task_max_total is None and settings.skip == 0
     assert settings.spin_only_share == 0.5
     assert settings.spin_search == {"max_evaluations": 8}  # unset keys: the search's own defaults
-    assert settings.certify == {"margin": 0.002, "max_age": 20, "search_every": 500, "pair_limit": 300,
-                                "exchange_limit": 0, "remembered_states": 8}
+    assert settings.certify == {"margin": 0.002, "max_age": 20, "backstop_age": 100, "search_every": 500,
+                                "pair_limit": 300, "exchange_limit": 0, "remembered_states": 8}
     param_path, _ = write_inputs(tmp_path, make_param(tmp_path, model_devi_spin_certify={"enable": False}))
     assert explore_settings(load_param(param_path)).certify is None
     param_path, _ = write_inputs(tmp_path, make_param(tmp_path, model_devi_spin_search={"domain_reversals": False,

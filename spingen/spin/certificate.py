@@ -21,8 +21,8 @@ dependence lies in the couplings; the on-site curves' own change is its error, a
 several ions also the change of their mutual coupling. That error is measured whenever a
 competitor is evaluated again (predicted vs evaluated) and widens the allowance with the age of the
 reference. A step evaluates only the competitors predicted within margin + safety x (error per
-step) x age, or older than max_age, in one energy-only batch; none: S0 is certified lowest with no
-evaluation at all (never before an error was measured). The caller moves the moments when an
+step) x age in one energy-only batch; none: S0 is certified lowest with no evaluation at all (never
+before an error was measured). The caller moves the moments when an
 evaluated competitor is lower. An ensemble's members each hold a certificate of their own state from
 one explore frame to the next (spingen.tasks.explore.MemberStates).
 
@@ -35,6 +35,14 @@ orders of magnitude (a trained LiNiO2 model at 900 K: median 0.1 meV per step fo
 changes, 3-10 meV with a reversed ion): those that only change magnitudes (every changed ion keeps
 its sign), a single ion reversed (or leaving or reaching a zero moment), several ions changed of
 which at least one reversed, and those in another gauge sector.
+
+The error grows faster than the age while the ions move away from the reference geometry (on that
+trained model the errors of references 21 geometries old reached 3.1 times the allowance the errors
+measured at younger ages call for) and stops growing once they have moved their thermal amplitude
+(tens of fs). So references older than max_age are measured apart: until their kind's error at such
+ages is measured every one of them is evaluated; from then on only those within margin + safety x
+(the larger of the two errors per step) x age, and every competitor at least every backstop_age
+geometries.
 
 A reversed ion's virtual atom moves by 2 eta |S| (about 1 A), beyond the reach of the slope at S0:
 on that trained model, following the change of -dE/dS on the reversed ions predicts their gaps 2-3
@@ -83,7 +91,9 @@ class CertificateSettings:
     """The knobs of the certificate (param.json: model_devi_spin_certify)."""
 
     margin: float = 0.002  # eV (of the cell): a competitor predicted closer than this is evaluated
-    max_age: int = 20  # and every competitor at least every max_age geometries
+    max_age: int = 20  # references older than this are sized by the error measured at such ages (every one
+    # of them evaluated until it is measured)
+    backstop_age: int = 100  # and every competitor is evaluated at least every backstop_age geometries
     search_every: int = 500  # and run a full warm search at least this often (moves of several ions)
     pair_limit: int = 300  # two-ion moves are competitors too when a configuration has at most this many
     exchange_limit: int = 0  # else exchanges of two ions' moments, when a configuration has at most this many
@@ -101,6 +111,8 @@ class CertificateSettings:
         for name in ("max_age", "search_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.backstop_age < self.max_age:
+            raise ValueError(f"backstop_age must be >= max_age ({self.max_age}), got {self.backstop_age}")
         if not self.safety >= 0:
             raise ValueError(f"safety must be >= 0, got {self.safety}")
 
@@ -184,6 +196,7 @@ class GroundStateCertificate:
         self.untouched_error: float | None = None  # measured |kept - evaluated| gap of a change the move left alone
         self.kinds = np.empty(0, dtype=int)  # each competitor's kind (MAGNITUDES, REVERSALS, OTHER_SECTOR)
         self.way_errors = np.full((4, 2), np.nan)  # error per geometry by kind, [following, keeping] reversals
+        self.old_way_errors = np.full((4, 2), np.nan)  # the same, of references older than max_age
         self.follow = np.ones(4, dtype=bool)  # by kind: reversed ions' shares follow the change of -dE/dS
         self.clock = 0  # geometries seen (tick)
         self.memory: dict[bytes, _Remembered] = {}  # the references of the states left last, oldest first
@@ -210,7 +223,7 @@ class GroundStateCertificate:
 
     def to_check(self, minus_grad: np.ndarray) -> np.ndarray:
         """At a new geometry (ticks): the indices of the competitors that must be evaluated, those predicted
-        within margin + safety x error per step x age, or older than max_age. Empty: S0 is certified lowest
+        within margin + safety x error per step x age, or older than backstop_age. Empty: S0 is certified lowest
         here without an evaluation."""
         self.tick()
         return self._within_allowance(self.predicted_gaps(minus_grad))
@@ -222,14 +235,23 @@ class GroundStateCertificate:
 
     def _within_allowance(self, gaps: np.ndarray) -> np.ndarray:
         """Competitors predicted within margin + slack + safety x error per step of their kind x age (a kind
-        whose error is not measured yet: all of it), or older than max_age."""
+        whose error is not measured yet: all of it; beyond max_age the larger of its errors at any age and at
+        such ages), or older than backstop_age."""
         allowance = self.settings.margin + self._uncertainty(self.kinds, self.ages, self.slack)
-        return np.flatnonzero(~(gaps > allowance) | (self.ages > self.settings.max_age))
+        return np.flatnonzero(~(gaps > allowance) | (self.ages > self.settings.backstop_age))
 
     def _uncertainty(self, kinds: np.ndarray, ages: np.ndarray, slack: np.ndarray) -> np.ndarray:
-        """slack + safety x measured error per step of the kind x age (inf where the kind's is not measured)."""
+        """slack + safety x measured error per step of the kind x age (inf where the kind's is not measured;
+        beyond max_age the larger of it and the kind's error measured beyond max_age, inf until measured)."""
         per_step = self.step_errors[kinds]
-        return np.where(np.isnan(per_step), np.inf, slack + self.settings.safety * per_step * ages)
+        old = ages > self.settings.max_age
+        per_step = np.where(old, np.fmax(per_step, self._old_step_errors()[kinds]), per_step)
+        unmeasured = np.isnan(per_step) | (old & np.isnan(self._old_step_errors()[kinds]))
+        return np.where(unmeasured, np.inf, slack + self.settings.safety * per_step * ages)
+
+    def _old_step_errors(self) -> np.ndarray:
+        """By kind: the error per geometry measured on references older than max_age, the kind's way."""
+        return np.where(self.follow, self.old_way_errors[:, 0], self.old_way_errors[:, 1])
 
     def update(self, indices: np.ndarray, energy: float, minus_grad: np.ndarray, energies: np.ndarray) -> None:
         """Competitors[indices] evaluated at this geometry (S0 at `energy`, -dE/dS): their prediction error
@@ -246,11 +268,15 @@ class GroundStateCertificate:
                 setattr(self, name, max(float(errors[measured].max()), ERROR_MEMORY * (getattr(self, name) or 0.0)))
         ages = np.maximum(self.ages[indices], 1)
         ways = [np.abs(self.predicted_gaps(minus_grad, indices, follow) - gaps) / ages for follow in (True, False)]
+        old = ages > self.settings.max_age
         for kind in range(len(self.step_errors)):
             stepped = ~carried & np.isfinite(errors) & (self.kinds[indices] == kind)
             if stepped.any():
                 for way, way_errors in enumerate(ways):
                     self.way_errors[kind, way] = _running_max(self.way_errors[kind, way], way_errors[stepped])
+                    if (stepped & old).any():
+                        self.old_way_errors[kind, way] = _running_max(self.old_way_errors[kind, way],
+                                                                      way_errors[stepped & old])
                 self.follow[kind] = not self.way_errors[kind, 1] < self.way_errors[kind, 0]
                 self.step_errors[kind] = self.way_errors[kind, 0 if self.follow[kind] else 1]
         self.gaps[indices], self.minus_grads[indices], self.ages[indices] = gaps, minus_grad, 0
@@ -260,6 +286,7 @@ class GroundStateCertificate:
         """Keep the larger of each prediction error measured here and by `other`, a certificate of another
         state under the same model along the same geometries (errors measured once are not forgotten)."""
         self.way_errors = np.fmax(self.way_errors, other.way_errors)
+        self.old_way_errors = np.fmax(self.old_way_errors, other.old_way_errors)
         self.follow = ~(self.way_errors[:, 1] < self.way_errors[:, 0])
         self.step_errors = np.where(self.follow, self.way_errors[:, 0], self.way_errors[:, 1])
         for name in ("move_error", "untouched_error"):
