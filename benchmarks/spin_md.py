@@ -121,11 +121,14 @@ def primitive_cell(conventional):
     return Atoms([conventional[i].symbol for i in first], scaled_positions=scaled[first], cell=cell, pbc=True)
 
 
-def run_setting(dps, magnitudes, name: str, steps: int, sample_every: int, temperature: float) -> dict:
-    """NVT MD of one setting from a cold start; wall per step (step 0 excluded), counters, sampled geometries."""
+def run_setting(dps, magnitudes, name: str, steps: int, sample_every: int, temperature: float,
+                judged: bool = True) -> dict:
+    """NVT MD of one setting from a cold start; wall per step (step 0 excluded), counters, sampled geometries
+    (none when not judged)."""
     from spingen.md import SpinModelCalculator, run_md
 
     freq, search, certify, thin = SETTINGS[name]
+    thin = thin if judged else 0
     atoms = start_cell()
     calc = SpinModelCalculator(dps, magnitudes, drive=0, spin_opt_freq=freq, search=search, certify=certify, seed=5)
     atoms.calc = calc
@@ -364,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temperature", type=float, default=900.0)
     parser.add_argument("--settings", nargs="*", default=list(SETTINGS), help=f"of {list(SETTINGS)}")
     parser.add_argument("--workers", type=int, default=2, help="processes enumerating the truth")
+    parser.add_argument("--unjudged", nargs="*", default=[],
+                        help="settings timed but not judged (on the 8-Ni cell each truth costs minutes)")
     parser.add_argument("--levels", type=float, nargs="*", default=None,
                         help="Ni magnitudes (uB); default: inferred from the data at tol 0.1 (1.671, 1.86)")
     parser.add_argument("--frame-steps", type=int, default=100, help="MD steps of the explore-frame measurement")
@@ -397,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen = ["fixed moments"] if args.frames_only else [n for n in SETTINGS if n in args.settings]
     for name in chosen:
         steps = args.search_steps if name == "search every step" else args.steps
-        r = run_setting(dps, magnitudes, name, steps, args.sample_every, args.temperature)
+        r = run_setting(dps, magnitudes, name, steps, args.sample_every, args.temperature, name not in args.unjudged)
         results.append(r)
         print(json.dumps({k: v for k, v in r.items() if k != "samples"}), flush=True)
     truth = Truth(models[0], magnitudes, symbols, args.workers, workdir)
