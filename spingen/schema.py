@@ -396,23 +396,24 @@ def param_arginfo() -> Argument:
                  doc="The ground-state certificate of spin-minimized MD (spingen.spin.certificate): at a "
                      "re-optimizing step the step's own -dE/dS predicts the gap of every competitor of the "
                      "current moments (single- and two-ion moves, the last search's lowest states); only those "
-                     "predicted within `margin` (plus their measured prediction error) or older than "
-                     "`backstop_age` are evaluated, in one energy-only batch, and a lower one moves the moments "
-                     "downhill over single-ion moves. A full warm search runs every `search_every` steps. "
-                     "Measured in docs/benchmarks/spin_md.md.",
+                     "predicted within `margin` (plus their measured prediction error, sized apart beyond "
+                     "`max_age`) or older than `backstop_age` are evaluated, in one energy-only batch, and a "
+                     "lower one moves the moments downhill over single-ion moves. A full warm search runs "
+                     "every `search_every` steps. Measured in docs/benchmarks/spin_md.md.",
                  sub_fields=[
                      Argument("enable", bool, optional=True, default=True,
                               doc="false: a full warm search at every re-optimizing step (15-30x fixed-spin MD)."),
                      Argument("margin", float, optional=True, default=_CERTIFICATE.margin,
                               doc="eV (of the cell): a competitor predicted closer than this is evaluated."),
                      Argument("max_age", int, optional=True, default=_CERTIFICATE.max_age,
-                              doc="Steps after which a competitor's prediction error is sized by the error "
-                                  "measured on evaluations that old (it grows faster than the age at first); "
-                                  "until that is measured, every competitor this old is evaluated."),
-                     Argument("backstop_age", int, optional=True, default=_CERTIFICATE.backstop_age,
+                              doc="Steps after which a competitor's prediction error is sized by the larger of the "
+                                  "errors measured at any age and on evaluations that old (it grows faster than "
+                                  "the age at first); until the latter is measured, every competitor this old is "
+                                  "evaluated."),
+                     Argument("backstop_age", [int, type(None)], optional=True, default=_CERTIFICATE.backstop_age,
                               doc="Steps a competitor's last evaluation is trusted at most, however far its gap "
-                                  "(>= max_age; equal to max_age: every competitor at least every max_age steps, "
-                                  "as before 2026-12-06)."),
+                                  "(>= max_age; null: 5 x max_age; equal to max_age: every competitor older than "
+                                  "max_age is evaluated, as before 2026-12-06)."),
                      Argument("search_every", int, optional=True, default=_CERTIFICATE.search_every,
                               doc="A full warm search at least this often (changes of several ions at once)."),
                      Argument("pair_limit", int, optional=True, default=_CERTIFICATE.pair_limit,

@@ -788,7 +788,7 @@ def test_explore_settings_defaults(tmp_path):
     assert settings.driver == "first" and settings.task_max_total is None and settings.skip == 0
     assert settings.spin_only_share == 0.5
     assert settings.spin_search == {"max_evaluations": 8}  # unset keys: the search's own defaults
-    assert settings.certify == {"margin": 0.002, "max_age": 20, "backstop_age": 100, "search_every": 500,
+    assert settings.certify == {"margin": 0.002, "max_age": 20, "backstop_age": None, "search_every": 500,
                                 "pair_limit": 300, "exchange_limit": 0, "remembered_states": 8}
     param_path, _ = write_inputs(tmp_path, make_param(tmp_path, model_devi_spin_certify={"enable": False}))
     assert explore_settings(load_param(param_path)).certify is None

@@ -21,9 +21,9 @@ dependence lies in the couplings; the on-site curves' own change is its error, a
 several ions also the change of their mutual coupling. That error is measured whenever a
 competitor is evaluated again (predicted vs evaluated) and widens the allowance with the age of the
 reference. A step evaluates only the competitors predicted within margin + safety x (error per
-step) x age in one energy-only batch; none: S0 is certified lowest with no evaluation at all (never
-before an error was measured). The caller moves the moments when an
-evaluated competitor is lower. An ensemble's members each hold a certificate of their own state from
+step) x age (sized apart beyond max_age, below) in one energy-only batch; none: S0 is certified
+lowest with no evaluation at all (never before an error was measured). The caller moves the
+moments when an evaluated competitor is lower. An ensemble's members each hold a certificate of their own state from
 one explore frame to the next (spingen.tasks.explore.MemberStates).
 
 A canonical-sign model evaluates each configuration in its gauge (the sign that puts the total
@@ -41,8 +41,8 @@ trained model the errors of references 21 geometries old reached 3.1 times the a
 measured at younger ages call for) and stops growing once they have moved their thermal amplitude
 (tens of fs). So references older than max_age are measured apart: until their kind's error at such
 ages is measured every one of them is evaluated; from then on only those within margin + safety x
-(the larger of the two errors per step) x age, and every competitor at least every backstop_age
-geometries.
+(the larger of the two errors per step) x age (the error at such ages kept as measured, undecayed),
+and every one older than backstop_age (5 x max_age unless set).
 
 A reversed ion's virtual atom moves by 2 eta |S| (about 1 A), beyond the reach of the slope at S0:
 on that trained model, following the change of -dE/dS on the reversed ions predicts their gaps 2-3
@@ -91,9 +91,9 @@ class CertificateSettings:
     """The knobs of the certificate (param.json: model_devi_spin_certify)."""
 
     margin: float = 0.002  # eV (of the cell): a competitor predicted closer than this is evaluated
-    max_age: int = 20  # references older than this are sized by the error measured at such ages (every one
-    # of them evaluated until it is measured)
-    backstop_age: int = 100  # and every competitor is evaluated at least every backstop_age geometries
+    max_age: int = 20  # references older than this are sized by the larger of the errors measured at any age
+    # and at such ages (every one of them evaluated until the latter is measured)
+    backstop_age: int | None = None  # and no reference is trusted beyond this many geometries (None: 5 x max_age)
     search_every: int = 500  # and run a full warm search at least this often (moves of several ions)
     pair_limit: int = 300  # two-ion moves are competitors too when a configuration has at most this many
     exchange_limit: int = 0  # else exchanges of two ions' moments, when a configuration has at most this many
@@ -111,10 +111,15 @@ class CertificateSettings:
         for name in ("max_age", "search_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.backstop_age < self.max_age:
+        if self.backstop_age is not None and self.backstop_age < self.max_age:
             raise ValueError(f"backstop_age must be >= max_age ({self.max_age}), got {self.backstop_age}")
         if not self.safety >= 0:
             raise ValueError(f"safety must be >= 0, got {self.safety}")
+
+    @property
+    def trusted_age(self) -> int:
+        """Geometries after which every competitor is evaluated, however far its gap."""
+        return 5 * self.max_age if self.backstop_age is None else self.backstop_age
 
 
 def pair_moves(levels: MomentLevels, row: np.ndarray) -> np.ndarray:
@@ -223,7 +228,7 @@ class GroundStateCertificate:
 
     def to_check(self, minus_grad: np.ndarray) -> np.ndarray:
         """At a new geometry (ticks): the indices of the competitors that must be evaluated, those predicted
-        within margin + safety x error per step x age, or older than backstop_age. Empty: S0 is certified lowest
+        within margin + safety x error per step x age, or older than trusted_age. Empty: S0 is certified lowest
         here without an evaluation."""
         self.tick()
         return self._within_allowance(self.predicted_gaps(minus_grad))
@@ -236,17 +241,17 @@ class GroundStateCertificate:
     def _within_allowance(self, gaps: np.ndarray) -> np.ndarray:
         """Competitors predicted within margin + slack + safety x error per step of their kind x age (a kind
         whose error is not measured yet: all of it; beyond max_age the larger of its errors at any age and at
-        such ages), or older than backstop_age."""
+        such ages), or older than the settings' trusted_age."""
         allowance = self.settings.margin + self._uncertainty(self.kinds, self.ages, self.slack)
-        return np.flatnonzero(~(gaps > allowance) | (self.ages > self.settings.backstop_age))
+        return np.flatnonzero(~(gaps > allowance) | (self.ages > self.settings.trusted_age))
 
     def _uncertainty(self, kinds: np.ndarray, ages: np.ndarray, slack: np.ndarray) -> np.ndarray:
         """slack + safety x measured error per step of the kind x age (inf where the kind's is not measured;
         beyond max_age the larger of it and the kind's error measured beyond max_age, inf until measured)."""
-        per_step = self.step_errors[kinds]
-        old = ages > self.settings.max_age
-        per_step = np.where(old, np.fmax(per_step, self._old_step_errors()[kinds]), per_step)
-        unmeasured = np.isnan(per_step) | (old & np.isnan(self._old_step_errors()[kinds]))
+        per_step, old_per_step = self.step_errors[kinds], self._old_step_errors()[kinds]
+        old = (ages > self.settings.max_age) & (self.settings.trusted_age > self.settings.max_age)
+        unmeasured = np.isnan(per_step) | (old & np.isnan(old_per_step))
+        per_step = np.where(old, np.fmax(per_step, old_per_step), per_step)
         return np.where(unmeasured, np.inf, slack + self.settings.safety * per_step * ages)
 
     def _old_step_errors(self) -> np.ndarray:
@@ -274,9 +279,9 @@ class GroundStateCertificate:
             if stepped.any():
                 for way, way_errors in enumerate(ways):
                     self.way_errors[kind, way] = _running_max(self.way_errors[kind, way], way_errors[stepped])
-                    if (stepped & old).any():
-                        self.old_way_errors[kind, way] = _running_max(self.old_way_errors[kind, way],
-                                                                      way_errors[stepped & old])
+                    if (stepped & old).any():  # kept undecayed: few references grow that old again
+                        self.old_way_errors[kind, way] = np.fmax(self.old_way_errors[kind, way],
+                                                                 way_errors[stepped & old].max())
                 self.follow[kind] = not self.way_errors[kind, 1] < self.way_errors[kind, 0]
                 self.step_errors[kind] = self.way_errors[kind, 0 if self.follow[kind] else 1]
         self.gaps[indices], self.minus_grads[indices], self.ages[indices] = gaps, minus_grad, 0
