@@ -139,7 +139,9 @@ def test_old_references_are_sized_by_the_error_measured_at_their_age():
     cert.update(np.arange(3), 0.0, np.zeros(3), np.array([0.19, 0.59, 0.99]))
     assert cert.old_way_errors[REVERSALS, 0] == pytest.approx(0.018)
     assert cert.step_errors[REVERSALS] == pytest.approx(0.018)  # the running maximum of every age
-    cert.step_errors[:] = 0.001  # the young error forgotten again; the old one stays
+    cert.update(np.array([0]), 0.0, np.zeros(3), np.array([0.19]))  # a young batch: the old error stays, undecayed
+    assert cert.old_way_errors[REVERSALS, 0] == pytest.approx(0.018)
+    cert.step_errors[:] = 0.001  # the young error forgotten again
     named = [cert.to_check(np.zeros(3)) for _ in range(13)]
     # ages 1-4: 1 meV per geometry; from 5 the allowance is 0.018 x age: it reaches the 0.19 gap at age 11,
     # the others not before the backstop (age 13)
@@ -422,7 +424,10 @@ def test_a_certificate_absorbs_the_errors_another_one_measured():
     other.way_errors[MAGNITUDES] = [0.005, 0.001]  # keeping, by the other's larger error
     other.way_errors[REVERSALS] = [0.004, 0.006]  # a kind only the other measured
     other.move_error = 0.007
+    other.old_way_errors[REVERSALS] = [0.01, 0.02]  # measured on references older than max_age
     kept.absorb_errors(other)
+    np.testing.assert_allclose(kept.old_way_errors[REVERSALS], [0.01, 0.02])
+    assert kept._old_step_errors()[REVERSALS] == 0.01  # the kind's way: following
     np.testing.assert_allclose(kept.way_errors[MAGNITUDES], [0.005, 0.003])
     assert not kept.follow[MAGNITUDES] and kept.step_errors[MAGNITUDES] == 0.003
     assert kept.follow[REVERSALS] and kept.step_errors[REVERSALS] == 0.004
