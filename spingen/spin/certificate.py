@@ -23,8 +23,8 @@ competitor is evaluated again (predicted vs evaluated) and widens the allowance 
 reference. A step evaluates only the competitors predicted within margin + safety x (error per
 step) x age (sized apart beyond max_age, below) in one energy-only batch; none: S0 is certified
 lowest with no evaluation at all (never before an error was measured). The caller moves the
-moments when an evaluated competitor is lower. An ensemble's members each hold a certificate of their own state from
-one explore frame to the next (spingen.tasks.explore.MemberStates).
+moments when an evaluated competitor is lower. An ensemble's members each hold a certificate of
+their own state from one explore frame to the next (spingen.tasks.explore.MemberStates).
 
 A canonical-sign model evaluates each configuration in its gauge (the sign that puts the total
 moment up), so its energy is smooth in the moments only within one gauge sector: a competitor in
