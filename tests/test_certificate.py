@@ -127,7 +127,7 @@ def test_references_age_and_learn_their_error():
 
 def test_old_references_are_sized_by_the_error_measured_at_their_age():
     """Beyond max_age a competitor is evaluated until its kind's error at such ages is measured; then only
-    where that error (per step, times the age) reaches its gap, and every one at backstop_age."""
+    where that error (per step, times the age) reaches its gap, and every one older than backstop_age."""
     levels = MomentLevels({"Ni": [1.0]}, ["Ni", "Ni", "Ni"])
     cert = GroundStateCertificate(levels, CertificateSettings(margin=0.0, max_age=4, backstop_age=12, safety=1.0))
     moments = np.ones(3)
