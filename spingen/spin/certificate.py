@@ -256,7 +256,11 @@ class GroundStateCertificate:
 
     def _old_step_errors(self) -> np.ndarray:
         """By kind: the error per geometry measured on references older than max_age, the kind's way."""
-        return np.where(self.follow, self.old_way_errors[:, 0], self.old_way_errors[:, 1])
+        return self._kinds_way(self.old_way_errors)
+
+    def _kinds_way(self, way_errors: np.ndarray) -> np.ndarray:
+        """By kind: the column of way_errors (4, [following, keeping]) for the way each kind uses now."""
+        return np.where(self.follow, way_errors[:, 0], way_errors[:, 1])
 
     def update(self, indices: np.ndarray, energy: float, minus_grad: np.ndarray, energies: np.ndarray) -> None:
         """Competitors[indices] evaluated at this geometry (S0 at `energy`, -dE/dS): their prediction error
@@ -293,7 +297,7 @@ class GroundStateCertificate:
         self.way_errors = np.fmax(self.way_errors, other.way_errors)
         self.old_way_errors = np.fmax(self.old_way_errors, other.old_way_errors)
         self.follow = ~(self.way_errors[:, 1] < self.way_errors[:, 0])
-        self.step_errors = np.where(self.follow, self.way_errors[:, 0], self.way_errors[:, 1])
+        self.step_errors = self._kinds_way(self.way_errors)
         for name in ("move_error", "untouched_error"):
             errors = [e for e in (getattr(self, name), getattr(other, name)) if e is not None]
             setattr(self, name, max(errors) if errors else None)
