@@ -106,10 +106,9 @@ def search_ground_state(model: EnergyModel, levels: MomentLevels, *, start: np.n
     nearest-neighbour graph), oversample x population offspring screened down to population,
     (mu + lambda) elitism, greedy polish of every new best (single-ion moves and exchanges). Stops
     after `patience` generations without a new best (`warm_patience` with a start), max_generations
-    or max_evaluations. A cold
-    search (no start, no prior) runs cold_runs independent GAs and keeps the lowest (default: 3 above
-    16 magnetic ions without max_evaluations, where one run often settles in another basin; else 1);
-    n_evaluations and n_generations are then summed over the runs.
+    or max_evaluations. A cold search (no start, no prior) runs cold_runs independent GAs and keeps
+    the lowest (default: 3 above 16 magnetic ions without max_evaluations, where one run often
+    settles in another basin; else 1); n_evaluations and n_generations are then summed over the runs.
     start: moments (n_magnetic,) or (k, n_magnetic), snapped to the levels; prior: the result
     for a nearby geometry (its lowest configurations start too, its surrogate seeds the fit).
     known: evaluations already made at this geometry, (moments (k, n_magnetic), energies (k,),
