@@ -71,6 +71,7 @@ SETTINGS = {
     "certificate, single-ion moves only": (1, {}, {"pair_limit": 0}, 1),
     "certificate with exchanges": (1, {}, {"exchange_limit": 1000}, 1),
     "certificate, every competitor at max_age": (1, {}, {"backstop_age": 20}, 1),  # (before 2026-12-06)
+    "certificate, no probes": (1, {}, {"probes": 0}, 1),  # every unmeasured competitor at once (before probes)
     "search every step": (1, {}, None, 1),  # (--search-steps steps)
     "budget 8 every step": (1, {"max_evaluations": 8}, None, 10),
 }

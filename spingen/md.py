@@ -214,16 +214,13 @@ class SpinModelCalculator(Calculator):
             self.n_certified += 1
             self.timings["certify"] += time.perf_counter() - began
             return False
+        self._step_model = self.spin_model(atoms)  # one per geometry: its neighbour data serve every batch here
         if indices is None:
             pool = self.competitors(before)
-        else:
-            pool = cert.competitors[indices]
-        self._step_model = self.spin_model(atoms)  # one per geometry: its neighbour data serve every batch here
-        energies = self._energies(self._step_model, pool)
-        if indices is None:
+            energies = self._energies(self._step_model, pool)
             cert.set_reference(before, energy, minus_grad, pool, energies)
         else:
-            cert.update(indices, energy, minus_grad, energies)
+            pool, energies = cert.check(indices, energy, minus_grad, self._step_energies)
         lower = bool(len(energies)) and energies.min() < energy - SAME_ENERGY
         if lower:
             self._move(pool[int(np.argmin(energies))], minus_grad)
@@ -252,11 +249,10 @@ class SpinModelCalculator(Calculator):
             pool = self.competitors(self.moments)
             indices = cert.move_to(self.moments, pool, self._moved_from, minus_grad, self.reversal_symmetric)
             self._moved_from = None
-            energies = self._energies(self._step_model, cert.competitors[indices])
-            cert.update(indices, energy, minus_grad, energies)
+            evaluated, energies = cert.check(indices, energy, minus_grad, self._step_energies)
             self.timings["certify"] += time.perf_counter() - began
             if len(energies) and energies.min() < energy - SAME_ENERGY:
-                self._move(cert.competitors[indices][int(np.argmin(energies))], minus_grad)
+                self._move(evaluated[int(np.argmin(energies))], minus_grad)
                 self._evaluate(atoms)
         settled = self._moved_from is None
         if not settled:  # the next step evaluates every competitor
@@ -264,6 +260,10 @@ class SpinModelCalculator(Calculator):
             cert.release()
         self._step_model = None
         return settled
+
+    def _step_energies(self, moments: np.ndarray) -> np.ndarray:
+        """Driving energies of configurations at the geometry being re-optimized (one batch)."""
+        return self._energies(self._step_model, moments)
 
     def _energies(self, model, moments: np.ndarray) -> np.ndarray:
         """Driving energies of configurations (n, n_magnetic) under the spin model of this geometry: one

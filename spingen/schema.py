@@ -397,7 +397,8 @@ def param_arginfo() -> Argument:
                      "re-optimizing step the step's own -dE/dS predicts the gap of every competitor of the "
                      "current moments (single- and two-ion moves, the last search's lowest states); only those "
                      "predicted within `margin` (plus their measured prediction error, sized apart beyond "
-                     "`max_age`) or older than `backstop_age` are evaluated, in one energy-only batch, and a "
+                     "`max_age`; until it is measured, `probes` of each kind first) or older than `backstop_age` are "
+                     "evaluated, in energy-only batches, and a "
                      "lower one moves the moments downhill over single-ion moves. A full warm search runs "
                      "every `search_every` steps. Measured in docs/benchmarks/spin_md.md.",
                  sub_fields=[
@@ -408,12 +409,17 @@ def param_arginfo() -> Argument:
                      Argument("max_age", int, optional=True, default=_CERTIFICATE.max_age,
                               doc="Steps after which a competitor's prediction error is sized by the larger of the "
                                   "errors measured at any age and on evaluations that old (it grows faster than "
-                                  "the age at first); until the latter is measured, every competitor this old is "
-                                  "evaluated."),
+                                  "the age at first); until the latter is measured, competitors this old are "
+                                  "evaluated (their probes first)."),
                      Argument("backstop_age", [int, type(None)], optional=True, default=_CERTIFICATE.backstop_age,
                               doc="Steps a competitor's last evaluation is trusted at most, however far its gap "
                                   "(>= max_age; null: 5 x max_age; equal to max_age: every competitor older than "
                                   "max_age is evaluated, as before 2026-12-06)."),
+                     Argument("probes", int, optional=True, default=_CERTIFICATE.probes,
+                              doc="Until a kind of competitor's prediction error is measured (at the start, and on "
+                                  "competitors older than max_age), only this many of its nearest and this many of "
+                                  "its most changed are evaluated first; the error measured on them sizes the rest "
+                                  "at the same step (0: every one of them at once, the rule before probes)."),
                      Argument("search_every", int, optional=True, default=_CERTIFICATE.search_every,
                               doc="A full warm search at least this often (changes of several ions at once)."),
                      Argument("pair_limit", int, optional=True, default=_CERTIFICATE.pair_limit,

@@ -228,18 +228,19 @@ class MemberStates:
         calc, levels, model = self.calc, self.calc.levels, self.models[k]
         if cert.holds_for(start):
             indices = cert.to_check(minus_grad)
-            pool = cert.competitors[indices]
         else:
             cert.tick()
-            indices, pool = None, calc.competitors(start)
+            indices = None
         for _ in range(levels.n_magnetic * max(levels.n_values)):  # more moves than a descent makes
-            pool_energies = self._energies(k, pool)
+            if indices is None:
+                pool = calc.competitors(start)
+                pool_energies = self._energies(k, pool)
+            else:
+                pool, pool_energies = cert.check(indices, energy, minus_grad, lambda states: self._energies(k, states))
             if not (np.isfinite(energy) and np.all(np.isfinite(pool_energies))):
                 return float("nan"), start, cert
             if indices is None:
                 cert.set_reference(start, energy, minus_grad, pool, pool_energies)
-            else:
-                cert.update(indices, energy, minus_grad, pool_energies)
             if not (len(pool) and pool_energies.min() < energy - SAME_ENERGY):
                 return energy, start, cert
             moved_from = minus_grad  # downhill: the lower state's competitors take the gaps carried over
@@ -247,7 +248,6 @@ class MemberStates:
             energy, minus_grad = (v[0] for v in model.evaluate(start[None], gradient=True))
             indices = cert.move_to(start, calc.competitors(start), moved_from, minus_grad,
                                    calc.reversal_symmetric)
-            pool = cert.competitors[indices]
         cert.release()  # still moving: the next frame evaluates every competitor
         return float(energy), start, cert
 
