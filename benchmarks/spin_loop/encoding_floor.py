@@ -67,6 +67,13 @@ SPLITS = {"all": (slice(None), slice(None)), "half": (slice(0, None, 2), slice(1
           "other-half": (slice(1, None, 2), slice(0, None, 2)),
           "half-and-3": ([0, 2, 3, 4, 6], [1, 5, 7]),  # the even half and a reversed pair with both ions low
           "none": (slice(0, 0), slice(None))}  # judge geometries (trained on, judged on)
+DESCRIPTORS = {  # --descriptor: other descriptors at the loop's cutoff and embedding; deepmd-kit doubles sel for
+    # the virtual atoms of a spin model only for se_e2_a, so these count them in sel themselves
+    "dpa1": {"type": "dpa1", "sel": 2 * 56, "rcut_smth": 0.5, "rcut": 4.0, "neuron": [16, 32, 64], "axis_neuron": 8,
+             "tebd_dim": 8, "attn": 32, "attn_layer": 1, "attn_dotr": True, "attn_mask": False},
+    "se_e3": {"type": "se_e3", "sel": [16, 16, 24] * 2, "rcut_smth": 0.5, "rcut": 4.0, "neuron": [8, 16, 32]},
+}
+NETWORKS = {"loop": "the loop's", "dpa1": "DPA-1 (attention 32x1)", "se_e3": "se_e3 (three-body)"}
 JUDGE_WORDS = {"all": "all 8 (train = test)", "half": "0, 2, 4, 6; judged on 1, 3, 5, 7",
                "other-half": "1, 3, 5, 7; judged on 0, 2, 4, 6", "half-and-3": "0, 2, 3, 4, 6; judged on 1, 5, 7",
                "none": "none"}
@@ -110,6 +117,8 @@ def prepare(args, work: Path) -> list[Path]:
     if args.large:
         for part, settings in LARGE.items():
             base["model"][part] = dict(settings)
+    if args.descriptor != "loop":
+        base["model"]["descriptor"] = json.loads(json.dumps(DESCRIPTORS[args.descriptor]))
     if args.rcut is not None:  # neighbours grow with the volume: sel scaled by (rcut / rcut before)^3
         descriptor = base["model"]["descriptor"]
         growth = (args.rcut / descriptor["rcut"]) ** 3
@@ -152,7 +161,8 @@ def render(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
     for r in rows:
         j = r["judged"]
-        cells = [r["date"], f"{r['virtual_scale']:g}", f"{r['offset']:g}", "larger" if r["large"] else "the loop's",
+        network = "larger" if r["large"] else NETWORKS[r.get("descriptor", "loop")]
+        cells = [r["date"], f"{r['virtual_scale']:g}", f"{r['offset']:g}", network,
                  f"{r['rcut']:g}", r["steps"], r["batch_size"], f"{r['limit_pref_e']:g}", f"{r['limit_pref_f']:g}",
                  JUDGE_WORDS[r["judge"]], "yes" if r["initial"] else "no", r.get("extra_frames", 0), r["models"],
                  f"{r['train_s']:.0f}",
@@ -164,7 +174,7 @@ def render(rows: list[dict]) -> str:
 
 def run_name(args) -> str:
     """The run's folder under WORKDIR, from its settings."""
-    parts = [f"eta{args.virtual_scale:g}", f"d{args.offset:g}", "large" if args.large else "loop",
+    parts = [f"eta{args.virtual_scale:g}", f"d{args.offset:g}", "large" if args.large else args.descriptor,
              *([] if args.rcut is None else [f"rcut{args.rcut:g}"]),
              f"{args.steps}steps", *([] if args.batch_size is None else [f"batch{args.batch_size}"])]
     if args.limit_pref_e is not None:
@@ -187,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--offset", type=float, default=0.2, help="d, A")
     parser.add_argument("--large", action="store_true",
                         help="fit_floor.py's larger network (LARGE; PARAM's learning rate kept)")
+    parser.add_argument("--descriptor", choices=["loop", *DESCRIPTORS], default="loop",
+                        help="the loop's se_e2_a, DPA-1 (attention) or se_e3 (three-body), at the loop's cutoff")
     parser.add_argument("--rcut", type=float, default=None,
                         help="descriptor cutoff, A (sel scaled with the volume; default the network's)")
     parser.add_argument("--steps", type=int, default=6000)
@@ -228,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         began = time.time()
         train_all(folders)
         row = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "virtual_scale": args.virtual_scale,
-               "offset": args.offset, "large": args.large, "steps": args.steps,
+               "offset": args.offset, "large": args.large, "descriptor": args.descriptor, "steps": args.steps,
                "rcut": inp["model"]["descriptor"]["rcut"], "batch_size": inp["training"]["training_data"]["batch_size"],
                "limit_pref_e": loss.get("limit_pref_e", 1.0),
                "limit_pref_f": loss.get("limit_pref_fr", 1.0),  # ener_spin: the force on real atoms

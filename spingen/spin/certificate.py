@@ -274,9 +274,9 @@ class GroundStateCertificate:
         Where that error is not measured yet: the probes of each kind (and of its references older than
         max_age), or with probes 0 all of them."""
         allowance = self.settings.margin + self._uncertainty(self.kinds, self.ages, self.slack)
-        named = ~(gaps > allowance)
+        named = ~(gaps > allowance)  # and every gap nothing speaks for (NaN)
         if self.settings.probes:
-            unmeasured = self._unmeasured(self.kinds, self.ages) & ~self._evaluated_here()
+            unmeasured = self._unmeasured(self.kinds, self.ages) & np.isfinite(gaps) & ~self._evaluated_here()
             named = (named & ~unmeasured) | self._probes(gaps, unmeasured)
         return np.flatnonzero(named | (self.ages > self.settings.trusted_age))
 
@@ -295,8 +295,9 @@ class GroundStateCertificate:
         return chosen
 
     def _evaluated_here(self) -> np.ndarray:
-        """Competitors whose reference is this geometry (evaluated since the last tick)."""
-        return (self.ages == 0) & (self.carried == EVALUATED)
+        """Competitors whose reference is this geometry (evaluated since the last tick; not a gap move_to left
+        unknown)."""
+        return (self.ages == 0) & (self.carried == EVALUATED) & np.isfinite(self.gaps)
 
     def _unmeasured(self, kinds: np.ndarray, ages: np.ndarray) -> np.ndarray:
         """Competitors whose kind's error per step is not measured yet (beyond max_age: at such ages)."""
