@@ -75,7 +75,8 @@ class SpinModelCalculator(Calculator):
     CertificateSettings fields or the settings); None: a warm search at every re-optimizing step.
     With it, a re-optimizing step predicts from its own -dE/dS (free) which competitors of the
     current moments (single- and two-ion moves, the last search's lowest states) may lie within the
-    margin, evaluates only those in one energy-only batch (none: certified), and when one is lower,
+    margin, evaluates only those in energy-only batches (none: certified; GroundStateCertificate.check),
+    and when one is lower,
     moves to it and goes on downhill over the new moments' competitors, whose gaps the old ones
     carry over where they can (GroundStateCertificate.move_to); a full warm search runs every
     certify.search_every steps.
@@ -238,7 +239,7 @@ class SpinModelCalculator(Calculator):
 
     def _settle_move(self, atoms) -> bool:
         """After a move, evaluated at the new moments: their competitors take the gaps the old ones carry over
-        (GroundStateCertificate.move_to), those within the allowance are evaluated here in one batch, and a
+        (GroundStateCertificate.move_to), those within the allowance are evaluated here (check), and a
         lower one moves the moments again (downhill until none is lower). False: a move left unsettled."""
         cert = self.certificate
         for _ in range(self.levels.n_magnetic * max(self.levels.n_values)):  # more moves than a descent makes
@@ -262,7 +263,7 @@ class SpinModelCalculator(Calculator):
         return settled
 
     def _step_energies(self, moments: np.ndarray) -> np.ndarray:
-        """Driving energies of configurations at the geometry being re-optimized (one batch)."""
+        """Driving energies of configurations at the geometry being re-optimized (one energy-only batch)."""
         return self._energies(self._step_model, moments)
 
     def _energies(self, model, moments: np.ndarray) -> np.ndarray:

@@ -409,8 +409,8 @@ def param_arginfo() -> Argument:
                      Argument("max_age", int, optional=True, default=_CERTIFICATE.max_age,
                               doc="Steps after which a competitor's prediction error is sized by the larger of the "
                                   "errors measured at any age and on evaluations that old (it grows faster than "
-                                  "the age at first); until the latter is measured, competitors this old are "
-                                  "evaluated (their probes first)."),
+                                  "the age at first); until the latter is measured, the probes of those this old are "
+                                  "evaluated, and those the error measured on them names."),
                      Argument("backstop_age", [int, type(None)], optional=True, default=_CERTIFICATE.backstop_age,
                               doc="Steps a competitor's last evaluation is trusted at most, however far its gap "
                                   "(>= max_age; null: 5 x max_age; equal to max_age: every competitor older than "

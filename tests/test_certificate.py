@@ -135,6 +135,10 @@ def test_an_unmeasured_kind_is_probed_first_and_its_error_sizes_the_rest():
     assert [reversed_ion[tuple(r)] for r in evaluated] == [0, 5, 1]  # ion 1 (0.02) within it, ion 2 (0.03) not
     np.testing.assert_allclose(energies, [0.0, 0.5, 0.02])
     assert cert.step_errors[REVERSALS] == pytest.approx(0.01) and not len(cert.still_to_check(later))
+    cert = certificate(0)  # probes 0: every one named at once, one batch (the rule before probes)
+    assert len(cert.check(cert.to_check(later), 0.0, later, evaluate(actual))[0]) == 6
+    cert = certificate(1)  # a held energy that is not finite: one batch, no loop
+    assert len(cert.check(cert.to_check(later), -np.inf, later, evaluate(actual))[0]) == 2
     lower = actual - [0, 0.025, 0, 0, 0, 0]  # ion 1 turned lower than S0: check stops there
     cert = certificate(1)
     evaluated, energies = cert.check(cert.to_check(later), 0.0, later, evaluate(lower))

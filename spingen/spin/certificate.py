@@ -21,7 +21,7 @@ dependence lies in the couplings; the on-site curves' own change is its error, a
 several ions also the change of their mutual coupling. That error is measured whenever a
 competitor is evaluated again (predicted vs evaluated) and widens the allowance with the age of the
 reference. A step evaluates only the competitors predicted within margin + safety x (error per
-step) x age (sized apart beyond max_age, below) in one energy-only batch; none: S0 is certified
+step) x age (sized apart beyond max_age, below) in energy-only batches; none: S0 is certified
 lowest with no evaluation at all (never before an error was measured). Until a kind's error is
 measured (below), only its probes are evaluated first: the `probes` predicted nearest and the `probes`
 whose predicted gap moved most since their reference; the error measured on them names the rest
@@ -44,9 +44,9 @@ The error grows faster than the age while the ions move away from the reference 
 trained model the errors of references 21 geometries old reached 3.1 times the allowance the errors
 measured at younger ages call for) and stops growing once they have moved their thermal amplitude
 (tens of fs). So references older than max_age are measured apart: until their kind's error at such
-ages is measured every one of them is evaluated (its probes first); from then on only those within margin + safety x
-(the larger of the two errors per step) x age (the error at such ages kept as measured, undecayed),
-and every one older than backstop_age (5 x max_age unless set).
+ages is measured its probes are evaluated, and those the error measured on them names; from then on
+only those within margin + safety x (the larger of the two errors per step) x age (the error at such
+ages kept as measured, undecayed), and every one older than backstop_age (5 x max_age unless set).
 
 A reversed ion's virtual atom moves by 2 eta |S| (about 1 A), beyond the reach of the slope at S0:
 on that trained model, following the change of -dE/dS on the reversed ions predicts their gaps 2-3
@@ -96,7 +96,7 @@ class CertificateSettings:
 
     margin: float = 0.002  # eV (of the cell): a competitor predicted closer than this is evaluated
     max_age: int = 20  # references older than this are sized by the larger of the errors measured at any age
-    # and at such ages (every one of them evaluated until the latter is measured)
+    # and at such ages (until the latter is measured: their probes, and what the error measured on them names)
     backstop_age: int | None = None  # and no reference is trusted beyond this many geometries (None: 5 x max_age)
     search_every: int = 500  # and run a full warm search at least this often (moves of several ions)
     pair_limit: int = 300  # two-ion moves are competitors too when a configuration has at most this many
@@ -252,15 +252,20 @@ class GroundStateCertificate:
               evaluate: Callable[[np.ndarray], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Evaluate competitors[indices] (evaluate: configurations -> energies, one batch), take them as
         references (`update`), then those still_to_check names, until one is lower than S0 (at `energy`) or
-        not finite, or none is left: (the competitors evaluated, their energies)."""
+        not finite, or none is left (with probes 0: one batch, the rule before probes): (the competitors
+        evaluated, their energies). Each competitor is evaluated at most once."""
         pools, found = [np.empty((0, self.levels.n_magnetic))], [np.empty(0)]
+        done = np.zeros(len(self.competitors), dtype=bool)
         while len(indices):
             pools.append(self.competitors[indices])
             found.append(np.asarray(evaluate(pools[-1]), dtype=float))
             self.update(indices, energy, minus_grad, found[-1])
-            if not (np.all(np.isfinite(found[-1])) and found[-1].min() >= energy - SAME_ENERGY):
+            done[indices] = True
+            finite = np.isfinite(energy) and np.all(np.isfinite(found[-1]))
+            if not (self.settings.probes and finite and found[-1].min() >= energy - SAME_ENERGY):
                 break
             indices = self.still_to_check(minus_grad)
+            indices = indices[~done[indices]]
         return np.concatenate(pools), np.concatenate(found)
 
     def release(self) -> None:
@@ -281,13 +286,16 @@ class GroundStateCertificate:
         return np.flatnonzero(named | (self.ages > self.settings.trusted_age))
 
     def _probes(self, gaps: np.ndarray, unmeasured: np.ndarray) -> np.ndarray:
-        """Of each kind's unmeasured competitors (young and old apart): the `probes` predicted nearest and the
-        `probes` whose predicted gap moved most from their reference's, whose errors size the rest."""
+        """Of each kind's unmeasured competitors (young and old apart; evaluated references before carried gaps):
+        the `probes` predicted nearest and the `probes` whose predicted gap moved most from their reference's,
+        whose errors size the rest."""
         chosen = np.zeros(len(gaps), dtype=bool)
         n = self.settings.probes
         old = self.ages > self.settings.max_age
         for kind in np.unique(self.kinds[unmeasured]):
             for group in (unmeasured & (self.kinds == kind) & old, unmeasured & (self.kinds == kind) & ~old):
+                if np.any(group & (self.carried == EVALUATED)):  # a carried gap's error is not its kind's
+                    group &= self.carried == EVALUATED
                 members = np.flatnonzero(group)
                 moved = np.nan_to_num(np.abs(gaps[members] - self.gaps[members]), nan=np.inf)
                 chosen[members[np.argsort(gaps[members], kind="stable")[:n]]] = True
@@ -413,7 +421,8 @@ class GroundStateCertificate:
         allowance). A competitor of a remembered `moments` takes its remembered reference
         instead where that allows less. symmetric: E(-S) = E(S) (a state stands for its reverse too).
         Returns the indices of the new competitors to evaluate now: those within the allowance, those no
-        gaps of S0 speak for, and every one of more than two ions until a move error was measured."""
+        gaps of S0 speak for, and every one of more than two ions until a move error was measured (of a
+        kind whose error is not measured: its probes; `check` names the rest)."""
         self._remember()
         old = self.moments
         states = np.concatenate([old[None], self.competitors])

@@ -129,7 +129,7 @@ class MemberStates:
 
     A member descends from its own state of the frame before, certified as the driving calculator
     certifies its moments (``spingen.spin.certificate``, with the calculator's certify settings): from
-    -dE/dS at the start only the competitors that may lie lower are evaluated, in one energy-only batch,
+    -dE/dS at the start only the competitors that may lie lower are evaluated, in energy-only batches,
     none when the start is certified. A member for which one is lower moves to it and goes on downhill,
     its new competitors taking the gaps the old ones carry over (``GroundStateCertificate.move_to``).
     It also descends from the driving moments, checking every competitor there, where those are new
