@@ -305,7 +305,8 @@ def param_arginfo() -> Argument:
                      "instead)."),
         Argument("default_training_param", dict, optional=False,
                  doc="deepmd-kit input.json (PyTorch backend); spingen fills type_map, spin, loss type, "
-                     "data systems and seeds."),
+                     "data systems and seeds. The descriptor's sel counts real neighbours; for a spin model "
+                     "spingen doubles it for the virtual atoms where deepmd-kit does not (se_e2_r, se_e3, dpa1)."),
         _spin_arginfo(),
         _model_devi_job_arginfo(),
         Argument("model_devi_dt", float, optional=True, default=0.002, doc="MD time step (ps), as in DP-GEN."),

@@ -30,6 +30,25 @@ def test_training_input_spin_model():
     assert inp["training"]["training_data"]["systems"] == ["../data/sys.000"]
 
 
+@pytest.mark.parametrize("descriptor, doubled", [
+    ({"type": "se_e2_a", "sel": [4, 4, 8]}, [4, 4, 8]),  # deepmd-kit widens it itself
+    ({"type": "se_e3", "sel": [4, 4, 8]}, [4, 4, 8, 4, 4, 8]),
+    ({"type": "dpa1", "sel": 16}, 32),
+])
+def test_training_input_counts_the_virtual_atoms_in_sel(descriptor, doubled):
+    """A spin model's virtual atoms are neighbours too: sel is the real neighbours' count in param.json, doubled
+    where deepmd-kit does not (every descriptor but se_e2_a); a pristine model keeps it."""
+    from deepmd.utils.argcheck import normalize
+
+    param = tiny_training_param()
+    param["model"]["descriptor"] = {**descriptor, "rcut": 4.0, "rcut_smth": 0.5, "neuron": [4, 8]}
+    inp = training_input(param, ["Li", "Ni", "O"], SPIN, ["d"], seed=1)
+    assert inp["model"]["descriptor"]["sel"] == doubled
+    normalize(inp)  # deepmd-kit's schema takes it
+    pristine = SpinSettings(False, ("Ni",), 0.3, 0.2, "auto", 0.05, "augment")
+    assert training_input(param, ["Li", "Ni", "O"], pristine, ["d"], seed=1)["model"]["descriptor"]["sel"] == descriptor["sel"]
+
+
 def test_training_input_pristine_model():
     pristine = SpinSettings(False, ("Ni",), 0.3, 0.2, "auto", 0.05, "augment")
     inp = training_input(tiny_training_param(), ["Li", "Ni", "O"], pristine, ["d"], seed=1)

@@ -70,11 +70,11 @@ SPLITS = {"all": (slice(None), slice(None)), "half": (slice(0, None, 2), slice(1
           "other-half": (slice(1, None, 2), slice(0, None, 2)),
           "half-and-3": ([0, 2, 3, 4, 6], [1, 5, 7]),  # the even half and a reversed pair with both ions low
           "none": (slice(0, 0), slice(None))}  # judge geometries (trained on, judged on)
-DESCRIPTORS = {  # --descriptor: other descriptors at the loop's cutoff and embedding; deepmd-kit doubles sel for
-    # the virtual atoms of a spin model only for se_e2_a, so these count them in sel themselves
-    "dpa1": {"type": "dpa1", "sel": 2 * 56, "rcut_smth": 0.5, "rcut": 4.0, "neuron": [16, 32, 64], "axis_neuron": 8,
+DESCRIPTORS = {  # --descriptor: other descriptors at the loop's cutoff and embedding (sel: real neighbours, as
+    # the loop's; training_input doubles it for the virtual atoms)
+    "dpa1": {"type": "dpa1", "sel": 56, "rcut_smth": 0.5, "rcut": 4.0, "neuron": [16, 32, 64], "axis_neuron": 8,
              "tebd_dim": 8, "attn": 32, "attn_layer": 1, "attn_dotr": True, "attn_mask": False},
-    "se_e3": {"type": "se_e3", "sel": [16, 16, 24] * 2, "rcut_smth": 0.5, "rcut": 4.0, "neuron": [8, 16, 32]},
+    "se_e3": {"type": "se_e3", "sel": [16, 16, 24], "rcut_smth": 0.5, "rcut": 4.0, "neuron": [8, 16, 32]},
 }
 NETWORKS = {"loop": "the loop's", "dpa1": "DPA-1 (attention 32x1)", "se_e3": "se_e3 (three-body)"}
 JUDGE_WORDS = {"all": "all 8 (train = test)", "half": "0, 2, 4, 6; judged on 1, 3, 5, 7",

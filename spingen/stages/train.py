@@ -169,7 +169,8 @@ def train_command(command: str) -> str:
 
 def training_input(base: Mapping[str, Any], type_map: Sequence[str], spin: SpinSettings,
                    data_dirs: Sequence[str], seed: int) -> dict:
-    """deepmd-kit input.json: the user's template with type_map, spin, loss type, data and seeds set."""
+    """deepmd-kit input.json: the user's template with type_map, spin, loss type, data and seeds set (and, for a
+    spin model, the sel of a descriptor in SEL_WITHOUT_VIRTUAL doubled for the virtual atoms)."""
     inp = copy.deepcopy(thaw(base))
     model = inp.setdefault("model", {})
     model["type_map"] = list(type_map)
@@ -182,6 +183,10 @@ def training_input(base: Mapping[str, Any], type_map: Sequence[str], spin: SpinS
             if f"{end}_pref_f" in loss:
                 loss[f"{end}_pref_fr"] = loss.pop(f"{end}_pref_f")
             loss[f"{end}_pref_fm"] = 0.0
+        descriptor = model.get("descriptor", {})
+        sel = descriptor.get("sel")
+        if descriptor.get("type") in SEL_WITHOUT_VIRTUAL and isinstance(sel, (int, list)):
+            descriptor["sel"] = 2 * sel if isinstance(sel, int) else list(sel) * 2  # each neighbour's virtual atom
     else:
         model.pop("spin", None)
         loss["type"] = "ener"
@@ -201,6 +206,9 @@ def training_input(base: Mapping[str, Any], type_map: Sequence[str], spin: SpinS
 
 
 SEL_PER_TYPE = ("se_e2_a", "se_e2_r", "se_e3")  # descriptors whose sel is one neighbour count per type
+# descriptors whose sel deepmd-kit does not widen for a spin model's virtual atoms (it does for se_e2_a): the
+# user's sel counts real neighbours, as for se_e2_a, and training_input doubles it
+SEL_WITHOUT_VIRTUAL = ("se_e2_r", "se_e3", "dpa1", "se_atten", "se_atten_v2")
 
 
 def check_training_param(param: Param) -> None:
