@@ -76,10 +76,9 @@ class SpinModelCalculator(Calculator):
     With it, a re-optimizing step predicts from its own -dE/dS (free) which competitors of the
     current moments (single- and two-ion moves, the last search's lowest states) may lie within the
     margin, evaluates only those in energy-only batches (none: certified; GroundStateCertificate.check),
-    and when one is lower,
-    moves to it and goes on downhill over the new moments' competitors, whose gaps the old ones
-    carry over where they can (GroundStateCertificate.move_to); a full warm search runs every
-    certify.search_every steps.
+    and when one is lower, moves to it and goes on downhill over the new moments' competitors, whose
+    gaps the old ones carry over where they can (GroundStateCertificate.move_to); a full warm search
+    runs every certify.search_every steps.
 
     After a calculation: ``results["magmoms"]`` (natoms,), ``moments`` (magnetic ions),
     ``last_search`` (SearchResult at the last re-optimization), ``excited_magmoms()``; counters
