@@ -29,8 +29,8 @@ geometries of the judge's cell in the judge's states, never judged).
 `--limit-pref-e` / `--limit-pref-f` set the final energy / force prefactors (`--limit-pref-f 0`:
 energies alone from the first step); `--large` swaps in fit_floor.py's larger network (PARAM's learning
 rate kept); `--descriptor dpa1` / `se_e3` swaps the descriptor for DPA-1 (attention over the neighbours,
-32 wide, one layer) or the three-body se_e3 at the loop's cutoff and embedding sizes (0.34 s per
-training step for DPA-1, over 0.9 s for se_e3, 0.15 s for the loop's se_e2_a; one AMD EPYC core);
+32 wide, one layer) or the three-body se_e3 at the loop's cutoff and embedding sizes (0.3-0.7 s per
+training step for DPA-1, over 0.9 s for se_e3, 0.15-0.2 s for the loop's se_e2_a; one AMD EPYC core);
 `--rcut` sets the descriptor's cutoff (its sel scaled with the volume). The seeds train at once, one
 core each. The ensemble of the seeds is judged as `spingen test` judges (energy RMSE, state gap RMSE,
 lowest state right) and per state kind (mean gap error to FM). Rows go to WORKDIR/encoding_floor.json
