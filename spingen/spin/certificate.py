@@ -255,17 +255,14 @@ class GroundStateCertificate:
         not finite, or none is left (with probes 0: one batch, the rule before probes): (the competitors
         evaluated, their energies). Each competitor is evaluated at most once."""
         pools, found = [np.empty((0, self.levels.n_magnetic))], [np.empty(0)]
-        done = np.zeros(len(self.competitors), dtype=bool)
         while len(indices):
             pools.append(self.competitors[indices])
             found.append(np.asarray(evaluate(pools[-1]), dtype=float))
             self.update(indices, energy, minus_grad, found[-1])
-            done[indices] = True
-            finite = np.isfinite(energy) and np.all(np.isfinite(found[-1]))
+            finite = np.isfinite(energy) and np.all(np.isfinite(found[-1]))  # finite gaps: evaluated here
             if not (self.settings.probes and finite and found[-1].min() >= energy - SAME_ENERGY):
                 break
             indices = self.still_to_check(minus_grad)
-            indices = indices[~done[indices]]
         return np.concatenate(pools), np.concatenate(found)
 
     def release(self) -> None:
@@ -281,7 +278,8 @@ class GroundStateCertificate:
         allowance = self.settings.margin + self._uncertainty(self.kinds, self.ages, self.slack)
         named = ~(gaps > allowance)  # and every gap nothing speaks for (NaN)
         if self.settings.probes:
-            unmeasured = self._unmeasured(self.kinds, self.ages) & np.isfinite(gaps) & ~self._evaluated_here()
+            unmeasured = np.isnan(self._error_per_step(self.kinds, self.ages)) & np.isfinite(gaps) \
+                & ~self._evaluated_here()
             named = (named & ~unmeasured) | self._probes(gaps, unmeasured)
         return np.flatnonzero(named | (self.ages > self.settings.trusted_age))
 
@@ -307,18 +305,17 @@ class GroundStateCertificate:
         unknown)."""
         return (self.ages == 0) & (self.carried == EVALUATED) & np.isfinite(self.gaps)
 
-    def _unmeasured(self, kinds: np.ndarray, ages: np.ndarray) -> np.ndarray:
-        """Competitors whose kind's error per step is not measured yet (beyond max_age: at such ages)."""
+    def _error_per_step(self, kinds: np.ndarray, ages: np.ndarray) -> np.ndarray:
+        """The measured error per geometry of each competitor's kind (beyond max_age the larger of it and the
+        kind's error measured beyond max_age); NaN where one it needs is not measured yet."""
+        per_step = self.step_errors[kinds]
         old = (ages > self.settings.max_age) & (self.settings.trusted_age > self.settings.max_age)
-        return np.isnan(self.step_errors[kinds]) | (old & np.isnan(self._old_step_errors()[kinds]))
+        return np.where(old, np.maximum(per_step, self._old_step_errors()[kinds]), per_step)  # NaN propagates
 
     def _uncertainty(self, kinds: np.ndarray, ages: np.ndarray, slack: np.ndarray) -> np.ndarray:
-        """slack + safety x measured error per step of the kind x age (inf where the kind's is not measured;
-        beyond max_age the larger of it and the kind's error measured beyond max_age, inf until measured)."""
-        per_step, old_per_step = self.step_errors[kinds], self._old_step_errors()[kinds]
-        old = (ages > self.settings.max_age) & (self.settings.trusted_age > self.settings.max_age)
-        per_step = np.where(old, np.fmax(per_step, old_per_step), per_step)
-        return np.where(self._unmeasured(kinds, ages), np.inf, slack + self.settings.safety * per_step * ages)
+        """slack + safety x measured error per step of the kind x age (inf where it is not measured)."""
+        per_step = self._error_per_step(kinds, ages)
+        return np.where(np.isnan(per_step), np.inf, slack + self.settings.safety * per_step * ages)
 
     def _old_step_errors(self) -> np.ndarray:
         """By kind: the error per geometry measured on references older than max_age, the kind's way."""
