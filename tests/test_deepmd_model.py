@@ -93,6 +93,8 @@ def test_batched_and_chunked_match_deeppot_frame_by_frame(deeppots, atoms):
     energy_only, none = model.evaluate(moments)
     assert none is None and model.path == "fixed-geometry"
     np.testing.assert_allclose(energy_only, e_ref, rtol=0, atol=1e-10)
+    # the virtual atoms' own energies are excluded by the spin model: only the real atoms are centres
+    assert model._fixed[0].nlist.shape[1] == len(atoms)
 
     chunked = bind(dp, atoms, batch_size=3)
     e3, g3 = chunked.evaluate(moments, gradient=True)
