@@ -2,7 +2,7 @@
 
     PATH=$PWD/.venv/bin:$PATH OMP_NUM_THREADS=1 .venv/bin/python benchmarks/spin_loop/encoding_floor.py \\
         [PARAM] --workdir WORKDIR [--virtual-scale 0.3] [--offset 0.2] [--large | --descriptor dpa1|se_e3] [--steps 6000] \\
-        [--batch-size N] [--limit-pref-e P] [--limit-pref-f P] [--judge all|half|other-half|none] \\
+        [--batch-size N] [--limit-pref-e P] [--limit-pref-f P] [--judge all|half|other-half|none|all-but-G] \\
         [--no-initial] [--extra-data DIR] [--seeds 1 2]
 
 fit_floor.py showed that the spin loop's network, continued on the judge itself, stays at a state gap
@@ -21,7 +21,8 @@ training_init_data_ratio):
   keep 1.60-1.65 uB, which the even half lacks);
 - `--judge half-and-3`: the even half and geometry 3 (a reversed pair with both ions at 1.65 uB) in
   training, judged on 1, 5, 7: whether one label of that kind teaches geometry 5's;
-- `--judge none`: the initial data alone, judged on every geometry.
+- `--judge none`: the initial data alone, judged on every geometry;
+- `--judge all-but-G`: the 7 other geometries in training, judged on geometry G alone (leave one out).
 
 `--extra-data DIR` trains on more labeled systems beside those (make_judge.py --training-set: other
 geometries of the judge's cell in the judge's states, never judged).
@@ -69,7 +70,8 @@ DOC_END = "<!-- results:end -->"
 SPLITS = {"all": (slice(None), slice(None)), "half": (slice(0, None, 2), slice(1, None, 2)),
           "other-half": (slice(1, None, 2), slice(0, None, 2)),
           "half-and-3": ([0, 2, 3, 4, 6], [1, 5, 7]),  # the even half and a reversed pair with both ions low
-          "none": (slice(0, 0), slice(None))}  # judge geometries (trained on, judged on)
+          "none": (slice(0, 0), slice(None)),  # judge geometries (trained on, judged on)
+          **{f"all-but-{g}": ([h for h in range(8) if h != g], [g]) for g in range(8)}}  # leave one out
 DESCRIPTORS = {  # --descriptor: other descriptors at the loop's cutoff and embedding (sel: real neighbours, as
     # the loop's; training_input doubles it for the virtual atoms)
     "dpa1": {"type": "dpa1", "sel": 56, "rcut_smth": 0.5, "rcut": 4.0, "neuron": [16, 32, 64], "axis_neuron": 8,
@@ -79,7 +81,8 @@ DESCRIPTORS = {  # --descriptor: other descriptors at the loop's cutoff and embe
 NETWORKS = {"loop": "the loop's", "dpa1": "DPA-1 (attention 32x1)", "se_e3": "se_e3 (three-body)"}
 JUDGE_WORDS = {"all": "all 8 (train = test)", "half": "0, 2, 4, 6; judged on 1, 3, 5, 7",
                "other-half": "1, 3, 5, 7; judged on 0, 2, 4, 6", "half-and-3": "0, 2, 3, 4, 6; judged on 1, 5, 7",
-               "none": "none"}
+               "none": "none",
+               **{f"all-but-{g}": f"all but {g}; judged on {g}" for g in range(8)}}
 
 
 def judge_system():
