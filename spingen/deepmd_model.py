@@ -26,7 +26,12 @@ Two evaluation paths, both one model call per batch (at most ``batch_size`` conf
   energy is their sum. Only the real atoms are centres: a spin model excludes the virtual atoms' own
   energies (``atom_exclude_types``), so their descriptors, which deepmd-kit's forward computes and
   then zeroes, are not computed (the same energies; 1.6-2.6x less time per configuration on the
-  24- to 108-atom LiNiO2 cells of benchmarks/spin_md.py). Energy-only calls run under ``torch.no_grad()`` (no backward at all);
+  24- to 108-atom LiNiO2 cells of benchmarks/spin_md.py). And an energy-only batch near the
+  configuration last evaluated with its gradient (the held moments, whose competitors a certificate
+  or a descent evaluates) re-evaluates only the atoms whose neighbours can hold a moved virtual atom,
+  adding their change to that configuration's atomic energies, where those are at most LOCAL_SHARE
+  of the atoms, for descriptors whose atomic energy depends on the centre's own neighbours alone
+  (LOCAL_DESCRIPTORS; not DPA-2/3's message passing). benchmarks/config_throughput.py times both. Energy-only calls run under ``torch.no_grad()`` (no backward at all);
   with gradient, one ``torch.autograd.grad`` of the energy with respect to the spin vectors gives
   -dE/dS directly (no forces, no virial). The path is checked against ``DeepPot.eval`` (energy
   and force_mag of one frame) on first use and falls back to ``DeepPot.eval`` with a warning if
@@ -56,6 +61,9 @@ from spingen.spin.model import EnergyModel, minimum_image_distances, nearest_nei
 log = logging.getLogger("spingen")
 
 _CHECK_RTOL = 1e-9  # fixed-geometry path vs DeepPot.eval: relative agreement required on first use
+LOCAL_DESCRIPTORS = {"DescrptSeA", "DescrptSeR", "DescrptSeT", "DescrptDPA1", "DescrptSeAttenV2", "DescrptSeTTebd"}
+# ^ descriptors whose atomic energy depends on the centre's own neighbours alone (no message passing)
+LOCAL_SHARE = 0.75  # a batch re-evaluates only the changed centres while they are at most this share of all
 BATCH_ATOMS = 1024  # atoms per model call by default, as deepmd-kit's DP_INFER_BATCH_SIZE: on CPU the time per
 # configuration is lowest near it (24-atom LiNiO2: 8.3 ms at 21 configurations per call, 14 ms at 256)
 
@@ -459,6 +467,10 @@ class _FixedGeometry:
             self.sorted_nlist = bool(self.backbone.need_sorted_nlist_for_lower())
         except Exception:  # noqa: BLE001 - a model without the method: assume it needs the order
             self.sorted_nlist = True
+        descriptor = getattr(self.backbone.atomic_model, "descriptor", None)
+        self.local = getattr(descriptor, "original_name", None) in LOCAL_DESCRIPTORS
+        self.base: tuple[np.ndarray, np.ndarray] | None = None  # (spin (natoms, 3), atomic energies) of one configuration
+        self.touch: np.ndarray | None = None  # (natoms, centres): the centres an atom's virtual atom can come within rcut of
 
     def _build(self, reach: float) -> None:
         """Ghosts and every neighbour within rcut + 2*reach of the spin-expanded reference frame."""
@@ -500,6 +512,7 @@ class _FixedGeometry:
         distance (deepmd-kit's need_sorted_nlist_for_lower: compressed tables, DPA2/DPA3), None: format_nlist
         per batch."""
         torch = self.torch
+        self.touch = None
         if self.sorted_nlist:
             self.typed_nlist = None
             return
@@ -515,6 +528,9 @@ class _FixedGeometry:
         shift_high = high[neighbours] - low[: len(nlist), None, :]
         nearest = np.clip(0.0, offset + shift_low, offset + shift_high)  # per axis, the closest to 0 reachable
         kept = valid & (np.sum(nearest**2, axis=-1) <= self.rcut**2)
+        self.touch = np.zeros((natoms, len(nlist)), dtype=bool)  # atom a's virtual atom (local natoms + a) can reach
+        centre, column = np.nonzero(kept & (neighbours >= natoms))
+        self.touch[neighbours[centre, column] - natoms, centre] = True
         kept_nlist = np.where(kept, nlist, -1)
         ext_atype = self.ext_atype[0].cpu().numpy()
         types = np.where(kept, ext_atype[np.where(kept, nlist, 0)], -1)
@@ -563,6 +579,10 @@ class _FixedGeometry:
             self._build(max(reach, 1.25 * self.reach))
         elif grown:
             self._fix_nlist()
+        if not gradient and self.local and self.base is not None and self.touch is not None:
+            energies = self._changed_centres(spin)
+            if energies is not None:
+                return energies, None
         spin_t = torch.tensor(spin, dtype=self.prec, device=self.device, requires_grad=gradient)
         with torch.set_grad_enabled(gradient):
             coord_spin, _, _ = self.model.process_spin_input(self.coord.expand(nf, -1, -1).contiguous(),
@@ -578,9 +598,53 @@ class _FixedGeometry:
             cc, _, _, _, _ = self.backbone._input_type_cast(ext, None, None, None)
             atomic = self.backbone.atomic_model.forward_common_atomic(cc, ext_atype, nlist, mapping,
                                                                       None, None, None, None)
-            energy = atomic["energy"].to(self.ener_prec).reshape(nf, -1).sum(dim=1)
+            per_atom = atomic["energy"].to(self.ener_prec).reshape(nf, -1)
+            energy = per_atom.sum(dim=1)
             minus_grad = None
             if gradient:
                 (grad,) = torch.autograd.grad(energy.sum(), spin_t)
                 minus_grad = (-grad).detach().cpu().numpy()
+        if gradient or self.base is None:  # the held moments are evaluated with their gradient: their competitors follow
+            self.base = (spin[0].copy(), per_atom[0].detach().cpu().numpy().astype(float))
         return energy.detach().cpu().numpy().astype(float), minus_grad
+
+    def _changed_centres(self, spin: np.ndarray) -> np.ndarray | None:
+        """Energies of configurations spin (nf, natoms, 3) from the base configuration's atomic energies, re-evaluating
+        only the centres whose candidate neighbours hold a virtual atom that moved (each frame its own centres,
+        padded to the most any frame needs); None where that is more than LOCAL_SHARE of the centres."""
+        torch = self.torch
+        base_spin, base_atomic = self.base
+        nf, centres = len(spin), self.touch.shape[1]
+        moved = np.any(spin != base_spin[None], axis=2)  # (nf, natoms)
+        changed = (moved.astype(np.int64) @ self.touch.astype(np.int64)) > 0  # (nf, centres)
+        width = int(changed.sum(axis=1).max())
+        if width > LOCAL_SHARE * centres:
+            return None
+        if width == 0:
+            return np.full(nf, base_atomic.sum())
+        order = np.argsort(~changed, axis=1, kind="stable")[:, :width]  # each frame's changed centres first
+        valid = np.take_along_axis(changed, order, axis=1)
+        with torch.no_grad():
+            spin_t = torch.tensor(spin, dtype=self.prec, device=self.device)
+            coord_spin, _, _ = self.model.process_spin_input(self.coord.expand(nf, -1, -1).contiguous(),
+                                                             self.atype.expand(nf, -1).contiguous(), spin_t)
+            mapping = self.mapping.expand(nf, -1)
+            ext = torch.gather(coord_spin, 1, mapping.unsqueeze(-1).expand(-1, -1, 3)) + self.shift
+            pick = torch.tensor(order, dtype=torch.long, device=self.device)
+            ext = torch.cat([torch.gather(ext, 1, pick.unsqueeze(-1).expand(-1, -1, 3)), ext], dim=1)
+            ext_atype = self.ext_atype.expand(nf, -1)
+            ext_atype = torch.cat([torch.gather(ext_atype, 1, pick), ext_atype], dim=1)
+            mapping = torch.cat([torch.gather(mapping, 1, pick), mapping], dim=1)
+            rows = (self.nlist if self.typed_nlist is None else self.typed_nlist)[0][pick]  # (nf, width, nnei)
+            keep = torch.tensor(valid, device=self.device).unsqueeze(-1) & (rows >= 0)
+            rows = torch.where(keep, rows + width, -1)  # the extended atoms sit after the picked centres now
+            if self.typed_nlist is None:
+                nlist = self.backbone.format_nlist(ext, ext_atype, rows.contiguous(), True)
+            else:
+                nlist = self._within_rcut(ext, rows)
+            cc, _, _, _, _ = self.backbone._input_type_cast(ext, None, None, None)
+            atomic = self.backbone.atomic_model.forward_common_atomic(cc, ext_atype, nlist, mapping,
+                                                                      None, None, None, None)
+            now = atomic["energy"].to(self.ener_prec).reshape(nf, width).cpu().numpy().astype(float)
+        change = np.where(valid, now - base_atomic[order], 0.0).sum(axis=1)
+        return base_atomic.sum() + change

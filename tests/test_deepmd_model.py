@@ -161,6 +161,39 @@ def test_one_typed_neighbour_list_serves_every_configuration_of_the_displacement
     assert fixed.typed_nlist is None
 
 
+def test_a_batch_near_the_held_moments_re_evaluates_only_the_centres_it_changes(deeppots, atoms):
+    """After the held moments' evaluation with their gradient, a batch of their one- and two-ion changes
+    re-evaluates only the atoms whose neighbours hold a moved virtual atom (the neighbour list sorted per
+    batch on the dense cell, split by type once on the wide one); every energy stays DeepPot.eval's, and a
+    batch that changes most atoms takes the whole cell."""
+    dp = deeppots[0]
+    dense = atoms.repeat((3, 1, 1))
+    wide = dense.copy()
+    wide.set_cell(dense.cell * 1.4, scale_atoms=True)
+    rng = np.random.default_rng(4)
+    for structure, typed in ((dense, False), (wide, True)):
+        model = bind(dp, structure)
+        n = model.n_magnetic
+        held = rng.choice([-3.0, -1.0, 1.0, 3.0], size=n)
+        changes = np.repeat(held[None], 2 * n + 1, axis=0)
+        changes[np.arange(n), np.arange(n)] *= -1  # each ion reversed
+        changes[n + np.arange(n), np.arange(n)] = np.where(np.abs(held) > 2, 1.0, 3.0) * np.sign(held)  # magnitudes
+        changes[-1, :2] *= -1  # a pair
+        model.evaluate(held[None], gradient=True)
+        e = model.evaluate(changes)[0]
+        np.testing.assert_allclose(e, reference(dp, model, structure, changes)[0], rtol=0, atol=1e-10)
+        fixed = model._fixed[0]
+        assert (fixed.typed_nlist is not None) == typed
+        spin = model.spin_vectors(changes).reshape(len(changes), -1, 3)
+        local = fixed._changed_centres(spin[:n])  # the single-ion changes: the local path, not the whole cell
+        assert local is not None
+        np.testing.assert_allclose(local, e[:n], rtol=0, atol=1e-10)
+        everything = -np.repeat(held[None], 2, axis=0)  # every ion reversed: every centre, the whole cell
+        assert fixed._changed_centres(model.spin_vectors(everything).reshape(2, -1, 3)) is None
+        np.testing.assert_allclose(model.evaluate(everything)[0], reference(dp, model, structure, everything)[0],
+                                   rtol=0, atol=1e-10)
+
+
 def test_minus_dE_dS_is_a_finite_difference_of_the_energy(deeppots, atoms):
     model = bind(deeppots[0], atoms)
     moments = np.array([[3.0, -1.0], [1.0, 1.0]])
