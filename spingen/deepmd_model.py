@@ -31,7 +31,8 @@ Two evaluation paths, both one model call per batch (at most ``batch_size`` conf
   or a descent evaluates) re-evaluates only the atoms whose neighbours can hold a moved virtual atom,
   adding their change to that configuration's atomic energies, where those are at most LOCAL_SHARE
   of the atoms, for descriptors whose atomic energy depends on the centre's own neighbours alone
-  (LOCAL_DESCRIPTORS; not DPA-2/3's message passing). benchmarks/config_throughput.py times both. Energy-only calls run under ``torch.no_grad()`` (no backward at all);
+  (LOCAL_DESCRIPTORS; not DPA-2/3's message passing). benchmarks/config_throughput.py times both.
+  Energy-only calls run under ``torch.no_grad()`` (no backward at all);
   with gradient, one ``torch.autograd.grad`` of the energy with respect to the spin vectors gives
   -dE/dS directly (no forces, no virial). The path is checked against ``DeepPot.eval`` (energy
   and force_mag of one frame) on first use and falls back to ``DeepPot.eval`` with a warning if
