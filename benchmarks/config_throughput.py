@@ -107,8 +107,8 @@ def render(rows: list[dict]) -> str:
     for cell, kind in keys:
         mine = [r for r in rows if (r["cell"], r["kind"]) == (cell, kind)]
         cells = []
-        for run, _ in runs:
-            found = [r for r in mine if r["run"] == run]
+        for run, code in runs:
+            found = [r for r in mine if (r["run"], r["code"]) == (run, code)]
             cells.append(f"{found[0]['ms_per_configuration']:.2f}" if found else "-")
         first = mine[0]
         lines.append(f"| {cell} | {first['atoms']} | {first['magnetic']} | {kind} ({first['configurations']}) | "

@@ -469,7 +469,7 @@ class _FixedGeometry:
         except Exception:  # noqa: BLE001 - a model without the method: assume it needs the order
             self.sorted_nlist = True
         descriptor = getattr(self.backbone.atomic_model, "descriptor", None)
-        self.local = getattr(descriptor, "original_name", None) in LOCAL_DESCRIPTORS
+        self.local = getattr(descriptor, "original_name", type(descriptor).__name__) in LOCAL_DESCRIPTORS
         self.base: tuple[np.ndarray, np.ndarray] | None = None  # (spin (natoms, 3), atomic energies) of one configuration
         self.touch: np.ndarray | None = None  # (natoms, centres): the centres an atom's virtual atom can come within rcut of
 
@@ -529,9 +529,10 @@ class _FixedGeometry:
         shift_high = high[neighbours] - low[: len(nlist), None, :]
         nearest = np.clip(0.0, offset + shift_low, offset + shift_high)  # per axis, the closest to 0 reachable
         kept = valid & (np.sum(nearest**2, axis=-1) <= self.rcut**2)
-        self.touch = np.zeros((natoms, len(nlist)), dtype=bool)  # atom a's virtual atom (local natoms + a) can reach
-        centre, column = np.nonzero(kept & (neighbours >= natoms))
-        self.touch[neighbours[centre, column] - natoms, centre] = True
+        if len(nlist) == natoms:  # the real atoms are the centres: a virtual atom moves none of them but its neighbours
+            self.touch = np.zeros((natoms, natoms), dtype=bool)  # atom a's virtual atom (local natoms + a) can reach
+            centre, column = np.nonzero(kept & (neighbours >= natoms))
+            self.touch[neighbours[centre, column] - natoms, centre] = True
         kept_nlist = np.where(kept, nlist, -1)
         ext_atype = self.ext_atype[0].cpu().numpy()
         types = np.where(kept, ext_atype[np.where(kept, nlist, 0)], -1)
@@ -581,7 +582,12 @@ class _FixedGeometry:
         elif grown:
             self._fix_nlist()
         if not gradient and self.local and self.base is not None and self.touch is not None:
-            energies = self._changed_centres(spin)
+            try:
+                energies = self._changed_centres(spin)
+            except Exception as err:  # noqa: BLE001 - internals mismatch: every centre from now on, loudly
+                log.warning("deepmd changed-centres path unavailable (%s: %s); evaluating every atom",
+                            type(err).__name__, err)
+                self.local, energies = False, None
             if energies is not None:
                 return energies, None
         spin_t = torch.tensor(spin, dtype=self.prec, device=self.device, requires_grad=gradient)

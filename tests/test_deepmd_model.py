@@ -183,7 +183,7 @@ def test_a_batch_near_the_held_moments_re_evaluates_only_the_centres_it_changes(
         e = model.evaluate(changes)[0]
         np.testing.assert_allclose(e, reference(dp, model, structure, changes)[0], rtol=0, atol=1e-10)
         fixed = model._fixed[0]
-        assert (fixed.typed_nlist is not None) == typed
+        assert fixed.local and (fixed.typed_nlist is not None) == typed
         spin = model.spin_vectors(changes).reshape(len(changes), -1, 3)
         local = fixed._changed_centres(spin[:n])  # the single-ion changes: the local path, not the whole cell
         assert local is not None
