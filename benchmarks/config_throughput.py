@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -136,8 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     dp = DeepPot(str(models[0]))
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     code = commit() + (" whole cell" if args.whole_cell else "")
-    run = f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {cpu_model()}, load {load}"
-    rows = [{**r, "run": run, "code": code} for name in args.cells for r in measure(dp, name, args.batch, args.repeats)]
+    measured = [r for name in args.cells for r in measure(dp, name, args.batch, args.repeats)]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    run = f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {cpu_model()}, load {load}, peak RSS {peak:.0f} MiB"
+    rows = [{**r, "run": run, "code": code} for r in measured]
     store = args.workdir / "config_throughput.json"
     rows = (json.loads(store.read_text()) if store.is_file() else []) + rows
     store.write_text(json.dumps(rows, indent=1))
