@@ -34,7 +34,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 import spin_md  # noqa: E402  (its models, cells and levels)
-from results_block import cpu_model, write_if_marked  # noqa: E402
+from results_block import cpu_model, keep_rows, write_if_marked  # noqa: E402
 
 DOC = REPO / "docs" / "benchmarks" / "spin_md.md"
 DOC_BEGIN = "<!-- results:begin (written by benchmarks/config_throughput.py) -->"
@@ -141,10 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     run = f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {cpu_model()}, load {load}, peak RSS {peak:.0f} MiB"
     rows = [{**r, "run": run, "code": code} for r in measured]
-    store = args.workdir / "config_throughput.json"
-    rows = (json.loads(store.read_text()) if store.is_file() else []) + rows
-    store.write_text(json.dumps(rows, indent=1))
-    text = render(rows)
+    text = render(keep_rows(args.workdir / "config_throughput.json", rows))
     print(text)
     if not args.no_doc:
         write_if_marked(DOC, DOC_BEGIN, DOC_END, text)

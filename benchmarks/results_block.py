@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -22,6 +23,13 @@ def write_if_marked(doc: Path, begin: str, end: str, block: str) -> None:
         write_results(doc, begin, end, block)
     else:
         print(f"(not written: {doc} has no marker {begin!r}; add it with {end!r} where the block goes)")
+
+
+def keep_rows(store: Path, rows: list[dict]) -> list[dict]:
+    """Every row of the JSON list in store with rows appended, written back (read now: runs may overlap)."""
+    kept = (json.loads(store.read_text()) if store.is_file() else []) + rows
+    store.write_text(json.dumps(kept, indent=1))
+    return kept
 
 
 def step_durations(log: Path) -> dict[str, float]:

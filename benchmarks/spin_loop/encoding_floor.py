@@ -58,7 +58,7 @@ REPO = HERE.parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE.parent))
 from fit_floor import LARGE  # noqa: E402
-from results_block import write_if_marked  # noqa: E402
+from results_block import keep_rows, write_if_marked  # noqa: E402
 from state_gaps import JUDGE, judge_frames, judged  # noqa: E402
 from state_gaps import KINDS as JUDGE_KINDS  # noqa: E402
 
@@ -255,8 +255,7 @@ def main(argv: list[str] | None = None) -> int:
                "param": str(args.param.resolve()), "train_s": time.time() - began,
                "judged": judged([f / "model.pth" for f in folders], SPLITS[args.judge][1])}
         print(json.dumps(row), flush=True)
-        rows = (json.loads(store.read_text()) if store.is_file() else []) + [row]  # read now: runs may overlap
-        store.write_text(json.dumps(rows, indent=1))
+        keep_rows(store, [row])
     text = render(json.loads(store.read_text()))
     print(text)
     if not args.no_doc:
