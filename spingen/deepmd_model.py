@@ -25,8 +25,8 @@ Two evaluation paths, both one model call per batch (at most ``batch_size`` conf
   frozen model's compiled ``atomic_model.forward_common_atomic`` gives the atomic energies; the
   energy is their sum. Only the real atoms are centres: a spin model excludes the virtual atoms' own
   energies (``atom_exclude_types``), so their descriptors, which deepmd-kit's forward computes and
-  then zeroes, are not computed (the same energies; 1.6-2.6x less time per configuration on the
-  24- to 108-atom LiNiO2 cells of benchmarks/spin_md.py). And an energy-only batch near the
+  then zeroes, are not computed (the same energies; 2-3x less time per configuration on the 24- to
+  256-atom LiNiO2 cells of benchmarks/config_throughput.py). And an energy-only batch near the
   configuration last evaluated with its gradient (the held moments, whose competitors a certificate
   or a descent evaluates) re-evaluates only the atoms whose neighbours can hold a moved virtual atom,
   adding their change to that configuration's atomic energies, where those are at most LOCAL_SHARE
