@@ -592,20 +592,7 @@ class _FixedGeometry:
                 return energies, None
         spin_t = torch.tensor(spin, dtype=self.prec, device=self.device, requires_grad=gradient)
         with torch.set_grad_enabled(gradient):
-            coord_spin, _, _ = self.model.process_spin_input(self.coord.expand(nf, -1, -1).contiguous(),
-                                                             self.atype.expand(nf, -1).contiguous(), spin_t)
-            mapping = self.mapping.expand(nf, -1).contiguous()
-            ext = torch.gather(coord_spin, 1, mapping.unsqueeze(-1).expand(-1, -1, 3)) + self.shift
-            ext_atype = self.ext_atype.expand(nf, -1).contiguous()
-            if self.typed_nlist is None:
-                nlist = self.backbone.format_nlist(ext.detach(), ext_atype, self.nlist.expand(nf, -1, -1).contiguous(),
-                                                   True)
-            else:
-                nlist = self._within_rcut(ext.detach(), self.typed_nlist.expand(nf, -1, -1))
-            cc, _, _, _, _ = self.backbone._input_type_cast(ext, None, None, None)
-            atomic = self.backbone.atomic_model.forward_common_atomic(cc, ext_atype, nlist, mapping,
-                                                                      None, None, None, None)
-            per_atom = atomic["energy"].to(self.ener_prec).reshape(nf, -1)
+            per_atom = self._atomic_energies(spin_t)
             energy = per_atom.sum(dim=1)
             minus_grad = None
             if gradient:
@@ -633,25 +620,36 @@ class _FixedGeometry:
         valid = np.take_along_axis(changed, order, axis=1)
         with torch.no_grad():
             spin_t = torch.tensor(spin, dtype=self.prec, device=self.device)
-            coord_spin, _, _ = self.model.process_spin_input(self.coord.expand(nf, -1, -1).contiguous(),
-                                                             self.atype.expand(nf, -1).contiguous(), spin_t)
-            mapping = self.mapping.expand(nf, -1)
-            ext = torch.gather(coord_spin, 1, mapping.unsqueeze(-1).expand(-1, -1, 3)) + self.shift
-            pick = torch.tensor(order, dtype=torch.long, device=self.device)
-            ext = torch.cat([torch.gather(ext, 1, pick.unsqueeze(-1).expand(-1, -1, 3)), ext], dim=1)
-            ext_atype = self.ext_atype.expand(nf, -1)
-            ext_atype = torch.cat([torch.gather(ext_atype, 1, pick), ext_atype], dim=1)
-            mapping = torch.cat([torch.gather(mapping, 1, pick), mapping], dim=1)
-            rows = (self.nlist if self.typed_nlist is None else self.typed_nlist)[0][pick]  # (nf, width, nnei)
-            keep = torch.tensor(valid, device=self.device).unsqueeze(-1) & (rows >= 0)
-            rows = torch.where(keep, rows + width, -1)  # the extended atoms sit after the picked centres now
-            if self.typed_nlist is None:
-                nlist = self.backbone.format_nlist(ext, ext_atype, rows.contiguous(), True)
-            else:
-                nlist = self._within_rcut(ext, rows)
-            cc, _, _, _, _ = self.backbone._input_type_cast(ext, None, None, None)
-            atomic = self.backbone.atomic_model.forward_common_atomic(cc, ext_atype, nlist, mapping,
-                                                                      None, None, None, None)
-            now = atomic["energy"].to(self.ener_prec).reshape(nf, width).cpu().numpy().astype(float)
+            now = self._atomic_energies(spin_t, order, valid).cpu().numpy().astype(float)
         change = np.where(valid, now - base_atomic[order], 0.0).sum(axis=1)
         return base_atomic.sum() + change
+
+    def _atomic_energies(self, spin_t, order: np.ndarray | None = None, valid: np.ndarray | None = None):
+        """Atomic energies (nf, centres) of spin vectors spin_t (nf, natoms, 3); with order (nf, width) only
+        those centres of each frame (valid: which of them count; the rest are padding), placed ahead of the
+        extended atoms."""
+        torch = self.torch
+        nf = spin_t.shape[0]
+        coord_spin, _, _ = self.model.process_spin_input(self.coord.expand(nf, -1, -1).contiguous(),
+                                                         self.atype.expand(nf, -1).contiguous(), spin_t)
+        mapping = self.mapping.expand(nf, -1).contiguous()
+        ext = torch.gather(coord_spin, 1, mapping.unsqueeze(-1).expand(-1, -1, 3)) + self.shift
+        ext_atype = self.ext_atype.expand(nf, -1).contiguous()
+        rows = self.nlist if self.typed_nlist is None else self.typed_nlist
+        if order is None:
+            rows = rows.expand(nf, -1, -1)
+        else:
+            pick = torch.tensor(order, dtype=torch.long, device=self.device)
+            ext = torch.cat([torch.gather(ext, 1, pick.unsqueeze(-1).expand(-1, -1, 3)), ext], dim=1)
+            ext_atype = torch.cat([torch.gather(ext_atype, 1, pick), ext_atype], dim=1)
+            mapping = torch.cat([torch.gather(mapping, 1, pick), mapping], dim=1)
+            rows = rows[0][pick]  # (nf, width, nnei)
+            keep = torch.tensor(valid, device=self.device).unsqueeze(-1) & (rows >= 0)
+            rows = torch.where(keep, rows + pick.shape[1], -1)  # the extended atoms sit after the picked centres now
+        if self.typed_nlist is None:
+            nlist = self.backbone.format_nlist(ext.detach(), ext_atype, rows.contiguous(), True)
+        else:
+            nlist = self._within_rcut(ext.detach(), rows)
+        cc, _, _, _, _ = self.backbone._input_type_cast(ext, None, None, None)
+        atomic = self.backbone.atomic_model.forward_common_atomic(cc, ext_atype, nlist, mapping, None, None, None, None)
+        return atomic["energy"].to(self.ener_prec).reshape(nf, -1)
