@@ -190,9 +190,12 @@ def atom_types(type_map: Sequence[str], symbols: Sequence[str], where: str) -> n
 def evaluate_frames(dp, coords: np.ndarray, cells: np.ndarray | None, types: np.ndarray,
                     moments: np.ndarray | None = None, encoding: SpinEncoding | None = None,
                     symbols: Sequence[str] = ()) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
-    """One DeepPot.eval over nf frames: energies (nf,), forces (nf, natoms, 3), virials (nf, 9) and, for a
-    spin model given raw moments (nf, natoms) and their encoding, -dE/dS (nf, natoms) of the raw moments
-    (the z component of force_mag times the encoding's gauge sign); None without moments."""
+    """Energies (nf,), forces (nf, natoms, 3), virials (nf, 9) of nf frames in one model call and, for a spin
+    model given raw moments (nf, natoms) and their encoding, -dE/dS (nf, natoms) of the raw moments (the z
+    component of force_mag times the encoding's gauge sign); None without moments.
+
+    A spin model of the PyTorch backend is called directly (``_spin_forward``: the same outputs as
+    ``DeepPot.eval``, half its time on CPU); other models through ``DeepPot.eval``."""
     nf, natoms = len(coords), len(types)
     coords = np.reshape(coords, (nf, natoms * 3))
     cells = None if cells is None else np.reshape(cells, (nf, 9))
@@ -201,10 +204,41 @@ def evaluate_frames(dp, coords: np.ndarray, cells: np.ndarray | None, types: np.
         minus_grad = None
     else:
         spin = encoding.to_deepmd(moments, symbols).reshape(nf, -1)
-        e, f, v, force_mag = dp.eval(coords, cells, types, spin=spin)[:4]
+        forward = _pt_model(dp)
+        if forward is None:
+            e, f, v, force_mag = dp.eval(coords, cells, types, spin=spin)[:4]
+        else:
+            e, f, v, force_mag = _spin_forward(forward, coords, cells, types, spin)
         signs = encoding.gauge_signs(moments, symbols)
         minus_grad = signs[:, None] * np.reshape(force_mag, (nf, natoms, 3))[..., 2]
     return np.reshape(e, nf), np.reshape(f, (nf, natoms, 3)), np.reshape(v, (nf, 9)), minus_grad
+
+
+def _pt_model(dp):
+    """deepmd-kit's PyTorch model behind a loaded DeepPot, or None (another backend)."""
+    try:
+        return dp.deep_eval.dp.model["Default"]
+    except (AttributeError, KeyError, TypeError):
+        return None
+
+
+def _spin_forward(model, coords: np.ndarray, cells: np.ndarray | None, types: np.ndarray,
+                  spin: np.ndarray) -> tuple[np.ndarray, ...]:
+    """energy, force, virial, force_mag of a spin model's own forward, as DeepPot.eval returns them. DeepPot.eval
+    calls the same forward but first moves the whole model to the device and splits the frames into batches on
+    every call: 76 against 30 ms per 24-atom LiNiO2 frame on one CPU core (205 against 94 ms at 108 atoms)."""
+    import torch
+    from deepmd.pt.utils.env import DEVICE, GLOBAL_PT_FLOAT_PRECISION
+
+    nf, natoms = len(coords), len(types)
+
+    def tensor(values, shape):
+        return torch.tensor(np.reshape(values, shape), dtype=GLOBAL_PT_FLOAT_PRECISION, device=DEVICE)
+
+    atype = torch.tensor(np.tile(np.asarray(types).reshape(1, natoms), (nf, 1)), dtype=torch.long, device=DEVICE)
+    box = None if cells is None else tensor(cells, (nf, 3, 3))
+    out = model(tensor(coords, (nf, natoms, 3)), atype, spin=tensor(spin, (nf, natoms, 3)), box=box)
+    return tuple(out[key].detach().cpu().numpy() for key in ("energy", "force", "virial", "force_mag"))
 
 
 class DeepmdSpinModel(EnergyModel):

@@ -137,6 +137,32 @@ def test_fixed_geometry_path_rebuilds_for_larger_moments_and_works_without_pbc(d
     assert free.path == "fixed-geometry"
 
 
+def test_frames_through_the_models_own_forward_match_deeppot_eval(deeppots, atoms):
+    """evaluate_frames (every MD step and ensemble prediction) calls the spin model's forward itself: the same
+    energies, forces, virials and -dE/dS as DeepPot.eval, periodic and not, several frames in one call."""
+    from spingen.deepmd_model import _pt_model, evaluate_frames
+
+    dp = deeppots[0]
+    assert _pt_model(dp) is not None  # the direct forward is the path taken for these models
+    rng = np.random.default_rng(4)
+    symbols = atoms.get_chemical_symbols()
+    types = bind(dp, atoms).atom_types
+    coords = np.stack([atoms.positions + rng.normal(0.0, 0.05, atoms.positions.shape) for _ in range(3)])
+    moments = np.zeros((3, len(atoms)))
+    moments[:, NI] = [[1.2, -0.8], [-1.1, -1.3], [0.4, 1.5]]
+    for cells in (np.tile(atoms.cell.array, (3, 1, 1)), None):
+        e, f, v, minus_grad = evaluate_frames(dp, coords, cells, types, moments, ENCODING, symbols)
+        spin = ENCODING.to_deepmd(moments, symbols).reshape(3, -1)
+        e_ref, f_ref, v_ref, fm_ref = dp.eval(coords.reshape(3, -1), None if cells is None else cells.reshape(3, 9),
+                                              types, spin=spin)[:4]
+        assert np.ptp(e_ref) > 1e-6 and np.abs(v_ref).max() > 1e-6  # the frames differ; the virial is not zero
+        np.testing.assert_allclose(e, e_ref.reshape(3), rtol=0, atol=1e-10)
+        np.testing.assert_allclose(f, f_ref.reshape(f.shape), rtol=0, atol=1e-10)
+        np.testing.assert_allclose(v, v_ref.reshape(3, 9), rtol=0, atol=1e-10)
+        gauge = ENCODING.gauge_signs(moments, symbols)[:, None]
+        np.testing.assert_allclose(minus_grad, gauge * fm_ref.reshape(3, len(atoms), 3)[..., 2], rtol=0, atol=1e-10)
+
+
 def test_one_typed_neighbour_list_serves_every_configuration_of_the_displacements_seen(deeppots, atoms):
     """The neighbour list is split by type once per range of virtual displacements, not sorted per batch:
     reversing a moment (same reach, displacement on the other side) widens the range and the list
