@@ -506,6 +506,7 @@ class _FixedGeometry:
         self.local = getattr(descriptor, "original_name", type(descriptor).__name__) in LOCAL_DESCRIPTORS
         self.base: tuple[np.ndarray, np.ndarray] | None = None  # (spin (natoms, 3), atomic energies) of one configuration
         self.touch: np.ndarray | None = None  # (natoms, centres): the centres an atom's virtual atom can come within rcut of
+        self.split = _UnmovedSums.of(self.model)  # se_e2_a: the neighbour sections no configuration moves, summed once
 
     def _build(self, reach: float) -> None:
         """Ghosts and every neighbour within rcut + 2*reach of the spin-expanded reference frame."""
@@ -548,6 +549,8 @@ class _FixedGeometry:
         per batch."""
         torch = self.torch
         self.touch = None
+        if self.split is not None:
+            self.split.sums = None  # the kept neighbours may have changed
         if self.sorted_nlist:
             self.typed_nlist = None
             return
@@ -685,5 +688,95 @@ class _FixedGeometry:
         else:
             nlist = self._within_rcut(ext.detach(), rows)
         cc, _, _, _, _ = self.backbone._input_type_cast(ext, None, None, None)
+        if self.split is not None and self.typed_nlist is not None and self.nlist.shape[1] == self.coord.shape[1]:
+            if self.split.sums is None:
+                with torch.no_grad():
+                    self.split.sums = self.split.unmoved_sums(self.ext_ref, self.ext_atype,
+                                                              self._within_rcut(self.ext_ref, self.typed_nlist))[0]
+            centres = None if order is None else torch.tensor(order, dtype=torch.long, device=self.device)
+            return self.split.energies(cc, ext_atype, nlist, centres).to(self.ener_prec)
         atomic = self.backbone.atomic_model.forward_common_atomic(cc, ext_atype, nlist, mapping, None, None, None, None)
         return atomic["energy"].to(self.ener_prec).reshape(nf, -1)
+
+
+class _UnmovedSums:
+    """Atomic energies of an se_e2_a spin model whose neighbour sections that no moment moves are summed once.
+
+    deepmd-kit's DescrptBlockSeA sums, for each centre, rr^T G(s(r)) over its neighbours, one section per neighbour
+    type, and builds the descriptor from that sum. At one geometry with the real atoms as centres only the virtual
+    atoms of the magnetic types move with the moments (on the LiNiO2 model: Ni_spin, 16 of 112 neighbour slots);
+    every other section's sum is the same for every configuration, so it is computed once (`sums`, per centre) and
+    a batch embeds only the moving sections. The rest mirrors DescrptBlockSeA.forward, DPAtomicModel.forward_atomic
+    and forward_common_atomic: pair and atom exclusions, the fitting net, the output bias. Plain (uncompressed)
+    se_e2_a only; the first-use check against DeepPot.eval covers it like the rest of the path.
+    """
+
+    def __init__(self, atomic_model, moving: list[int]) -> None:
+        self.am, self.sea = atomic_model, atomic_model.descriptor.sea
+        sec = [int(x) for x in self.sea.sec]
+        self.moving = [(sec[t], sec[t + 1], t) for t in moving]
+        self.unmoved = [(sec[t], sec[t + 1], t) for t in range(len(sec) - 1) if t not in moving]
+        self.sums = None  # (centres, 4, ng): the unmoved sections' sum at this geometry's neighbour list
+
+    @classmethod
+    def of(cls, model) -> _UnmovedSums | None:
+        """The split for a spin model with a plain se_e2_a descriptor (virtual types after the real ones), else None."""
+        atomic_model = model.backbone_model.atomic_model
+        descriptor = getattr(atomic_model, "descriptor", None)
+        if getattr(descriptor, "original_name", type(descriptor).__name__) != "DescrptSeA":
+            return None
+        sea = descriptor.sea
+        scale = model.virtual_scale_mask.detach().cpu().numpy()
+        if getattr(sea, "compress", True) or int(sea.ntypes) != 2 * len(scale):
+            return None
+        return cls(atomic_model, [len(scale) + t for t in range(len(scale)) if scale[t] != 0])
+
+    def unmoved_sums(self, coord, ext_atype, nlist):
+        """The unmoved sections' sums (nf, nloc, 4, ng) of the centres of nlist."""
+        nf, nloc, _ = nlist.shape
+        xyz = coord.new_zeros((nf, nloc, 4, int(self.sea.filter_neuron[-1])))
+        return self._add_sections(coord, ext_atype, self._excluded(nlist, ext_atype), self.unmoved, xyz)
+
+    def energies(self, coord, ext_atype, nlist, centres=None):
+        """Atomic energies (nf, nloc) of the centres of nlist: every real atom, or the real atoms `centres` (nf, nloc)."""
+        am, sea = self.am, self.sea
+        nf, nloc, _ = nlist.shape
+        atype = ext_atype[:, :nloc]
+        nlist = self._excluded(nlist, ext_atype)
+        xyz = self.sums.expand(nf, -1, -1, -1).clone() if centres is None else self.sums[centres]
+        xyz = self._add_sections(coord, ext_atype, nlist, self.moving, xyz) / int(sea.nnei)
+        columns = xyz.transpose(-1, -2)  # (nf, nloc, ng, 4)
+        descriptor = (columns @ xyz[..., :int(sea.axis_neuron)]).reshape(nf, nloc, -1)
+        from deepmd.pt.utils.env import GLOBAL_PT_FLOAT_PRECISION
+
+        fitted = am.fitting_net(descriptor.to(GLOBAL_PT_FLOAT_PRECISION), atype, gr=columns[..., 1:4], g2=None, h2=None,
+                                fparam=None, aparam=None)
+        energy = am.apply_out_stat(fitted, atype)["energy"].reshape(nf, nloc)
+        return energy if am.atom_excl is None else energy * am.atom_excl(atype)
+
+    def _excluded(self, nlist, ext_atype):
+        """nlist without the pairs the atomic model excludes (forward_common_atomic's pair_excl)."""
+        if self.am.pair_excl is None:
+            return nlist
+        return nlist.where(self.am.pair_excl(nlist, ext_atype) == 1, -1)
+
+    def _add_sections(self, coord, ext_atype, nlist, sections, xyz):
+        """xyz (nf, nloc, 4, ng) plus rr^T G(s) over the neighbours of `sections`, each centre type its network."""
+        from deepmd.pt.model.descriptor.env_mat import prod_env_mat
+
+        sea = self.sea
+        atype = ext_atype[:, :nlist.shape[1]]
+        ntypes, one_side = int(sea.ntypes), bool(sea.type_one_side)
+        networks = sea.filter_layers.networks
+        for start, stop, kind in sections:
+            part = nlist[:, :, start:stop]
+            env = prod_env_mat(coord, part, atype, sea.mean[:, start:stop], sea.stddev[:, start:stop], float(sea.rcut),
+                               float(sea.rcut_smth), protection=float(sea.env_protection))[0]
+            rr = env * sea.emask(part, ext_atype).unsqueeze(-1)  # (nf, nloc, nt, 4)
+            for centre_type in [None] if one_side else range(ntypes):
+                network = getattr(networks, str(kind if one_side else kind * ntypes + centre_type))
+                mine = (atype >= 0) if centre_type is None else (atype == centre_type)
+                if bool(mine.any()):
+                    picked = rr[mine]  # (m, nt, 4)
+                    xyz[mine] += picked.transpose(-1, -2) @ network(picked[..., :1])
+        return xyz

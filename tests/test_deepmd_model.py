@@ -166,7 +166,8 @@ def test_frames_through_the_models_own_forward_match_deeppot_eval(deeppots, atom
 def test_one_typed_neighbour_list_serves_every_configuration_of_the_displacements_seen(deeppots, atoms):
     """The neighbour list is split by type once per range of virtual displacements, not sorted per batch:
     reversing a moment (same reach, displacement on the other side) widens the range and the list
-    follows; every energy and -dE/dS stays DeepPot.eval's. Where more neighbours of a type could come within
+    follows; every energy and -dE/dS stays DeepPot.eval's (with the list, only the neighbour section of the
+    moving virtual atoms is embedded per batch). Where more neighbours of a type could come within
     rcut than the model's sel (the tiny model's sel on the dense cell), format_nlist sorts per batch."""
     dp = deeppots[0]
     wide = atoms.copy()
@@ -180,6 +181,8 @@ def test_one_typed_neighbour_list_serves_every_configuration_of_the_displacement
             np.testing.assert_allclose(g, g_ref, rtol=0, atol=1e-10)
             fixed = model._fixed[0]
             assert (fixed.typed_nlist is not None) == typed
+            # with the typed list, se_e2_a embeds only the Ni_spin section per batch: the others were summed once
+            assert (fixed.split.sums is not None) == typed and [kind for _, _, kind in fixed.split.moving] == [4]
         assert fixed.moves[0].min() < 0 < fixed.moves[1].max()  # both sides of the ions seen
     assert model.path == "fixed-geometry"
     fixed.sorted_nlist = True  # the wide cell, as if its descriptor needed the distance order: formatted per batch
