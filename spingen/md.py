@@ -145,6 +145,7 @@ class SpinModelCalculator(Calculator):
         self.last_search: SearchResult | None = None
         self.member_predictions: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self.member_minus_spin_grad: np.ndarray | None = None  # (M, n_magnetic) with member_predictions
+        self._drive_prediction: tuple | None = None  # the driving models' (e, f, v, -dE/dS) of the last evaluation
         self.minus_spin_grad: np.ndarray | None = None  # -dE/dS of the driving mean at the moments
         self._fast_verdicts: dict[int, bool] = {}  # id(model) -> DeepmdSpinModel's fast-path check, made once
         self._step_mode = False
@@ -453,6 +454,7 @@ class SpinModelCalculator(Calculator):
         every = len(self.drive_models) == len(self.models)
         self.member_predictions = (e, f, v) if every else None
         self.member_minus_spin_grad = minus_grad if every else None
+        self._drive_prediction = (e, f, v, minus_grad)  # the driving models' own, at these moments
         self.minus_spin_grad = minus_grad.mean(axis=0)
         self.n_evaluations += 1
         energy, forces, virial = e.mean(), f.mean(axis=0), v.mean(axis=0).reshape(3, 3)
@@ -468,14 +470,18 @@ class SpinModelCalculator(Calculator):
     def ensemble_predictions(self, atoms=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Every model's energy (M,), forces (M, natoms, 3), virial (M, 9) at the current moments.
 
-        Reuses the driving evaluation when every model drives (drive="mean").
+        Reuses the driving evaluation: every model's when every model drives (drive="mean"), else the driving
+        model's, the others evaluated here.
         """
         atoms = self.atoms if atoms is None else atoms
         self.get_property("energy", atoms)
         if self.member_predictions is not None:
             return self.member_predictions
         start = time.perf_counter()
-        e, f, v, minus_grad = self.predict(atoms, self.models)
+        others = [dp for k, dp in enumerate(self.models) if k != self.drive]
+        predicted = self.predict(atoms, others)
+        e, f, v, minus_grad = (np.insert(mine, self.drive, theirs[0], axis=0)
+                               for mine, theirs in zip(predicted, self._drive_prediction))
         self.timings["members"] += time.perf_counter() - start
         self.member_predictions, self.member_minus_spin_grad = (e, f, v), minus_grad
         return self.member_predictions

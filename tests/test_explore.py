@@ -162,6 +162,25 @@ def test_standalone_schedule_counts_geometries(dps):
     assert calc.n_calculations == 5 and calc.n_searches == 3  # geometries 0 (cold), 2 and 4
 
 
+def test_ensemble_predictions_reuse_the_driving_models_evaluation(dps):
+    """With one driving model, an explore frame's ensemble prediction takes the driving model's from the step's own
+    evaluation and evaluates only the other members: the same as every member evaluated afresh."""
+    from spingen.md import SpinModelCalculator
+
+    atoms = cell16(seed=12)
+    calc = SpinModelCalculator(dps, MAGNITUDES, encoding=SPIN.encoding, drive=1, spin_opt_freq=1, seed=4)
+    atoms.calc = calc
+    atoms.get_potential_energy()
+    predict, asked = calc.predict, []
+    calc.predict = lambda a, models: asked.append(list(models)) or predict(a, models)
+    energies, forces, virials = calc.ensemble_predictions(atoms)
+    assert asked == [[dps[0]]]  # the driving member (1) was not evaluated again
+    fresh = predict(atoms, calc.models)
+    for got, want in zip((energies, forces, virials, calc.member_minus_spin_grad), fresh):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-10)
+    assert np.ptp(energies) > 0  # two different members, in their order
+
+
 def all_configurations(atoms) -> tuple[list[tuple], np.ndarray]:
     """Every configuration of cell16's 4 Ni (first Ni up) and the full moment rows."""
     ni = [i for i, s in enumerate(atoms.get_chemical_symbols()) if s == "Ni"]
@@ -524,7 +543,10 @@ def test_candidates_get_the_lowest_state_of_each_sector_under_the_driving_model(
 
 
 class NaNAfter:
-    """A DeepPot whose eval returns NaN energies and forces after `calls` calls."""
+    """A DeepPot whose eval returns NaN energies and forces after `calls` calls (it hides its PyTorch model, so that
+    every evaluation goes through eval)."""
+
+    deep_eval = None
 
     def __init__(self, dp, calls: int):
         self._dp, self._left = dp, calls
