@@ -224,30 +224,45 @@ def evaluate_frames(dp, coords: np.ndarray, cells: np.ndarray | None, types: np.
 
 
 def _pt_model(dp):
-    """deepmd-kit's PyTorch model behind a loaded DeepPot, or None (another backend)."""
+    """The PyTorch spin model behind a loaded DeepPot, or None: another backend, a model with a data modifier (which
+    DeepPot.eval adds), or an object that is not a DeepPot (a wrapper of its eval is kept)."""
+    from deepmd.infer import DeepPot
+
+    deep_eval = getattr(dp, "deep_eval", None)
+    if not isinstance(dp, DeepPot) or type(deep_eval).__module__ != "deepmd.pt.infer.deep_eval":
+        return None
+    if getattr(deep_eval, "modifier", None) is not None or not dp.has_spin:
+        return None
     try:
-        return dp.deep_eval.dp.model["Default"]
+        return deep_eval.dp.model["Default"]
     except (AttributeError, KeyError, TypeError):
         return None
 
 
 def _spin_forward(model, coords: np.ndarray, cells: np.ndarray | None, types: np.ndarray,
                   spin: np.ndarray) -> tuple[np.ndarray, ...]:
-    """energy, force, virial, force_mag of a spin model's own forward, as DeepPot.eval returns them. DeepPot.eval
-    calls the same forward but first moves the whole model to the device and splits the frames into batches on
-    every call: 76 against 30 ms per 24-atom LiNiO2 frame on one CPU core (205 against 94 ms at 108 atoms)."""
+    """energy, force, virial, force_mag of a spin model's own forward, as DeepPot.eval returns them, in calls of
+    about BATCH_ATOMS atoms (real and virtual; DeepPot.eval's batch on CPU). DeepPot.eval calls the same forward but
+    first moves the whole model to the device and splits the frames into batches on every call: 76 against 30 ms
+    per 24-atom LiNiO2 frame on one CPU core (205 against 94 ms at 108 atoms)."""
     import torch
     from deepmd.pt.utils.env import DEVICE, GLOBAL_PT_FLOAT_PRECISION
 
     nf, natoms = len(coords), len(types)
+    per_call = max(1, BATCH_ATOMS // (2 * natoms))
 
     def tensor(values, shape):
         return torch.tensor(np.reshape(values, shape), dtype=GLOBAL_PT_FLOAT_PRECISION, device=DEVICE)
 
-    atype = torch.tensor(np.tile(np.asarray(types).reshape(1, natoms), (nf, 1)), dtype=torch.long, device=DEVICE)
-    box = None if cells is None else tensor(cells, (nf, 3, 3))
-    out = model(tensor(coords, (nf, natoms, 3)), atype, spin=tensor(spin, (nf, natoms, 3)), box=box)
-    return tuple(out[key].detach().cpu().numpy() for key in ("energy", "force", "virial", "force_mag"))
+    parts = []
+    for start in range(0, nf, per_call):
+        frames = slice(start, min(nf, start + per_call))
+        n = frames.stop - frames.start
+        atype = torch.tensor(np.tile(np.asarray(types).reshape(1, natoms), (n, 1)), dtype=torch.long, device=DEVICE)
+        box = None if cells is None else tensor(cells[frames], (n, 3, 3))
+        out = model(tensor(coords[frames], (n, natoms, 3)), atype, spin=tensor(spin[frames], (n, natoms, 3)), box=box)
+        parts.append([out[key].detach().cpu().numpy() for key in ("energy", "force", "virial", "force_mag")])
+    return tuple(np.concatenate(column) for column in zip(*parts))
 
 
 class DeepmdSpinModel(EnergyModel):
@@ -717,7 +732,7 @@ class _UnmovedSums:
     every other section's sum is the same for every configuration, so it is computed once (`sums`, per centre) and
     a batch embeds only the moving sections. The rest mirrors DescrptBlockSeA.forward, DPAtomicModel.forward_atomic
     and forward_common_atomic: pair and atom exclusions, the fitting net, the output bias. Plain (uncompressed)
-    se_e2_a only; the first-use check against DeepPot.eval covers it like the rest of the path.
+    float64 se_e2_a only; the first-use check against DeepPot.eval covers it like the rest of the path.
     """
 
     def __init__(self, atomic_model, moving: list[int]) -> None:
@@ -736,8 +751,10 @@ class _UnmovedSums:
             return None
         sea = descriptor.sea
         scale = model.virtual_scale_mask.detach().cpu().numpy()
-        if getattr(sea, "compress", True) or int(sea.ntypes) != 2 * len(scale):
-            return None
+        import torch
+
+        if getattr(sea, "compress", True) or int(sea.ntypes) != 2 * len(scale) or sea.mean.dtype != torch.float64:
+            return None  # (a float32 descriptor would sum in another order than its own forward: not to 1e-9)
         return cls(atomic_model, [len(scale) + t for t in range(len(scale)) if scale[t] != 0])
 
     def unmoved_sums(self, coord, ext_atype, nlist):

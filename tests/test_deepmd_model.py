@@ -137,13 +137,19 @@ def test_fixed_geometry_path_rebuilds_for_larger_moments_and_works_without_pbc(d
     assert free.path == "fixed-geometry"
 
 
-def test_frames_through_the_models_own_forward_match_deeppot_eval(deeppots, atoms):
+@pytest.mark.parametrize("frames_per_call", [None, 1])
+def test_frames_through_the_models_own_forward_match_deeppot_eval(deeppots, atoms, monkeypatch, frames_per_call):
     """evaluate_frames (every MD step and ensemble prediction) calls the spin model's forward itself: the same
-    energies, forces, virials and -dE/dS as DeepPot.eval, periodic and not, several frames in one call."""
+    energies, forces, virials and -dE/dS as DeepPot.eval, periodic and not, several frames in one call or (a batch
+    of BATCH_ATOMS atoms holding one frame) one call per frame."""
+    from spingen import deepmd_model
     from spingen.deepmd_model import _pt_model, evaluate_frames
 
     dp = deeppots[0]
     assert _pt_model(dp) is not None  # the direct forward is the path taken for these models
+    assert _pt_model(type("Wrapper", (), {"deep_eval": dp.deep_eval})()) is None  # not a DeepPot: its own eval
+    if frames_per_call:
+        monkeypatch.setattr(deepmd_model, "BATCH_ATOMS", 2 * len(atoms) * frames_per_call)
     rng = np.random.default_rng(4)
     symbols = atoms.get_chemical_symbols()
     types = bind(dp, atoms).atom_types

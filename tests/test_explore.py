@@ -543,10 +543,8 @@ def test_candidates_get_the_lowest_state_of_each_sector_under_the_driving_model(
 
 
 class NaNAfter:
-    """A DeepPot whose eval returns NaN energies and forces after `calls` calls (it hides its PyTorch model, so that
-    every evaluation goes through eval)."""
-
-    deep_eval = None
+    """A DeepPot whose eval returns NaN energies and forces after `calls` calls (not a DeepPot itself, so the MD
+    step goes through its eval)."""
 
     def __init__(self, dp, calls: int):
         self._dp, self._left = dp, calls
