@@ -199,9 +199,9 @@ def atom_types(type_map: Sequence[str], symbols: Sequence[str], where: str) -> n
 def evaluate_frames(dp, coords: np.ndarray, cells: np.ndarray | None, types: np.ndarray,
                     moments: np.ndarray | None = None, encoding: SpinEncoding | None = None,
                     symbols: Sequence[str] = ()) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
-    """Energies (nf,), forces (nf, natoms, 3), virials (nf, 9) of nf frames in one model call and, for a spin
-    model given raw moments (nf, natoms) and their encoding, -dE/dS (nf, natoms) of the raw moments (the z
-    component of force_mag times the encoding's gauge sign); None without moments.
+    """Energies (nf,), forces (nf, natoms, 3), virials (nf, 9) of nf frames and, for a spin model given raw
+    moments (nf, natoms) and their encoding, -dE/dS (nf, natoms) of the raw moments (the z component of
+    force_mag times the encoding's gauge sign); None without moments.
 
     A spin model of the PyTorch backend is called directly (``_spin_forward``: the same outputs as
     ``DeepPot.eval``, half its time on CPU); other models through ``DeepPot.eval``."""
