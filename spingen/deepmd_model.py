@@ -239,6 +239,11 @@ def _pt_model(dp):
         return None
 
 
+def _frames_per_call(natoms: int) -> int:
+    """Frames of a spin model's call that hold about BATCH_ATOMS atoms, each atom counted twice (real and virtual)."""
+    return max(1, BATCH_ATOMS // (2 * natoms))
+
+
 def _spin_forward(model, coords: np.ndarray, cells: np.ndarray | None, types: np.ndarray,
                   spin: np.ndarray) -> tuple[np.ndarray, ...]:
     """energy, force, virial, force_mag of a spin model's own forward, as DeepPot.eval returns them, in calls of
@@ -249,7 +254,7 @@ def _spin_forward(model, coords: np.ndarray, cells: np.ndarray | None, types: np
     from deepmd.pt.utils.env import DEVICE, GLOBAL_PT_FLOAT_PRECISION
 
     nf, natoms = len(coords), len(types)
-    per_call = max(1, BATCH_ATOMS // (2 * natoms))
+    per_call = _frames_per_call(natoms)
 
     def tensor(values, shape):
         return torch.tensor(np.reshape(values, shape), dtype=GLOBAL_PT_FLOAT_PRECISION, device=DEVICE)
@@ -307,7 +312,7 @@ class DeepmdSpinModel(EnergyModel):
         self.cell = None if cell is None else np.asarray(cell, dtype=float).reshape(3, 3)
         self.encoding = encoding
         if batch_size is None:
-            batch_size = max(1, BATCH_ATOMS // (2 * natoms))
+            batch_size = _frames_per_call(natoms)
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = int(batch_size)
@@ -745,14 +750,14 @@ class _UnmovedSums:
     @classmethod
     def of(cls, model) -> _UnmovedSums | None:
         """The split for a spin model with a plain se_e2_a descriptor (virtual types after the real ones), else None."""
+        import torch
+
         atomic_model = model.backbone_model.atomic_model
         descriptor = getattr(atomic_model, "descriptor", None)
         if getattr(descriptor, "original_name", type(descriptor).__name__) != "DescrptSeA":
             return None
         sea = descriptor.sea
         scale = model.virtual_scale_mask.detach().cpu().numpy()
-        import torch
-
         if getattr(sea, "compress", True) or int(sea.ntypes) != 2 * len(scale) or sea.mean.dtype != torch.float64:
             return None  # (a float32 descriptor would sum in another order than its own forward: not to 1e-9)
         return cls(atomic_model, [len(scale) + t for t in range(len(scale)) if scale[t] != 0])
