@@ -451,9 +451,7 @@ class SpinModelCalculator(Calculator):
         start = time.perf_counter()
         e, f, v, minus_grad = self.predict(atoms, self.drive_models)
         self.timings["evaluate"] += time.perf_counter() - start
-        every = len(self.drive_models) == len(self.models)
-        self.member_predictions = (e, f, v) if every else None
-        self.member_minus_spin_grad = minus_grad if every else None
+        self.member_predictions = self.member_minus_spin_grad = None  # filled by ensemble_predictions at these moments
         self._drive_prediction = (e, f, v, minus_grad)  # the driving models' own, at these moments
         self.minus_spin_grad = minus_grad.mean(axis=0)
         self.n_evaluations += 1
@@ -478,10 +476,12 @@ class SpinModelCalculator(Calculator):
         if self.member_predictions is not None:
             return self.member_predictions
         start = time.perf_counter()
-        others = [dp for k, dp in enumerate(self.models) if k != self.drive]
-        predicted = self.predict(atoms, others)
-        e, f, v, minus_grad = (np.insert(mine, self.drive, theirs[0], axis=0)
-                               for mine, theirs in zip(predicted, self._drive_prediction))
+        if len(self.drive_models) == len(self.models):
+            e, f, v, minus_grad = self._drive_prediction
+        else:
+            others = [dp for k, dp in enumerate(self.models) if k != self.drive]
+            e, f, v, minus_grad = (np.insert(mine, self.drive, theirs[0], axis=0)
+                                   for mine, theirs in zip(self.predict(atoms, others), self._drive_prediction))
         self.timings["members"] += time.perf_counter() - start
         self.member_predictions, self.member_minus_spin_grad = (e, f, v), minus_grad
         return self.member_predictions
