@@ -74,6 +74,8 @@ _CHECK_RTOL = 1e-9  # fixed-geometry path vs DeepPot.eval: relative agreement re
 LOCAL_DESCRIPTORS = {"DescrptSeA", "DescrptSeR", "DescrptSeT", "DescrptDPA1", "DescrptSeAttenV2", "DescrptSeTTebd"}
 # ^ descriptors whose atomic energy depends on the centre's own neighbours alone (no message passing)
 LOCAL_SHARE = 0.75  # a batch re-evaluates only the changed centres while they are at most this share of all
+NEAR_BASES = 4  # configurations evaluated whole that later frames near them follow (the held moments; other sectors)
+NEAR_CALLS = 4  # an energy-only call takes this many batches: those near the base re-evaluate few centres
 BATCH_ATOMS = 1024  # atoms per model call by default, as deepmd-kit's DP_INFER_BATCH_SIZE: on CPU the time per
 # configuration is lowest near it (24-atom LiNiO2: 8.3 ms at 21 configurations per call, 14 ms at 256)
 
@@ -335,6 +337,7 @@ class DeepmdSpinModel(EnergyModel):
         self.fast = bool(fast)
         self.optimize_jit = bool(optimize_jit)
         self._fixed: list[_FixedGeometry | None] = [None] * len(self.models)
+        self._expected: np.ndarray | None = None  # spin vectors whose range every fixed-geometry path covers from the start
         self.fast_ok: list[bool | None] = [None] * len(self.models)  # checked on first use
         if fast_checked is not None:
             if len(fast_checked) != len(self.models):
@@ -419,6 +422,30 @@ class DeepmdSpinModel(EnergyModel):
         full[:, self.magnetic_indices] = m
         return full
 
+    def sector_energies(self, moments: np.ndarray, sign: float) -> np.ndarray:
+        """Energies of configurations seen in the gauge sector `sign` (sign x moments, without the canonical
+        sign; the same as ``evaluate`` for the configurations of that sector). Counted like ``evaluate``."""
+        m = np.atleast_2d(np.asarray(moments, dtype=float))
+        if m.ndim != 2 or m.shape[1] != self.n_magnetic:
+            raise ValueError(f"moments must have shape (nconf, {self.n_magnetic}), got {np.shape(moments)}")
+        if not self.encoding.canonical:
+            return self.evaluate(m)[0]
+        energies = self._members(float(sign) * m, False, gauged=False)[0].mean(axis=0)
+        self.n_evaluations += len(m)
+        self.n_calls += 1
+        return energies
+
+    def expect(self, moments: np.ndarray) -> None:
+        """Configurations (n, n_magnetic) whose range of moments, in either gauge sign, later batches span (the
+        lowest and highest allowed level of each ion): the cached neighbour data of this geometry cover it
+        from the start, instead of growing (and re-summing what no moment moves) batch after batch."""
+        full = self.full_moments(np.asarray(moments, dtype=float))
+        full = np.concatenate([full, -full]) if self.encoding.canonical else full
+        self._expected = self.encoding.to_deepmd(full, self.symbols, gauged=False)
+        for fixed in self._fixed:
+            if fixed is not None:
+                fixed.cover(self._expected)
+
     def calculate(self, moments, gradient):
         energies, minus_grad = self._members(moments, gradient)
         return energies.mean(axis=0), (minus_grad.mean(axis=0) if gradient else None)
@@ -438,17 +465,25 @@ class DeepmdSpinModel(EnergyModel):
         self.n_calls += 1
         return energies, minus_grad
 
-    def _members(self, moments: np.ndarray, gradient: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    def _members(self, moments: np.ndarray, gradient: bool, gauged: bool = True
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
         import torch
 
         n = len(moments)
         energies = np.empty((self.n_models, n))
         minus_grad = np.empty((self.n_models, n, self.n_magnetic)) if gradient else None
+        step = self.batch_size if gradient else NEAR_CALLS * self.batch_size  # the fixed path splits what it evaluates whole
+        parts = [self.full_moments(moments[start: start + step]) for start in range(0, n, step)]
+        spins = [self.encoding.to_deepmd(full, self.symbols, gauged) for full in parts]
+        if spins:  # the batch's whole range at once: the neighbour data grow once, not per part
+            self._expected = _span(np.concatenate(spins + ([] if self._expected is None else [self._expected])))
+            for fixed in self._fixed:
+                if fixed is not None:
+                    fixed.cover(self._expected)
         with torch.jit.optimized_execution(self.optimize_jit):
-            for start in range(0, n, self.batch_size):
-                part = moments[start: start + self.batch_size]
-                full = self.full_moments(part)
-                spin = self.encoding.to_deepmd(full, self.symbols).reshape(len(part), -1)
+            for start, full, spin in zip(range(0, n, step), parts, spins):
+                part = moments[start: start + step]
+                spin = spin.reshape(len(part), -1)
                 if gradient:  # force_mag is the derivative at the encoded sign: -dE/dS = sign * force_mag
                     signs = self.encoding.gauge_signs(full, self.symbols)
                 for k in range(self.n_models):
@@ -478,7 +513,9 @@ class DeepmdSpinModel(EnergyModel):
         try:
             if self._fixed[k] is None:
                 self._fixed[k] = _FixedGeometry(dp, self.positions, self.cell, self.atom_types)
-            e, fm = self._fixed[k].evaluate(spin, gradient)
+                if self._expected is not None:
+                    self._fixed[k].cover(self._expected)
+            e, fm = self._fixed[k].evaluate(spin, gradient, self.batch_size)
         except Exception as err:  # noqa: BLE001 - any internals mismatch: fall back, loudly
             log.warning("deepmd fixed-geometry path unavailable (%s: %s); using DeepPot.eval", type(err).__name__, err)
             self.fast_ok[k] = False
@@ -497,6 +534,11 @@ class DeepmdSpinModel(EnergyModel):
                 return self._eval_one(k, spin, gradient)
             self.fast_ok[k] = True
         return e, (fm[:, mag, 2] if gradient else None)
+
+
+def _span(spin: np.ndarray) -> np.ndarray:
+    """Two rows (2, natoms, 3): the lowest and highest of each component of spin vectors (n, natoms, 3)."""
+    return np.stack([spin.min(axis=0), spin.max(axis=0)])
 
 
 class _FixedGeometry:
@@ -533,7 +575,9 @@ class _FixedGeometry:
             self.sorted_nlist = True
         descriptor = getattr(self.backbone.atomic_model, "descriptor", None)
         self.local = getattr(descriptor, "original_name", type(descriptor).__name__) in LOCAL_DESCRIPTORS
-        self.base: tuple[np.ndarray, np.ndarray] | None = None  # (spin (natoms, 3), atomic energies) of one configuration
+        self.bases: list[tuple[np.ndarray, np.ndarray]] = []  # (spin (natoms, 3), atomic energies) of configurations
+        # evaluated whole: the first (the held moments: the last evaluated with their gradient) and up to
+        # NEAR_BASES - 1 far from it (another gauge sector's moments), which the frames near them follow
         self.touch: np.ndarray | None = None  # (natoms, centres): the centres an atom's virtual atom can come within rcut of
         self.split = _UnmovedSums.of(self.model)  # se_e2_a: the neighbour sections no configuration moves, summed once
 
@@ -632,11 +676,11 @@ class _FixedGeometry:
         distance = torch.linalg.norm(neighbours - ext[:, :nloc, None, :], dim=-1)
         return torch.where(valid & ~(distance > self.rcut), nlist, -1)
 
-    def evaluate(self, spin: np.ndarray, gradient: bool) -> tuple[np.ndarray, np.ndarray | None]:
-        """spin (nf, natoms*3) -> energies (nf,), -dE/d(spin) (nf, natoms, 3) or None."""
-        torch = self.torch
-        nf, natoms = len(spin), self.coord.shape[1]
-        spin = np.asarray(spin, dtype=float).reshape(nf, natoms, 3)
+    def cover(self, spin: np.ndarray) -> None:
+        """Grow the ghosts and neighbour candidates (reach) and the typed list (moves) to cover these spin vectors
+        (nf, natoms*3 or natoms, 3) too; a growth of the typed list re-sums what no moment moves."""
+        natoms = self.coord.shape[1]
+        spin = np.asarray(spin, dtype=float).reshape(len(spin), natoms, 3)
         reach = float(np.max(np.linalg.norm(spin, axis=-1) * self.atom_scale[None, :]))
         displacement = spin * self.signed_scale[None, :, None]
         moves = np.stack([np.minimum(self.moves[0], displacement.min(axis=0)),
@@ -647,15 +691,65 @@ class _FixedGeometry:
             self._build(max(reach, 1.25 * self.reach))
         elif grown:
             self._fix_nlist()
-        if not gradient and self.local and self.base is not None and self.touch is not None:
+
+    def evaluate(self, spin: np.ndarray, gradient: bool, whole_batch: int | None = None
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
+        """spin (nf, natoms*3) -> energies (nf,), -dE/d(spin) (nf, natoms, 3) or None. Energy-only frames near the
+        base configuration re-evaluate only the centres they change, the others every centre (in calls of at
+        most whole_batch frames)."""
+        nf, natoms = len(spin), self.coord.shape[1]
+        spin = np.asarray(spin, dtype=float).reshape(nf, natoms, 3)
+        self.cover(spin)
+        energies = np.empty(nf)
+        whole = np.arange(nf)  # the frames evaluated at every centre
+        if not gradient and self.local and self.bases and self.touch is not None:
             try:
-                energies = self._changed_centres(spin)
+                whole = self._near_bases(spin, energies)
             except Exception as err:  # noqa: BLE001 - internals mismatch: every centre from now on, loudly
                 log.warning("deepmd changed-centres path unavailable (%s: %s); evaluating every atom",
                             type(err).__name__, err)
-                self.local, energies = False, None
-            if energies is not None:
-                return energies, None
+                self.local, whole = False, np.arange(nf)
+        step = whole_batch or nf
+        grads = []
+        for start in range(0, len(whole), step):
+            part = whole[start: start + step]
+            energies[part], grad = self._every_centre(spin[part], gradient)
+            grads.append(grad)
+        return energies, (np.concatenate(grads) if gradient else None)
+
+    def _near_bases(self, spin: np.ndarray, energies: np.ndarray) -> np.ndarray:
+        """Energies of the frames (nf, natoms, 3) near a base configuration, from its atomic energies (each such
+        frame re-evaluates at most LOCAL_SHARE of the centres); of two or more frames near none, the first is
+        evaluated whole and kept as another base while there is room. Returns the frames left to evaluate whole."""
+        pending = np.arange(len(spin))
+        while len(pending):
+            nearest, near = self._nearest(spin[pending])
+            for b in np.unique(nearest[near]):
+                frames = pending[near & (nearest == b)]
+                energies[frames] = self._changed_centres(spin[frames], self.bases[b])
+            pending = pending[~near]
+            if len(pending) < 2 or len(self.bases) >= NEAR_BASES:
+                break
+            energies[pending[0]] = self._every_centre(spin[pending[:1]], False, keep=True)[0][0]
+            pending = pending[1:]
+        return pending
+
+    def _nearest(self, spin: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For frames (nf, natoms, 3): the base that changes the fewest centres, and whether that is at most
+        LOCAL_SHARE of them."""
+        counts = []
+        for base_spin, _ in self.bases:
+            moved = np.any(spin != base_spin[None], axis=2)  # (nf, natoms)
+            counts.append(((moved.astype(np.int64) @ self.touch.astype(np.int64)) > 0).sum(axis=1))
+        counts = np.array(counts)
+        nearest = np.argmin(counts, axis=0)
+        return nearest, counts[nearest, np.arange(len(spin))] <= LOCAL_SHARE * self.touch.shape[1]
+
+    def _every_centre(self, spin: np.ndarray, gradient: bool, keep: bool = False
+                      ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Energies (and -dE/d(spin)) of frames (nf, natoms, 3), every centre evaluated. The first frame becomes
+        the first base when evaluated with its gradient or when there is none, another one with keep."""
+        torch = self.torch
         spin_t = torch.tensor(spin, dtype=self.prec, device=self.device, requires_grad=gradient)
         with torch.set_grad_enabled(gradient):
             per_atom = self._atomic_energies(spin_t)
@@ -664,22 +758,21 @@ class _FixedGeometry:
             if gradient:
                 (grad,) = torch.autograd.grad(energy.sum(), spin_t)
                 minus_grad = (-grad).detach().cpu().numpy()
-        if gradient or self.base is None:  # the held moments are evaluated with their gradient: their competitors follow
-            self.base = (spin[0].copy(), per_atom[0].detach().cpu().numpy().astype(float))
+        if gradient or keep or not self.bases:  # the held moments are evaluated with their gradient: their competitors follow
+            base = (spin[0].copy(), per_atom[0].detach().cpu().numpy().astype(float))
+            self.bases = self.bases + [base] if keep else [base] + self.bases[1:]
         return energy.detach().cpu().numpy().astype(float), minus_grad
 
-    def _changed_centres(self, spin: np.ndarray) -> np.ndarray | None:
-        """Energies of configurations spin (nf, natoms, 3) from the base configuration's atomic energies, re-evaluating
+    def _changed_centres(self, spin: np.ndarray, base: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        """Energies of configurations spin (nf, natoms, 3) from a base configuration's atomic energies, re-evaluating
         only the centres whose candidate neighbours hold a virtual atom that moved (each frame its own centres,
-        padded to the most any frame needs); None where that is more than LOCAL_SHARE of the centres."""
+        padded to the most any frame needs)."""
         torch = self.torch
-        base_spin, base_atomic = self.base
-        nf, centres = len(spin), self.touch.shape[1]
+        base_spin, base_atomic = base
+        nf = len(spin)
         moved = np.any(spin != base_spin[None], axis=2)  # (nf, natoms)
         changed = (moved.astype(np.int64) @ self.touch.astype(np.int64)) > 0  # (nf, centres)
         width = int(changed.sum(axis=1).max())
-        if width > LOCAL_SHARE * centres:
-            return None
         if width == 0:
             return np.full(nf, base_atomic.sum())
         order = np.argsort(~changed, axis=1, kind="stable")[:, :width]  # each frame's changed centres first

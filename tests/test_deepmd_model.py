@@ -199,8 +199,9 @@ def test_one_typed_neighbour_list_serves_every_configuration_of_the_displacement
 def test_a_batch_near_the_held_moments_re_evaluates_only_the_centres_it_changes(deeppots, atoms):
     """After the held moments' evaluation with their gradient, a batch of their one- and two-ion changes
     re-evaluates only the atoms whose neighbours hold a moved virtual atom (the neighbour list sorted per
-    batch on the dense cell, split by type once on the wide one); every energy stays DeepPot.eval's, and a
-    batch that changes most atoms takes the whole cell."""
+    batch on the dense cell, split by type once on the wide one); every energy stays DeepPot.eval's. A frame
+    that changes most atoms takes the whole cell and, with others far from the held moments in the same
+    batch, becomes a second base that those near it follow."""
     dp = deeppots[0]
     dense = atoms.repeat((3, 1, 1))
     wide = dense.copy()
@@ -220,13 +221,38 @@ def test_a_batch_near_the_held_moments_re_evaluates_only_the_centres_it_changes(
         fixed = model._fixed[0]
         assert fixed.local and (fixed.typed_nlist is not None) == typed
         spin = model.spin_vectors(changes).reshape(len(changes), -1, 3)
-        local = fixed._changed_centres(spin[:n])  # the single-ion changes: the local path, not the whole cell
-        assert local is not None
-        np.testing.assert_allclose(local, e[:n], rtol=0, atol=1e-10)
-        everything = -np.repeat(held[None], 2, axis=0)  # every ion reversed: every centre, the whole cell
-        assert fixed._changed_centres(model.spin_vectors(everything).reshape(2, -1, 3)) is None
-        np.testing.assert_allclose(model.evaluate(everything)[0], reference(dp, model, structure, everything)[0],
+        assert len(fixed.bases) == 1 and fixed._nearest(spin[:n])[1].all()  # the single-ion changes: local path
+        np.testing.assert_allclose(fixed._changed_centres(spin[:n], fixed.bases[0]), e[:n], rtol=0, atol=1e-10)
+        flipped = -changes[: n + 1]  # the held moments and their single-ion changes, every ion reversed
+        assert not fixed._nearest(model.spin_vectors(flipped).reshape(n + 1, -1, 3))[1].any()
+        mixed = np.concatenate([flipped[:1], changes[:2], flipped[1:]])  # one call: each frame its own way
+        np.testing.assert_allclose(model.evaluate(mixed)[0], reference(dp, model, structure, mixed)[0],
                                    rtol=0, atol=1e-10)
+        # the first far frame (every ion reversed) became another base; on the wide cell its single-ion changes
+        # follow it (on the dense one the reversed moments' reach took most centres: two more bases)
+        assert len(fixed.bases) == 2 if typed else len(fixed.bases) > 2
+        assert fixed._nearest(model.spin_vectors(flipped[1:]).reshape(n, -1, 3))[1].all()
+
+
+def test_sector_energies_see_the_moments_with_the_sign_asked_for(deeppots, atoms):
+    """A canonical-sign model's energies in a gauge sector: sign x moments as the plain encoding sees them,
+    the same as ``evaluate`` for the configurations of that sector; the plain model has one sector."""
+    from dataclasses import replace
+
+    from spingen.deepmd_model import DeepmdSpinModel
+
+    plain = bind(deeppots[0], atoms)
+    canonical = DeepmdSpinModel.from_atoms(atoms, deeppots[0], replace(ENCODING, canonical=True))
+    moments = random_moments(6, seed=4)
+    own = canonical.encoding.gauge_signs(canonical.full_moments(moments), canonical.symbols)
+    assert set(own) == {-1.0, 1.0}
+    for sign in (1.0, -1.0):
+        np.testing.assert_allclose(canonical.sector_energies(moments, sign), plain.evaluate(sign * moments)[0],
+                                   rtol=0, atol=1e-10)
+        np.testing.assert_allclose(plain.sector_energies(moments, sign), plain.evaluate(moments)[0], rtol=0, atol=1e-10)
+        here = own == sign
+        np.testing.assert_allclose(canonical.sector_energies(moments[here], sign),
+                                   canonical.evaluate(moments[here])[0], rtol=0, atol=1e-10)
 
 
 def test_minus_dE_dS_is_a_finite_difference_of_the_energy(deeppots, atoms):

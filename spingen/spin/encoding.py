@@ -38,14 +38,16 @@ class SpinEncoding:
         """Height (A) of the virtual atom above its real atom: eta*S + d."""
         return self.virtual_scale * np.asarray(moments, dtype=float) + self.offset
 
-    def to_deepmd(self, moments: np.ndarray, symbols: Sequence[str]) -> np.ndarray:
+    def to_deepmd(self, moments: np.ndarray, symbols: Sequence[str], gauged: bool = True) -> np.ndarray:
         """Raw moments (nframes, natoms) -> deepmd-kit spin vectors (nframes, natoms, 3).
 
-        Non-magnetic atoms get a zero vector; magnetic ones (0, 0, S + d/eta).
+        Non-magnetic atoms get a zero vector; magnetic ones (0, 0, S + d/eta). gauged=False: the moments
+        as given, without the canonical sign (a configuration seen in the sector of +1).
         """
         moments = np.atleast_2d(np.asarray(moments, dtype=float))
         mask = self.magnetic_mask(symbols)
-        moments = moments * self.gauge_signs(moments, symbols)[:, None]
+        if gauged:
+            moments = moments * self.gauge_signs(moments, symbols)[:, None]
         spin = np.zeros(moments.shape + (3,))
         spin[..., 2] = np.where(mask, moments + self.offset / self.virtual_scale, 0.0)
         return spin

@@ -38,6 +38,12 @@ class EnergyModel(ABC):
             minus_grad = np.asarray(minus_grad, dtype=float).reshape(m.shape)
         return energies, (minus_grad if gradient else None)
 
+    def sector_energies(self, moments: np.ndarray, sign: float) -> np.ndarray:
+        """Energies (nconf,) of configurations as the model sees them in the gauge sector `sign` (+1 or -1),
+        whatever their own sector: the energy that is smooth in the moments about a state of that sector.
+        A model without a gauge (this default) has one sector: its energies."""
+        return self.evaluate(moments)[0]
+
     @abstractmethod
     def calculate(self, moments: np.ndarray, gradient: bool) -> tuple[np.ndarray, np.ndarray | None]:
         """Energies of the rows of moments and, if gradient, -dE/dS; no counting here."""
@@ -69,6 +75,11 @@ class SymmetrizedModel(EnergyModel):
         energies, minus_grad = self.inner.evaluate(np.concatenate([moments, -moments]), gradient)
         e = 0.5 * (energies[:n] + energies[n:])
         return e, (0.5 * (minus_grad[:n] - minus_grad[n:]) if gradient else None)
+
+    def sector_energies(self, moments, sign):
+        """(E(S) in the inner model's sector `sign` + E(-S) in the sector -sign) / 2."""
+        moments = np.atleast_2d(np.asarray(moments, dtype=float))
+        return 0.5 * (self.inner.sector_energies(moments, sign) + self.inner.sector_energies(-moments, -sign))
 
 
 @dataclass(frozen=True)
