@@ -68,8 +68,9 @@ SETTINGS = {
     "fixed moments": (0, {}, None, 0),
     "default (certificate)": (1, {}, {}, 1),
     "certificate, no state memory": (1, {}, {"remembered_states": 0}, 1),
-    "certificate, single-ion moves only": (1, {}, {"pair_limit": 0}, 1),
-    "certificate with exchanges": (1, {}, {"exchange_limit": 1000}, 1),
+    "certificate, single-ion moves only": (1, {}, {"pair_limit": 0, "exchange_limit": 0}, 1),
+    "certificate with exchanges": (1, {}, {"exchange_limit": 1000}, 1),  # (the default's since 2026-12-07 for 27 Ni)
+    "certificate, no exchanges": (1, {}, {"exchange_limit": 0}, 1),  # (the default before 2026-12-07)
     "certificate, every competitor at max_age": (1, {}, {"backstop_age": 20}, 1),  # (before 2026-12-06)
     "certificate, no probes": (1, {}, {"probes": 0}, 1),  # every unmeasured competitor at once (before probes)
     "search every step": (1, {}, None, 1),  # (--search-steps steps)

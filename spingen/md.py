@@ -208,18 +208,26 @@ class SpinModelCalculator(Calculator):
                 cert.release()  # the next step evaluates the new search's competitors
             return not np.array_equal(before, self.moments)
         began = time.perf_counter()
-        indices = cert.to_check(minus_grad) if cert.holds_for(before) else None
+        held = cert.holds_for(before)
+        if held and len(cert.anchors):  # the exchanges' gaps follow their anchors' gaps at this geometry
+            self._step_model = self._held_model(atoms)
+            indices = cert.to_check(minus_grad, self._anchor_gaps(cert.anchors, energy))
+        else:
+            indices = cert.to_check(minus_grad) if held else None
         if indices is None:
             cert.tick()
         if indices is not None and not len(indices):
             self.n_certified += 1
+            self._step_model = None
             self.timings["certify"] += time.perf_counter() - began
             return False
-        self._step_model = self.spin_model(atoms)  # one per geometry: its neighbour data serve every batch here
+        if self._step_model is None:
+            self._step_model = self._held_model(atoms)
         if indices is None:
             pool = self.competitors(before)
             energies = self._energies(self._step_model, pool)
-            cert.set_reference(before, energy, minus_grad, pool, energies)
+            anchors = cert.anchors_of(before, pool)[0]
+            cert.set_reference(before, energy, minus_grad, pool, energies, self._anchor_gaps(anchors, energy))
         else:
             pool, energies = cert.check(indices, energy, minus_grad, self._step_energies)
         lower = bool(len(energies)) and energies.min() < energy - SAME_ENERGY
@@ -248,7 +256,9 @@ class SpinModelCalculator(Calculator):
             began = time.perf_counter()
             energy, minus_grad = self.results["energy"], self.minus_spin_grad
             pool = self.competitors(self.moments)
-            indices = cert.move_to(self.moments, pool, self._moved_from, minus_grad, self.reversal_symmetric)
+            anchor_gaps = self._anchor_gaps(cert.anchors_of(self.moments, pool)[0], energy)
+            indices = cert.move_to(self.moments, pool, self._moved_from, minus_grad, self.reversal_symmetric,
+                                   anchor_gaps)
             self._moved_from = None
             evaluated, energies = cert.check(indices, energy, minus_grad, self._step_energies)
             self.timings["certify"] += time.perf_counter() - began
@@ -262,6 +272,14 @@ class SpinModelCalculator(Calculator):
         self._step_model = None
         return settled
 
+    def _held_model(self, atoms):
+        """The spin model of this geometry for the batches of one re-optimizing step (its neighbour data serve
+        them all), the held moments evaluated first: the configuration the batches' energies follow from,
+        re-evaluating only the atoms a changed ion reaches."""
+        model = self.spin_model(atoms)
+        model.evaluate(self.moments[None])
+        return model
+
     def _step_energies(self, moments: np.ndarray) -> np.ndarray:
         """Driving energies of configurations at the geometry being re-optimized (one energy-only batch)."""
         return self._energies(self._step_model, moments)
@@ -273,7 +291,23 @@ class SpinModelCalculator(Calculator):
             return np.empty(0)
         self.n_references += 1
         self.n_reference_evaluations += len(moments)
-        return (SymmetrizedModel(model) if self.symmetrize else model).evaluate(moments)[0]
+        energies = (SymmetrizedModel(model) if self.symmetrize else model).evaluate(moments)[0]
+        self.keep_fast_verdicts(model)
+        return energies
+
+    def _anchor_gaps(self, anchors: np.ndarray, energy: float) -> np.ndarray | None:
+        """E - E(S0) of the certificate's anchors of the held moments S0 in S0's gauge sector at the geometry
+        being re-optimized (one energy-only batch, S0 first: the configuration the others differ from by one
+        ion); None without anchors."""
+        if not len(anchors):
+            return None
+        sign = 1.0 if self._gauge is None else float(self._gauge(self.moments[None])[0])
+        self.n_references += 1
+        self.n_reference_evaluations += len(anchors)
+        model = SymmetrizedModel(self._step_model) if self.symmetrize else self._step_model
+        energies = model.sector_energies(np.concatenate([self.moments[None], anchors]), sign)
+        self.keep_fast_verdicts(self._step_model)
+        return energies[1:] - energies[0]
 
     def lowest_states(self) -> list[np.ndarray]:
         """The lowest configurations of the last adopted search (none before it)."""
@@ -339,8 +373,10 @@ class SpinModelCalculator(Calculator):
         cell = atoms.cell.array if atoms.pbc.any() else None
         models = list(models or self.drive_models)
         checked = [self._fast_verdicts.get(id(dp)) for dp in models]
-        return DeepmdSpinModel(models, atoms.positions, cell, self.symbols, self.encoding,
-                               self.levels.magnetic_indices, fast_checked=checked, optimize_jit=self.optimize_jit)
+        model = DeepmdSpinModel(models, atoms.positions, cell, self.symbols, self.encoding,
+                                self.levels.magnetic_indices, fast_checked=checked, optimize_jit=self.optimize_jit)
+        model.expect(np.array([[v.min() for v in self.levels.values], [v.max() for v in self.levels.values]]))
+        return model
 
     def energy_model(self, atoms, models: Sequence[Any] | None = None):
         """The energy of moment configurations at this geometry as the calculator sees it: `spin_model`,

@@ -8,6 +8,7 @@ from spingen.spin.certificate import (
     EVALUATED,
     MAGNITUDES,
     OTHER_SECTOR,
+    PAIRED,
     REVERSALS,
     SEVERAL_REVERSED,
     UNTOUCHED,
@@ -97,7 +98,7 @@ def test_a_single_ion_move_that_turns_lower_is_named():
     cert.set_reference(moments, energy(moments, field)[0], field, pool, energy(pool, field))
     assert len(cert.to_check(field)) == 3  # no error measured yet: the first prediction is checked whole
     cert.update(np.arange(3), energy(moments, field)[0], field, energy(pool, field))  # exact: error 0
-    np.testing.assert_array_equal(cert.step_errors, [np.nan, 0.0, np.nan, np.nan])  # reversals: exact
+    np.testing.assert_array_equal(cert.step_errors, [np.nan, 0.0, np.nan, np.nan, np.nan])  # reversals: exact
     assert cert.follow[REVERSALS]  # following -dE/dS is exact in a field: kept
     assert cert.holds_for(moments) and len(cert.to_check(field)) == 0
     turned = np.array([0.2, 0.2, -0.015])  # reversing ion 2 now lowers E by 0.03 = 3 margins
@@ -257,6 +258,52 @@ def test_exchange_moves_swap_two_moments_of_one_element_and_join_the_competitors
     assert len(competitors(levels, moments, pair_limit=0, exchange_limit=4)) == singles  # too many
     everything = competitors(levels, moments, pair_limit=n_pair_moves(levels), exchange_limit=5)
     assert len(everything) == singles + len(pair_moves(levels, row))  # the pairs hold the exchanges
+
+
+def test_an_exchange_follows_its_anchors_and_keeps_its_coupling():
+    """Beyond pair_limit the exchanges are two-ion competitors: each takes the gaps of its two anchors (S0
+    with one of its ions changed) evaluated at the new geometry plus its coupling measured at its reference.
+    Exact in an on-site + pair landscape whose fields move and couplings stay: after large field changes the
+    predicted exchange gaps are the true ones, and the exchange turned lower is named."""
+    levels = MomentLevels({"Ni": [1.0]}, ["Ni"] * 6)
+    settings = CertificateSettings(margin=0.01, pair_limit=0, exchange_limit=100)
+    cert = GroundStateCertificate(levels, settings)
+    rng = np.random.default_rng(7)
+    coupling = np.triu(rng.normal(0, 0.02, (6, 6)), 1)
+
+    def energy(states, field):  # E = -sum h_i S_i + sum_{i<j} J_ij S_i S_j
+        states = np.atleast_2d(states)
+        return -(states @ field) + np.einsum("ni,ij,nj->n", states, coupling, states)
+
+    def minus_grad(state, field):
+        return field - (coupling + coupling.T) @ state
+
+    moments = np.array([1.0, 1.0, 1.0, -1.0, -1.0, -1.0])
+    pool = competitors(levels, moments, pair_limit=0, exchange_limit=100)
+    exchanges = np.flatnonzero(np.sum(pool != moments, axis=1) == 2)
+    assert len(pool) == 6 + 9 and len(exchanges) == 9
+    anchors, anchor_of = cert.anchors_of(moments, pool)
+    assert len(anchors) == 6 and np.all(anchor_of[exchanges] >= 0) and np.all(np.delete(anchor_of, exchanges, 0) < 0)
+    field = np.array([0.3, 0.3, 0.3, -0.3, -0.3, -0.3])
+    e0 = energy(moments, field)[0]
+    cert.set_reference(moments, e0, minus_grad(moments, field), pool, energy(pool, field),
+                       energy(anchors, field) - e0)
+    assert np.all(cert.kinds[exchanges] == PAIRED) and np.all(np.isfinite(cert.couplings[exchanges]))
+    assert np.isnan(cert.step_errors[PAIRED])
+    # the fields of ions 0 and 3 turn: their exchange is now far lower, the others stay above
+    moved = field + rng.normal(0, 0.04, 6)
+    moved[[0, 3]] = [-0.03, 0.03]
+    e1, g1 = energy(moments, moved)[0], minus_grad(moments, moved)
+    gaps = energy(pool, moved) - e1
+    turned = [k for k in exchanges if set(np.flatnonzero(pool[k] != moments)) == {0, 3}]
+    assert gaps[turned[0]] < -0.03 and np.sort(gaps[exchanges])[1] > 0.05
+    first = cert.to_check(g1, energy(cert.anchors, moved) - e1)
+    np.testing.assert_allclose(cert.predicted_gaps(g1)[exchanges], gaps[exchanges], atol=1e-12)
+    assert np.abs(cert.gaps[exchanges] - gaps[exchanges]).max() > 0.1  # keeping the gaps would err by far more
+    evaluated, found = cert.check(first, e1, g1, lambda states: energy(states, moved))
+    assert cert.step_errors[PAIRED] == pytest.approx(0.0, abs=1e-12)
+    named = {tuple(c) for c in evaluated} & {tuple(pool[k]) for k in exchanges}
+    assert tuple(pool[turned[0]]) in named
 
 
 def test_a_move_carries_the_gaps_over_exactly_in_a_pair_landscape():

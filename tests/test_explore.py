@@ -190,14 +190,19 @@ def all_configurations(atoms) -> tuple[list[tuple], np.ndarray]:
     return configs, moments
 
 
-def test_default_spin_md_holds_the_exhaustive_minimum_at_every_step(dps):
+@pytest.mark.parametrize("exchanges", [False, True])
+def test_default_spin_md_holds_the_exhaustive_minimum_at_every_step(dps, exchanges):
     """Default settings (certificate on): along a short 900 K trajectory the moments the calculator
     holds are the exhaustive minimum of the driving model at every step, with no search after the
-    cold one (the competitors find the change of the ground state on the way)."""
-    from spingen.md import SpinModelCalculator, run_md
+    cold one (the competitors find the change of the ground state on the way). The same with the
+    exchanges as two-ion competitors instead of every pair, their gaps following their anchors."""
+    from spingen.md import DEFAULT_CERTIFICATE, SpinModelCalculator, run_md
+    from spingen.spin.certificate import PAIRED
 
     atoms = cell16(seed=4)
-    calc = SpinModelCalculator(dps, MAGNITUDES, encoding=SPIN.encoding, drive=0, spin_opt_freq=1, seed=2)
+    certify = {"pair_limit": 0, "exchange_limit": 100} if exchanges else DEFAULT_CERTIFICATE
+    calc = SpinModelCalculator(dps, MAGNITUDES, encoding=SPIN.encoding, drive=0, spin_opt_freq=1, seed=2,
+                               certify=certify)
     held = []
     run_md(atoms, calc, "nvt", 900, nsteps=12, dt_fs=2.0, trj_freq=1, seed=4,
            observers=[lambda step, a: held.append((a.positions.copy(), a.get_magnetic_moments().copy()))])
@@ -209,10 +214,13 @@ def test_default_spin_md_holds_the_exhaustive_minimum_at_every_step(dps):
         best = int(np.argmin(energies))
         np.testing.assert_allclose(magmoms, moments[best])  # both first-up: the first Ni points up
     assert len(held) == 13 and calc.n_searches == 1  # the cold one
+    assert calc.n_descents >= 1  # the ground state changed on the way, found by the competitors
+    if exchanges:  # their couplings measured and their prediction error with them
+        assert np.isfinite(calc.certificate.step_errors[PAIRED]) and PAIRED in calc.certificate.kinds
+        return
     # each step certified or checked in batches (while a kind's error is unmeasured, its probes first)
     assert 12 <= calc.n_certified + calc.n_references
     assert calc.n_reference_evaluations < 12 * len(calc.competitors(calc.moments)) / 2, calc.n_reference_evaluations
-    assert calc.n_descents >= 1  # the ground state changed on the way, found by the competitors
 
 
 def recording_energy_models(calc) -> list[tuple[list, int]]:
@@ -334,7 +342,7 @@ def test_a_member_held_in_a_local_minimum_descends_from_new_driving_moments(dps,
     start = np.zeros(len(atoms))
     start[atoms.symbols == "Ni"] = driving
     calc = SpinModelCalculator(dps, MAGNITUDES, encoding=SPIN.encoding, drive=0, spin_opt_freq=0, moments=start,
-                               certify={"pair_limit": 0})
+                               certify={"pair_limit": 0, "exchange_limit": 0})
     atoms.calc = calc
     atoms.get_potential_energy()
     member_model, energy_model = TwoBasins(4), calc.energy_model
@@ -811,7 +819,7 @@ def test_explore_settings_defaults(tmp_path):
     assert settings.spin_only_share == 0.5
     assert settings.spin_search == {"max_evaluations": 8}  # unset keys: the search's own defaults
     assert settings.certify == {"margin": 0.002, "max_age": 20, "backstop_age": None, "probes": 4, "search_every": 500,
-                                "pair_limit": 300, "exchange_limit": 0, "remembered_states": 8}
+                                "pair_limit": 300, "exchange_limit": 500, "remembered_states": 8}
     param_path, _ = write_inputs(tmp_path, make_param(tmp_path, model_devi_spin_certify={"enable": False}))
     assert explore_settings(load_param(param_path)).certify is None
     param_path, _ = write_inputs(tmp_path, make_param(tmp_path, model_devi_spin_search={"domain_reversals": False,

@@ -7,7 +7,7 @@ spin forces -dE/dS at the current moments S0.
 The competitors of S0 are every single-ion move to another allowed level, every two-ion move
 (when there are at most pair_limit of them: 135 for 6 ions of 4 levels, 252 for 8; else every
 exchange of two ions' moments, when there are at most exchange_limit of them: at most 351 for 27
-ions; none by default) and the lowest configurations of the last search. An exchange swaps the
+ions) and the lowest configurations of the last search. An exchange swaps the
 moments of two ions with the same allowed values and so keeps the total moment; on a trained LiNiO2
 model with 27 Ni, descents over exchanges from the moments MD held went 10-203 meV per cell lower at
 every sampled step (docs/benchmarks/spin_md.md, "Exchanges"). Each competitor is evaluated exactly at
@@ -34,11 +34,12 @@ A canonical-sign model evaluates each configuration in its gauge (the sign that 
 moment up), so its energy is smooth in the moments only within one gauge sector: a competitor in
 another sector than S0 keeps the gap of its reference (-dE/dS at S0 says nothing of it).
 
-The prediction error is measured for four kinds of competitor apart, since they differ by two
+The prediction error is measured for five kinds of competitor apart, since they differ by two
 orders of magnitude (a trained LiNiO2 model at 900 K: median 0.1 meV per step for magnitude
 changes, 3-10 meV with a reversed ion): those that only change magnitudes (every changed ion keeps
 its sign), a single ion reversed (or leaving or reaching a zero moment), several ions changed of
-which at least one reversed, and those in another gauge sector.
+which at least one reversed, those in another gauge sector, and the exchanges whose gaps follow their
+anchors (below).
 
 The error grows faster than the age while the ions move away from the reference geometry (on that
 trained model the errors of references 21 geometries old reached 3.1 times the allowance the errors
@@ -66,6 +67,16 @@ ion) keeps the gap of the same change made to S0, G_c = G_{c - S1 + S0}: exact w
 do not couple, their coupling being its error, measured apart from the expansion's. Only the rest,
 and the carried ones within the allowance, are evaluated.
 
+Beyond pair_limit, a two-ion competitor c (an exchange) with a reversed ion would keep its gap (its two
+reversed ions' shares drift 8 meV per step in the median, up to 86, on a trained LiNiO2 model with 27 Ni:
+docs/benchmarks/spin_md.md, "Exchanges that follow their anchors"). So its gap is split at its reference
+into the gaps of its two anchors (S0 with one of c's ions changed as in c, in S0's gauge sector, where
+the energy is smooth) and their coupling, E(c) - E(S0) = A_i + A_j + J_c. The anchors are evaluated at
+every geometry (2 per reversed ion at most), and c's gap is predicted from them and its coupling kept
+(kind PAIRED): exact in a landscape of on-site and pair energies, where J_c depends on the two ions alone;
+on that model the couplings moved 0.06 meV per step in the median, 6 at most. A move that leaves c's
+ions alone carries their coupling over.
+
 The moments of a near-degenerate landscape go back and forth between a few states. The certificate
 remembers the references of the last states it left (remembered_states): back at one of them, its
 competitors take their remembered references, aged by the geometries since, where those allow less
@@ -86,7 +97,8 @@ SAME_ENERGY = 1e-6  # eV: a competitor lower than the current moments by less is
 ERROR_MEMORY = 0.9  # a measured error is kept as the running maximum, decayed by this at each later geometry
 # (0.7 forgot too fast once the reversals keep their gaps: a two-ion competitor erred by 6.7 meV per step
 # where the decayed maximum said 1.3, and a change of the ground state was missed)
-MAGNITUDES, REVERSALS, SEVERAL_REVERSED, OTHER_SECTOR = range(4)  # competitor kinds, each with its own error
+MAGNITUDES, REVERSALS, SEVERAL_REVERSED, OTHER_SECTOR, PAIRED = range(5)  # competitor kinds, each with its own error
+N_KINDS = 5
 EVALUATED, EXPANDED, UNTOUCHED = range(3)  # how a gap was last set: evaluated, or carried over a move (move_to)
 
 
@@ -100,7 +112,8 @@ class CertificateSettings:
     backstop_age: int | None = None  # and no reference is trusted beyond this many geometries (None: 5 x max_age)
     search_every: int = 500  # and run a full warm search at least this often (moves of several ions)
     pair_limit: int = 300  # two-ion moves are competitors too when a configuration has at most this many
-    exchange_limit: int = 0  # else exchanges of two ions' moments, when a configuration has at most this many
+    exchange_limit: int = 500  # else exchanges of two ions' moments, when a configuration has at most this many
+    # (27 ions: at most 351; their gaps follow their anchors, evaluated at every geometry)
     safety: float = 2.0  # times the measured prediction error per step, times the age
     probes: int = 4  # a kind whose error is not measured: this many nearest and most changed evaluated first (0: all)
     remembered_states: int = 8  # the references of this many states left last are kept for a return
@@ -203,13 +216,18 @@ class GroundStateCertificate:
         self.ages = np.empty(0, dtype=int)  # geometries since each competitor's reference
         self.slack = np.empty(0)  # eV: the allowance of a gap carried over from the previous moments (move_to)
         self.carried = np.empty(0, dtype=int)  # EVALUATED, or how the gap was carried (EXPANDED, UNTOUCHED)
-        self.step_errors = np.full(4, np.nan)  # measured |predicted - evaluated| gap per geometry by kind, eV
+        self.step_errors = np.full(N_KINDS, np.nan)  # measured |predicted - evaluated| gap per geometry by kind, eV
         self.move_error: float | None = None  # measured |expanded - evaluated| gap after a move, eV
         self.untouched_error: float | None = None  # measured |kept - evaluated| gap of a change the move left alone
-        self.kinds = np.empty(0, dtype=int)  # each competitor's kind (MAGNITUDES, REVERSALS, OTHER_SECTOR)
-        self.way_errors = np.full((4, 2), np.nan)  # error per geometry by kind, [following, keeping] reversals
-        self.old_way_errors = np.full((4, 2), np.nan)  # the same, of references older than max_age
-        self.follow = np.ones(4, dtype=bool)  # by kind: reversed ions' shares follow the change of -dE/dS
+        self.kinds = np.empty(0, dtype=int)  # each competitor's kind (MAGNITUDES, ..., PAIRED)
+        self.way_errors = np.full((N_KINDS, 2), np.nan)  # error per geometry by kind, [following, keeping] reversals
+        self.old_way_errors = np.full((N_KINDS, 2), np.nan)  # the same, of references older than max_age
+        self.follow = np.ones(N_KINDS, dtype=bool)  # by kind: reversed ions' shares follow the change of -dE/dS
+        self.anchors = np.empty((0, levels.n_magnetic))  # S0 with one ion of a two-ion competitor changed
+        self.anchor_of = np.empty((0, 2), dtype=int)  # each competitor's two anchors (-1: none)
+        self.couplings = np.empty(0)  # E(c) - E(S0) minus its anchors' gaps at c's reference (NaN: not known)
+        self.anchor_gaps = np.empty(0)  # the anchors' gaps in S0's gauge sector at the geometry anchors_at
+        self.anchors_at = -1  # the clock of anchor_gaps
         self.clock = 0  # geometries seen (tick)
         self._sampled_at: dict = {}  # error (kind or name) -> the clock of its last sample (decayed once per geometry)
         self.memory: dict[bytes, _Remembered] = {}  # the references of the states left last, oldest first
@@ -227,19 +245,78 @@ class GroundStateCertificate:
         follow = self.follow[kinds] if follow_reversals is None else np.full(len(kinds), follow_reversals)
         shares = (np.asarray(minus_grad, dtype=float) - self.minus_grads[indices]) * (competitors - self.moments)
         shares = np.where(follow[:, None] | (np.sign(competitors) == np.sign(self.moments)), shares, 0.0)
-        return self.gaps[indices] - np.where(kinds != OTHER_SECTOR, shares.sum(axis=1), 0.0)
+        gaps = self.gaps[indices] - np.where(kinds != OTHER_SECTOR, shares.sum(axis=1), 0.0)
+        return np.where(kinds == PAIRED, self._paired_gaps(indices), gaps)
+
+    def _paired_gaps(self, indices: np.ndarray | slice) -> np.ndarray:
+        """Of competitors[indices]: the gaps of their two anchors at this geometry plus their coupling (NaN
+        where the anchors were not evaluated here or the coupling is not known)."""
+        return self._anchor_sums(indices) + self.couplings[indices]
+
+    def _anchor_sums(self, indices: np.ndarray | slice) -> np.ndarray:
+        """Of competitors[indices]: the sum of their two anchors' gaps at this geometry (NaN: none here)."""
+        anchor_of = self.anchor_of[indices]
+        if self.anchors_at != self.clock or not len(self.anchors):
+            return np.full(len(anchor_of), np.nan)
+        return np.where(anchor_of >= 0, self.anchor_gaps[np.maximum(anchor_of, 0)], np.nan).sum(axis=1)
+
+    def anchors_of(self, moments: np.ndarray, competitors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(the anchors, each competitor's two rows of them, -1 for none): for a competitor c of `moments` S0
+        that changes two ions i, j of which at least one reverses, within S0's gauge sector, the states of S0
+        with i, and with j, changed as in c. Without two-ion moves of every ion pair (pair_limit), none."""
+        competitors = np.asarray(competitors, dtype=float).reshape(-1, self.levels.n_magnetic)
+        anchor_of = np.full((len(competitors), 2), -1)
+        if 0 < n_pair_moves(self.levels) <= self.settings.pair_limit or not len(competitors):
+            return np.empty((0, self.levels.n_magnetic)), anchor_of
+        moments = np.asarray(moments, dtype=float)
+        changed = np.abs(competitors - moments) > 1e-9
+        reversed_ = changed & (np.sign(competitors) != np.sign(moments))
+        chosen = (changed.sum(axis=1) == 2) & reversed_.any(axis=1) \
+            & (self.sectors(competitors) == self.sectors(moments)[0])
+        found: dict[bytes, int] = {}
+        states = []
+        for c in np.flatnonzero(chosen):
+            for end, ion in enumerate(np.flatnonzero(changed[c])):
+                state = moments.copy()
+                state[ion] = competitors[c, ion]
+                key = self._key(state)
+                if key not in found:
+                    found[key] = len(states)
+                    states.append(state)
+                anchor_of[c, end] = found[key]
+        return (np.array(states) if states else np.empty((0, self.levels.n_magnetic))), anchor_of
+
+    def _take_anchors(self, anchor_gaps: np.ndarray | None) -> None:
+        """The held moments' anchors' gaps at this geometry (None: not evaluated here)."""
+        if anchor_gaps is None:
+            return
+        anchor_gaps = np.asarray(anchor_gaps, dtype=float).reshape(-1)
+        if len(anchor_gaps) != len(self.anchors):
+            raise ValueError(f"{len(self.anchors)} anchor gaps expected, got {len(anchor_gaps)}")
+        self.anchor_gaps, self.anchors_at = anchor_gaps, self.clock
+
+    def _set_competitors(self, moments: np.ndarray, competitors: np.ndarray) -> None:
+        """Hold `moments` with these competitors: their kinds and anchors (no coupling known yet)."""
+        self.moments = np.asarray(moments, dtype=float).copy()
+        self.competitors = np.array(competitors, dtype=float).reshape(-1, self.levels.n_magnetic)
+        self.kinds = self.kinds_of(self.competitors)
+        self.anchors, self.anchor_of = self.anchors_of(self.moments, self.competitors)
+        self.couplings = np.full(len(self.competitors), np.nan)
+        self.anchor_gaps, self.anchors_at = np.full(len(self.anchors), np.nan), -1
 
     def tick(self) -> None:
         """A new geometry: every competitor's reference, and every remembered one, is one geometry older."""
         self.ages += 1
         self.clock += 1
 
-    def to_check(self, minus_grad: np.ndarray) -> np.ndarray:
+    def to_check(self, minus_grad: np.ndarray, anchor_gaps: np.ndarray | None = None) -> np.ndarray:
         """At a new geometry (ticks): the indices of the competitors that must be evaluated, those predicted
         within margin + safety x error per step x age, or older than trusted_age (of a kind whose error is not
         measured yet, its probes: still_to_check names the rest). Empty: S0 is certified lowest here without an
-        evaluation."""
+        evaluation. anchor_gaps: E - E(S0) of `anchors` in S0's gauge sector at this geometry (without them
+        the PAIRED competitors are evaluated)."""
         self.tick()
+        self._take_anchors(anchor_gaps)
         return self._within_allowance(self.predicted_gaps(minus_grad))
 
     def still_to_check(self, minus_grad: np.ndarray) -> np.ndarray:
@@ -322,7 +399,7 @@ class GroundStateCertificate:
         return self._kinds_way(self.old_way_errors)
 
     def _kinds_way(self, way_errors: np.ndarray) -> np.ndarray:
-        """By kind: the column of way_errors (4, [following, keeping]) for the way each kind uses now."""
+        """By kind: the column of way_errors (N_KINDS, [following, keeping]) for the way each kind uses now."""
         return np.where(self.follow, way_errors[:, 0], way_errors[:, 1])
 
     def update(self, indices: np.ndarray, energy: float, minus_grad: np.ndarray, energies: np.ndarray) -> None:
@@ -355,6 +432,11 @@ class GroundStateCertificate:
                 self.step_errors[kind] = self.way_errors[kind, 0 if self.follow[kind] else 1]
         self.gaps[indices], self.minus_grads[indices], self.ages[indices] = gaps, minus_grad, 0
         self.slack[indices], self.carried[indices] = 0.0, EVALUATED
+        if self.anchors_at == self.clock:  # the anchors were evaluated here: the couplings are measured
+            couplings = gaps - self._anchor_sums(indices)
+            known = np.isfinite(couplings)
+            self.couplings[indices[known]] = couplings[known]
+            self.kinds[indices[known]] = PAIRED
 
     def _first_sample(self, error) -> bool:
         """Whether `error` (a kind, or move_error / untouched_error) takes its first sample at this geometry."""
@@ -374,18 +456,23 @@ class GroundStateCertificate:
             setattr(self, name, max(errors) if errors else None)
 
     def set_reference(self, moments: np.ndarray, energy: float, minus_grad: np.ndarray,
-                      competitors: np.ndarray, competitor_energies: np.ndarray) -> None:
+                      competitors: np.ndarray, competitor_energies: np.ndarray,
+                      anchor_gaps: np.ndarray | None = None) -> None:
         """A new S0 with every competitor evaluated at this geometry (the measured error is kept; the old S0's
-        references are remembered)."""
+        references are remembered). anchor_gaps: of anchors_of(moments, competitors) in S0's gauge sector
+        here (their couplings are then known)."""
         self._remember()
-        self.moments = np.asarray(moments, dtype=float).copy()
-        self.competitors = np.array(competitors, dtype=float).reshape(-1, self.levels.n_magnetic)
+        self._set_competitors(moments, competitors)
         self.gaps = np.asarray(competitor_energies, dtype=float) - float(energy)
         self.minus_grads = np.tile(np.asarray(minus_grad, dtype=float), (len(self.competitors), 1))
         self.ages = np.zeros(len(self.competitors), dtype=int)
         self.slack = np.zeros(len(self.competitors))
         self.carried = np.full(len(self.competitors), EVALUATED)
-        self.kinds = self.kinds_of(self.competitors)
+        self._take_anchors(anchor_gaps)
+        if self.anchors_at == self.clock:
+            couplings = self.gaps - self._anchor_sums(slice(None))
+            known = np.isfinite(couplings)
+            self.couplings[known], self.kinds[known] = couplings[known], PAIRED
 
     def kinds_of(self, competitors: np.ndarray) -> np.ndarray:
         """The kind of each competitor of the held moments (MAGNITUDES, REVERSALS, SEVERAL_REVERSED or
@@ -403,7 +490,7 @@ class GroundStateCertificate:
         return np.ones(len(states)) if self.gauge is None else np.asarray(self.gauge(states), dtype=float)
 
     def move_to(self, moments: np.ndarray, competitors: np.ndarray, minus_grad_before: np.ndarray,
-                minus_grad: np.ndarray, symmetric: bool) -> np.ndarray:
+                minus_grad: np.ndarray, symmetric: bool, anchor_gaps: np.ndarray | None = None) -> np.ndarray:
         """The held moments move from S0 to `moments`, a competitor of S0 evaluated at this geometry (where
         -dE/dS is minus_grad_before at S0 and minus_grad at `moments`). The new `competitors` take the gaps
         S0's single- and two-ion moves predict here, without an evaluation: a state c that differs from S0
@@ -419,7 +506,8 @@ class GroundStateCertificate:
         instead where that allows less. symmetric: E(-S) = E(S) (a state stands for its reverse too).
         Returns the indices of the new competitors to evaluate now: those within the allowance, those no
         gaps of S0 speak for, and every one of more than two ions until a move error was measured (of a
-        kind whose error is not measured: its probes; `check` names the rest)."""
+        kind whose error is not measured: its probes; `check` names the rest). anchor_gaps: of
+        anchors_of(moments, competitors) here (the couplings of those evaluated now are then measured)."""
         self._remember()
         old = self.moments
         states = np.concatenate([old[None], self.competitors])
@@ -434,15 +522,37 @@ class GroundStateCertificate:
         estimates = [self._cluster_gap(c, old, known, symmetric) for c in competitors]
         estimates = [e if np.isfinite(e[0]) else self._untouched_gap(c, old, moments, moved, known, symmetric)
                      for c, e in zip(competitors, estimates)]
-        self.moments, self.competitors = moments.copy(), competitors
+        couplings = ({self._key(c): i for i, c in enumerate(self.competitors)}, self.couplings, self.ages)
+        self._set_competitors(moments, competitors)
+        self._take_anchors(anchor_gaps)
         self.gaps = np.array([e[0] for e in estimates], dtype=float) - moved[0]
         self.ages = np.array([e[1] for e in estimates], dtype=int)
         self.slack = np.array([e[2] for e in estimates], dtype=float)
         self.carried = np.array([e[3] for e in estimates], dtype=int)
-        self.kinds = self.kinds_of(competitors)
         self.minus_grads = np.tile(np.asarray(minus_grad, dtype=float), (len(competitors), 1))
         self._recall()
+        self._carry_couplings(old, *couplings, symmetric)
         return self._within_allowance(self.predicted_gaps(minus_grad))
+
+    def _carry_couplings(self, old: np.ndarray, index: dict, couplings: np.ndarray, ages: np.ndarray,
+                         symmetric: bool) -> None:
+        """After a move from `old` (whose competitor keys, couplings and ages are given): a two-ion competitor
+        whose ions the move left alone takes the coupling measured for the same change of `old` and its age
+        (exact in a landscape of on-site and pair energies, where it depends on those two ions alone)."""
+        base = -old if symmetric and np.abs(self.moments + old).sum() < np.abs(self.moments - old).sum() else old
+        if self.sectors(base)[0] != self.sectors(self.moments)[0]:
+            return
+        untouched = np.abs(self.moments - base) <= 1e-9
+        for c in np.flatnonzero(self.anchor_of[:, 0] >= 0):
+            ions = np.flatnonzero(np.abs(self.competitors[c] - self.moments) > 1e-9)
+            if not untouched[ions].all():
+                continue
+            shifted = base.copy()
+            shifted[ions] = self.competitors[c, ions]
+            k = index.get(self._key(shifted if base is old else -shifted))
+            if k is not None and np.isfinite(couplings[k]):
+                self.couplings[c], self.kinds[c], self.ages[c] = couplings[k], PAIRED, ages[k]
+                self.slack[c], self.carried[c] = 0.0, EVALUATED
 
     def _remember(self) -> None:
         """Keep the held moments' references (the oldest remembered state is forgotten beyond the limit)."""
