@@ -211,7 +211,7 @@ class SpinModelCalculator(Calculator):
         held = cert.holds_for(before)
         if held and len(cert.anchors):  # the exchanges' gaps follow their anchors' gaps at this geometry
             self._step_model = self._held_model(atoms)
-            indices = cert.to_check(minus_grad, self._anchor_gaps(cert.anchors, energy))
+            indices = cert.to_check(minus_grad, self._anchor_gaps(cert.anchors))
         else:
             indices = cert.to_check(minus_grad) if held else None
         if indices is None:
@@ -227,7 +227,7 @@ class SpinModelCalculator(Calculator):
             pool = self.competitors(before)
             energies = self._energies(self._step_model, pool)
             anchors = cert.anchors_of(before, pool)[0]
-            cert.set_reference(before, energy, minus_grad, pool, energies, self._anchor_gaps(anchors, energy))
+            cert.set_reference(before, energy, minus_grad, pool, energies, self._anchor_gaps(anchors))
         else:
             pool, energies = cert.check(indices, energy, minus_grad, self._step_energies)
         lower = bool(len(energies)) and energies.min() < energy - SAME_ENERGY
@@ -256,7 +256,7 @@ class SpinModelCalculator(Calculator):
             began = time.perf_counter()
             energy, minus_grad = self.results["energy"], self.minus_spin_grad
             pool = self.competitors(self.moments)
-            anchor_gaps = self._anchor_gaps(cert.anchors_of(self.moments, pool)[0], energy)
+            anchor_gaps = self._anchor_gaps(cert.anchors_of(self.moments, pool)[0])
             indices = cert.move_to(self.moments, pool, self._moved_from, minus_grad, self.reversal_symmetric,
                                    anchor_gaps)
             self._moved_from = None
@@ -295,18 +295,25 @@ class SpinModelCalculator(Calculator):
         self.keep_fast_verdicts(model)
         return energies
 
-    def _anchor_gaps(self, anchors: np.ndarray, energy: float) -> np.ndarray | None:
-        """E - E(S0) of the certificate's anchors of the held moments S0 in S0's gauge sector at the geometry
-        being re-optimized (one energy-only batch, S0 first: the configuration the others differ from by one
-        ion); None without anchors."""
+    def _anchor_gaps(self, anchors: np.ndarray) -> np.ndarray | None:
+        """The anchor gaps of the held moments at the geometry being re-optimized (``anchor_gaps``)."""
         if not len(anchors):
             return None
-        sign = 1.0 if self._gauge is None else float(self._gauge(self.moments[None])[0])
         self.n_references += 1
         self.n_reference_evaluations += len(anchors)
         model = SymmetrizedModel(self._step_model) if self.symmetrize else self._step_model
-        energies = model.sector_energies(np.concatenate([self.moments[None], anchors]), sign)
+        gaps = self.anchor_gaps(model, self.moments, anchors)
         self.keep_fast_verdicts(self._step_model)
+        return gaps
+
+    def anchor_gaps(self, model, moments: np.ndarray, anchors: np.ndarray) -> np.ndarray | None:
+        """E - E(S0) of a certificate's anchors of moments S0 in S0's gauge sector under an energy model of one
+        geometry (one energy-only batch, S0 first: the configuration they differ from by one ion); None without
+        anchors."""
+        if not len(anchors):
+            return None
+        sign = 1.0 if self._gauge is None else float(self._gauge(np.asarray(moments, dtype=float)[None])[0])
+        energies = model.sector_energies(np.concatenate([np.asarray(moments, dtype=float)[None], anchors]), sign)
         return energies[1:] - energies[0]
 
     def lowest_states(self) -> list[np.ndarray]:

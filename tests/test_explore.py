@@ -281,16 +281,21 @@ def test_members_check_the_driving_states_and_go_downhill_only_when_they_disagre
     assert [models for models, n in made if n] == [[dps[0]], [dps[1]]]
 
 
-def test_member_states_follow_the_trajectory_certified_frame_to_frame(dps):
+@pytest.mark.parametrize("exchanges", [False, True])
+def test_member_states_follow_the_trajectory_certified_frame_to_frame(dps, exchanges):
     """An explore task's members keep their own states from frame to frame: at every frame of a 900 K
     trajectory each member's state is below every competitor under that member (none missed by its
     certificate) and not above the driving moments, and after the first frame a member evaluates fewer
-    configurations than one check of every competitor."""
-    from spingen.md import SpinModelCalculator, run_md
+    configurations than one check of every competitor. The same states with the exchanges as the two-ion
+    competitors, their gaps following their anchors under each member."""
+    from spingen.md import DEFAULT_CERTIFICATE, SpinModelCalculator, run_md
+    from spingen.spin.certificate import PAIRED
     from spingen.tasks.explore import MemberStates, spin_disagreement
 
     atoms = cell16(seed=4)
-    calc = SpinModelCalculator(dps, MAGNITUDES, encoding=SPIN.encoding, drive=0, spin_opt_freq=1, seed=2)
+    certify = {"pair_limit": 0, "exchange_limit": 100} if exchanges else DEFAULT_CERTIFICATE
+    calc = SpinModelCalculator(dps, MAGNITUDES, encoding=SPIN.encoding, drive=0, spin_opt_freq=1, seed=2,
+                               certify=certify)
     members = MemberStates(calc)
     made = recording_energy_models(calc)
     frames = []
@@ -312,7 +317,9 @@ def test_member_states_follow_the_trajectory_certified_frame_to_frame(dps):
             assert energies[0] <= energies[1:].min() + 1e-5, (k, energies[0] - energies[1:].min())
     evaluated = [n for *_, n in frames]
     assert len(frames) == 7 and evaluated[0] >= pool_size
-    assert np.mean(evaluated[1:]) < pool_size, evaluated
+    assert np.isfinite(members.certificates[1].step_errors[PAIRED]) == exchanges  # couplings measured, then checked
+    if not exchanges:  # (4 Ni: as many anchors as exchanges, so no saving to assert there)
+        assert np.mean(evaluated[1:]) < pool_size, evaluated
 
 
 def test_a_member_held_in_a_local_minimum_descends_from_new_driving_moments(dps, monkeypatch):

@@ -295,6 +295,12 @@ class GroundStateCertificate:
             raise ValueError(f"{len(self.anchors)} anchor gaps expected, got {len(anchor_gaps)}")
         self.anchor_gaps, self.anchors_at = anchor_gaps, self.clock
 
+    def _check_anchor_count(self, moments: np.ndarray, competitors: np.ndarray, anchor_gaps: np.ndarray | None) -> None:
+        """Refuse anchor gaps that are not one per anchor of these moments and competitors (before any change)."""
+        if anchor_gaps is not None and np.size(anchor_gaps) != len(self.anchors_of(moments, competitors)[0]):
+            raise ValueError(f"{len(self.anchors_of(moments, competitors)[0])} anchor gaps expected, "
+                             f"got {np.size(anchor_gaps)}")
+
     def _set_competitors(self, moments: np.ndarray, competitors: np.ndarray) -> None:
         """Hold `moments` with these competitors: their kinds and anchors (no coupling known yet)."""
         self.moments = np.asarray(moments, dtype=float).copy()
@@ -432,11 +438,13 @@ class GroundStateCertificate:
                 self.step_errors[kind] = self.way_errors[kind, 0 if self.follow[kind] else 1]
         self.gaps[indices], self.minus_grads[indices], self.ages[indices] = gaps, minus_grad, 0
         self.slack[indices], self.carried[indices] = 0.0, EVALUATED
-        if self.anchors_at == self.clock:  # the anchors were evaluated here: the couplings are measured
-            couplings = gaps - self._anchor_sums(indices)
-            known = np.isfinite(couplings)
-            self.couplings[indices[known]] = couplings[known]
-            self.kinds[indices[known]] = PAIRED
+        indices = np.asarray(indices)
+        couplings = gaps - self._anchor_sums(indices)  # NaN unless the anchors were evaluated here
+        known = np.isfinite(couplings)
+        self.couplings[indices] = couplings
+        self.kinds[indices[known]] = PAIRED
+        lost = indices[~known & (self.kinds[indices] == PAIRED)]  # evaluated without their anchors: kept gaps now
+        self.kinds[lost] = self.kinds_of(self.competitors[lost]) if len(lost) else self.kinds[lost]
 
     def _first_sample(self, error) -> bool:
         """Whether `error` (a kind, or move_error / untouched_error) takes its first sample at this geometry."""
@@ -461,6 +469,7 @@ class GroundStateCertificate:
         """A new S0 with every competitor evaluated at this geometry (the measured error is kept; the old S0's
         references are remembered). anchor_gaps: of anchors_of(moments, competitors) in S0's gauge sector
         here (their couplings are then known)."""
+        self._check_anchor_count(moments, competitors, anchor_gaps)
         self._remember()
         self._set_competitors(moments, competitors)
         self.gaps = np.asarray(competitor_energies, dtype=float) - float(energy)
@@ -523,6 +532,7 @@ class GroundStateCertificate:
         estimates = [e if np.isfinite(e[0]) else self._untouched_gap(c, old, moments, moved, known, symmetric)
                      for c, e in zip(competitors, estimates)]
         couplings = ({self._key(c): i for i, c in enumerate(self.competitors)}, self.couplings, self.ages)
+        self._check_anchor_count(moments, competitors, anchor_gaps)
         self._set_competitors(moments, competitors)
         self._take_anchors(anchor_gaps)
         self.gaps = np.array([e[0] for e in estimates], dtype=float) - moved[0]
@@ -538,7 +548,8 @@ class GroundStateCertificate:
                          symmetric: bool) -> None:
         """After a move from `old` (whose competitor keys, couplings and ages are given): a two-ion competitor
         whose ions the move left alone takes the coupling measured for the same change of `old` and its age
-        (exact in a landscape of on-site and pair energies, where it depends on those two ions alone)."""
+        (exact in a landscape of on-site and pair energies, where it depends on those two ions alone), the
+        measured untouched error added to its allowance (inf until measured)."""
         base = -old if symmetric and np.abs(self.moments + old).sum() < np.abs(self.moments - old).sum() else old
         if self.sectors(base)[0] != self.sectors(self.moments)[0]:
             return
@@ -550,9 +561,10 @@ class GroundStateCertificate:
             shifted = base.copy()
             shifted[ions] = self.competitors[c, ions]
             k = index.get(self._key(shifted if base is old else -shifted))
-            if k is not None and np.isfinite(couplings[k]):
+            if k is not None and np.isfinite(couplings[k]):  # the move's coupling to them is its error
                 self.couplings[c], self.kinds[c], self.ages[c] = couplings[k], PAIRED, ages[k]
-                self.slack[c], self.carried[c] = 0.0, EVALUATED
+                self.slack[c] = np.inf if self.untouched_error is None else self.untouched_error
+                self.carried[c] = UNTOUCHED
 
     def _remember(self) -> None:
         """Keep the held moments' references (the oldest remembered state is forgotten beyond the limit)."""

@@ -226,8 +226,8 @@ class MemberStates:
         """(energy, state, cert) at the end of member k's certified descent from start (energy, -dE/dS
         there); NaN energy where a member's energies are not finite."""
         calc, levels, model = self.calc, self.calc.levels, self.models[k]
-        if cert.holds_for(start):
-            indices = cert.to_check(minus_grad)
+        if cert.holds_for(start):  # the exchanges' gaps follow their anchors' (spingen.spin.certificate)
+            indices = cert.to_check(minus_grad, calc.anchor_gaps(model, start, cert.anchors))
         else:
             cert.tick()
             indices = None
@@ -240,14 +240,16 @@ class MemberStates:
             if not (np.isfinite(energy) and np.all(np.isfinite(pool_energies))):
                 return float("nan"), start, cert
             if indices is None:
-                cert.set_reference(start, energy, minus_grad, pool, pool_energies)
+                anchors = cert.anchors_of(start, pool)[0]
+                cert.set_reference(start, energy, minus_grad, pool, pool_energies, calc.anchor_gaps(model, start, anchors))
             if not (len(pool) and pool_energies.min() < energy - SAME_ENERGY):
                 return energy, start, cert
             moved_from = minus_grad  # downhill: the lower state's competitors take the gaps carried over
             start = levels.to_moments(levels.first_up(levels.to_indices(pool[np.argmin(pool_energies)], snap=True)))[0]
             energy, minus_grad = (v[0] for v in model.evaluate(start[None], gradient=True))
-            indices = cert.move_to(start, calc.competitors(start), moved_from, minus_grad,
-                                   calc.reversal_symmetric)
+            pool = calc.competitors(start)
+            indices = cert.move_to(start, pool, moved_from, minus_grad, calc.reversal_symmetric,
+                                   calc.anchor_gaps(model, start, cert.anchors_of(start, pool)[0]))
         cert.release()  # still moving: the next frame evaluates every competitor
         return float(energy), start, cert
 
