@@ -99,7 +99,9 @@ ERROR_MEMORY = 0.9  # a measured error is kept as the running maximum, decayed b
 # where the decayed maximum said 1.3, and a change of the ground state was missed)
 MAGNITUDES, REVERSALS, SEVERAL_REVERSED, OTHER_SECTOR, PAIRED = range(5)  # competitor kinds, each with its own error
 N_KINDS = 5
-EVALUATED, EXPANDED, UNTOUCHED = range(3)  # how a gap was last set: evaluated, or carried over a move (move_to)
+EVALUATED, COUPLED, EXPANDED, UNTOUCHED = range(4)  # how a gap was last set: evaluated, or carried over a move
+# (move_to: a PAIRED competitor's coupling carried, expanded, or kept for an untouched change; an expansion is
+# labelled by the last of these among the gaps it uses)
 
 
 @dataclass(frozen=True)
@@ -215,10 +217,11 @@ class GroundStateCertificate:
         self.minus_grads = np.empty((0, levels.n_magnetic))  # -dE/dS at S0 at each competitor's reference
         self.ages = np.empty(0, dtype=int)  # geometries since each competitor's reference
         self.slack = np.empty(0)  # eV: the allowance of a gap carried over from the previous moments (move_to)
-        self.carried = np.empty(0, dtype=int)  # EVALUATED, or how the gap was carried (EXPANDED, UNTOUCHED)
+        self.carried = np.empty(0, dtype=int)  # EVALUATED, or how the gap was carried (COUPLED, EXPANDED, UNTOUCHED)
         self.step_errors = np.full(N_KINDS, np.nan)  # measured |predicted - evaluated| gap per geometry by kind, eV
         self.move_error: float | None = None  # measured |expanded - evaluated| gap after a move, eV
         self.untouched_error: float | None = None  # measured |kept - evaluated| gap of a change the move left alone
+        self.coupling_error: float | None = None  # measured |predicted - evaluated| gap with a carried coupling
         self.kinds = np.empty(0, dtype=int)  # each competitor's kind (MAGNITUDES, ..., PAIRED)
         self.way_errors = np.full((N_KINDS, 2), np.nan)  # error per geometry by kind, [following, keeping] reversals
         self.old_way_errors = np.full((N_KINDS, 2), np.nan)  # the same, of references older than max_age
@@ -417,7 +420,7 @@ class GroundStateCertificate:
         errors = np.abs(self.predicted_gaps(minus_grad, indices) - gaps)
         how = self.carried[indices]
         carried = how != EVALUATED  # gaps carried over by a move: their error is the move's
-        for way, name in ((EXPANDED, "move_error"), (UNTOUCHED, "untouched_error")):
+        for way, name in ((EXPANDED, "move_error"), (UNTOUCHED, "untouched_error"), (COUPLED, "coupling_error")):
             measured = (how == way) & np.isfinite(errors)
             if measured.any():
                 kept = (getattr(self, name) or 0.0) * (ERROR_MEMORY if self._first_sample(name) else 1.0)
@@ -447,7 +450,7 @@ class GroundStateCertificate:
         self.kinds[lost] = self.kinds_of(self.competitors[lost]) if len(lost) else self.kinds[lost]
 
     def _first_sample(self, error) -> bool:
-        """Whether `error` (a kind, or move_error / untouched_error) takes its first sample at this geometry."""
+        """Whether `error` (a kind, or move_error / untouched_error / coupling_error) takes its first sample here."""
         first = self._sampled_at.get(error) != self.clock
         self._sampled_at[error] = self.clock
         return first
@@ -459,7 +462,7 @@ class GroundStateCertificate:
         self.old_way_errors = np.fmax(self.old_way_errors, other.old_way_errors)
         self.follow = ~(self.way_errors[:, 1] < self.way_errors[:, 0])
         self.step_errors = self._kinds_way(self.way_errors)
-        for name in ("move_error", "untouched_error"):
+        for name in ("move_error", "untouched_error", "coupling_error"):
             errors = [e for e in (getattr(self, name), getattr(other, name)) if e is not None]
             setattr(self, name, max(errors) if errors else None)
 
@@ -549,7 +552,7 @@ class GroundStateCertificate:
         """After a move from `old` (whose competitor keys, couplings and ages are given): a two-ion competitor
         whose ions the move left alone takes the coupling measured for the same change of `old` and its age
         (exact in a landscape of on-site and pair energies, where it depends on those two ions alone), the
-        measured untouched error added to its allowance (inf until measured)."""
+        error measured on such carried couplings added to its allowance (inf until measured)."""
         base = -old if symmetric and np.abs(self.moments + old).sum() < np.abs(self.moments - old).sum() else old
         if self.sectors(base)[0] != self.sectors(self.moments)[0]:
             return
@@ -563,8 +566,8 @@ class GroundStateCertificate:
             k = index.get(self._key(shifted if base is old else -shifted))
             if k is not None and np.isfinite(couplings[k]):  # the move's coupling to them is its error
                 self.couplings[c], self.kinds[c], self.ages[c] = couplings[k], PAIRED, ages[k]
-                self.slack[c] = np.inf if self.untouched_error is None else self.untouched_error
-                self.carried[c] = UNTOUCHED
+                self.slack[c] = np.inf if self.coupling_error is None else self.coupling_error
+                self.carried[c] = COUPLED
 
     def _remember(self) -> None:
         """Keep the held moments' references (the oldest remembered state is forgotten beyond the limit)."""
