@@ -441,7 +441,12 @@ class DeepmdSpinModel(EnergyModel):
         from the start, instead of growing (and re-summing what no moment moves) batch after batch."""
         full = self.full_moments(np.asarray(moments, dtype=float))
         full = np.concatenate([full, -full]) if self.encoding.canonical else full
-        self._expected = self.encoding.to_deepmd(full, self.symbols, gauged=False)
+        self._cover(self.encoding.to_deepmd(full, self.symbols, gauged=False))
+
+    def _cover(self, spin: np.ndarray) -> None:
+        """Widen the expected range by these spin vectors (n, natoms, 3) and grow every fixed-geometry path's
+        neighbour data to it (once, not per batch)."""
+        self._expected = _span(np.concatenate([spin] + ([] if self._expected is None else [self._expected])))
         for fixed in self._fixed:
             if fixed is not None:
                 fixed.cover(self._expected)
@@ -476,10 +481,7 @@ class DeepmdSpinModel(EnergyModel):
         parts = [self.full_moments(moments[start: start + step]) for start in range(0, n, step)]
         spins = [self.encoding.to_deepmd(full, self.symbols, gauged) for full in parts]
         if spins:  # the batch's whole range at once: the neighbour data grow once, not per part
-            self._expected = _span(np.concatenate(spins + ([] if self._expected is None else [self._expected])))
-            for fixed in self._fixed:
-                if fixed is not None:
-                    fixed.cover(self._expected)
+            self._cover(np.concatenate(spins))
         with torch.jit.optimized_execution(self.optimize_jit):
             for start, full, spin in zip(range(0, n, step), parts, spins):
                 part = moments[start: start + step]
@@ -737,13 +739,15 @@ class _FixedGeometry:
     def _nearest(self, spin: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """For frames (nf, natoms, 3): the base that changes the fewest centres, and whether that is at most
         LOCAL_SHARE of them."""
-        counts = []
-        for base_spin, _ in self.bases:
-            moved = np.any(spin != base_spin[None], axis=2)  # (nf, natoms)
-            counts.append(((moved.astype(np.int64) @ self.touch.astype(np.int64)) > 0).sum(axis=1))
-        counts = np.array(counts)
+        counts = np.array([self._changed(spin, base_spin).sum(axis=1) for base_spin, _ in self.bases])
         nearest = np.argmin(counts, axis=0)
         return nearest, counts[nearest, np.arange(len(spin))] <= LOCAL_SHARE * self.touch.shape[1]
+
+    def _changed(self, spin: np.ndarray, base_spin: np.ndarray) -> np.ndarray:
+        """(nf, centres): the centres whose candidate neighbours hold a virtual atom that moves from base_spin
+        (natoms, 3) to each frame of spin (nf, natoms, 3)."""
+        moved = np.any(spin != base_spin[None], axis=2)  # (nf, natoms)
+        return (moved.astype(np.int64) @ self.touch.astype(np.int64)) > 0
 
     def _every_centre(self, spin: np.ndarray, gradient: bool, keep: bool = False
                       ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -770,8 +774,7 @@ class _FixedGeometry:
         torch = self.torch
         base_spin, base_atomic = base
         nf = len(spin)
-        moved = np.any(spin != base_spin[None], axis=2)  # (nf, natoms)
-        changed = (moved.astype(np.int64) @ self.touch.astype(np.int64)) > 0  # (nf, centres)
+        changed = self._changed(spin, base_spin)
         width = int(changed.sum(axis=1).max())
         if width == 0:
             return np.full(nf, base_atomic.sum())

@@ -298,20 +298,32 @@ class GroundStateCertificate:
             raise ValueError(f"{len(self.anchors)} anchor gaps expected, got {len(anchor_gaps)}")
         self.anchor_gaps, self.anchors_at = anchor_gaps, self.clock
 
-    def _check_anchor_count(self, moments: np.ndarray, competitors: np.ndarray, anchor_gaps: np.ndarray | None) -> None:
-        """Refuse anchor gaps that are not one per anchor of these moments and competitors (before any change)."""
-        if anchor_gaps is not None and np.size(anchor_gaps) != len(self.anchors_of(moments, competitors)[0]):
-            raise ValueError(f"{len(self.anchors_of(moments, competitors)[0])} anchor gaps expected, "
-                             f"got {np.size(anchor_gaps)}")
+    def _set_competitors(self, moments: np.ndarray, competitors: np.ndarray, anchor_gaps: np.ndarray | None) -> None:
+        """Hold `moments` with these competitors: their kinds and anchors (no coupling known yet) and the anchors'
+        gaps here (anchor_gaps; None: not evaluated here). A wrong count of anchor gaps is refused before any
+        change."""
+        moments = np.asarray(moments, dtype=float).copy()
+        competitors = np.array(competitors, dtype=float).reshape(-1, self.levels.n_magnetic)
+        anchors, anchor_of = self.anchors_of(moments, competitors)
+        if anchor_gaps is not None and np.size(anchor_gaps) != len(anchors):
+            raise ValueError(f"{len(anchors)} anchor gaps expected, got {np.size(anchor_gaps)}")
+        self.moments, self.competitors, self.anchors, self.anchor_of = moments, competitors, anchors, anchor_of
+        self.kinds = self.kinds_of(competitors)
+        self.couplings = np.full(len(competitors), np.nan)
+        self.anchor_gaps, self.anchors_at = np.full(len(anchors), np.nan), -1
+        self._take_anchors(anchor_gaps)
 
-    def _set_competitors(self, moments: np.ndarray, competitors: np.ndarray) -> None:
-        """Hold `moments` with these competitors: their kinds and anchors (no coupling known yet)."""
-        self.moments = np.asarray(moments, dtype=float).copy()
-        self.competitors = np.array(competitors, dtype=float).reshape(-1, self.levels.n_magnetic)
-        self.kinds = self.kinds_of(self.competitors)
-        self.anchors, self.anchor_of = self.anchors_of(self.moments, self.competitors)
-        self.couplings = np.full(len(self.competitors), np.nan)
-        self.anchor_gaps, self.anchors_at = np.full(len(self.anchors), np.nan), -1
+    def _measure_couplings(self, indices: np.ndarray, gaps: np.ndarray) -> None:
+        """Competitors[indices] evaluated here at these gaps: with the anchors evaluated here too, their couplings
+        are measured (kind PAIRED); without, a PAIRED one among them keeps its gap again (its coupling's age is
+        no longer its reference's)."""
+        couplings = gaps - self._anchor_sums(indices)  # NaN unless the anchors were evaluated here
+        known = np.isfinite(couplings)
+        self.couplings[indices] = couplings
+        self.kinds[indices[known]] = PAIRED
+        lost = indices[~known & (self.kinds[indices] == PAIRED)]
+        if len(lost):
+            self.kinds[lost] = self.kinds_of(self.competitors[lost])
 
     def tick(self) -> None:
         """A new geometry: every competitor's reference, and every remembered one, is one geometry older."""
@@ -441,13 +453,7 @@ class GroundStateCertificate:
                 self.step_errors[kind] = self.way_errors[kind, 0 if self.follow[kind] else 1]
         self.gaps[indices], self.minus_grads[indices], self.ages[indices] = gaps, minus_grad, 0
         self.slack[indices], self.carried[indices] = 0.0, EVALUATED
-        indices = np.asarray(indices)
-        couplings = gaps - self._anchor_sums(indices)  # NaN unless the anchors were evaluated here
-        known = np.isfinite(couplings)
-        self.couplings[indices] = couplings
-        self.kinds[indices[known]] = PAIRED
-        lost = indices[~known & (self.kinds[indices] == PAIRED)]  # evaluated without their anchors: kept gaps now
-        self.kinds[lost] = self.kinds_of(self.competitors[lost]) if len(lost) else self.kinds[lost]
+        self._measure_couplings(np.asarray(indices), gaps)
 
     def _first_sample(self, error) -> bool:
         """Whether `error` (a kind, or move_error / untouched_error / coupling_error) takes its first sample here."""
@@ -472,19 +478,14 @@ class GroundStateCertificate:
         """A new S0 with every competitor evaluated at this geometry (the measured error is kept; the old S0's
         references are remembered). anchor_gaps: of anchors_of(moments, competitors) in S0's gauge sector
         here (their couplings are then known)."""
-        self._check_anchor_count(moments, competitors, anchor_gaps)
         self._remember()
-        self._set_competitors(moments, competitors)
+        self._set_competitors(moments, competitors, anchor_gaps)
         self.gaps = np.asarray(competitor_energies, dtype=float) - float(energy)
         self.minus_grads = np.tile(np.asarray(minus_grad, dtype=float), (len(self.competitors), 1))
         self.ages = np.zeros(len(self.competitors), dtype=int)
         self.slack = np.zeros(len(self.competitors))
         self.carried = np.full(len(self.competitors), EVALUATED)
-        self._take_anchors(anchor_gaps)
-        if self.anchors_at == self.clock:
-            couplings = self.gaps - self._anchor_sums(slice(None))
-            known = np.isfinite(couplings)
-            self.couplings[known], self.kinds[known] = couplings[known], PAIRED
+        self._measure_couplings(np.arange(len(self.competitors)), self.gaps)
 
     def kinds_of(self, competitors: np.ndarray) -> np.ndarray:
         """The kind of each competitor of the held moments (MAGNITUDES, REVERSALS, SEVERAL_REVERSED or
@@ -535,9 +536,7 @@ class GroundStateCertificate:
         estimates = [e if np.isfinite(e[0]) else self._untouched_gap(c, old, moments, moved, known, symmetric)
                      for c, e in zip(competitors, estimates)]
         couplings = ({self._key(c): i for i, c in enumerate(self.competitors)}, self.couplings, self.ages)
-        self._check_anchor_count(moments, competitors, anchor_gaps)
-        self._set_competitors(moments, competitors)
-        self._take_anchors(anchor_gaps)
+        self._set_competitors(moments, competitors, anchor_gaps)
         self.gaps = np.array([e[0] for e in estimates], dtype=float) - moved[0]
         self.ages = np.array([e[1] for e in estimates], dtype=int)
         self.slack = np.array([e[2] for e in estimates], dtype=float)
