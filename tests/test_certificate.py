@@ -5,6 +5,7 @@ import pytest
 
 from spingen.spin import AnalyticSpinModel, Exchange, MomentLevels, search_ground_state, triangular_layers
 from spingen.spin.certificate import (
+    CROSSED,
     EVALUATED,
     MAGNITUDES,
     OTHER_SECTOR,
@@ -400,6 +401,48 @@ def test_a_move_keeps_the_gap_of_a_change_it_left_alone_and_measures_their_coupl
         assert cert.untouched_error == pytest.approx(max(error, measured or 0.0), abs=1e-12)
         assert np.all(cert.carried[named] == EVALUATED) and cert.move_error is None  # no expansion here
         energy, minus_grad, pool = new_energy, new_grad, new_pool
+
+
+@pytest.mark.parametrize("coupled", [False, True])
+def test_a_change_left_alone_into_the_other_gauge_sector_keeps_its_gap_with_its_own_error(coupled):
+    """Near zero total moment a canonical-sign model's competitors lie in both gauge sectors. After a move
+    within S0's sector, a change of ions the move left alone that crosses into the other sector keeps S0's gap
+    for the same change: exact in a reversal-symmetric on-site landscape, its coupling to the move the error
+    otherwise, named for evaluation until measured and measured apart (CROSSED) from the in-sector error."""
+    levels = MomentLevels({"Ni": [1.0, 3.0]}, ["Ni"] * 8)
+    pos, cell = triangular_layers(2, 2, 2)
+    model = AnalyticSpinModel(pos, cell, ["Ni"] * 8, {"Ni": {1.0: 0.0, 3.0: 0.3}}, EXCHANGE if coupled else [])
+
+    def gauge(states):
+        return np.where(np.round(states.sum(axis=1), 9) >= 0, 1.0, -1.0)
+
+    def reference(moments):
+        energy, minus_grad = (x[0] for x in model.evaluate(moments, gradient=True))
+        return energy, minus_grad, competitors(levels, moments, pair_limit=0, exchange_limit=1000)
+
+    cert = GroundStateCertificate(levels, CertificateSettings(margin=0.0, pair_limit=0, exchange_limit=1000),
+                                  gauge=gauge)
+    moments = levels.to_moments(np.array([[3, 2, 2, 3, 0, 2, 1, 0]], dtype=np.int8))[0]  # total +2
+    energy, minus_grad, pool = reference(moments)
+    cert.set_reference(moments, energy, minus_grad, pool, model.evaluate(pool)[0])
+    cert.step_errors[:] = 0.0
+    exchanges = np.flatnonzero(np.sum(np.abs(pool - moments) > 1e-9, axis=1) == 2)
+    target = pool[exchanges[np.argmax(np.abs(pool[exchanges] - moments).sum(axis=1))]]  # a sign exchange
+    new_energy, new_grad, new_pool = reference(target)
+    named = cert.move_to(target, new_pool, minus_grad, new_grad, symmetric=True)
+    crossed = cert.carried == CROSSED
+    assert crossed.sum() >= 4 and np.all(gauge(new_pool[crossed]) != gauge(target[None])[0])
+    assert set(np.flatnonzero(crossed)) <= set(named)  # their error is not measured yet
+    exact = model.evaluate(new_pool)[0] - new_energy
+    if not coupled:
+        np.testing.assert_allclose(cert.gaps[crossed], exact[crossed], atol=1e-9)
+    untouched = cert.carried == UNTOUCHED
+    errors = np.abs(cert.gaps - exact)
+    cert.update(named, new_energy, new_grad, exact[named] + new_energy)
+    assert cert.crossed_error == pytest.approx(errors[crossed].max(), abs=1e-12)
+    assert (cert.crossed_error > 1e-3) == coupled
+    assert cert.untouched_error == pytest.approx(errors[untouched & np.isin(np.arange(len(exact)), named)].max(),
+                                                 abs=1e-12)
 
 
 def test_a_competitor_in_another_gauge_sector_keeps_its_gap_and_its_own_error():

@@ -99,9 +99,11 @@ ERROR_MEMORY = 0.9  # a measured error is kept as the running maximum, decayed b
 # where the decayed maximum said 1.3, and a change of the ground state was missed)
 MAGNITUDES, REVERSALS, SEVERAL_REVERSED, OTHER_SECTOR, PAIRED = range(5)  # competitor kinds, each with its own error
 N_KINDS = 5
-EVALUATED, COUPLED, EXPANDED, UNTOUCHED = range(4)  # how a gap was last set: evaluated, or carried over a move
-# (move_to: a PAIRED competitor's coupling carried, expanded, or kept for an untouched change; an expansion is
-# labelled by the last of these among the gaps it uses)
+EVALUATED, COUPLED, EXPANDED, UNTOUCHED, CROSSED = range(5)  # how a gap was last set: evaluated, or carried over
+# a move (move_to: a PAIRED competitor's coupling carried, expanded, kept for an untouched change, or kept for an
+# untouched change in the other gauge sector; an expansion is labelled by the last of these among the gaps it uses)
+CARRY_ERRORS = {EXPANDED: "move_error", UNTOUCHED: "untouched_error", CROSSED: "crossed_error",
+                COUPLED: "coupling_error"}  # the attribute holding each way's measured error
 
 
 @dataclass(frozen=True)
@@ -217,10 +219,11 @@ class GroundStateCertificate:
         self.minus_grads = np.empty((0, levels.n_magnetic))  # -dE/dS at S0 at each competitor's reference
         self.ages = np.empty(0, dtype=int)  # geometries since each competitor's reference
         self.slack = np.empty(0)  # eV: the allowance of a gap carried over from the previous moments (move_to)
-        self.carried = np.empty(0, dtype=int)  # EVALUATED, or how the gap was carried (COUPLED, EXPANDED, UNTOUCHED)
+        self.carried = np.empty(0, dtype=int)  # EVALUATED, or how the gap was carried (COUPLED, ..., CROSSED)
         self.step_errors = np.full(N_KINDS, np.nan)  # measured |predicted - evaluated| gap per geometry by kind, eV
         self.move_error: float | None = None  # measured |expanded - evaluated| gap after a move, eV
         self.untouched_error: float | None = None  # measured |kept - evaluated| gap of a change the move left alone
+        self.crossed_error: float | None = None  # the same, of such a change into the other gauge sector
         self.coupling_error: float | None = None  # measured |predicted - evaluated| gap with a carried coupling
         self.kinds = np.empty(0, dtype=int)  # each competitor's kind (MAGNITUDES, ..., PAIRED)
         self.way_errors = np.full((N_KINDS, 2), np.nan)  # error per geometry by kind, [following, keeping] reversals
@@ -432,7 +435,7 @@ class GroundStateCertificate:
         errors = np.abs(self.predicted_gaps(minus_grad, indices) - gaps)
         how = self.carried[indices]
         carried = how != EVALUATED  # gaps carried over by a move: their error is the move's
-        for way, name in ((EXPANDED, "move_error"), (UNTOUCHED, "untouched_error"), (COUPLED, "coupling_error")):
+        for way, name in CARRY_ERRORS.items():
             measured = (how == way) & np.isfinite(errors)
             if measured.any():
                 kept = (getattr(self, name) or 0.0) * (ERROR_MEMORY if self._first_sample(name) else 1.0)
@@ -456,7 +459,7 @@ class GroundStateCertificate:
         self._measure_couplings(np.asarray(indices), gaps)
 
     def _first_sample(self, error) -> bool:
-        """Whether `error` (a kind, or move_error / untouched_error / coupling_error) takes its first sample here."""
+        """Whether `error` (a kind, or a name of CARRY_ERRORS) takes its first sample here."""
         first = self._sampled_at.get(error) != self.clock
         self._sampled_at[error] = self.clock
         return first
@@ -468,7 +471,7 @@ class GroundStateCertificate:
         self.old_way_errors = np.fmax(self.old_way_errors, other.old_way_errors)
         self.follow = ~(self.way_errors[:, 1] < self.way_errors[:, 0])
         self.step_errors = self._kinds_way(self.way_errors)
-        for name in ("move_error", "untouched_error", "coupling_error"):
+        for name in CARRY_ERRORS.values():
             errors = [e for e in (getattr(self, name), getattr(other, name)) if e is not None]
             setattr(self, name, max(errors) if errors else None)
 
@@ -630,7 +633,10 @@ class GroundStateCertificate:
         """E(state) - E(S0) for a competitor of the new `moments` (reached from S0 at the gap `moved`) that
         changes only ions the move left alone: the move's gap plus S0's gap for the same change, their
         coupling taken as the error (the measured untouched error, inf until measured); NaN when the
-        change touches a moved ion, S0's gap for it is not known, or a gauge sector is crossed."""
+        change touches a moved ion, S0's gap for it is not known, or the move crosses a gauge sector.
+        Under a gauge, a change into the other sector (S0 and the new moments in one, the changed states in
+        the other) is the same change of the other gauge's half, equal in a reversal-symmetric landscape: its
+        error is measured apart (CROSSED)."""
         if symmetric and self.gauge is None:  # S and -S are one state: each taken nearest the new moments
             old, state = (-x if np.abs(moments + x).sum() < np.abs(moments - x).sum() else x for x in (old, state))
         changed = np.abs(state - moments) > 1e-9
@@ -638,13 +644,16 @@ class GroundStateCertificate:
             return np.nan, 0, 0.0, EVALUATED
         shifted = old.copy()
         shifted[changed] = state[changed]
-        if np.any(self.sectors(np.stack([moments, shifted, state])) != self.sectors(old)[0]):
-            return np.nan, 0, 0.0, EVALUATED  # all four in one gauge sector, where the energy is smooth
+        sectors = self.sectors(np.stack([old, moments, shifted, state]))
+        if sectors[1] != sectors[0] or sectors[3] != sectors[2]:
+            return np.nan, 0, 0.0, EVALUATED  # each pair in one gauge sector, where the energy is smooth
         same = known.get(self._key(shifted))
         if same is None:
             return np.nan, 0, 0.0, EVALUATED
-        slack = same[2] + moved[2] + (np.inf if self.untouched_error is None else self.untouched_error)
-        return moved[0] + same[0], max(same[1], moved[1]), float(slack), UNTOUCHED
+        how = UNTOUCHED if sectors[2] == sectors[0] else CROSSED
+        error = getattr(self, CARRY_ERRORS[how])
+        slack = same[2] + moved[2] + (np.inf if error is None else error)
+        return moved[0] + same[0], max(same[1], moved[1]), float(slack), how
 
     @staticmethod
     def _key(moments: np.ndarray) -> bytes:
