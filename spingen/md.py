@@ -208,12 +208,8 @@ class SpinModelCalculator(Calculator):
                 cert.release()  # the next step evaluates the new search's competitors
             return not np.array_equal(before, self.moments)
         began = time.perf_counter()
-        held = cert.holds_for(before)
-        if held and len(cert.anchors):  # the exchanges' gaps follow their anchors' gaps at this geometry
-            self._step_model = self._held_model(atoms)
-            indices = cert.to_check(minus_grad, self._anchor_gaps(cert.anchors))
-        else:
-            indices = cert.to_check(minus_grad) if held else None
+        held = cert.holds_for(before)  # the exchanges' gaps follow their anchors', evaluated where they name one
+        indices = cert.to_check(minus_grad, self._held_anchor_gaps(atoms)) if held else None
         if indices is None:
             cert.tick()
         if indices is not None and not len(indices):
@@ -226,8 +222,7 @@ class SpinModelCalculator(Calculator):
         if indices is None:
             pool = self.competitors(before)
             energies = self._energies(self._step_model, pool)
-            anchors = cert.anchors_of(before, pool)[0]
-            cert.set_reference(before, energy, minus_grad, pool, energies, self._anchor_gaps(anchors))
+            cert.set_reference(before, energy, minus_grad, pool, energies, self._anchor_gaps)
         else:
             pool, energies = cert.check(indices, energy, minus_grad, self._step_energies)
         lower = bool(len(energies)) and energies.min() < energy - SAME_ENERGY
@@ -256,9 +251,8 @@ class SpinModelCalculator(Calculator):
             began = time.perf_counter()
             energy, minus_grad = self.results["energy"], self.minus_spin_grad
             pool = self.competitors(self.moments)
-            anchor_gaps = self._anchor_gaps(cert.anchors_of(self.moments, pool)[0])
             indices = cert.move_to(self.moments, pool, self._moved_from, minus_grad, self.reversal_symmetric,
-                                   anchor_gaps)
+                                   self._anchor_gaps)
             self._moved_from = None
             evaluated, energies = cert.check(indices, energy, minus_grad, self._step_energies)
             self.timings["certify"] += time.perf_counter() - began
@@ -295,10 +289,18 @@ class SpinModelCalculator(Calculator):
         self.keep_fast_verdicts(model)
         return energies
 
-    def _anchor_gaps(self, anchors: np.ndarray) -> np.ndarray | None:
-        """The anchor gaps of the held moments at the geometry being re-optimized (``anchor_gaps``)."""
-        if not len(anchors):
-            return None
+    def _held_anchor_gaps(self, atoms) -> Callable[[np.ndarray], np.ndarray]:
+        """`_anchor_gaps` at this geometry, the step's model (`_held_model`) made at its first call: a step that
+        names no competitor and no anchor makes none."""
+        def gaps(anchors: np.ndarray) -> np.ndarray:
+            if self._step_model is None:
+                self._step_model = self._held_model(atoms)
+            return self._anchor_gaps(anchors)
+        return gaps
+
+    def _anchor_gaps(self, anchors: np.ndarray) -> np.ndarray:
+        """The gaps of anchors (k, n_magnetic) of the held moments at the geometry being re-optimized, under the
+        step's model (``anchor_gaps``)."""
         self.n_references += 1
         self.n_reference_evaluations += len(anchors)
         model = SymmetrizedModel(self._step_model) if self.symmetrize else self._step_model

@@ -288,7 +288,7 @@ def test_an_exchange_follows_its_anchors_and_keeps_its_coupling():
     field = np.array([0.3, 0.3, 0.3, -0.3, -0.3, -0.3])
     e0 = energy(moments, field)[0]
     cert.set_reference(moments, e0, minus_grad(moments, field), pool, energy(pool, field),
-                       energy(anchors, field) - e0)
+                       lambda states: energy(states, field) - e0)
     assert np.all(cert.kinds[exchanges] == PAIRED) and np.all(np.isfinite(cert.couplings[exchanges]))
     assert np.isnan(cert.step_errors[PAIRED])
     # the fields of ions 0 and 3 turn: their exchange is now far lower, the others stay above
@@ -298,7 +298,7 @@ def test_an_exchange_follows_its_anchors_and_keeps_its_coupling():
     gaps = energy(pool, moved) - e1
     turned = [k for k in exchanges if set(np.flatnonzero(pool[k] != moments)) == {0, 3}]
     assert gaps[turned[0]] < -0.03 and np.sort(gaps[exchanges])[1] > 0.05
-    first = cert.to_check(g1, energy(cert.anchors, moved) - e1)
+    first = cert.to_check(g1, lambda states: energy(states, moved) - e1)
     np.testing.assert_allclose(cert.predicted_gaps(g1)[exchanges], gaps[exchanges], atol=1e-12)
     assert np.abs(cert.gaps[exchanges] - gaps[exchanges]).max() > 0.1  # keeping the gaps would err by far more
     evaluated, found = cert.check(first, e1, g1, lambda states: energy(states, moved))
@@ -560,3 +560,57 @@ def test_a_certificate_absorbs_the_errors_another_one_measured():
     assert not kept.follow[MAGNITUDES] and kept.step_errors[MAGNITUDES] == 0.003
     assert kept.follow[REVERSALS] and kept.step_errors[REVERSALS] == 0.004
     assert np.isnan(kept.step_errors[OTHER_SECTOR]) and kept.move_error == 0.007
+
+
+def test_anchors_are_evaluated_only_for_the_exchanges_their_age_brings_within_reach():
+    """An anchor evaluated at an earlier geometry keeps its gap, sized by the measured change of anchors' gaps
+    per geometry x its age (inf until that change is measured): a step evaluates only the anchors of the
+    competitors the allowance names. Every exchange left on older anchors is truly above S0 by more than the
+    margin, and the exchange whose field turns has its anchors evaluated and is named."""
+    levels = MomentLevels({"Ni": [1.0]}, ["Ni"] * 8)
+    cert = GroundStateCertificate(levels, CertificateSettings(margin=0.01, pair_limit=0, exchange_limit=100))
+    rng = np.random.default_rng(5)
+    coupling = np.triu(rng.normal(0, 0.004, (8, 8)), 1)
+
+    def energy(states, field):  # E = -sum h_i S_i + sum_{i<j} J_ij S_i S_j
+        states = np.atleast_2d(states)
+        return -(states @ field) + np.einsum("ni,ij,nj->n", states, coupling, states)
+
+    def minus_grad(state, field):
+        return field - (coupling + coupling.T) @ state
+
+    moments = np.array([1.0, 1.0, 1.0, 1.0, -1.0, -1.0, -1.0, -1.0])
+    pool = competitors(levels, moments, pair_limit=0, exchange_limit=100)
+    exchanges = np.sum(pool != moments, axis=1) == 2
+    field = np.array([0.04, 0.3, 0.35, 0.4, -0.04, -0.3, -0.35, -0.4])
+    asked = []
+
+    def anchor_gaps(field):
+        def gaps(states):
+            asked.append(len(states))
+            return energy(states, field) - energy(moments, field)[0]
+        return gaps
+
+    cert.set_reference(moments, energy(moments, field)[0], minus_grad(moments, field), pool, energy(pool, field),
+                       anchor_gaps(field))
+    assert asked == [len(cert.anchors)] and cert.anchor_error is None
+    turned = np.flatnonzero(exchanges & np.all(pool[:, [0, 4]] != moments[[0, 4]], axis=1))
+    for step in range(1, 20):
+        asked.clear()
+        field = field + rng.normal(0, 0.002, 8)
+        field[[0, 4]] += [-0.005, 0.005]  # the exchange of ions 0 and 4 nears, then turns lower
+        e, g = energy(moments, field)[0], minus_grad(moments, field)
+        named = cert.to_check(g, anchor_gaps(field))
+        evaluated, found = cert.check(named, e, g, lambda states: energy(states, field))
+        fresh = cert.anchor_clocks == cert.clock
+        on_older = exchanges & np.any(~fresh[cert.anchor_of], axis=1)
+        if energy(pool[turned], field)[0] < e:  # S0 is left: the turned exchange named on fresh anchors
+            assert fresh[cert.anchor_of[turned]].all() and found.min() < e
+            assert any(np.array_equal(row, pool[turned[0]]) for row in evaluated)
+            break
+        assert np.all(found >= e) and np.all(energy(pool[on_older], field) - e > cert.settings.margin)
+        if step == 1:
+            assert cert.anchor_error > 0  # measured on the anchors of the competitors named (probes first)
+        else:
+            assert sum(asked) < len(cert.anchors) and on_older.any()
+    assert step > 2

@@ -232,11 +232,17 @@ class GroundStateCertificate:
         self.anchors = np.empty((0, levels.n_magnetic))  # S0 with one ion of a two-ion competitor changed
         self.anchor_of = np.empty((0, 2), dtype=int)  # each competitor's two anchors (-1: none)
         self.couplings = np.empty(0)  # E(c) - E(S0) minus its anchors' gaps at c's reference (NaN: not known)
-        self.anchor_gaps = np.empty(0)  # the anchors' gaps in S0's gauge sector at the geometry anchors_at
-        self.anchors_at = -1  # the clock of anchor_gaps
+        self.anchor_gaps = np.empty(0)  # the anchors' gaps in S0's gauge sector where each was last evaluated
+        self.anchor_clocks = np.empty(0, dtype=int)  # the clock of each anchor's gap (-1: not evaluated)
+        self.anchor_error: float | None = None  # measured |change| of an anchor's gap per geometry
+        self._anchor_source: tuple | None = None  # (clock, anchors -> their gaps at that geometry)
         self.clock = 0  # geometries seen (tick)
         self._sampled_at: dict = {}  # error (kind or name) -> the clock of its last sample (decayed once per geometry)
         self.memory: dict[bytes, _Remembered] = {}  # the references of the states left last, oldest first
+
+    def __getstate__(self) -> dict:
+        """A copy leaves the caller's way to evaluate anchors behind (it belongs to one geometry and model)."""
+        return {**self.__dict__, "_anchor_source": None}
 
     def holds_for(self, moments: np.ndarray) -> bool:
         """Whether the certificate speaks of these moments (else the caller evaluates every competitor)."""
@@ -255,16 +261,38 @@ class GroundStateCertificate:
         return np.where(kinds == PAIRED, self._paired_gaps(indices), gaps)
 
     def _paired_gaps(self, indices: np.ndarray | slice) -> np.ndarray:
-        """Of competitors[indices]: the gaps of their two anchors at this geometry plus their coupling (NaN
-        where the anchors were not evaluated here or the coupling is not known)."""
+        """Of competitors[indices]: the last gaps of their two anchors plus their coupling (NaN where an anchor
+        was never evaluated or the coupling is not known; `_anchor_allowance` sizes anchors evaluated before)."""
         return self._anchor_sums(indices) + self.couplings[indices]
 
-    def _anchor_sums(self, indices: np.ndarray | slice) -> np.ndarray:
-        """Of competitors[indices]: the sum of their two anchors' gaps at this geometry (NaN: none here)."""
+    def _anchor_sums(self, indices: np.ndarray | slice, here: bool = False) -> np.ndarray:
+        """Of competitors[indices]: the sum of their two anchors' last gaps (NaN: none, or with here=True one
+        not evaluated at this geometry)."""
         anchor_of = self.anchor_of[indices]
-        if self.anchors_at != self.clock or not len(self.anchors):
+        if not len(self.anchors):
             return np.full(len(anchor_of), np.nan)
-        return np.where(anchor_of >= 0, self.anchor_gaps[np.maximum(anchor_of, 0)], np.nan).sum(axis=1)
+        gaps = np.where(self.anchor_clocks == self.clock, self.anchor_gaps, np.nan) if here else self.anchor_gaps
+        return np.where(anchor_of >= 0, gaps[np.maximum(anchor_of, 0)], np.nan).sum(axis=1)
+
+    def _anchor_ages(self) -> np.ndarray:
+        """Of each competitor: the geometries since its two anchors were evaluated, summed (0: here, or none)."""
+        if not len(self.anchors):
+            return np.zeros(len(self.competitors), dtype=int)
+        ages = np.where(self.anchor_of >= 0, self.clock - self.anchor_clocks[np.maximum(self.anchor_of, 0)], 0)
+        return ages.sum(axis=1)
+
+    def _anchor_allowance(self) -> np.ndarray:
+        """Of each competitor: safety x the measured change of an anchor's gap per geometry x its anchors' ages
+        (inf where that error is not measured or no anchor can be evaluated at this geometry; 0 for a competitor
+        whose anchors were all evaluated here, or of another kind than PAIRED)."""
+        ages = np.where(self.kinds == PAIRED, self._anchor_ages(), 0)
+        if self.anchor_error is None or not self._anchors_evaluable():
+            return np.where(ages > 0, np.inf, 0.0)
+        return self.settings.safety * self.anchor_error * ages
+
+    def _anchors_evaluable(self) -> bool:
+        """Whether the caller gave a way to evaluate anchors at this geometry."""
+        return self._anchor_source is not None and self._anchor_source[0] == self.clock
 
     def anchors_of(self, moments: np.ndarray, competitors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(the anchors, each competitor's two rows of them, -1 for none): for a competitor c of `moments` S0
@@ -292,35 +320,41 @@ class GroundStateCertificate:
                 anchor_of[c, end] = found[key]
         return (np.array(states) if states else np.empty((0, self.levels.n_magnetic))), anchor_of
 
-    def _take_anchors(self, anchor_gaps: np.ndarray | None) -> None:
-        """The held moments' anchors' gaps at this geometry (None: not evaluated here)."""
-        if anchor_gaps is None:
+    def _evaluate_anchors(self, rows: np.ndarray) -> None:
+        """Evaluate anchors[rows] at this geometry (the caller's anchor_gaps): the change of those evaluated
+        before, per geometry, is their measured error."""
+        if not len(rows):
             return
-        anchor_gaps = np.asarray(anchor_gaps, dtype=float).reshape(-1)
-        if len(anchor_gaps) != len(self.anchors):
-            raise ValueError(f"{len(self.anchors)} anchor gaps expected, got {len(anchor_gaps)}")
-        self.anchor_gaps, self.anchors_at = anchor_gaps, self.clock
+        gaps = np.asarray(self._anchor_source[1](self.anchors[rows]), dtype=float).reshape(-1)
+        if len(gaps) != len(rows):
+            raise ValueError(f"{len(rows)} anchor gaps expected, got {len(gaps)}")
+        ages = self.clock - self.anchor_clocks[rows]
+        before = (self.anchor_clocks[rows] >= 0) & (ages > 0) & np.isfinite(self.anchor_gaps[rows]) & np.isfinite(gaps)
+        if before.any():
+            kept = (self.anchor_error or 0.0) * (ERROR_MEMORY if self._first_sample("anchor_error") else 1.0)
+            self.anchor_error = max(float(np.max(np.abs(gaps - self.anchor_gaps[rows])[before] / ages[before])), kept)
+        self.anchor_gaps[rows], self.anchor_clocks[rows] = gaps, self.clock
 
-    def _set_competitors(self, moments: np.ndarray, competitors: np.ndarray, anchor_gaps: np.ndarray | None) -> None:
-        """Hold `moments` with these competitors: their kinds and anchors (no coupling known yet) and the anchors'
-        gaps here (anchor_gaps; None: not evaluated here). A wrong count of anchor gaps is refused before any
-        change."""
+    def _set_anchor_source(self, anchor_gaps: Callable[[np.ndarray], np.ndarray] | None) -> None:
+        """anchor_gaps: anchors (k, n_magnetic) -> E - E(S0) of each in S0's gauge sector at this geometry (one
+        energy-only batch); None: no anchor is evaluated here."""
+        self._anchor_source = None if anchor_gaps is None else (self.clock, anchor_gaps)
+
+    def _set_competitors(self, moments: np.ndarray, competitors: np.ndarray) -> None:
+        """Hold `moments` with these competitors: their kinds and anchors (no coupling or anchor gap known yet)."""
         moments = np.asarray(moments, dtype=float).copy()
         competitors = np.array(competitors, dtype=float).reshape(-1, self.levels.n_magnetic)
         anchors, anchor_of = self.anchors_of(moments, competitors)
-        if anchor_gaps is not None and np.size(anchor_gaps) != len(anchors):
-            raise ValueError(f"{len(anchors)} anchor gaps expected, got {np.size(anchor_gaps)}")
         self.moments, self.competitors, self.anchors, self.anchor_of = moments, competitors, anchors, anchor_of
         self.kinds = self.kinds_of(competitors)
         self.couplings = np.full(len(competitors), np.nan)
-        self.anchor_gaps, self.anchors_at = np.full(len(anchors), np.nan), -1
-        self._take_anchors(anchor_gaps)
+        self.anchor_gaps, self.anchor_clocks = np.full(len(anchors), np.nan), np.full(len(anchors), -1)
 
     def _measure_couplings(self, indices: np.ndarray, gaps: np.ndarray) -> None:
         """Competitors[indices] evaluated here at these gaps: with the anchors evaluated here too, their couplings
         are measured (kind PAIRED); without, a PAIRED one among them keeps its gap again (its coupling's age is
         no longer its reference's)."""
-        couplings = gaps - self._anchor_sums(indices)  # NaN unless the anchors were evaluated here
+        couplings = gaps - self._anchor_sums(indices, here=True)  # NaN unless the anchors were evaluated here
         known = np.isfinite(couplings)
         self.couplings[indices] = couplings
         self.kinds[indices[known]] = PAIRED
@@ -333,21 +367,37 @@ class GroundStateCertificate:
         self.ages += 1
         self.clock += 1
 
-    def to_check(self, minus_grad: np.ndarray, anchor_gaps: np.ndarray | None = None) -> np.ndarray:
+    def to_check(self, minus_grad: np.ndarray,
+                 anchor_gaps: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
         """At a new geometry (ticks): the indices of the competitors that must be evaluated, those predicted
         within margin + safety x error per step x age, or older than trusted_age (of a kind whose error is not
         measured yet, its probes: still_to_check names the rest). Empty: S0 is certified lowest here without an
-        evaluation. anchor_gaps: E - E(S0) of `anchors` in S0's gauge sector at this geometry (without them
-        the PAIRED competitors are evaluated)."""
+        evaluation. anchor_gaps: anchors (k, n_magnetic) -> E - E(S0) of each in S0's gauge sector at this
+        geometry, called for the anchors of the competitors named (without it the PAIRED competitors whose
+        anchors were evaluated before are named)."""
         self.tick()
-        self._take_anchors(anchor_gaps)
-        return self._within_allowance(self.predicted_gaps(minus_grad))
+        self._set_anchor_source(anchor_gaps)
+        return self._named(minus_grad)
 
     def still_to_check(self, minus_grad: np.ndarray) -> np.ndarray:
         """After `update` at this geometry: the competitors not evaluated here that the errors measured so far
         bring within the allowance (or the next probes of a kind still unmeasured). Empty: S0 is lowest here."""
-        named = self._within_allowance(self.predicted_gaps(minus_grad))
+        named = self._named(minus_grad)
         return named[~self._evaluated_here()[named]]
+
+    def _named(self, minus_grad: np.ndarray) -> np.ndarray:
+        """The competitors within the allowance here (`_within_allowance`), the anchors of those named evaluated
+        here first (batch after batch, as long as fresh anchors name more competitors)."""
+        while True:
+            named = self._within_allowance(self.predicted_gaps(minus_grad))
+            if not (len(self.anchors) and self._anchors_evaluable()):
+                return named
+            rows = np.unique(self.anchor_of[named])
+            rows = rows[(rows >= 0)]
+            rows = rows[self.anchor_clocks[rows] != self.clock]
+            if not len(rows):
+                return named
+            self._evaluate_anchors(rows)
 
     def check(self, indices: np.ndarray, energy: float, minus_grad: np.ndarray,
               evaluate: Callable[[np.ndarray], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -376,7 +426,8 @@ class GroundStateCertificate:
         max_age the larger of its errors at any age and at such ages), or older than the settings' trusted_age.
         Where that error is not measured yet: the probes of each kind (and of its references older than
         max_age), or with probes 0 all of them."""
-        allowance = self.settings.margin + self._uncertainty(self.kinds, self.ages, self.slack)
+        allowance = self.settings.margin + self._uncertainty(self.kinds, self.ages, self.slack) \
+            + self._anchor_allowance()
         named = ~(gaps > allowance)  # and every gap nothing speaks for (NaN)
         if self.settings.probes:
             unmeasured = np.isnan(self._error_per_step(self.kinds, self.ages)) & np.isfinite(gaps) \
@@ -471,18 +522,21 @@ class GroundStateCertificate:
         self.old_way_errors = np.fmax(self.old_way_errors, other.old_way_errors)
         self.follow = ~(self.way_errors[:, 1] < self.way_errors[:, 0])
         self.step_errors = self._kinds_way(self.way_errors)
-        for name in CARRY_ERRORS.values():
+        for name in (*CARRY_ERRORS.values(), "anchor_error"):
             errors = [e for e in (getattr(self, name), getattr(other, name)) if e is not None]
             setattr(self, name, max(errors) if errors else None)
 
     def set_reference(self, moments: np.ndarray, energy: float, minus_grad: np.ndarray,
                       competitors: np.ndarray, competitor_energies: np.ndarray,
-                      anchor_gaps: np.ndarray | None = None) -> None:
+                      anchor_gaps: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
         """A new S0 with every competitor evaluated at this geometry (the measured error is kept; the old S0's
-        references are remembered). anchor_gaps: of anchors_of(moments, competitors) in S0's gauge sector
-        here (their couplings are then known)."""
+        references are remembered). anchor_gaps: as to_check's, here called for all the anchors of the new
+        competitors (their couplings are then known)."""
         self._remember()
-        self._set_competitors(moments, competitors, anchor_gaps)
+        self._set_competitors(moments, competitors)
+        self._set_anchor_source(anchor_gaps)
+        if len(self.anchors) and anchor_gaps is not None:
+            self._evaluate_anchors(np.arange(len(self.anchors)))
         self.gaps = np.asarray(competitor_energies, dtype=float) - float(energy)
         self.minus_grads = np.tile(np.asarray(minus_grad, dtype=float), (len(self.competitors), 1))
         self.ages = np.zeros(len(self.competitors), dtype=int)
@@ -506,7 +560,8 @@ class GroundStateCertificate:
         return np.ones(len(states)) if self.gauge is None else np.asarray(self.gauge(states), dtype=float)
 
     def move_to(self, moments: np.ndarray, competitors: np.ndarray, minus_grad_before: np.ndarray,
-                minus_grad: np.ndarray, symmetric: bool, anchor_gaps: np.ndarray | None = None) -> np.ndarray:
+                minus_grad: np.ndarray, symmetric: bool,
+                anchor_gaps: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
         """The held moments move from S0 to `moments`, a competitor of S0 evaluated at this geometry (where
         -dE/dS is minus_grad_before at S0 and minus_grad at `moments`). The new `competitors` take the gaps
         S0's single- and two-ion moves predict here, without an evaluation: a state c that differs from S0
@@ -522,8 +577,9 @@ class GroundStateCertificate:
         instead where that allows less. symmetric: E(-S) = E(S) (a state stands for its reverse too).
         Returns the indices of the new competitors to evaluate now: those within the allowance, those no
         gaps of S0 speak for, and every one of more than two ions until a move error was measured (of a
-        kind whose error is not measured: its probes; `check` names the rest). anchor_gaps: of
-        anchors_of(moments, competitors) here (the couplings of those evaluated now are then measured)."""
+        kind whose error is not measured: its probes; `check` names the rest). anchor_gaps: as to_check's,
+        called for the anchors of the new competitors named (the couplings of those evaluated now are then
+        measured)."""
         self._remember()
         old = self.moments
         states = np.concatenate([old[None], self.competitors])
@@ -539,7 +595,8 @@ class GroundStateCertificate:
         estimates = [e if np.isfinite(e[0]) else self._untouched_gap(c, old, moments, moved, known, symmetric)
                      for c, e in zip(competitors, estimates)]
         couplings = ({self._key(c): i for i, c in enumerate(self.competitors)}, self.couplings, self.ages)
-        self._set_competitors(moments, competitors, anchor_gaps)
+        self._set_competitors(moments, competitors)
+        self._set_anchor_source(anchor_gaps)
         self.gaps = np.array([e[0] for e in estimates], dtype=float) - moved[0]
         self.ages = np.array([e[1] for e in estimates], dtype=int)
         self.slack = np.array([e[2] for e in estimates], dtype=float)
@@ -547,7 +604,7 @@ class GroundStateCertificate:
         self.minus_grads = np.tile(np.asarray(minus_grad, dtype=float), (len(competitors), 1))
         self._recall()
         self._carry_couplings(old, *couplings, symmetric)
-        return self._within_allowance(self.predicted_gaps(minus_grad))
+        return self._named(minus_grad)
 
     def _carry_couplings(self, old: np.ndarray, index: dict, couplings: np.ndarray, ages: np.ndarray,
                          symmetric: bool) -> None:

@@ -40,6 +40,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -227,7 +228,7 @@ class MemberStates:
         there); NaN energy where a member's energies are not finite."""
         calc, levels, model = self.calc, self.calc.levels, self.models[k]
         if cert.holds_for(start):  # the exchanges' gaps follow their anchors' (spingen.spin.certificate)
-            indices = cert.to_check(minus_grad, calc.anchor_gaps(model, start, cert.anchors))
+            indices = cert.to_check(minus_grad, partial(calc.anchor_gaps, model, start))
         else:
             cert.tick()
             indices = None
@@ -240,8 +241,7 @@ class MemberStates:
             if not (np.isfinite(energy) and np.all(np.isfinite(pool_energies))):
                 return float("nan"), start, cert
             if indices is None:
-                anchors = cert.anchors_of(start, pool)[0]
-                cert.set_reference(start, energy, minus_grad, pool, pool_energies, calc.anchor_gaps(model, start, anchors))
+                cert.set_reference(start, energy, minus_grad, pool, pool_energies, partial(calc.anchor_gaps, model, start))
             if not (len(pool) and pool_energies.min() < energy - SAME_ENERGY):
                 return energy, start, cert
             moved_from = minus_grad  # downhill: the lower state's competitors take the gaps carried over
@@ -249,7 +249,7 @@ class MemberStates:
             energy, minus_grad = (v[0] for v in model.evaluate(start[None], gradient=True))
             pool = calc.competitors(start)
             indices = cert.move_to(start, pool, moved_from, minus_grad, calc.reversal_symmetric,
-                                   calc.anchor_gaps(model, start, cert.anchors_of(start, pool)[0]))
+                                   partial(calc.anchor_gaps, model, start))
         cert.release()  # still moving: the next frame evaluates every competitor
         return float(energy), start, cert
 
