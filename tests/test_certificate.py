@@ -7,6 +7,7 @@ from spingen.spin import AnalyticSpinModel, Exchange, MomentLevels, search_groun
 from spingen.spin.certificate import (
     CROSSED,
     EVALUATED,
+    FOLLOWED,
     MAGNITUDES,
     OTHER_SECTOR,
     PAIRED,
@@ -350,9 +351,11 @@ def test_a_move_carries_the_gaps_over_exactly_in_a_pair_landscape():
 def test_a_move_keeps_the_gap_of_a_change_it_left_alone_and_measures_their_coupling(coupled, gauged):
     """Beyond pair_limit (single-ion moves and exchanges only) S0's gaps cannot expand a new competitor that
     changes ions beside the moved one: it keeps S0's gap for the same change (an exchange of two other
-    ions, a single-ion move of another ion). Exact without couplings; with them the coupling is the error,
-    named for evaluation until measured, then measured apart from the expansion's error and added to
-    the allowance of the gaps so carried at the next move. Under a gauge (a canonical-sign model) only
+    ions, a single-ion move of another ion). A change with a reversed ion keeps it as it is (UNTOUCHED):
+    exact without couplings; with them the coupling is the error, named for evaluation until measured, then
+    measured apart from the expansion's error and added to the allowance of the gaps so carried at the next
+    move. A change of magnitudes only follows the move's change of -dE/dS on its ions (FOLLOWED): exact with
+    the bilinear couplings here too, its error measured apart. Under a gauge (a canonical-sign model) only
     within the held moments' sector."""
     levels = MomentLevels({"Ni": [1.0, 3.0]}, ["Ni"] * 8)
     pos, cell = triangular_layers(2, 2, 2)
@@ -375,30 +378,40 @@ def test_a_move_keeps_the_gap_of_a_change_it_left_alone_and_measures_their_coupl
         before = moments
         moments = pool[move]
         new_energy, new_grad, new_pool = reference(moments)
-        measured = cert.untouched_error
+        measured = {how: getattr(cert, name) for how, name in ((UNTOUCHED, "untouched_error"),
+                                                               (FOLLOWED, "followed_error"))}
         named = cert.move_to(moments, new_pool, minus_grad, new_grad, symmetric=True)
         moved_ions = np.abs(moments - before) > 1e-9
         touched = np.any((np.abs(new_pool - moments) > 1e-9) & moved_ions, axis=1)
-        untouched = cert.carried == UNTOUCHED
+        untouched = np.isin(cert.carried, [UNTOUCHED, FOLLOWED])
         assert untouched.sum() > len(new_pool) // 3 and not np.any(untouched & touched)
+        followed = cert.carried == FOLLOWED
+        changed = np.abs(new_pool - moments) > 1e-9
+        same_sign = np.all(~changed | (np.sign(new_pool) == np.sign(moments)), axis=1)
+        assert followed.any() and np.array_equal(followed, untouched & same_sign)
         if gauged:
             assert np.all(gauge(new_pool[untouched]) == gauge(moments[None])[0])
         exact = model.evaluate(new_pool)[0] - new_energy
+        np.testing.assert_allclose(cert.gaps[followed], exact[followed], atol=1e-9)
         if not coupled:
             np.testing.assert_allclose(cert.gaps[untouched], exact[untouched], atol=1e-9)
-        if measured is None:
-            assert set(np.flatnonzero(untouched)) <= set(named)
-        else:
-            assert np.all(cert.slack[untouched] >= measured - 1e-12)
-            np.testing.assert_array_equal(named, np.flatnonzero(~(cert.gaps > cert.slack)))
         checked = np.zeros(len(new_pool), dtype=bool)
         checked[named] = True
-        assert np.any(untouched & checked)
-        error = np.abs(cert.gaps - exact)[untouched & checked].max()
+        for how in (UNTOUCHED, FOLLOWED):
+            carried = cert.carried == how
+            if measured[how] is None:
+                assert set(np.flatnonzero(carried)) <= set(named)
+            else:
+                assert np.all(cert.slack[carried] >= measured[how] - 1e-12)
+        if measured[UNTOUCHED] is not None:
+            np.testing.assert_array_equal(named, np.flatnonzero(~(cert.gaps > cert.slack)))
+        assert np.any(untouched & ~followed & checked)
+        errors = {how: np.abs(cert.gaps - exact)[(cert.carried == how) & checked].max() for how in measured}
         cert.update(named, new_energy, new_grad, exact[named] + new_energy)
-        assert (error > 1e-3) == coupled
+        assert (errors[UNTOUCHED] > 1e-3) == coupled
         # both moves at one geometry (no tick): the kept error is not decayed between them
-        assert cert.untouched_error == pytest.approx(max(error, measured or 0.0), abs=1e-12)
+        assert cert.untouched_error == pytest.approx(max(errors[UNTOUCHED], measured[UNTOUCHED] or 0.0), abs=1e-12)
+        assert cert.followed_error == pytest.approx(0.0, abs=1e-9)
         assert np.all(cert.carried[named] == EVALUATED) and cert.move_error is None  # no expansion here
         energy, minus_grad, pool = new_energy, new_grad, new_pool
 

@@ -99,11 +99,13 @@ ERROR_MEMORY = 0.9  # a measured error is kept as the running maximum, decayed b
 # where the decayed maximum said 1.3, and a change of the ground state was missed)
 MAGNITUDES, REVERSALS, SEVERAL_REVERSED, OTHER_SECTOR, PAIRED = range(5)  # competitor kinds, each with its own error
 N_KINDS = 5
-EVALUATED, COUPLED, EXPANDED, UNTOUCHED, CROSSED = range(5)  # how a gap was last set: evaluated, or carried over
-# a move (move_to: a PAIRED competitor's coupling carried, expanded, kept for an untouched change, or kept for an
-# untouched change in the other gauge sector; an expansion is labelled by the last of these among the gaps it uses)
+EVALUATED, COUPLED, EXPANDED, UNTOUCHED, CROSSED, FOLLOWED = range(6)  # how a gap was last set: evaluated, or
+# carried over a move (move_to: a PAIRED competitor's coupling carried, expanded, kept for an untouched change with
+# a reversed ion, kept for an untouched change into the other gauge sector, or kept for an untouched change of
+# magnitudes following the move's change of -dE/dS; an expansion is labelled by the last of these among the gaps
+# it uses)
 CARRY_ERRORS = {EXPANDED: "move_error", UNTOUCHED: "untouched_error", CROSSED: "crossed_error",
-                COUPLED: "coupling_error"}  # the attribute holding each way's measured error
+                FOLLOWED: "followed_error", COUPLED: "coupling_error"}  # the attribute of each way's measured error
 
 
 @dataclass(frozen=True)
@@ -224,6 +226,7 @@ class GroundStateCertificate:
         self.move_error: float | None = None  # measured |expanded - evaluated| gap after a move, eV
         self.untouched_error: float | None = None  # measured |kept - evaluated| gap of a change the move left alone
         self.crossed_error: float | None = None  # the same, of such a change into the other gauge sector
+        self.followed_error: float | None = None  # the same, of such a change of magnitudes only, followed
         self.coupling_error: float | None = None  # measured |predicted - evaluated| gap with a carried coupling
         self.kinds = np.empty(0, dtype=int)  # each competitor's kind (MAGNITUDES, ..., PAIRED)
         self.way_errors = np.full((N_KINDS, 2), np.nan)  # error per geometry by kind, [following, keeping] reversals
@@ -592,7 +595,9 @@ class GroundStateCertificate:
         competitors = np.asarray(competitors, dtype=float).reshape(-1, self.levels.n_magnetic)
         moved = self._cluster_gap(moments, old, known, symmetric)  # exact: `moments` is one of S0's competitors
         estimates = [self._cluster_gap(c, old, known, symmetric) for c in competitors]
-        estimates = [e if np.isfinite(e[0]) else self._untouched_gap(c, old, moments, moved, known, symmetric)
+        field_change = (minus_grad_before, minus_grad)
+        estimates = [e if np.isfinite(e[0]) else self._untouched_gap(c, old, moments, moved, known, symmetric,
+                                                                      field_change)
                      for c, e in zip(competitors, estimates)]
         couplings = ({self._key(c): i for i, c in enumerate(self.competitors)}, self.couplings, self.ages)
         self._set_competitors(moments, competitors)
@@ -686,16 +691,24 @@ class GroundStateCertificate:
         return float(gap), max(u[1] for u in used), float(slack), max(EXPANDED, *(u[3] for u in used))
 
     def _untouched_gap(self, state: np.ndarray, old: np.ndarray, moments: np.ndarray, moved: tuple, known: dict,
-                       symmetric: bool) -> tuple[float, int, float, int]:
+                       symmetric: bool, field_change: tuple[np.ndarray, np.ndarray]) -> tuple[float, int, float, int]:
         """E(state) - E(S0) for a competitor of the new `moments` (reached from S0 at the gap `moved`) that
         changes only ions the move left alone: the move's gap plus S0's gap for the same change, their
         coupling taken as the error (the measured untouched error, inf until measured); NaN when the
         change touches a moved ion, S0's gap for it is not known, or the move crosses a gauge sector.
         Under a gauge, a change into the other sector (S0 and the new moments in one, the changed states in
         the other) is the same change of the other gauge's half, equal in a reversal-symmetric landscape: its
-        error is measured apart (CROSSED)."""
+        error is measured apart (CROSSED). A change of magnitudes only (every changed ion keeps its sign) takes
+        its coupling to the move to first order, the change of -dE/dS on its ions from S0 to the new moments
+        (field_change: -dE/dS at S0 and at the new moments, here): exact with bilinear couplings, its error
+        measured apart (FOLLOWED; on a trained LiNiO2 model with 27 Ni the largest error of such kept gaps was
+        42 meV, followed 6, that of changes with a reversed ion 640)."""
+        minus_grad_old, minus_grad = (np.asarray(g, dtype=float) for g in field_change)
         if symmetric and self.gauge is None:  # S and -S are one state: each taken nearest the new moments
-            old, state = (-x if np.abs(moments + x).sum() < np.abs(moments - x).sum() else x for x in (old, state))
+            if np.abs(moments + old).sum() < np.abs(moments - old).sum():
+                old, minus_grad_old = -old, -minus_grad_old  # E(-S) = E(S): the slope reverses with S
+            if np.abs(moments + state).sum() < np.abs(moments - state).sum():
+                state = -state
         changed = np.abs(state - moments) > 1e-9
         if np.any(changed & (np.abs(moments - old) > 1e-9)):
             return np.nan, 0, 0.0, EVALUATED
@@ -707,10 +720,17 @@ class GroundStateCertificate:
         same = known.get(self._key(shifted))
         if same is None:
             return np.nan, 0, 0.0, EVALUATED
-        how = UNTOUCHED if sectors[2] == sectors[0] else CROSSED
+        gap = moved[0] + same[0]
+        if sectors[2] != sectors[0]:
+            how = CROSSED
+        elif np.all(np.sign(state[changed]) == np.sign(moments[changed])):
+            how = FOLLOWED
+            gap -= float((minus_grad - minus_grad_old)[changed] @ (state - moments)[changed])
+        else:
+            how = UNTOUCHED
         error = getattr(self, CARRY_ERRORS[how])
         slack = same[2] + moved[2] + (np.inf if error is None else error)
-        return moved[0] + same[0], max(same[1], moved[1]), float(slack), how
+        return gap, max(same[1], moved[1]), float(slack), how
 
     @staticmethod
     def _key(moments: np.ndarray) -> bytes:
