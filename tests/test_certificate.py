@@ -5,6 +5,7 @@ import pytest
 
 from spingen.spin import AnalyticSpinModel, Exchange, MomentLevels, search_ground_state, triangular_layers
 from spingen.spin.certificate import (
+    COUPLED,
     CROSSED,
     EVALUATED,
     FOLLOWED,
@@ -12,6 +13,7 @@ from spingen.spin.certificate import (
     OTHER_SECTOR,
     PAIRED,
     REVERSALS,
+    SCALED,
     SEVERAL_REVERSED,
     UNTOUCHED,
     CertificateSettings,
@@ -306,6 +308,45 @@ def test_an_exchange_follows_its_anchors_and_keeps_its_coupling():
     assert cert.step_errors[PAIRED] == pytest.approx(0.0, abs=1e-12)
     named = {tuple(c) for c in evaluated} & {tuple(pool[k]) for k in exchanges}
     assert tuple(pool[turned[0]]) in named
+
+
+def test_an_exchange_of_a_moved_ion_takes_its_pairs_coupling_scaled_to_its_changes():
+    """After a move, an exchange of a moved ion with another takes the coupling measured for the exchange of
+    the same two ions before the move, scaled by the product of the ions' changes (SCALED): exact for bilinear
+    couplings, so its predicted gap (fresh anchors plus the scaled coupling) is the true one and the error
+    measured on it is zero; an exchange of two ions the move left alone keeps its coupling (COUPLED)."""
+    levels = MomentLevels({"Ni": [1.0, 3.0]}, ["Ni"] * 6)
+    cert = GroundStateCertificate(levels, CertificateSettings(margin=0.01, pair_limit=0, exchange_limit=100))
+    rng = np.random.default_rng(11)
+    coupling = np.triu(rng.normal(0, 0.02, (6, 6)), 1)
+    field = rng.normal(0, 0.1, 6)
+
+    def energy(states):  # E = -sum h_i S_i + sum_{i<j} J_ij S_i S_j
+        states = np.atleast_2d(states)
+        return -(states @ field) + np.einsum("ni,ij,nj->n", states, coupling, states)
+
+    def minus_grad(state):
+        return field - (coupling + coupling.T) @ state
+
+    moments = np.array([3.0, 1.0, 3.0, -1.0, -3.0, -1.0])
+    pool = competitors(levels, moments, pair_limit=0, exchange_limit=100)
+    cert.set_reference(moments, energy(moments)[0], minus_grad(moments), pool, energy(pool),
+                       lambda states: energy(states) - energy(moments)[0])
+    target = moments.copy()
+    target[0] = 1.0  # ion 0 changes its magnitude
+    new_pool = competitors(levels, target, pair_limit=0, exchange_limit=100)
+    e1 = energy(target)[0]
+    named = cert.move_to(target, new_pool, minus_grad(moments), minus_grad(target), symmetric=False,
+                         anchor_gaps=lambda states: energy(states) - e1)
+    scaled, coupled = cert.carried == SCALED, cert.carried == COUPLED
+    touching = np.abs(new_pool[:, 0] - target[0]) > 1e-9
+    assert scaled.any() and np.all(touching[scaled]) and coupled.any() and not np.any(touching[coupled])
+    exact = energy(new_pool) - e1
+    predicted = cert.predicted_gaps(minus_grad(target))
+    np.testing.assert_allclose(predicted[scaled | coupled], exact[scaled | coupled], atol=1e-12)
+    assert set(np.flatnonzero(scaled)) <= set(named)  # not measured yet
+    cert.update(named, e1, minus_grad(target), exact[named] + e1)
+    assert cert.scaled_error == pytest.approx(0.0, abs=1e-12)
 
 
 def test_a_move_carries_the_gaps_over_exactly_in_a_pair_landscape():

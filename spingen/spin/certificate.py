@@ -99,13 +99,15 @@ ERROR_MEMORY = 0.9  # a measured error is kept as the running maximum, decayed b
 # where the decayed maximum said 1.3, and a change of the ground state was missed)
 MAGNITUDES, REVERSALS, SEVERAL_REVERSED, OTHER_SECTOR, PAIRED = range(5)  # competitor kinds, each with its own error
 N_KINDS = 5
-EVALUATED, COUPLED, EXPANDED, UNTOUCHED, CROSSED, FOLLOWED = range(6)  # how a gap was last set: evaluated, or
-# carried over a move (move_to: a PAIRED competitor's coupling carried, expanded, kept for an untouched change with
-# a reversed ion, kept for an untouched change into the other gauge sector, or kept for an untouched change of
-# magnitudes following the move's change of -dE/dS; an expansion is labelled by the last of these among the gaps
-# it uses)
+EVALUATED, COUPLED, EXPANDED, UNTOUCHED, CROSSED, FOLLOWED, SCALED = range(7)  # how a gap was last set:
+# evaluated, or carried over a move (move_to: a PAIRED competitor's coupling carried, expanded, kept for an
+# untouched change with a reversed ion, kept for an untouched change into the other gauge sector, kept for an
+# untouched change of magnitudes following the move's change of -dE/dS, or a PAIRED competitor's coupling
+# carried from the same ion pair and scaled to its changes; an expansion is labelled by the last of these among
+# the gaps it uses)
 CARRY_ERRORS = {EXPANDED: "move_error", UNTOUCHED: "untouched_error", CROSSED: "crossed_error",
-                FOLLOWED: "followed_error", COUPLED: "coupling_error"}  # the attribute of each way's measured error
+                FOLLOWED: "followed_error", COUPLED: "coupling_error",
+                SCALED: "scaled_error"}  # the attribute of each way's measured error
 
 
 @dataclass(frozen=True)
@@ -227,6 +229,7 @@ class GroundStateCertificate:
         self.untouched_error: float | None = None  # measured |kept - evaluated| gap of a change the move left alone
         self.crossed_error: float | None = None  # the same, of such a change into the other gauge sector
         self.followed_error: float | None = None  # the same, of such a change of magnitudes only, followed
+        self.scaled_error: float | None = None  # measured |predicted - evaluated| gap with a coupling scaled
         self.coupling_error: float | None = None  # measured |predicted - evaluated| gap with a carried coupling
         self.kinds = np.empty(0, dtype=int)  # each competitor's kind (MAGNITUDES, ..., PAIRED)
         self.way_errors = np.full((N_KINDS, 2), np.nan)  # error per geometry by kind, [following, keeping] reversals
@@ -599,7 +602,7 @@ class GroundStateCertificate:
         estimates = [e if np.isfinite(e[0]) else self._untouched_gap(c, old, moments, moved, known, symmetric,
                                                                       field_change)
                      for c, e in zip(competitors, estimates)]
-        couplings = ({self._key(c): i for i, c in enumerate(self.competitors)}, self.couplings, self.ages)
+        couplings = (self.competitors, self.couplings, self.ages)
         self._set_competitors(moments, competitors)
         self._set_anchor_source(anchor_gaps)
         self.gaps = np.array([e[0] for e in estimates], dtype=float) - moved[0]
@@ -611,27 +614,40 @@ class GroundStateCertificate:
         self._carry_couplings(old, *couplings, symmetric)
         return self._named(minus_grad)
 
-    def _carry_couplings(self, old: np.ndarray, index: dict, couplings: np.ndarray, ages: np.ndarray,
-                         symmetric: bool) -> None:
-        """After a move from `old` (whose competitor keys, couplings and ages are given): a two-ion competitor
-        whose ions the move left alone takes the coupling measured for the same change of `old` and its age
-        (exact in a landscape of on-site and pair energies, where it depends on those two ions alone), the
-        error measured on such carried couplings added to its allowance (inf until measured)."""
-        base = -old if symmetric and np.abs(self.moments + old).sum() < np.abs(self.moments - old).sum() else old
-        if self.sectors(base)[0] != self.sectors(self.moments)[0]:
+    def _carry_couplings(self, old: np.ndarray, old_competitors: np.ndarray, couplings: np.ndarray,
+                         ages: np.ndarray, symmetric: bool) -> None:
+        """After a move from `old` (whose competitors, couplings and ages are given), within one gauge sector: a
+        two-ion competitor whose ions the move left alone takes the coupling measured for the same change of
+        `old` and its age (exact in a landscape of on-site and pair energies, where it depends on those two ions
+        alone; COUPLED). One with a moved ion takes the coupling of `old`'s competitor on the same two ions,
+        scaled by the product of the two ions' changes, new over old (exact for bilinear couplings
+        J_ij S_i S_j; SCALED). Each way's error measured on such carried couplings is added to their allowance
+        (inf until measured)."""
+        flip = symmetric and np.abs(self.moments + old).sum() < np.abs(self.moments - old).sum()
+        base, old_competitors = (-old, -old_competitors) if flip else (old, old_competitors)
+        if self.sectors(base)[0] != self.sectors(self.moments)[0] or not len(old_competitors):
             return
+        old_changes = old_competitors - base
+        on_pair = {}  # the two ions an old competitor changes -> its row (two-ion competitors with a coupling)
+        for k in np.flatnonzero((np.sum(np.abs(old_changes) > 1e-9, axis=1) == 2) & np.isfinite(couplings)):
+            on_pair.setdefault(tuple(np.flatnonzero(np.abs(old_changes[k]) > 1e-9)), []).append(k)
         untouched = np.abs(self.moments - base) <= 1e-9
         for c in np.flatnonzero(self.anchor_of[:, 0] >= 0):
-            ions = np.flatnonzero(np.abs(self.competitors[c] - self.moments) > 1e-9)
-            if not untouched[ions].all():
+            change = self.competitors[c] - self.moments
+            ions = np.flatnonzero(np.abs(change) > 1e-9)
+            rows = on_pair.get(tuple(ions), [])
+            same = [k for k in rows if np.allclose(old_changes[k, ions], change[ions], atol=1e-9)]
+            if untouched[ions].all() and same:  # the move's coupling to them is its error
+                k, how, scale = same[0], COUPLED, 1.0
+            elif not untouched[ions].all() and len(rows) == 1:
+                k, how = rows[0], SCALED
+                scale = float(np.prod(change[ions] / old_changes[k, ions]))
+            else:
                 continue
-            shifted = base.copy()
-            shifted[ions] = self.competitors[c, ions]
-            k = index.get(self._key(shifted if base is old else -shifted))
-            if k is not None and np.isfinite(couplings[k]):  # the move's coupling to them is its error
-                self.couplings[c], self.kinds[c], self.ages[c] = couplings[k], PAIRED, ages[k]
-                self.slack[c] = np.inf if self.coupling_error is None else self.coupling_error
-                self.carried[c] = COUPLED
+            self.couplings[c], self.kinds[c], self.ages[c] = scale * couplings[k], PAIRED, ages[k]
+            error = getattr(self, CARRY_ERRORS[how])
+            self.slack[c] = np.inf if error is None else error
+            self.carried[c] = how
 
     def _remember(self) -> None:
         """Keep the held moments' references (the oldest remembered state is forgotten beyond the limit)."""
