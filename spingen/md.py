@@ -351,6 +351,7 @@ class SpinModelCalculator(Calculator):
         magnetic = [symbols[i] for i in self.levels.magnetic_indices]
         self._gauge = (lambda states: self.encoding.gauge_signs(states, magnetic)) if self.encoding.canonical else None
         self.certificate = None if self.certify is None else self.new_certificate()
+        self.candidate_neighbours: dict = {}  # the spin models' candidate neighbours, shared along this structure's MD
         self.moments = None
         self._adopt_start(atoms)
 
@@ -383,7 +384,8 @@ class SpinModelCalculator(Calculator):
         models = list(models or self.drive_models)
         checked = [self._fast_verdicts.get(id(dp)) for dp in models]
         model = DeepmdSpinModel(models, atoms.positions, cell, self.symbols, self.encoding,
-                                self.levels.magnetic_indices, fast_checked=checked, optimize_jit=self.optimize_jit)
+                                self.levels.magnetic_indices, fast_checked=checked, optimize_jit=self.optimize_jit,
+                                candidate_neighbours=self.candidate_neighbours)
         model.expect(np.array([[v.min() for v in self.levels.values], [v.max() for v in self.levels.values]]))
         return model
 

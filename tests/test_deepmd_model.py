@@ -137,6 +137,37 @@ def test_fixed_geometry_path_rebuilds_for_larger_moments_and_works_without_pbc(d
     assert free.path == "fixed-geometry"
 
 
+@pytest.mark.parametrize("periodic", [True, False])
+def test_candidate_neighbours_serve_later_geometries_until_an_atom_moves_half_the_skin(deeppots, atoms, periodic):
+    """The models of later geometries of one trajectory share their candidate neighbours (candidate_neighbours):
+    built NEIGHBOUR_SKIN wider, kept while no atom has moved half of it from where they were built, rebuilt past
+    that or for a moment reaching further; the energies and -dE/dS are DeepPot.eval's at every geometry."""
+    from spingen.deepmd_model import NEIGHBOUR_SKIN
+
+    dp = deeppots[0]
+    shared = {}
+    start = atoms.copy()
+    start.pbc = periodic
+    direction = np.random.default_rng(4).normal(size=(len(start), 3))
+    direction /= np.linalg.norm(direction, axis=1).max()  # the largest displacement is the step's length
+    moments = random_moments(3, seed=5)
+    kept = []
+    for length, scale in ((0.0, 1.0), (0.2, 1.0), (0.45, 1.0), (0.55, 1.0), (0.55, 1.6)):  # x NEIGHBOUR_SKIN
+        geometry = start.copy()
+        geometry.positions += length * NEIGHBOUR_SKIN * direction
+        model = bind(dp, geometry, candidate_neighbours=shared)
+        e, g = model.evaluate(scale * moments, gradient=True)
+        cell = geometry.cell.array.reshape(1, 9) if periodic else None
+        for row, energy, minus_grad in zip(scale * moments, e, g):
+            out = dp.eval(geometry.positions.reshape(1, -1), cell, model.atom_types, spin=model.spin_vectors(row[None]))
+            np.testing.assert_allclose(energy, out[0].item(), rtol=0, atol=1e-10)
+            np.testing.assert_allclose(minus_grad, out[3][0, model.magnetic_indices, 2], rtol=0, atol=1e-10)
+        assert model.path == "fixed-geometry" and len(shared) == 1
+        kept.append(next(iter(shared.values())))
+    # kept at 0.2 and 0.45 of the skin; rebuilt past half the skin, and for moments reaching further
+    assert kept[1] is kept[0] and kept[2] is kept[0] and kept[3] is not kept[2] and kept[4] is not kept[3]
+
+
 @pytest.mark.parametrize("frames_per_call", [None, 1])
 def test_frames_through_the_models_own_forward_match_deeppot_eval(deeppots, atoms, monkeypatch, frames_per_call):
     """evaluate_frames (every MD step and ensemble prediction) calls the spin model's forward itself: the same
