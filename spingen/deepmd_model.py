@@ -554,9 +554,11 @@ def _span(spin: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class _Candidates:
-    """A model's ghosts and candidate neighbours built at `positions`: they hold every neighbour within
-    rcut + 2 x (reach - the largest displacement of an atom since) of the spin-expanded frame."""
+    """A model's ghosts and candidate neighbours built at `positions` (the atom types and cell: frame): they hold
+    every neighbour within rcut + 2 x (reach - the largest displacement of an atom since) of the spin-expanded
+    frame."""
 
+    model: Any
     positions: np.ndarray
     frame: bytes
     reach: float
@@ -619,13 +621,15 @@ class _FixedGeometry:
             coord_spin, atype_spin, _ = self.model.process_spin_input(self.coord, self.atype, zero)
             kept = self._kept_candidates(reach)
             if kept is None:
-                skin = 0.0 if self.candidate_neighbours is None else NEIGHBOUR_SKIN
+                before = None if self.candidate_neighbours is None else self.candidate_neighbours.get(id(self.model))
+                steady = before is None or before.frame == self._frame_key()  # not a cell that changes (NPT)
+                skin = NEIGHBOUR_SKIN if self.candidate_neighbours is not None and steady else 0.0
                 ext, ext_atype, mapping, nlist = extend_input_and_build_neighbor_list(
                     coord_spin, atype_spin, self.rcut + 2.0 * reach + skin, self.sel, mixed_types=True,
                     box=self.box, cap_neighbors=False)
                 ext = ext.view(1, -1, 3)
                 local = torch.gather(coord_spin, 1, mapping.unsqueeze(-1).expand(-1, -1, 3))
-                kept = _Candidates(self.coord[0].cpu().numpy().copy(), self._frame_key(), reach + skin / 2,
+                kept = _Candidates(self.model, self.coord[0].cpu().numpy().copy(), self._frame_key(), reach + skin / 2,
                                    ext_atype, mapping, ext - local, nlist[:, :self._centres(atype_spin)])
                 if self.candidate_neighbours is not None:
                     self.candidate_neighbours[id(self.model)] = kept
@@ -640,7 +644,7 @@ class _FixedGeometry:
         """The candidate neighbours of an earlier geometry of this model (`candidate_neighbours`) that still hold every
         neighbour within rcut + 2*reach here: the same atoms and cell, no atom moved beyond what they spare."""
         kept = None if self.candidate_neighbours is None else self.candidate_neighbours.get(id(self.model))
-        if kept is None or kept.frame != self._frame_key() or len(kept.positions) != self.coord.shape[1]:
+        if kept is None or kept.model is not self.model or kept.frame != self._frame_key():
             return None
         return kept if reach <= kept.reach - self._moved_since(kept) else None
 

@@ -349,6 +349,47 @@ def test_an_exchange_of_a_moved_ion_takes_its_pairs_coupling_scaled_to_its_chang
     assert cert.scaled_error == pytest.approx(0.0, abs=1e-12)
 
 
+def test_a_move_sizes_a_gap_it_carries_on_anchors_evaluated_before():
+    """A PAIRED competitor of S0 whose anchors were last evaluated geometries ago predicts a gap the move carries
+    to S1's same state: its anchors' age is added to that gap's allowance, so the exchange that turned lower
+    meanwhile (its anchors far from any competitor named, never re-evaluated) is named at the move."""
+    levels = MomentLevels({"Ni": [1.0, 3.0]}, ["Ni"] * 8)
+    rng = np.random.default_rng(5)
+    coupling = np.triu(rng.normal(0, 0.004, (8, 8)), 1)
+
+    def energy(states, field):
+        states = np.atleast_2d(states)
+        return -(states @ field) + np.einsum("ni,ij,nj->n", states, coupling, states)
+
+    def minus_grad(state, field):
+        return field - (coupling + coupling.T) @ state
+
+    moments = np.array([1.0, -3.0, 1.0, 3.0, -1.0, 3.0, -1.0, -3.0])
+    field = np.array([0.1, -0.1, 0.1, 0.3, -0.3, 0.3, -0.3, -0.3])
+    pool = competitors(levels, moments, pair_limit=0, exchange_limit=1000)
+    cert = GroundStateCertificate(levels, CertificateSettings(margin=0.01, pair_limit=0, exchange_limit=1000))
+    e = energy(moments, field)[0]
+    cert.set_reference(moments, e, minus_grad(moments, field), pool, energy(pool, field),
+                       lambda states: energy(states, field) - e)
+    for _ in range(10):  # ions 1 and 2 drift towards exchanging
+        field = field + np.where(np.arange(8) == 1, 0.001, 0.0) - np.where(np.arange(8) == 2, 0.001, 0.0)
+        e, g = energy(moments, field)[0], minus_grad(moments, field)
+        named = cert.to_check(g, lambda states, f=field, e=e: energy(states, f) - e)
+        cert.check(named, e, g, lambda states, f=field: energy(states, f))
+    cert.step_errors[SEVERAL_REVERSED] = 1e-4  # as measured: following -dE/dS is exact here
+    target = moments.copy()
+    target[[0, 1]] = moments[[1, 0]]  # S1: ions 0 and 1 exchanged, evaluated here as a check would
+    cert.update(np.flatnonzero(np.all(pool == target, axis=1)), e, g, energy(target, field))
+    turned = moments.copy()
+    turned[[1, 2]] = moments[[2, 1]]  # an exchange of S0 and of S1 alike
+    new_pool = competitors(levels, target, pair_limit=0, exchange_limit=1000)
+    e1 = energy(target, field)[0]
+    assert energy(turned, field)[0] < e1 - 0.04
+    named = cert.move_to(target, new_pool, g, minus_grad(target, field), symmetric=False,
+                         anchor_gaps=lambda states: energy(states, field) - e1)
+    assert np.flatnonzero(np.all(new_pool == turned, axis=1))[0] in named
+
+
 def test_a_move_carries_the_gaps_over_exactly_in_a_pair_landscape():
     """After a move to a lower competitor, the new moments' competitors take their gaps from the old
     moments' single- and two-ion gaps without an evaluation: exactly, for on-site + pair energies (the

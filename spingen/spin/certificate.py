@@ -64,18 +64,30 @@ from S0 (exact for two ions or fewer, and in an on-site + pair landscape), widen
 measured error of such carried gaps. A competitor whose changed ions the move left alone and whose
 expansion needs gaps S0 lacks (beyond pair_limit: an exchange, or a single-ion move, beside a moved
 ion) keeps the gap of the same change made to S0, G_c = G_{c - S1 + S0}: exact when the two changes
-do not couple, their coupling being its error, measured apart from the expansion's. Only the rest,
-and the carried ones within the allowance, are evaluated.
+do not couple, their coupling being its error, measured apart from the expansion's; three ways, each with
+its own measured error, since they differ by two orders of magnitude (on a trained LiNiO2 model with 27 Ni
+the largest errors were 640 meV with a reversed ion, 6 meV for magnitudes followed): a change with a
+reversed ion keeps it (UNTOUCHED); a change of magnitudes only adds its coupling to the move to first
+order, the move's change of -dE/dS on its ions (FOLLOWED; exact for bilinear couplings); a change into
+the other gauge sector keeps it too, S0 and S1 in one sector, G_c and its twin in the other (CROSSED;
+exact in a reversal-symmetric landscape). Only the rest, and the carried ones within the allowance, are
+evaluated.
 
 Beyond pair_limit, a two-ion competitor c (an exchange) with a reversed ion would keep its gap (its two
 reversed ions' shares drift 8 meV per step in the median, up to 86, on a trained LiNiO2 model with 27 Ni:
 docs/benchmarks/spin_md.md, "Exchanges that follow their anchors"). So its gap is split at its reference
 into the gaps of its two anchors (S0 with one of c's ions changed as in c, in S0's gauge sector, where
-the energy is smooth) and their coupling, E(c) - E(S0) = A_i + A_j + J_c. The anchors are evaluated at
-every geometry (2 per reversed ion at most), and c's gap is predicted from them and its coupling kept
-(kind PAIRED): exact in a landscape of on-site and pair energies, where J_c depends on the two ions alone;
-on that model the couplings moved 0.06 meV per step in the median, 6 at most. A move that leaves c's
-ions alone carries their coupling over.
+the energy is smooth) and their coupling, E(c) - E(S0) = A_i + A_j + J_c, and c's gap is predicted from
+its anchors' gaps and its coupling kept (kind PAIRED): exact in a landscape of on-site and pair energies,
+where J_c depends on the two ions alone; on that model the couplings moved 0.06 meV per step in the median,
+6 at most. An anchor is evaluated at a geometry only where a competitor named for evaluation rests on it
+(the caller's anchor_gaps, 2 per reversed ion at most); one evaluated before keeps its gap, its allowance
+safety x the measured change of anchors' gaps per geometry x its age (inf until measured): on that model
+half the anchors at each step (their gaps move 5 meV per step in the median, 37 at most; -dE/dS at S0 says
+nothing of them, correlation -0.1). A move that leaves c's ions alone carries their coupling over
+(COUPLED); one that moves an ion of c scales the coupling of the same two ions' exchange of S0 by the
+product of their changes, new over old (SCALED: exact for bilinear couplings J_ij S_i S_j; erred 3 meV on
+that model).
 
 The moments of a near-degenerate landscape go back and forth between a few states. The certificate
 remembers the references of the last states it left (remembered_states): back at one of them, its
@@ -103,8 +115,7 @@ EVALUATED, COUPLED, EXPANDED, UNTOUCHED, CROSSED, FOLLOWED, SCALED = range(7)  #
 # evaluated, or carried over a move (move_to: a PAIRED competitor's coupling carried, expanded, kept for an
 # untouched change with a reversed ion, kept for an untouched change into the other gauge sector, kept for an
 # untouched change of magnitudes following the move's change of -dE/dS, or a PAIRED competitor's coupling
-# carried from the same ion pair and scaled to its changes; an expansion is labelled by the last of these among
-# the gaps it uses)
+# carried from the same ion pair and scaled to its changes; an expansion's allowance adds those of the gaps it uses)
 CARRY_ERRORS = {EXPANDED: "move_error", UNTOUCHED: "untouched_error", CROSSED: "crossed_error",
                 FOLLOWED: "followed_error", COUPLED: "coupling_error",
                 SCALED: "scaled_error"}  # the attribute of each way's measured error
@@ -121,7 +132,7 @@ class CertificateSettings:
     search_every: int = 500  # and run a full warm search at least this often (moves of several ions)
     pair_limit: int = 300  # two-ion moves are competitors too when a configuration has at most this many
     exchange_limit: int = 500  # else exchanges of two ions' moments, when a configuration has at most this many
-    # (27 ions: at most 351; their gaps follow their anchors, evaluated at every geometry)
+    # (27 ions: at most 351; their gaps follow their anchors, evaluated where a competitor named rests on them)
     safety: float = 2.0  # times the measured prediction error per step, times the age
     probes: int = 4  # a kind whose error is not measured: this many nearest and most changed evaluated first (0: all)
     remembered_states: int = 8  # the references of this many states left last are kept for a return
@@ -223,7 +234,7 @@ class GroundStateCertificate:
         self.minus_grads = np.empty((0, levels.n_magnetic))  # -dE/dS at S0 at each competitor's reference
         self.ages = np.empty(0, dtype=int)  # geometries since each competitor's reference
         self.slack = np.empty(0)  # eV: the allowance of a gap carried over from the previous moments (move_to)
-        self.carried = np.empty(0, dtype=int)  # EVALUATED, or how the gap was carried (COUPLED, ..., CROSSED)
+        self.carried = np.empty(0, dtype=int)  # EVALUATED, or how the gap was carried (COUPLED, ..., SCALED)
         self.step_errors = np.full(N_KINDS, np.nan)  # measured |predicted - evaluated| gap per geometry by kind, eV
         self.move_error: float | None = None  # measured |expanded - evaluated| gap after a move, eV
         self.untouched_error: float | None = None  # measured |kept - evaluated| gap of a change the move left alone
@@ -372,6 +383,7 @@ class GroundStateCertificate:
         """A new geometry: every competitor's reference, and every remembered one, is one geometry older."""
         self.ages += 1
         self.clock += 1
+        self._anchor_source = None  # the caller's anchor evaluation belongs to the geometry before
 
     def to_check(self, minus_grad: np.ndarray,
                  anchor_gaps: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
@@ -589,8 +601,9 @@ class GroundStateCertificate:
         self._remember()
         old = self.moments
         states = np.concatenate([old[None], self.competitors])
+        slack = self.slack + self._anchor_allowance()  # a PAIRED gap on anchors evaluated before: their age
         values = list(zip(np.concatenate([[0.0], self.predicted_gaps(minus_grad_before)]),
-                          np.concatenate([[0], self.ages]), np.concatenate([[0.0], self.slack]),
+                          np.concatenate([[0], self.ages]), np.concatenate([[0.0], slack]),
                           np.concatenate([[EVALUATED], self.carried])))
         known = {self._key(-c): v for c, v in zip(states, values)} if symmetric else {}
         known.update({self._key(c): v for c, v in zip(states, values)})
@@ -633,6 +646,8 @@ class GroundStateCertificate:
             on_pair.setdefault(tuple(np.flatnonzero(np.abs(old_changes[k]) > 1e-9)), []).append(k)
         untouched = np.abs(self.moments - base) <= 1e-9
         for c in np.flatnonzero(self.anchor_of[:, 0] >= 0):
+            if np.allclose(self.competitors[c], base, atol=1e-9):
+                continue  # the moments left: their gap is the move's, exact here
             change = self.competitors[c] - self.moments
             ions = np.flatnonzero(np.abs(change) > 1e-9)
             rows = on_pair.get(tuple(ions), [])
@@ -704,7 +719,7 @@ class GroundStateCertificate:
         single = [u[0] for u in used[:len(ions)]]
         gap = sum(single) + sum(u[0] - single[s[0]] - single[s[1]] for s, u in zip(subsets[len(ions):], used[len(ions):]))
         slack = sum(u[2] for u in used) + (np.inf if self.move_error is None else self.move_error)
-        return float(gap), max(u[1] for u in used), float(slack), max(EXPANDED, *(u[3] for u in used))
+        return float(gap), max(u[1] for u in used), float(slack), EXPANDED
 
     def _untouched_gap(self, state: np.ndarray, old: np.ndarray, moments: np.ndarray, moved: tuple, known: dict,
                        symmetric: bool, field_change: tuple[np.ndarray, np.ndarray]) -> tuple[float, int, float, int]:
