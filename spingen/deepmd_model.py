@@ -293,7 +293,7 @@ class DeepmdSpinModel(EnergyModel):
     optimize_jit: let TorchScript's profiling executor optimise the graphs (see the module docstring).
     candidate_neighbours: a dict the fixed-geometry path keeps its candidate neighbours in, shared by the models of later
     geometries of one trajectory: built NEIGHBOUR_SKIN wider, they serve every geometry until an atom has moved
-    half of it (a Verlet list; the neighbour search is a quarter of the time that binds a 108-atom cell).
+    half of it (a Verlet list; the neighbour search was almost half the time that binds a 108-atom cell).
     """
 
     def __init__(

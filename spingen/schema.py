@@ -430,8 +430,9 @@ def param_arginfo() -> Argument:
                               doc="Beyond pair_limit, every exchange of two ions' moments (ions with the same allowed "
                                   "values; the total moment kept) is a competitor too when a configuration has at "
                                   "most this many (27 ions: at most 351); its gap follows the gaps of its two "
-                                  "one-ion changes, evaluated at every step. 0: none (single-ion moves only): "
-                                  "on a 27-Ni LiNiO2 cell 2.5x cheaper, and 64 meV per cell off the best known "
+                                  "one-ion changes, evaluated where an exchange near enough rests on them. 0: none "
+                                  "(single-ion moves only): on a 27-Ni LiNiO2 cell 2.2x cheaper, and 64 meV per "
+                                  "cell off the best known "
                                   "state where exchanges hold it (docs/benchmarks/spin_md.md, 'Exchanges that "
                                   "follow their anchors')."),
                      Argument("remembered_states", int, optional=True, default=_CERTIFICATE.remembered_states,
