@@ -1,5 +1,7 @@
 """The ground-state certificate of spin-minimized MD (spingen.spin.certificate; numpy only, fast)."""
 
+from functools import partial
+
 import numpy as np
 import pytest
 
@@ -38,6 +40,21 @@ def trajectory(n_steps: int, seed: int, amplitude: float = 0.1):
         phase = 2 * np.pi * t / n_steps
         moved = pos + modes[0] * np.sin(phase) + modes[1] * np.sin(2 * phase) + modes[2] * (1 - np.cos(phase))
         yield AnalyticSpinModel(moved, cell, SYMBOLS8, ONSITE8, EXCHANGE)
+
+
+def fields_and_pairs(rng: np.random.Generator, n: int, scale: float):
+    """The landscape E = -sum h_i S_i + sum_{i<j} J_ij S_i S_j (J drawn from rng, of this scale): energy(states,
+    field) and minus_grad(state, field)."""
+    coupling = np.triu(rng.normal(0, scale, (n, n)), 1)
+
+    def energy(states, field):
+        states = np.atleast_2d(states)
+        return -(states @ field) + np.einsum("ni,ij,nj->n", states, coupling, states)
+
+    def minus_grad(state, field):
+        return field - (coupling + coupling.T) @ state
+
+    return energy, minus_grad
 
 
 def single_moves(levels: MomentLevels, moments: np.ndarray) -> np.ndarray:
@@ -273,14 +290,7 @@ def test_an_exchange_follows_its_anchors_and_keeps_its_coupling():
     settings = CertificateSettings(margin=0.01, pair_limit=0, exchange_limit=100)
     cert = GroundStateCertificate(levels, settings)
     rng = np.random.default_rng(7)
-    coupling = np.triu(rng.normal(0, 0.02, (6, 6)), 1)
-
-    def energy(states, field):  # E = -sum h_i S_i + sum_{i<j} J_ij S_i S_j
-        states = np.atleast_2d(states)
-        return -(states @ field) + np.einsum("ni,ij,nj->n", states, coupling, states)
-
-    def minus_grad(state, field):
-        return field - (coupling + coupling.T) @ state
+    energy, minus_grad = fields_and_pairs(rng, 6, 0.02)
 
     moments = np.array([1.0, 1.0, 1.0, -1.0, -1.0, -1.0])
     pool = competitors(levels, moments, pair_limit=0, exchange_limit=100)
@@ -318,15 +328,9 @@ def test_an_exchange_of_a_moved_ion_takes_its_pairs_coupling_scaled_to_its_chang
     levels = MomentLevels({"Ni": [1.0, 3.0]}, ["Ni"] * 6)
     cert = GroundStateCertificate(levels, CertificateSettings(margin=0.01, pair_limit=0, exchange_limit=100))
     rng = np.random.default_rng(11)
-    coupling = np.triu(rng.normal(0, 0.02, (6, 6)), 1)
+    landscape, slope = fields_and_pairs(rng, 6, 0.02)
     field = rng.normal(0, 0.1, 6)
-
-    def energy(states):  # E = -sum h_i S_i + sum_{i<j} J_ij S_i S_j
-        states = np.atleast_2d(states)
-        return -(states @ field) + np.einsum("ni,ij,nj->n", states, coupling, states)
-
-    def minus_grad(state):
-        return field - (coupling + coupling.T) @ state
+    energy, minus_grad = partial(landscape, field=field), partial(slope, field=field)
 
     moments = np.array([3.0, 1.0, 3.0, -1.0, -3.0, -1.0])
     pool = competitors(levels, moments, pair_limit=0, exchange_limit=100)
@@ -355,14 +359,7 @@ def test_a_move_sizes_a_gap_it_carries_on_anchors_evaluated_before():
     meanwhile (its anchors far from any competitor named, never re-evaluated) is named at the move."""
     levels = MomentLevels({"Ni": [1.0, 3.0]}, ["Ni"] * 8)
     rng = np.random.default_rng(5)
-    coupling = np.triu(rng.normal(0, 0.004, (8, 8)), 1)
-
-    def energy(states, field):
-        states = np.atleast_2d(states)
-        return -(states @ field) + np.einsum("ni,ij,nj->n", states, coupling, states)
-
-    def minus_grad(state, field):
-        return field - (coupling + coupling.T) @ state
+    energy, minus_grad = fields_and_pairs(rng, 8, 0.004)
 
     moments = np.array([1.0, -3.0, 1.0, 3.0, -1.0, 3.0, -1.0, -3.0])
     field = np.array([0.1, -0.1, 0.1, 0.3, -0.3, 0.3, -0.3, -0.3])
@@ -665,14 +662,7 @@ def test_anchors_are_evaluated_only_for_the_exchanges_their_age_brings_within_re
     levels = MomentLevels({"Ni": [1.0]}, ["Ni"] * 8)
     cert = GroundStateCertificate(levels, CertificateSettings(margin=0.01, pair_limit=0, exchange_limit=100))
     rng = np.random.default_rng(5)
-    coupling = np.triu(rng.normal(0, 0.004, (8, 8)), 1)
-
-    def energy(states, field):  # E = -sum h_i S_i + sum_{i<j} J_ij S_i S_j
-        states = np.atleast_2d(states)
-        return -(states @ field) + np.einsum("ni,ij,nj->n", states, coupling, states)
-
-    def minus_grad(state, field):
-        return field - (coupling + coupling.T) @ state
+    energy, minus_grad = fields_and_pairs(rng, 8, 0.004)
 
     moments = np.array([1.0, 1.0, 1.0, 1.0, -1.0, -1.0, -1.0, -1.0])
     pool = competitors(levels, moments, pair_limit=0, exchange_limit=100)
