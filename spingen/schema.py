@@ -431,7 +431,7 @@ def param_arginfo() -> Argument:
                                   "values; the total moment kept) is a competitor too when a configuration has at "
                                   "most this many (27 ions: at most 351); its gap follows the gaps of its two "
                                   "one-ion changes, evaluated where an exchange near enough rests on them. 0: none "
-                                  "(single-ion moves only): on a 27-Ni LiNiO2 cell 2.2x cheaper, and 64 meV per "
+                                  "(single-ion moves only): on a 27-Ni LiNiO2 cell 2-3x cheaper, and 64 meV per "
                                   "cell off the best known "
                                   "state where exchanges hold it (docs/benchmarks/spin_md.md, 'Exchanges that "
                                   "follow their anchors')."),
