@@ -558,7 +558,6 @@ class _Candidates:
     every neighbour within rcut + 2 x (reach - the largest displacement of an atom since) of the spin-expanded
     frame."""
 
-    model: Any
     positions: np.ndarray
     frame: bytes
     reach: float
@@ -609,6 +608,8 @@ class _FixedGeometry:
         self.touch: np.ndarray | None = None  # (natoms, centres): the centres an atom's virtual atom can come within rcut of
         self.split = _UnmovedSums.of(self.model)  # se_e2_a: the neighbour sections no configuration moves, summed once
         self.candidate_neighbours = candidate_neighbours  # model -> _Candidates of an earlier geometry
+        self.frame = np.asarray(atom_types).tobytes() + (b"" if cell is None else np.asarray(cell, dtype=float).tobytes())
+        self.positions = np.asarray(positions, dtype=float).reshape(natoms, 3)
 
     def _build(self, reach: float) -> None:
         """Ghosts and every neighbour within rcut + 2*reach of the spin-expanded reference frame: those of an earlier
@@ -619,43 +620,29 @@ class _FixedGeometry:
         with torch.no_grad():
             zero = torch.zeros_like(self.coord)
             coord_spin, atype_spin, _ = self.model.process_spin_input(self.coord, self.atype, zero)
-            kept = self._kept_candidates(reach)
-            if kept is None:
-                before = None if self.candidate_neighbours is None else self.candidate_neighbours.get(id(self.model))
-                steady = before is None or before.frame == self._frame_key()  # not a cell that changes (NPT)
-                skin = NEIGHBOUR_SKIN if self.candidate_neighbours is not None and steady else 0.0
+            shared = self.candidate_neighbours
+            kept = None if shared is None else shared.get(self.model)  # an earlier geometry's of this model
+            same_frame = kept is not None and kept.frame == self.frame  # else the atoms or cell changed (NPT)
+            reach_left = kept.reach - float(np.max(np.linalg.norm(self.positions - kept.positions, axis=1))) \
+                if same_frame else -np.inf  # what they still cover after the atoms' moves since
+            if reach > reach_left:
+                skin = NEIGHBOUR_SKIN if shared is not None and (kept is None or same_frame) else 0.0
                 ext, ext_atype, mapping, nlist = extend_input_and_build_neighbor_list(
                     coord_spin, atype_spin, self.rcut + 2.0 * reach + skin, self.sel, mixed_types=True,
                     box=self.box, cap_neighbors=False)
                 ext = ext.view(1, -1, 3)
                 local = torch.gather(coord_spin, 1, mapping.unsqueeze(-1).expand(-1, -1, 3))
-                kept = _Candidates(self.model, self.coord[0].cpu().numpy().copy(), self._frame_key(), reach + skin / 2,
-                                   ext_atype, mapping, ext - local, nlist[:, :self._centres(atype_spin)])
-                if self.candidate_neighbours is not None:
-                    self.candidate_neighbours[id(self.model)] = kept
+                kept = _Candidates(self.positions, self.frame, reach + skin / 2, ext_atype, mapping, ext - local,
+                                   nlist[:, :self._centres(atype_spin)])
+                reach_left = kept.reach
+                if shared is not None:
+                    shared[self.model] = kept
             local = torch.gather(coord_spin, 1, kept.mapping.unsqueeze(-1).expand(-1, -1, 3))
         self.shift = kept.shift  # lattice image (and wrapping) shift of every extended atom
         self.ext_atype, self.mapping, self.ext_ref = kept.ext_atype, kept.mapping, local + kept.shift
         self.nlist = kept.nlist
-        self.reach = kept.reach - self._moved_since(kept)
+        self.reach = reach_left
         self._fix_nlist()
-
-    def _kept_candidates(self, reach: float) -> _Candidates | None:
-        """The candidate neighbours of an earlier geometry of this model (`candidate_neighbours`) that still hold every
-        neighbour within rcut + 2*reach here: the same atoms and cell, no atom moved beyond what they spare."""
-        kept = None if self.candidate_neighbours is None else self.candidate_neighbours.get(id(self.model))
-        if kept is None or kept.model is not self.model or kept.frame != self._frame_key():
-            return None
-        return kept if reach <= kept.reach - self._moved_since(kept) else None
-
-    def _moved_since(self, kept: _Candidates) -> float:
-        """The largest displacement of an atom from where it was when `kept` was built, A."""
-        return float(np.max(np.linalg.norm(self.coord[0].cpu().numpy() - kept.positions, axis=1)))
-
-    def _frame_key(self) -> bytes:
-        """The atom types and cell the candidates were built for."""
-        cell = b"" if self.box is None else self.box.cpu().numpy().tobytes()
-        return self.atype.cpu().numpy().tobytes() + cell
 
     def _centres(self, atype_spin) -> int:
         """How many leading local atoms have atomic energies: the real atoms where the model excludes every

@@ -348,8 +348,7 @@ class GroundStateCertificate:
         ages = self.clock - self.anchor_clocks[rows]
         before = (self.anchor_clocks[rows] >= 0) & (ages > 0) & np.isfinite(self.anchor_gaps[rows]) & np.isfinite(gaps)
         if before.any():
-            kept = (self.anchor_error or 0.0) * (ERROR_MEMORY if self._first_sample("anchor_error") else 1.0)
-            self.anchor_error = max(float(np.max(np.abs(gaps - self.anchor_gaps[rows])[before] / ages[before])), kept)
+            self._sample("anchor_error", np.abs(gaps - self.anchor_gaps[rows])[before] / ages[before])
         self.anchor_gaps[rows], self.anchor_clocks[rows] = gaps, self.clock
 
     def _set_anchor_source(self, anchor_gaps: Callable[[np.ndarray], np.ndarray] | None) -> None:
@@ -507,8 +506,7 @@ class GroundStateCertificate:
         for way, name in CARRY_ERRORS.items():
             measured = (how == way) & np.isfinite(errors)
             if measured.any():
-                kept = (getattr(self, name) or 0.0) * (ERROR_MEMORY if self._first_sample(name) else 1.0)
-                setattr(self, name, max(float(errors[measured].max()), kept))
+                self._sample(name, errors[measured])
         ages = np.maximum(self.ages[indices], 1)
         ways = [np.abs(self.predicted_gaps(minus_grad, indices, follow) - gaps) / ages for follow in (True, False)]
         old = ages > self.settings.max_age
@@ -526,6 +524,12 @@ class GroundStateCertificate:
         self.gaps[indices], self.minus_grads[indices], self.ages[indices] = gaps, minus_grad, 0
         self.slack[indices], self.carried[indices] = 0.0, EVALUATED
         self._measure_couplings(np.asarray(indices), gaps)
+
+    def _sample(self, name: str, errors: np.ndarray) -> None:
+        """Take these errors into the running maximum held in attribute `name` (None: none yet)."""
+        kept = getattr(self, name)
+        memory = ERROR_MEMORY if self._first_sample(name) else 1.0
+        setattr(self, name, _running_max(np.nan if kept is None else kept, errors, memory))
 
     def _first_sample(self, error) -> bool:
         """Whether `error` (a kind, or a name of CARRY_ERRORS) takes its first sample here."""
