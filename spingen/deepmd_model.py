@@ -567,6 +567,17 @@ class _Candidates:
     nlist: Any
 
 
+@dataclass(frozen=True)
+class _Base:
+    """A configuration evaluated at every centre, which the frames near it follow: its spin vectors (natoms, 3), atomic
+    energies (centres,) and, on the split se_e2_a path, each centre's neighbour sum (centres, 4, ng) before the
+    division by nnei (else None)."""
+
+    spin: np.ndarray
+    atomic: np.ndarray
+    sums: Any = None
+
+
 class _FixedGeometry:
     """One frozen pt spin model bound to one geometry: ghosts and candidate neighbours built once.
 
@@ -602,9 +613,9 @@ class _FixedGeometry:
             self.sorted_nlist = True
         descriptor = getattr(self.backbone.atomic_model, "descriptor", None)
         self.local = getattr(descriptor, "original_name", type(descriptor).__name__) in LOCAL_DESCRIPTORS
-        self.bases: list[tuple[np.ndarray, np.ndarray]] = []  # (spin (natoms, 3), atomic energies) of configurations
-        # evaluated whole: the first (the held moments: the last evaluated with their gradient) and up to
-        # NEAR_BASES - 1 far from it (another gauge sector's moments), which the frames near them follow
+        self.bases: list[_Base] = []  # configurations evaluated whole: the first (the held moments: the last evaluated
+        # with their gradient) and up to NEAR_BASES - 1 far from it (another gauge sector's moments), which the frames
+        # near them follow
         self.touch: np.ndarray | None = None  # (natoms, centres): the centres an atom's virtual atom can come within rcut of
         self.split = _UnmovedSums.of(self.model)  # se_e2_a: the neighbour sections no configuration moves, summed once
         self.candidate_neighbours = candidate_neighbours  # model -> _Candidates of an earlier geometry
@@ -781,7 +792,7 @@ class _FixedGeometry:
     def _nearest(self, spin: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """For frames (nf, natoms, 3): the base that changes the fewest centres, and whether that is at most
         LOCAL_SHARE of them."""
-        counts = np.array([self._changed(spin, base_spin).sum(axis=1) for base_spin, _ in self.bases])
+        counts = np.array([self._changed(spin, base.spin).sum(axis=1) for base in self.bases])
         nearest = np.argmin(counts, axis=0)
         return nearest, counts[nearest, np.arange(len(spin))] <= LOCAL_SHARE * self.touch.shape[1]
 
@@ -798,46 +809,109 @@ class _FixedGeometry:
         torch = self.torch
         spin_t = torch.tensor(spin, dtype=self.prec, device=self.device, requires_grad=gradient)
         with torch.set_grad_enabled(gradient):
-            per_atom = self._atomic_energies(spin_t)
+            per_atom, sums = self._atomic_energies(spin_t)
             energy = per_atom.sum(dim=1)
             minus_grad = None
             if gradient:
                 (grad,) = torch.autograd.grad(energy.sum(), spin_t)
                 minus_grad = (-grad).detach().cpu().numpy()
         if gradient or keep or not self.bases:  # the held moments are evaluated with their gradient: their competitors follow
-            base = (spin[0].copy(), per_atom[0].detach().cpu().numpy().astype(float))
+            base = _Base(spin[0].copy(), per_atom[0].detach().cpu().numpy().astype(float),
+                         None if sums is None else sums[0].detach())
             self.bases = self.bases + [base] if keep else [base] + self.bases[1:]
         return energy.detach().cpu().numpy().astype(float), minus_grad
 
-    def _changed_centres(self, spin: np.ndarray, base: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    def _changed_centres(self, spin: np.ndarray, base: _Base) -> np.ndarray:
         """Energies of configurations spin (nf, natoms, 3) from a base configuration's atomic energies, re-evaluating
         only the centres whose candidate neighbours hold a virtual atom that moved (each frame its own centres,
         padded to the most any frame needs)."""
         torch = self.torch
-        base_spin, base_atomic = base
         nf = len(spin)
-        changed = self._changed(spin, base_spin)
+        changed = self._changed(spin, base.spin)
         width = int(changed.sum(axis=1).max())
         if width == 0:
-            return np.full(nf, base_atomic.sum())
+            return np.full(nf, base.atomic.sum())
         order = np.argsort(~changed, axis=1, kind="stable")[:, :width]  # each frame's changed centres first
         valid = np.take_along_axis(changed, order, axis=1)
         with torch.no_grad():
-            spin_t = torch.tensor(spin, dtype=self.prec, device=self.device)
-            now = self._atomic_energies(spin_t, order, valid).cpu().numpy().astype(float)
-        change = np.where(valid, now - base_atomic[order], 0.0).sum(axis=1)
-        return base_atomic.sum() + change
+            if base.sums is not None and self._split_path() and self.split.uniform:
+                now = self._moved_neighbour_energies(spin, base, order, valid)
+            else:
+                now = self._atomic_energies(torch.tensor(spin, dtype=self.prec, device=self.device), order, valid)[0]
+        change = np.where(valid, now.cpu().numpy().astype(float) - base.atomic[order], 0.0).sum(axis=1)
+        return base.atomic.sum() + change
 
-    def _atomic_energies(self, spin_t, order: np.ndarray | None = None, valid: np.ndarray | None = None):
-        """Atomic energies (nf, centres) of spin vectors spin_t (nf, natoms, 3); with order (nf, width) only
-        those centres of each frame (valid: which of them count; the rest are padding), placed ahead of the
-        extended atoms."""
+    def _split_path(self) -> bool:
+        """Whether batches take the split se_e2_a path (`_UnmovedSums`): a plain se_e2_a model, the typed list, the
+        real atoms as the only centres."""
+        return self.split is not None and self.typed_nlist is not None and self.nlist.shape[1] == self.coord.shape[1]
+
+    def _extended(self, spin_t):
+        """Extended coordinates (nf, nall, 3) of the real and virtual atoms at spin vectors spin_t (nf, natoms, 3)."""
         torch = self.torch
         nf = spin_t.shape[0]
         coord_spin, _, _ = self.model.process_spin_input(self.coord.expand(nf, -1, -1).contiguous(),
                                                          self.atype.expand(nf, -1).contiguous(), spin_t)
+        mapping = self.mapping.expand(nf, -1)
+        return torch.gather(coord_spin, 1, mapping.unsqueeze(-1).expand(-1, -1, 3)) + self.shift
+
+    def _moved_neighbour_energies(self, spin: np.ndarray, base: _Base, order: np.ndarray, valid: np.ndarray):
+        """Atomic energies (nf, width) of the centres `order` of each frame (valid: those that count) on the split
+        se_e2_a path, from the base's neighbour sums: only the neighbour slots that hold a virtual atom moved from
+        the base are embedded, at the base's positions and at the frame's, and their difference added (a one-ion
+        change embeds one slot per centre instead of the magnetic section's every slot). The slots' atoms are
+        placed in a compact frame of their own (the picked centres, then each moved slot's atom), not gathered
+        into the whole extended frame."""
+        torch = self.torch
+        nf, width = order.shape
+        natoms = self.coord.shape[1]
+        pick = torch.tensor(order, dtype=torch.long, device=self.device)
+        rows = self.typed_nlist[0][pick]  # (nf, width, nnei): the picked centres' neighbours, extended indices
+        local = self.mapping[0][rows.clamp(min=0)]
+        owner = (local - natoms).clamp(min=0)  # the real atom whose virtual atom a slot holds
+        moved = torch.tensor(np.any(spin != base.spin[None], axis=2), device=self.device)  # (nf, natoms)
+        frames = torch.arange(nf, device=self.device)[:, None, None]
+        slot_moved = (rows >= 0) & (local >= natoms) & moved[frames, owner]
+        slot_moved &= torch.tensor(valid, device=self.device)[..., None]
+        spins = [torch.tensor(base.spin, dtype=self.prec, device=self.device)[None],
+                 torch.tensor(spin, dtype=self.prec, device=self.device)]
+        scale = torch.tensor(self.signed_scale, dtype=self.prec, device=self.device)
+        centres = self.ext_ref[0][pick]  # real atoms: where they are at every configuration
+        atoms = [[[centres], [centres]], [self.ext_atype[0][pick]]]  # the compact frame: before and after, its types
+        parts, placed = [], width
+        for start, stop, kind in self.split.moving:
+            section = slot_moved[..., start:stop]
+            most = int(section.sum(dim=-1).max())
+            if not most:
+                continue
+            first = torch.argsort((~section).to(torch.int8), dim=-1, stable=True)[..., :most]  # moved slots first
+            slots = torch.gather(rows[..., start:stop], -1, first).clamp(min=0)
+            who = torch.gather(owner[..., start:stop], -1, first)
+            reference = self.ext_ref[0][slots]  # (nf, width, most, 3): the slot's virtual atom at zero spin
+            for frame, spin_t in zip(atoms[0], spins):
+                frame.append((reference + spin_t[frames.clamp(max=len(spin_t) - 1), who] * scale[who][..., None])
+                             .reshape(nf, -1, 3))
+            atoms[1].append(self.ext_atype[0][slots].reshape(nf, -1))
+            index = placed + torch.arange(width * most, device=self.device).reshape(width, most)
+            parts.append((torch.where(torch.gather(section, -1, first), index, -1), start, kind))
+            placed += width * most
+        sums = base.sums[pick]
+        atype = torch.cat(atoms[1], dim=1)
+        if parts:
+            coords = torch.cat([torch.cat(atoms[0][0], dim=1), torch.cat(atoms[0][1], dim=1)])
+            parts = [(self._within_rcut(coords, torch.cat([slots, slots])), start, kind) for slots, start, kind in parts]
+            moved_sums = self.split.section_sums(coords, torch.cat([atype, atype]), parts, width)
+            sums = sums + (moved_sums[nf:] - moved_sums[:nf])
+        return self.split.fitted(sums, atype[:, :width])
+    def _atomic_energies(self, spin_t, order: np.ndarray | None = None, valid: np.ndarray | None = None):
+        """Atomic energies (nf, centres) of spin vectors spin_t (nf, natoms, 3); with order (nf, width) only
+        those centres of each frame (valid: which of them count; the rest are padding), placed ahead of the
+        extended atoms. With them, on the split se_e2_a path for every centre, each centre's neighbour sum
+        (nf, centres, 4, ng); else None."""
+        torch = self.torch
+        nf = spin_t.shape[0]
+        ext = self._extended(spin_t)
         mapping = self.mapping.expand(nf, -1).contiguous()
-        ext = torch.gather(coord_spin, 1, mapping.unsqueeze(-1).expand(-1, -1, 3)) + self.shift
         ext_atype = self.ext_atype.expand(nf, -1).contiguous()
         rows = self.nlist if self.typed_nlist is None else self.typed_nlist
         if order is None:
@@ -855,15 +929,17 @@ class _FixedGeometry:
         else:
             nlist = self._within_rcut(ext.detach(), rows)
         cc, _, _, _, _ = self.backbone._input_type_cast(ext, None, None, None)
-        if self.split is not None and self.typed_nlist is not None and self.nlist.shape[1] == self.coord.shape[1]:
+        if self._split_path():
             if self.split.sums is None:
                 with torch.no_grad():
                     self.split.sums = self.split.unmoved_sums(self.ext_ref, self.ext_atype,
                                                               self._within_rcut(self.ext_ref, self.typed_nlist))[0]
             centres = None if order is None else torch.tensor(order, dtype=torch.long, device=self.device)
-            return self.split.energies(cc, ext_atype, nlist, centres).to(self.ener_prec)
+            sums = self.split.neighbour_sums(cc, ext_atype, nlist, centres)
+            energies = self.split.fitted(sums, ext_atype[:, :nlist.shape[1]]).to(self.ener_prec)
+            return energies, (sums if order is None else None)
         atomic = self.backbone.atomic_model.forward_common_atomic(cc, ext_atype, nlist, mapping, None, None, None, None)
-        return atomic["energy"].to(self.ener_prec).reshape(nf, -1)
+        return atomic["energy"].to(self.ener_prec).reshape(nf, -1), None
 
 
 class _UnmovedSums:
@@ -873,9 +949,12 @@ class _UnmovedSums:
     type, and builds the descriptor from that sum. At one geometry with the real atoms as centres only the virtual
     atoms of the magnetic types move with the moments (on the LiNiO2 model: Ni_spin, 16 of 112 neighbour slots);
     every other section's sum is the same for every configuration, so it is computed once (`sums`, per centre) and
-    a batch embeds only the moving sections. The rest mirrors DescrptBlockSeA.forward, DPAtomicModel.forward_atomic
-    and forward_common_atomic: pair and atom exclusions, the fitting net, the output bias. Plain (uncompressed)
-    float64 se_e2_a only; the first-use check against DeepPot.eval covers it like the rest of the path.
+    a batch embeds only the moving sections. A configuration near a base (`_Base`) embeds fewer still: only the
+    slots whose virtual atom moved from the base, their change added to the base's sums (`section_sums`; needs
+    one normalisation for every slot of a moving section, `uniform`). The rest mirrors DescrptBlockSeA.forward,
+    DPAtomicModel.forward_atomic and forward_common_atomic: pair and atom exclusions, the fitting net, the output
+    bias. Plain (uncompressed) float64 se_e2_a only; the first-use check against DeepPot.eval covers it like the
+    rest of the path.
     """
 
     def __init__(self, atomic_model, moving: list[int]) -> None:
@@ -883,6 +962,12 @@ class _UnmovedSums:
         sec = [int(x) for x in self.sea.sec]
         self.moving = [(sec[t], sec[t + 1], t) for t in moving]
         self.unmoved = [(sec[t], sec[t + 1], t) for t in range(len(sec) - 1) if t not in moving]
+        self.uniform = all(bool((stat[:, start:stop] == stat[:, start:start + 1]).all())
+                           for stat in (self.sea.mean, self.sea.stddev) for start, stop, _ in self.moving)
+        fitting = atomic_model.fitting_net
+        self.typed_fitting = (not bool(fitting.mixed_types) and fitting.remove_vaccum_contribution is None
+                              and int(fitting.numb_fparam) == 0 and int(fitting.numb_aparam) == 0
+                              and int(getattr(fitting, "dim_case_embd", 0)) == 0 and fitting.var_name == "energy")
         self.sums = None  # (centres, 4, ng): the unmoved sections' sum at this geometry's neighbour list
 
     @classmethod
@@ -902,26 +987,47 @@ class _UnmovedSums:
 
     def unmoved_sums(self, coord, ext_atype, nlist):
         """The unmoved sections' sums (nf, nloc, 4, ng) of the centres of nlist."""
-        nf, nloc, _ = nlist.shape
-        xyz = coord.new_zeros((nf, nloc, 4, int(self.sea.filter_neuron[-1])))
-        return self._add_sections(coord, ext_atype, self._excluded(nlist, ext_atype), self.unmoved, xyz)
+        parts = [(nlist[:, :, start:stop], start, kind) for start, stop, kind in self.unmoved]
+        return self.section_sums(coord, ext_atype, parts, nlist.shape[1])
 
-    def energies(self, coord, ext_atype, nlist, centres=None):
-        """Atomic energies (nf, nloc) of the centres of nlist: every real atom, or the real atoms `centres` (nf, nloc)."""
+    def neighbour_sums(self, coord, ext_atype, nlist, centres=None):
+        """Each centre's sum over every neighbour (nf, nloc, 4, ng) of the centres of nlist: every real atom, or the
+        real atoms `centres` (nf, nloc)."""
+        nf = nlist.shape[0]
+        xyz = self.sums.expand(nf, -1, -1, -1) if centres is None else self.sums[centres]
+        parts = [(nlist[:, :, start:stop], start, kind) for start, stop, kind in self.moving]
+        return xyz + self.section_sums(coord, ext_atype, parts, nlist.shape[1])
+
+    def fitted(self, sums, atype):
+        """Atomic energies (nf, nloc) of centres of types atype (nf, nloc) from their neighbour sums (nf, nloc, 4, ng)."""
         am, sea = self.am, self.sea
-        nf, nloc, _ = nlist.shape
-        atype = ext_atype[:, :nloc]
-        nlist = self._excluded(nlist, ext_atype)
-        xyz = self.sums.expand(nf, -1, -1, -1).clone() if centres is None else self.sums[centres]
-        xyz = self._add_sections(coord, ext_atype, nlist, self.moving, xyz) / int(sea.nnei)
+        nf, nloc = atype.shape
+        xyz = sums / int(sea.nnei)
         columns = xyz.transpose(-1, -2)  # (nf, nloc, ng, 4)
         descriptor = (columns @ xyz[..., :int(sea.axis_neuron)]).reshape(nf, nloc, -1)
         from deepmd.pt.utils.env import GLOBAL_PT_FLOAT_PRECISION
 
-        fitted = am.fitting_net(descriptor.to(GLOBAL_PT_FLOAT_PRECISION), atype, gr=columns[..., 1:4], g2=None, h2=None,
-                                fparam=None, aparam=None)
+        descriptor = descriptor.to(GLOBAL_PT_FLOAT_PRECISION)
+        if self.typed_fitting:
+            fitted = {"energy": self._typed_fitting(descriptor, atype)}
+        else:
+            fitted = am.fitting_net(descriptor, atype, gr=columns[..., 1:4], g2=None, h2=None, fparam=None, aparam=None)
         energy = am.apply_out_stat(fitted, atype)["energy"].reshape(nf, nloc)
         return energy if am.atom_excl is None else energy * am.atom_excl(atype)
+
+    def _typed_fitting(self, descriptor, atype):
+        """The energy fitting's output (nf, nloc, 1) as deepmd-kit's GeneralFitting._forward_common gives it without
+        parameters (fparam, aparam, case embedding, vacuum contribution), each centre through its own type's network
+        alone: that forward runs every type's network over every centre and keeps one (6 networks, 3 of them for the
+        virtual types, over each real atom of a spin model)."""
+        fitting = self.am.fitting_net
+        networks = fitting.filter_layers.networks
+        outs = descriptor.new_zeros((*atype.shape, 1))
+        for kind in range(int(fitting.bias_atom_e.shape[0])):
+            mine = atype == kind
+            if bool(mine.any()):
+                outs[mine] = getattr(networks, str(kind))(descriptor[mine]) + fitting.bias_atom_e[kind]
+        return outs.where(fitting.emask(atype).to(bool)[..., None], 0.0)
 
     def _excluded(self, nlist, ext_atype):
         """nlist without the pairs the atomic model excludes (forward_common_atomic's pair_excl)."""
@@ -929,23 +1035,27 @@ class _UnmovedSums:
             return nlist
         return nlist.where(self.am.pair_excl(nlist, ext_atype) == 1, -1)
 
-    def _add_sections(self, coord, ext_atype, nlist, sections, xyz):
-        """xyz (nf, nloc, 4, ng) plus rr^T G(s) over the neighbours of `sections`, each centre type its network."""
+    def section_sums(self, coord, ext_atype, parts, nloc):
+        """Sum (nf, nloc, 4, ng) of rr^T G(s) over the neighbours of `parts`: (neighbour list (nf, nloc, n), the
+        first slot of the section it stands for (its normalisation), the neighbour type); each centre type its
+        network."""
         from deepmd.pt.model.descriptor.env_mat import prod_env_mat
 
         sea = self.sea
-        atype = ext_atype[:, :nlist.shape[1]]
+        atype = ext_atype[:, :nloc]
+        xyz = coord.new_zeros((coord.shape[0], nloc, 4, int(sea.filter_neuron[-1])))
         ntypes, one_side = int(sea.ntypes), bool(sea.type_one_side)
         networks = sea.filter_layers.networks
-        for start, stop, kind in sections:
-            part = nlist[:, :, start:stop]
+        for part, start, kind in parts:
+            part = self._excluded(part, ext_atype)
+            stop = start + part.shape[-1]
             env = prod_env_mat(coord, part, atype, sea.mean[:, start:stop], sea.stddev[:, start:stop], float(sea.rcut),
                                float(sea.rcut_smth), protection=float(sea.env_protection))[0]
-            rr = env * sea.emask(part, ext_atype).unsqueeze(-1)  # (nf, nloc, nt, 4)
+            rr = env * sea.emask(part, ext_atype).unsqueeze(-1)  # (nf, nloc, n, 4)
             for centre_type in [None] if one_side else range(ntypes):
                 network = getattr(networks, str(kind if one_side else kind * ntypes + centre_type))
                 mine = (atype >= 0) if centre_type is None else (atype == centre_type)
                 if bool(mine.any()):
-                    picked = rr[mine]  # (m, nt, 4)
+                    picked = rr[mine]  # (m, n, 4)
                     xyz[mine] += picked.transpose(-1, -2) @ network(picked[..., :1])
         return xyz

@@ -232,7 +232,10 @@ def test_a_batch_near_the_held_moments_re_evaluates_only_the_centres_it_changes(
     re-evaluates only the atoms whose neighbours hold a moved virtual atom (the neighbour list sorted per
     batch on the dense cell, split by type once on the wide one); every energy stays DeepPot.eval's. A frame
     that changes most atoms takes the whole cell and, with others far from the held moments in the same
-    batch, becomes a second base that those near it follow."""
+    batch, becomes a second base that those near it follow. On the wide cell (split se_e2_a) a frame embeds only
+    the neighbour slots that hold a virtual atom it moved, added to the base's neighbour sums."""
+    import torch
+
     dp = deeppots[0]
     dense = atoms.repeat((3, 1, 1))
     wide = dense.copy()
@@ -254,6 +257,16 @@ def test_a_batch_near_the_held_moments_re_evaluates_only_the_centres_it_changes(
         spin = model.spin_vectors(changes).reshape(len(changes), -1, 3)
         assert len(fixed.bases) == 1 and fixed._nearest(spin[:n])[1].all()  # the single-ion changes: local path
         np.testing.assert_allclose(fixed._changed_centres(spin[:n], fixed.bases[0]), e[:n], rtol=0, atol=1e-10)
+        if typed:  # split se_e2_a: only the slots of moved virtual atoms embedded, added to the base's neighbour sums
+            assert fixed.bases[0].sums is not None and fixed.split.uniform and fixed.split.typed_fitting
+            changed = fixed._changed(spin, fixed.bases[0].spin)
+            order = np.argsort(~changed, axis=1, kind="stable")[:, :int(changed.sum(axis=1).max())]
+            valid = np.take_along_axis(changed, order, axis=1)
+            with torch.no_grad():
+                moved = fixed._moved_neighbour_energies(spin, fixed.bases[0], order, valid).numpy()
+                every_slot = fixed._atomic_energies(torch.tensor(spin), order, valid)[0].numpy()
+            assert np.abs(np.where(valid, moved - fixed.bases[0].atomic[order], 0)).max() > 1e-3  # they do change
+            np.testing.assert_allclose(np.where(valid, moved, 0), np.where(valid, every_slot, 0), rtol=0, atol=1e-12)
         flipped = -changes[: n + 1]  # the held moments and their single-ion changes, every ion reversed
         assert not fixed._nearest(model.spin_vectors(flipped).reshape(n + 1, -1, 3))[1].any()
         mixed = np.concatenate([flipped[:1], changes[:2], flipped[1:]])  # one call: each frame its own way
