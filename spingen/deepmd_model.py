@@ -877,11 +877,11 @@ class _FixedGeometry:
         frames = torch.arange(nf, device=self.device)[:, None, None]
         slot_moved = (rows >= 0) & (local >= natoms) & moved[frames, owner]
         slot_moved &= torch.tensor(valid, device=self.device)[..., None]
-        spins = [torch.tensor(base.spin, dtype=self.prec, device=self.device)[None],
-                 torch.tensor(spin, dtype=self.prec, device=self.device)]
+        base_spin = torch.tensor(base.spin, dtype=self.prec, device=self.device)
+        spin_t = torch.tensor(spin, dtype=self.prec, device=self.device)
         scale = torch.tensor(self.signed_scale, dtype=self.prec, device=self.device)
         centres = self.ext_ref[0][pick]  # real atoms: where they are at every configuration
-        atoms = [[[centres], [centres]], [self.ext_atype[0][pick]]]  # the compact frame: before and after, its types
+        before, after, types = [centres], [centres], [self.ext_atype[0][pick]]  # the compact frame, in pieces
         parts, placed = [], width
         for start, stop, kind in self.split.moving:
             section = slot_moved[..., start:stop]
@@ -892,21 +892,22 @@ class _FixedGeometry:
             slots = torch.gather(rows[..., start:stop], -1, first).clamp(min=0)
             who = torch.gather(owner[..., start:stop], -1, first)
             reference = self.ext_ref[0][slots]  # (nf, width, most, 3): the slot's virtual atom at zero spin
-            for frame, spin_t in zip(atoms[0], spins):
-                frame.append((reference + spin_t[frames.clamp(max=len(spin_t) - 1), who] * scale[who][..., None])
-                             .reshape(nf, -1, 3))
-            atoms[1].append(self.ext_atype[0][slots].reshape(nf, -1))
+            displacement = scale[who][..., None]
+            before.append((reference + base_spin[who] * displacement).reshape(nf, -1, 3))
+            after.append((reference + spin_t[frames, who] * displacement).reshape(nf, -1, 3))
+            types.append(self.ext_atype[0][slots].reshape(nf, -1))
             index = placed + torch.arange(width * most, device=self.device).reshape(width, most)
             parts.append((torch.where(torch.gather(section, -1, first), index, -1), start, kind))
             placed += width * most
         sums = base.sums[pick]
-        atype = torch.cat(atoms[1], dim=1)
+        atype = torch.cat(types, dim=1)
         if parts:
-            coords = torch.cat([torch.cat(atoms[0][0], dim=1), torch.cat(atoms[0][1], dim=1)])
-            parts = [(self._within_rcut(coords, torch.cat([slots, slots])), start, kind) for slots, start, kind in parts]
-            moved_sums = self.split.section_sums(coords, torch.cat([atype, atype]), parts, width)
+            coords = torch.cat([torch.cat(before, dim=1), torch.cat(after, dim=1)])
+            both = [(self._within_rcut(coords, torch.cat([part, part])), start, kind) for part, start, kind in parts]
+            moved_sums = self.split.section_sums(coords, torch.cat([atype, atype]), both, width)
             sums = sums + (moved_sums[nf:] - moved_sums[:nf])
-        return self.split.fitted(sums, atype[:, :width])
+        return self.split.fitted(sums, atype[:, :width]).to(self.ener_prec)
+
     def _atomic_energies(self, spin_t, order: np.ndarray | None = None, valid: np.ndarray | None = None):
         """Atomic energies (nf, centres) of spin vectors spin_t (nf, natoms, 3); with order (nf, width) only
         those centres of each frame (valid: which of them count; the rest are padding), placed ahead of the
@@ -968,8 +969,12 @@ class _UnmovedSums:
         self.unmoved = [(sec[t], sec[t + 1], t) for t in range(len(sec) - 1) if t not in moving]
         self.uniform = all(bool((stat[:, start:stop] == stat[:, start:start + 1]).all())
                            for stat in (self.sea.mean, self.sea.stddev) for start, stop, _ in self.moving)
+        import torch
+
         fitting = atomic_model.fitting_net
-        self.typed_fitting = (not bool(fitting.mixed_types) and fitting.remove_vaccum_contribution is None
+        float64 = fitting.bias_atom_e.dtype == torch.float64 and all(p.dtype == torch.float64 for p in fitting.parameters())
+        # (deepmd-kit rounds the bias to the fitting's precision: a float32 fitting is left to its own forward)
+        self.typed_fitting = (float64 and not bool(fitting.mixed_types) and fitting.remove_vaccum_contribution is None
                               and int(fitting.numb_fparam) == 0 and int(fitting.numb_aparam) == 0
                               and int(getattr(fitting, "dim_case_embd", 0)) == 0 and fitting.var_name == "energy")
         self.sums = None  # (centres, 4, ng): the unmoved sections' sum at this geometry's neighbour list
