@@ -278,6 +278,39 @@ def test_a_batch_near_the_held_moments_re_evaluates_only_the_centres_it_changes(
         assert fixed._nearest(model.spin_vectors(flipped[1:]).reshape(n, -1, 3))[1].all()
 
 
+
+def test_moved_slots_follow_deeppot_across_rcut_and_repeated_images(deeppots):
+    """A cell shorter than rcut along the chain (each centre sees the same virtual atom through several images)
+    and moments whose changes carry virtual atoms across rcut: the near-base batch that embeds only the moved
+    slots gives DeepPot.eval's energies."""
+    from ase import Atoms
+
+    dp = deeppots[0]
+    chain = Atoms("NiOLiNiO", positions=[(0, 0, 0), (1.6, 0.4, 0.3), (0.3, 4.5, 4.5), (1.5, 4.6, 2.2), (0.1, 7.0, 1.0)],
+                  cell=np.diag([3.2, 9.0, 9.0]), pbc=True)
+    chain.rattle(0.05, seed=0)
+    model = bind(dp, chain)
+    held = np.array([3.0, -1.0])
+    changes = np.array([[-3.0, -1.0], [1.0, -1.0], [3.0, 3.0], [3.0, 1.0], [-1.0, 1.0], [-3.0, 3.0]])
+    model.evaluate(held[None], gradient=True)
+    fixed = model._fixed[0]
+    spin = model.spin_vectors(changes).reshape(len(changes), -1, 3)
+    base = fixed.bases[0]
+    assert base.sums is not None and fixed._split_path() and fixed.split.uniform and fixed._nearest(spin[:4])[1].all()
+    natoms = len(chain)
+    rows = fixed.typed_nlist[0].numpy()
+    owners = fixed.mapping[0].numpy()[np.where(rows >= 0, rows, 0)] - natoms
+    virtual = (rows >= 0) & (owners >= 0)
+    assert any(len(set(row[keep])) < keep.sum() for row, keep in zip(owners, virtual))  # one atom, several images
+    centres = fixed.ext_ref[0].numpy()[:natoms]
+    place = fixed.ext_ref[0].numpy()[np.where(rows >= 0, rows, 0)]
+    scale = fixed.signed_scale[np.where(virtual, owners, 0)][..., None]
+    within = [np.linalg.norm(place + s[np.where(virtual, owners, 0)] * scale - centres[:, None], axis=-1) <= fixed.rcut
+              for s in np.concatenate([base.spin[None], spin])]
+    assert any(np.any(virtual & (now != within[0])) for now in within[1:])  # a moved virtual atom crosses rcut
+    np.testing.assert_allclose(fixed._changed_centres(spin, base), reference(dp, model, chain, changes)[0],
+                               rtol=0, atol=1e-10)
+
 def test_sector_energies_see_the_moments_with_the_sign_asked_for(deeppots, atoms):
     """A canonical-sign model's energies in a gauge sector: sign x moments as the plain encoding sees them,
     the same as ``evaluate`` for the configurations of that sector; the plain model has one sector."""
