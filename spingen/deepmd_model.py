@@ -1018,13 +1018,13 @@ class _UnmovedSums:
 
         descriptor = descriptor.to(GLOBAL_PT_FLOAT_PRECISION)
         if self.typed_fitting:
-            fitted = {"energy": self._typed_fitting(descriptor, atype)}
+            fitted = {"energy": self._fit_by_type(descriptor, atype)}
         else:
             fitted = am.fitting_net(descriptor, atype, gr=columns[..., 1:4], g2=None, h2=None, fparam=None, aparam=None)
         energy = am.apply_out_stat(fitted, atype)["energy"].reshape(nf, nloc)
         return energy if am.atom_excl is None else energy * am.atom_excl(atype)
 
-    def _typed_fitting(self, descriptor, atype):
+    def _fit_by_type(self, descriptor, atype):
         """The energy fitting's output (nf, nloc, 1) as deepmd-kit's GeneralFitting._forward_common gives it without
         parameters (fparam, aparam, case embedding, vacuum contribution), each centre through its own type's network
         alone: that forward runs every type's network over every centre and keeps one (6 networks, 3 of them for the
