@@ -78,7 +78,8 @@ class SpinModelCalculator(Calculator):
     margin, evaluates only those in energy-only batches (none: certified; GroundStateCertificate.check),
     and when one is lower, moves to it and goes on downhill over the new moments' competitors, whose
     gaps the old ones carry over where they can (GroundStateCertificate.move_to); a full warm search
-    runs every certify.search_every steps.
+    runs every certify.search_every steps. A cold search's result has every competitor evaluated at
+    its geometry, the descent from it included, before the moments are reported.
 
     After a calculation: ``results["magmoms"]`` (natoms,), ``moments`` (magnetic ions),
     ``last_search`` (SearchResult at the last re-optimization), ``excited_magmoms()``; counters
@@ -185,7 +186,10 @@ class SpinModelCalculator(Calculator):
         cold = self.moments is None
         if cold:  # no start: a cold search first
             self.optimize(atoms)
-        elif search_now:  # evaluate here first (NaN is reported as such); certificate and search reuse it
+        if search_now and not cold or cold and self.certificate is not None:
+            # evaluate here first (NaN is reported as such); certificate and search reuse it. After a cold search
+            # every competitor of its result is evaluated and a lower one descended to (the search's polish skips
+            # the moves its surrogate predicts to rise, so its best can sit a move above a lower state)
             self._evaluate(atoms)
             if not self._reoptimize(atoms):
                 self.lowest_here = True

@@ -123,6 +123,35 @@ def test_calculator_spins_are_the_ground_state(dps, search):
     assert calc.excited_magmoms().shape == (len(atoms), 4)
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_cold_search_is_descended_from_over_every_competitor(dps, seed):
+    """A cold start reports no moments a single- or two-ion change lowers: with the certificate, every
+    competitor of the search's result is evaluated at its geometry and a lower one descended to (here the
+    search is cut to 4 evaluations, so its own best is rarely such a minimum: without the certificate it is
+    left as found, the same search)."""
+    from spingen.md import SpinModelCalculator
+    from spingen.spin.certificate import SAME_ENERGY
+
+    held = {}
+    for certify in (None, {}):
+        atoms = cell16(seed=seed)
+        calc = SpinModelCalculator(dps, MAGNITUDES, encoding=SPIN.encoding, drive="mean", seed=seed,
+                                   search={"enumerate_limit": 0, "max_evaluations": 4}, certify=certify)
+        atoms.calc = calc
+        energy = atoms.get_potential_energy()
+        pool = calc.competitors(calc.moments)
+        full = np.zeros((len(pool), len(atoms)))
+        full[:, calc.levels.magnetic_indices] = pool
+        lowest = predict(dps, [atoms] * len(pool), full)[0].mean(axis=0).min()
+        held[certify is None] = (energy, lowest, calc.n_descents, calc.lowest_here)
+    energy, lowest, descents, lowest_here = held[False]
+    assert lowest >= energy - SAME_ENERGY and lowest_here
+    searched_energy, searched_lowest, searched_descents, _ = held[True]
+    assert searched_descents == 0
+    if searched_lowest < searched_energy - SAME_ENERGY:  # the search's best was not such a minimum: descended from
+        assert descents > 0 and energy < searched_energy - SAME_ENERGY
+
+
 def test_a_search_step_hands_its_own_evaluation_to_the_search(dps):
     """Re-optimizing steps evaluate the current moments once (energy, forces, -dE/dS), the search
     takes that for free, and the step evaluates again only if the moments moved."""
