@@ -351,11 +351,11 @@ def test_member_states_follow_the_trajectory_certified_frame_to_frame(dps, excha
         assert np.mean(evaluated[1:]) < pool_size, evaluated
 
 
-def test_a_member_held_in_a_local_minimum_descends_from_new_driving_moments(dps, monkeypatch):
-    """A member whose own state of the frame before is a local minimum of its landscape, lower for it
-    than the driving moments, leaves it when the driving moments are new: it descends from those too and
-    keeps the lower end; with the same driving moments as before it keeps its own minimum. Member 1's
-    landscape is a two-basin one (below) under single-ion moves (pair_limit 0)."""
+def test_a_member_in_a_local_minimum_returns_to_a_lower_state_it_visited(dps, monkeypatch):
+    """A member whose own state of the frame before is a local minimum of its landscape stays there while the
+    driving moments lie above it; a lower state it visited at the frames before is checked at every frame and
+    taken where it lies below both; and it descends from the driving moments where those lie below its
+    minimum. Member 1's landscape is a two-basin one (below) under single-ion moves (pair_limit 0)."""
     from spingen.md import SpinModelCalculator
     from spingen.spin.model import EnergyModel
     from spingen.tasks.explore import MemberStates
@@ -386,22 +386,26 @@ def test_a_member_held_in_a_local_minimum_descends_from_new_driving_moments(dps,
                         member_model if models == [dps[1]] else energy_model(a, models))
     members = MemberStates(calc)
 
-    def member_state(own, drive_before):
-        members.held[1], members.drive = own.copy(), drive_before  # member 1's state at the frame before
+    def member_state(own, visited=(), drive=driving):
+        members.held[1], members.visited = own.copy(), {1: [np.array(v) for v in visited]}  # the frames before
         members.certificates.pop(1, None)
-        at_driving = [calc.energy_model(atoms, [dp]).evaluate(driving[None], gradient=True) for dp in dps]
+        calc.moments = drive
+        at_driving = [calc.energy_model(atoms, [dp]).evaluate(drive[None], gradient=True) for dp in dps]
         state = members.states(atoms, np.array([e[0] for e, _ in at_driving]),
                                np.array([g[0] for _, g in at_driving]))[1]
         assert members.certificates[1].holds_for(members.held[1]) and np.array_equal(members.held[1], state)
         return state
 
-    assert member_model.evaluate(local[None])[0][0] < member_model.evaluate(driving[None])[0][0]
-    np.testing.assert_array_equal(member_state(driving, drive_before=None), up)  # from the driving moments alone
-    np.testing.assert_array_equal(member_state(local, drive_before=None), up)  # new driving moments
-    np.testing.assert_array_equal(member_state(local, drive_before=driving), local)  # the same as before
-    higher = np.array([1.0, -1.0, 1.0, -1.0])  # no minimum: above the driving moments for member 1
-    assert member_model.evaluate(higher[None])[0][0] > member_model.evaluate(driving[None])[0][0]
-    np.testing.assert_array_equal(member_state(higher, drive_before=driving), up)  # the same, but lower
+    energy = lambda state: member_model.evaluate(state[None])[0][0]  # noqa: E731
+    assert energy(local) < energy(driving)
+    np.testing.assert_array_equal(member_state(driving), up)  # from the driving moments alone
+    np.testing.assert_array_equal(member_state(local), local)  # the driving moments lie above its minimum
+    np.testing.assert_array_equal(member_state(local, visited=[driving, up]), up)  # a lower state visited before
+    assert any(np.array_equal(v, up) for v in members.visited[1]) and len(members.visited[1]) <= 8
+    higher = np.array([1.0, -1.0, 1.0, -1.0])
+    assert energy(higher) > energy(local)
+    np.testing.assert_array_equal(member_state(local, visited=[higher]), local)  # one above is not taken
+    np.testing.assert_array_equal(member_state(local, drive=up), up)  # driving moments below its minimum
 
 
 def test_symmetrized_calculator_is_exactly_reversal_symmetric(dps):

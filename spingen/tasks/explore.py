@@ -58,6 +58,7 @@ SECTORS_FILE, SECTORS_GLOB = "sectors.{step:06d}.{sectors}.npy", "sectors.*.npy"
 DEVI_COLUMNS = ("step", "max_devi_v", "min_devi_v", "avg_devi_v", "max_devi_f", "min_devi_f", "avg_devi_f",
                 "devi_e", "spin_disagree", "spin_devi_e")
 SPIN_NOT_COMPUTED = -1.0
+VISITED_STATES = 8  # a member's states and the driving moments of this many frames before are checked again
 
 
 @dataclass(frozen=True)
@@ -133,12 +134,15 @@ class MemberStates:
     -dE/dS at the start only the competitors that may lie lower are evaluated, in energy-only batches,
     none when the start is certified. A member for which one is lower moves to it and goes on downhill,
     its new competitors taking the gaps the old ones carry over (``GroundStateCertificate.move_to``).
-    It also descends from the driving moments, checking every competitor there, where those are new
-    since the last frame whose states were computed or not above its own state for it (the only descent
-    at its first frame, or where its state is the driving one): a member's own state can sit in a local
-    minimum of its landscape while the driving moments lead to a lower one. The lower end of the two is
-    its state (its own on a tie), and its certificate keeps the errors both descents measured. Not the
-    driving model where the calculator re-optimized its moments at this geometry: they are its own.
+    Its state can sit in a local minimum of its landscape, several ions away from a lower one that
+    single- and two-ion moves do not reach, so two more starts: the states it ended at and the driving
+    moments of the last VISITED_STATES frames are evaluated at every frame (one batch), and the descent
+    starts from the lowest of them where it lies below both its own state and the driving moments; and
+    it descends from the driving moments too, checking every competitor there, where those lie below the
+    end of that descent (the only descent at its first frame, or where its state is the driving one).
+    The lower end is its state (the first on a tie), and its certificate keeps the errors both descents
+    measured. Not the driving model where the calculator re-optimized its moments at this geometry: they
+    are its own.
     """
 
     def __init__(self, calc) -> None:
@@ -148,27 +152,25 @@ class MemberStates:
         self.seen: list[dict[bytes, float]] = []
         self.held: dict[int, np.ndarray] = {}  # member -> its ground state at the last frame
         self.certificates: dict[int, Any] = {}  # member -> GroundStateCertificate of its held state
-        self.drive: np.ndarray | None = None  # the driving moments at the last `states`
+        self.visited: dict[int, list[np.ndarray]] = {}  # member -> its states and the driving moments, latest last
 
     def states(self, atoms, energies: np.ndarray, minus_grads: np.ndarray) -> np.ndarray:
         """(members x magnetic ions) ground states at this geometry; energies (M,) and -dE/dS (M, n_magnetic)
         of every member at the calculator's moments. NaN rows where a member's energies are not finite."""
         calc = self.calc
         if self.levels is not calc.levels:
-            self.levels, self.held, self.certificates, self.drive = calc.levels, {}, {}, None
+            self.levels, self.held, self.certificates, self.visited = calc.levels, {}, {}, {}
         self.models = [calc.energy_model(atoms, [dp]) for dp in calc.models]  # this geometry's, for every batch
         self.seen = [{} for _ in calc.models]  # per member: configuration -> energy evaluated at this geometry
         held = calc.drive if calc.drive != "mean" and calc.lowest_here else None
         drive = np.asarray(calc.moments, dtype=float)
-        drive_moved = self.drive is None or not self._same_state(drive, self.drive)
         found = []
         for k in range(len(calc.models)):
             if k == held:  # its own: what it certified of the frames before no longer speaks of them
                 self.held[k] = drive
                 self.certificates.pop(k, None)
-            found.append(self.held[k] if k == held else
-                         self._member_state(k, drive, energies[k], minus_grads[k], drive_moved))
-        self.drive = drive
+            found.append(self.held[k] if k == held else self._member_state(k, drive, energies[k], minus_grads[k]))
+            self._visit(k, [found[-1], drive])
         for model in self.models:
             calc.keep_fast_verdicts(model)
         return np.array(found)
@@ -186,10 +188,10 @@ class MemberStates:
             seen.update(zip([keys[i] for i in new], self.models[k].evaluate(configurations[new])[0]))
         return np.array([seen[key] for key in keys], dtype=float)
 
-    def _member_state(self, k: int, drive: np.ndarray, energy: float, minus_grad: np.ndarray,
-                      drive_moved: bool) -> np.ndarray:
-        """Member k's state here: the lower end of the descents from its own state and from the driving
-        moments `drive` (energy and -dE/dS there under member k); NaN where neither ends finite."""
+    def _member_state(self, k: int, drive: np.ndarray, energy: float, minus_grad: np.ndarray) -> np.ndarray:
+        """Member k's state here: the lower end of the descents from its own state (or a lower one it visited)
+        and from the driving moments `drive` (energy and -dE/dS there under member k); NaN where neither ends
+        finite."""
         calc = self.calc
         own = self.held.pop(k, None)
         cert = self.certificates.pop(k, None) or calc.new_certificate()
@@ -198,16 +200,16 @@ class MemberStates:
         if own is None or self._same_state(own, drive):
             ends = [self._descend(k, cert, drive, energy, minus_grad)]
         else:
+            own = self._lowest_visited(k, own, drive, energy)
             own_energy, own_grad = self.models[k].evaluate(own[None], gradient=True)
-            from_drive = drive_moved or not own_energy[0] < energy - SAME_ENERGY
-            drive_cert = copy.deepcopy(cert) if from_drive else None  # its measured errors, not its state
             ends = [self._descend(k, cert, own, float(own_energy[0]), own_grad[0])]
-            if drive_cert is not None:
+            if energy < ends[0][0] - SAME_ENERGY:  # below its own minimum: where the driving moments lead
+                drive_cert = copy.deepcopy(cert)  # its measured errors, not its state (this geometry counted)
                 drive_cert.release()
-                ends.append(self._descend(k, drive_cert, drive, energy, minus_grad))
+                ends.append(self._descend(k, drive_cert, drive, energy, minus_grad, counted=True))
         finite = [end for end in ends if np.isfinite(end[0])]
         kept = finite[0] if finite else ends[0]
-        if len(finite) == 2 and finite[1][0] < finite[0][0] - SAME_ENERGY:  # the own end on a tie
+        if len(finite) == 2 and finite[1][0] < finite[0][0] - SAME_ENERGY:  # the first end on a tie
             kept = finite[1]
         for end in ends:  # the errors measured on the way are kept, whichever end counts
             if end is not kept:
@@ -219,18 +221,40 @@ class MemberStates:
         self.held[k] = kept[1]
         return kept[1]
 
+    def _lowest_visited(self, k: int, own: np.ndarray, drive: np.ndarray, drive_energy: float) -> np.ndarray:
+        """own, or the lowest here of the other states member k visited where it lies below both own and the
+        driving moments (at drive_energy) under member k."""
+        others = [state for state in self.visited.get(k, [])
+                  if not (self._same_state(state, own) or self._same_state(state, drive))]
+        if not others:
+            return own
+        energies = self._energies(k, np.array([own, *others]))
+        energies = np.where(np.isfinite(energies), energies, np.inf)
+        best = int(np.argmin(energies))
+        return others[best - 1] if energies[best] < min(energies[0], drive_energy) - SAME_ENERGY else own
+
+    def _visit(self, k: int, states: Sequence[np.ndarray]) -> None:
+        """Keep finite states among member k's last VISITED_STATES (latest last, one of each S and -S)."""
+        visited = self.visited.setdefault(k, [])
+        for state in states:
+            if np.all(np.isfinite(state)):
+                visited[:] = [v for v in visited if not self._same_state(v, state)] + [np.array(state, dtype=float)]
+        del visited[:-VISITED_STATES]
+
     def _same_state(self, a: np.ndarray, b: np.ndarray) -> bool:
         """Whether moments a and b are one state (S and -S are under a fixed global sign)."""
         return np.array_equal(a, b) or (self.calc.levels.fix_global_sign and np.array_equal(a, -b))
 
-    def _descend(self, k: int, cert, start: np.ndarray, energy: float, minus_grad: np.ndarray) -> tuple:
+    def _descend(self, k: int, cert, start: np.ndarray, energy: float, minus_grad: np.ndarray,
+                 counted: bool = False) -> tuple:
         """(energy, state, cert) at the end of member k's certified descent from start (energy, -dE/dS
-        there); NaN energy where a member's energies are not finite."""
+        there); NaN energy where a member's energies are not finite. counted: cert has seen this geometry."""
         calc, levels, model = self.calc, self.calc.levels, self.models[k]
         if cert.holds_for(start):  # the exchanges' gaps follow their anchors' (spingen.spin.certificate)
             indices = cert.to_check(minus_grad, partial(calc.anchor_gaps, model, start))
         else:
-            cert.tick()
+            if not counted:
+                cert.tick()
             indices = None
         for _ in range(levels.n_magnetic * max(levels.n_values)):  # more moves than a descent makes
             if indices is None:
