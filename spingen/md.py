@@ -78,8 +78,8 @@ class SpinModelCalculator(Calculator):
     margin, evaluates only those in energy-only batches (none: certified; GroundStateCertificate.check),
     and when one is lower, moves to it and goes on downhill over the new moments' competitors, whose
     gaps the old ones carry over where they can (GroundStateCertificate.move_to); a full warm search
-    runs every certify.search_every steps. A cold search's result has every competitor evaluated at
-    its geometry, the descent from it included, before the moments are reported.
+    runs every certify.search_every steps. Every competitor of a cold search's result is evaluated at
+    its geometry and, where one is lower, the moments go downhill as on a re-optimizing step.
 
     After a calculation: ``results["magmoms"]`` (natoms,), ``moments`` (magnetic ions),
     ``last_search`` (SearchResult at the last re-optimization), ``excited_magmoms()``; counters
@@ -191,21 +191,23 @@ class SpinModelCalculator(Calculator):
             # every competitor of its result is evaluated and a lower one descended to (the search's polish skips
             # the moves its surrogate predicts to rise, so its best can sit a move above a lower state)
             self._evaluate(atoms)
-            if not self._reoptimize(atoms):
+            if not self._reoptimize(atoms, searched=cold):
                 self.lowest_here = True
                 return
         self._evaluate(atoms)
         settled = self._settle_move(atoms)
         self.lowest_here = settled and (search_now or cold)
 
-    def _reoptimize(self, atoms) -> bool:
+    def _reoptimize(self, atoms, searched: bool = False) -> bool:
         """The re-optimizing step after the evaluation at the current moments: certified, checked against
         the competitors the certificate names, or searched; True when the moments moved (the caller
-        evaluates again)."""
+        evaluates again). searched: a search just found the moments here (the competitors are checked, no
+        search runs and the step does not count towards search_every)."""
         before, energy, minus_grad = self.moments, self.results["energy"], self.minus_spin_grad
         cert = self.certificate
-        self._steps_since_search += 1
-        if cert is None or self.last_search is None or self._steps_since_search >= cert.settings.search_every:
+        self._steps_since_search += 0 if searched else 1
+        if cert is None or not searched and (self.last_search is None
+                                             or self._steps_since_search >= cert.settings.search_every):
             self.optimize(atoms, known=[(before, energy, minus_grad)])
             if cert is not None:
                 cert.tick()

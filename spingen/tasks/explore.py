@@ -18,8 +18,9 @@ steps, streamed and flushed:
   over atoms; virial (divided by natoms) std over models per component, then max/min over the 9
   components and avg = |std|/3 (deepmd's definition); `devi_e` = std over models of energy per
   atom; `spin_disagree` = fraction of magnetic ions whose ground-state moment differs between
-  members (each member goes downhill from its own state of the frame before, certified, and from the
-  frame's moments where those are new or lower for it, and keeps the lower end; see `MemberStates`);
+  members (each member goes downhill from its own state of the frame before, or a lower one of its last
+  states and driving moments, certified, and from the frame's moments where those lie below that end, and
+  keeps the lower end; see `MemberStates`);
   `spin_devi_e` (eV/atom) =
   how much the members disagree on the energies of those ground states: std over members of
   each state's energy above the frame's state, max over the states (0 when all members agree).
@@ -58,7 +59,7 @@ SECTORS_FILE, SECTORS_GLOB = "sectors.{step:06d}.{sectors}.npy", "sectors.*.npy"
 DEVI_COLUMNS = ("step", "max_devi_v", "min_devi_v", "avg_devi_v", "max_devi_f", "min_devi_f", "avg_devi_f",
                 "devi_e", "spin_disagree", "spin_devi_e")
 SPIN_NOT_COMPUTED = -1.0
-VISITED_STATES = 8  # a member's states and the driving moments of this many frames before are checked again
+VISITED_STATES = 8  # a member's last distinct states (its own and the driving moments) checked again at every frame
 
 
 @dataclass(frozen=True)
@@ -135,11 +136,12 @@ class MemberStates:
     none when the start is certified. A member for which one is lower moves to it and goes on downhill,
     its new competitors taking the gaps the old ones carry over (``GroundStateCertificate.move_to``).
     Its state can sit in a local minimum of its landscape, several ions away from a lower one that
-    single- and two-ion moves do not reach, so two more starts: the states it ended at and the driving
-    moments of the last VISITED_STATES frames are evaluated at every frame (one batch), and the descent
-    starts from the lowest of them where it lies below both its own state and the driving moments; and
-    it descends from the driving moments too, checking every competitor there, where those lie below the
-    end of that descent (the only descent at its first frame, or where its state is the driving one).
+    single- and two-ion moves do not reach, so two more starts: its last VISITED_STATES distinct states
+    (those it ended at and the driving moments of the frames before) are evaluated at every frame (one
+    batch), and the descent starts from the lowest of them where it lies below both its own state and
+    the driving moments; and it descends from the driving moments too, checking every competitor there,
+    where those lie below the end of that descent or that end is not finite (the only descent at its
+    first frame, or where its state is the driving one).
     The lower end is its state (the first on a tie), and its certificate keeps the errors both descents
     measured. Not the driving model where the calculator re-optimized its moments at this geometry: they
     are its own.
@@ -203,7 +205,7 @@ class MemberStates:
             own = self._lowest_visited(k, own, drive, energy)
             own_energy, own_grad = self.models[k].evaluate(own[None], gradient=True)
             ends = [self._descend(k, cert, own, float(own_energy[0]), own_grad[0])]
-            if energy < ends[0][0] - SAME_ENERGY:  # below its own minimum: where the driving moments lead
+            if not energy >= ends[0][0] - SAME_ENERGY:  # below its own minimum (or that not finite)
                 drive_cert = copy.deepcopy(cert)  # its measured errors, not its state (this geometry counted)
                 drive_cert.release()
                 ends.append(self._descend(k, drive_cert, drive, energy, minus_grad, counted=True))
