@@ -126,9 +126,9 @@ def test_calculator_spins_are_the_ground_state(dps, search):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_a_cold_search_is_descended_from_over_every_competitor(dps, seed):
     """A cold start reports no moments a single- or two-ion change lowers: with the certificate, every
-    competitor of the search's result is evaluated at its geometry and a lower one descended to (here the
-    search is cut to 4 evaluations, so its own best is rarely such a minimum: without the certificate it is
-    left as found, the same search)."""
+    competitor of the search's result is evaluated at its geometry and a lower one descended to, no second
+    search even with search_every 1 (here the search is cut to 4 evaluations, so its own best is not such a
+    minimum: without the certificate it is left as found, the same search)."""
     from spingen.md import SpinModelCalculator
     from spingen.spin.certificate import SAME_ENERGY
 
@@ -397,7 +397,9 @@ def test_a_member_in_a_local_minimum_returns_to_a_lower_state_it_visited(dps, mo
         assert cert.clock == 1  # a fresh certificate: one geometry, on every path
         return state
 
-    energy = lambda state: member_model.evaluate(state[None])[0][0]  # noqa: E731
+    def energy(state):
+        return member_model.evaluate(state[None])[0][0]
+
     assert energy(local) < energy(driving)
     np.testing.assert_array_equal(member_state(driving), up)  # from the driving moments alone
     np.testing.assert_array_equal(member_state(local), local)  # the driving moments lie above its minimum
