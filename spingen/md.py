@@ -186,7 +186,7 @@ class SpinModelCalculator(Calculator):
         cold = self.moments is None
         if cold:  # no start: a cold search first
             self.optimize(atoms)
-        if search_now and not cold or cold and self.certificate is not None:
+        if (search_now and not cold) or (cold and self.certificate is not None):
             # evaluate here first (NaN is reported as such); certificate and search reuse it. After a cold search
             # every competitor of its result is evaluated and a lower one descended to (the search's polish skips
             # the moves its surrogate predicts to rise, so its best can sit a move above a lower state)
@@ -205,9 +205,10 @@ class SpinModelCalculator(Calculator):
         search runs and the step does not count towards search_every)."""
         before, energy, minus_grad = self.moments, self.results["energy"], self.minus_spin_grad
         cert = self.certificate
-        self._steps_since_search += 0 if searched else 1
-        if cert is None or not searched and (self.last_search is None
-                                             or self._steps_since_search >= cert.settings.search_every):
+        if not searched:
+            self._steps_since_search += 1
+        if cert is None or (not searched and (self.last_search is None
+                                              or self._steps_since_search >= cert.settings.search_every)):
             self.optimize(atoms, known=[(before, energy, minus_grad)])
             if cert is not None:
                 cert.tick()
