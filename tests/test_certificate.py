@@ -635,6 +635,41 @@ def test_a_return_to_a_state_left_recalls_its_references():
     assert np.all(exact > 0) and np.any(cert.ages[left] == 2)  # recalled: referenced two geometries ago
 
 
+def test_a_resumed_state_takes_its_remembered_references_alone():
+    """A caller that jumps back to a state it held two geometries before (an explore member returning to a
+    state it visited) resumes it: its competitors take their remembered references, aged by the geometries
+    since, one it never had none (named); every competitor left unnamed is above it by more than its allowance
+    at the new geometry. A state never held is not resumed, and the held one stays."""
+    symbols = ["Ni"] * 8
+    levels = MomentLevels({"Ni": [1.0]}, symbols)
+    pos, cell = triangular_layers(2, 2, 2)
+    rng = np.random.default_rng(5)
+    models = [AnalyticSpinModel(pos + rng.normal(0, 0.01, pos.shape) * k, cell, symbols, {"Ni": {1.0: 0.0}},
+                                EXCHANGE) for k in range(3)]
+    a = search_ground_state(models[0], levels, enumerate_limit=10**6).best_moments
+    b = competitors(levels, a)[0]
+    cert = GroundStateCertificate(levels, CertificateSettings(margin=0.0))
+    for model, state in zip(models[:2], (a, b)):  # A held at geometry 0, B at geometry 1
+        if state is b:
+            cert.tick()
+        energy, grad = (x[0] for x in model.evaluate(state, gradient=True))
+        pool = competitors(levels, state)
+        cert.set_reference(state, energy, grad, pool, model.evaluate(pool)[0])
+        cert.step_errors[:] = 0.002  # eV per geometry, as if measured
+    never = -a.copy()
+    never[:2] = never[1::-1] * -1
+    assert not cert.resume(never, competitors(levels, never)) and cert.holds_for(b)
+    unknown = np.where(np.arange(8) < 3, -a, a)  # three ions reversed: no competitor of A's reference
+    pool = np.concatenate([competitors(levels, a), unknown[None]])
+    assert cert.resume(a, pool) and cert.holds_for(a)
+    energy, grad = (x[0] for x in models[2].evaluate(a, gradient=True))
+    named = cert.to_check(grad)
+    assert np.all(cert.ages[:-1] == 2) and np.isnan(cert.gaps[-1]) and len(pool) - 1 in named
+    assert len(named) < len(pool)
+    left = np.setdiff1d(np.arange(len(pool)), named)
+    assert np.all(models[2].evaluate(pool[left])[0] - energy > 0)
+
+
 def test_a_certificate_absorbs_the_errors_another_one_measured():
     """Two certificates of one model along one trajectory (an explore member's two descents): the kept one
     takes the larger error of each kind and way, and the way the larger errors favour."""

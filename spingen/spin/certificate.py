@@ -93,7 +93,9 @@ The moments of a near-degenerate landscape go back and forth between a few state
 remembers the references of the last states it left (remembered_states): back at one of them, its
 competitors take their remembered references, aged by the geometries since, where those allow less
 than the carried gaps; a move across the gauge sector back to a state held a few steps before then
-evaluates only what the allowance names, not every competitor of the other sector.
+evaluates only what the allowance names, not every competitor of the other sector. A caller that jumps
+back to a remembered state, no move away (an explore member returning to a state it visited),
+`resume`s it: its competitors take their remembered references alone.
 """
 
 from __future__ import annotations
@@ -432,6 +434,20 @@ class GroundStateCertificate:
                 break
             indices = self.still_to_check(minus_grad)
         return np.concatenate(pools), np.concatenate(found)
+
+    def resume(self, moments: np.ndarray, competitors: np.ndarray) -> bool:
+        """Hold `moments` again, a remembered state (not a move from S0): its `competitors` take their remembered
+        references aged by the geometries since, those without one no gap (to_check names them). False where
+        the state is not remembered (the caller evaluates every competitor)."""
+        if self._key(moments) not in self.memory:
+            return False
+        self._remember()
+        self._set_competitors(moments, competitors)
+        n = len(self.competitors)
+        self.gaps, self.minus_grads = np.full(n, np.nan), np.zeros((n, self.levels.n_magnetic))
+        self.ages, self.slack, self.carried = np.zeros(n, dtype=int), np.zeros(n), np.full(n, EVALUATED)
+        self._recall()
+        return True
 
     def release(self) -> None:
         """Hold no moments (the caller evaluates every competitor next); the references are remembered."""

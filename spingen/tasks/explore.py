@@ -142,9 +142,11 @@ class MemberStates:
     the driving moments; and it descends from the driving moments too, checking every competitor there,
     where those lie below the end of that descent or that end is not finite (the only descent at its
     first frame, or where its state is the driving one).
+    A state its certificate held before is resumed from the references it left there
+    (``GroundStateCertificate.resume``), not checked against every competitor again.
     The lower end is its state (the first on a tie), and its certificate keeps the errors both descents
-    measured. Not the driving model where the calculator re-optimized its moments at this geometry: they
-    are its own.
+    measured. Each member's energy at the driving moments is the one the frame's deviation computed. Not the
+    driving model where the calculator re-optimized its moments at this geometry: they are its own.
     """
 
     def __init__(self, calc) -> None:
@@ -163,9 +165,10 @@ class MemberStates:
         if self.levels is not calc.levels:
             self.levels, self.held, self.certificates, self.visited = calc.levels, {}, {}, {}
         self.models = [calc.energy_model(atoms, [dp]) for dp in calc.models]  # this geometry's, for every batch
-        self.seen = [{} for _ in calc.models]  # per member: configuration -> energy evaluated at this geometry
-        held = calc.drive if calc.drive != "mean" and calc.lowest_here else None
         drive = np.asarray(calc.moments, dtype=float)
+        # per member: configuration -> energy evaluated at this geometry, the driving moments' given
+        self.seen = [{_key(drive): float(energy)} for energy in energies]
+        held = calc.drive if calc.drive != "mean" and calc.lowest_here else None
         found = []
         for k in range(len(calc.models)):
             if k == held:  # its own: what it certified of the frames before no longer speaks of them
@@ -184,7 +187,7 @@ class MemberStates:
     def _energies(self, k: int, configurations: np.ndarray) -> np.ndarray:
         """Member k's energies of configurations at this geometry, none evaluated twice here."""
         seen = self.seen[k]
-        keys = [row.tobytes() for row in np.round(configurations, 6) + 0.0]
+        keys = [_key(row) for row in configurations]
         new = [i for i, key in enumerate(keys) if key not in seen]
         if new:
             seen.update(zip([keys[i] for i in new], self.models[k].evaluate(configurations[new])[0]))
@@ -252,7 +255,9 @@ class MemberStates:
         """(energy, state, cert) at the end of member k's certified descent from start (energy, -dE/dS
         there); NaN energy where a member's energies are not finite. counted: cert has seen this geometry."""
         calc, levels, model = self.calc, self.calc.levels, self.models[k]
-        if cert.holds_for(start):  # the exchanges' gaps follow their anchors' (spingen.spin.certificate)
+        if cert.holds_for(start) or (not counted and cert.resume(start, calc.competitors(start))):
+            # the exchanges' gaps follow their anchors' (spingen.spin.certificate); a state it visited before
+            # is resumed from the references it left there
             indices = cert.to_check(minus_grad, partial(calc.anchor_gaps, model, start))
         else:
             if not counted:
@@ -278,6 +283,11 @@ class MemberStates:
                                    partial(calc.anchor_gaps, model, start))
         cert.release()  # still moving: the next frame evaluates every competitor
         return float(energy), start, cert
+
+
+def _key(moments: np.ndarray) -> bytes:
+    """A configuration's key among the energies evaluated at one geometry."""
+    return (np.round(np.asarray(moments, dtype=float), 6) + 0.0).tobytes()  # + 0.0: -0.0 is 0.0
 
 
 def spin_disagreement(calc, atoms, members: MemberStates | None = None) -> tuple[float, float, np.ndarray | None]:
