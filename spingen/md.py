@@ -232,9 +232,10 @@ class SpinModelCalculator(Calculator):
             cert.set_reference(before, energy, minus_grad, pool, energies, self._anchor_gaps)
         else:
             pool, energies = cert.check(indices, energy, minus_grad, self._step_energies)
-        lower = bool(len(energies)) and energies.min() < energy - SAME_ENERGY
+        lowest = _lowest_below(energies, energy)
+        lower = lowest is not None
         if lower:
-            self._move(pool[int(np.argmin(energies))], minus_grad)
+            self._move(pool[lowest], minus_grad)
         else:
             self._step_model = None
         self.timings["certify"] += time.perf_counter() - began
@@ -263,8 +264,9 @@ class SpinModelCalculator(Calculator):
             self._moved_from = None
             evaluated, energies = cert.check(indices, energy, minus_grad, self._step_energies)
             self.timings["certify"] += time.perf_counter() - began
-            if len(energies) and energies.min() < energy - SAME_ENERGY:
-                self._move(evaluated[int(np.argmin(energies))], minus_grad)
+            lowest = _lowest_below(energies, energy)
+            if lowest is not None:
+                self._move(evaluated[lowest], minus_grad)
                 self._evaluate(atoms)
         settled = self._moved_from is None
         if not settled:  # the next step evaluates every competitor
@@ -539,6 +541,15 @@ class SpinModelCalculator(Calculator):
         self.timings["members"] += time.perf_counter() - start
         self.member_predictions, self.member_minus_spin_grad = (e, f, v), minus_grad
         return self.member_predictions
+
+
+def _lowest_below(energies: np.ndarray, energy: float) -> int | None:
+    """The index of the lowest finite energy below `energy` by more than SAME_ENERGY; None where there is none (a
+    competitor whose energy is not finite is never moved to, nor hides a lower one)."""
+    finite = np.where(np.isfinite(energies), energies, np.inf)
+    if not len(finite) or not finite.min() < energy - SAME_ENERGY:
+        return None
+    return int(np.argmin(finite))
 
 
 # ---------------------------------------------------------------- MD runner

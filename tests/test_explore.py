@@ -218,6 +218,33 @@ def all_configurations(atoms) -> tuple[list[tuple], np.ndarray]:
     return configs, moments
 
 
+def test_a_competitor_the_model_cannot_evaluate_hides_no_lower_one(dps, monkeypatch):
+    """Where the driving model returns NaN for one competitor of the held moments, the calculator still moves to
+    the lowest finite one below them (before, the NaN hid every lower competitor)."""
+    from spingen.md import SpinModelCalculator
+
+    atoms = cell16(seed=4)
+    configs, moments = all_configurations(atoms)
+    energies = predict(dps[:1], [atoms] * len(configs), moments)[0][0]
+    calc = SpinModelCalculator(dps, MAGNITUDES, encoding=SPIN.encoding, drive=0, spin_opt_freq=1)
+    atoms.calc = calc
+    atoms.get_potential_energy()  # the cold search; then the moments are set to the highest state
+    calc.moments = moments[int(np.argmax(energies)), atoms.symbols == "Ni"]  # many competitors lie below it
+    atoms.positions[0] += 1e-4
+    evaluate, poisoned = calc._energies, []
+
+    def first_batch_with_a_nan(model, states):
+        found = evaluate(model, states)
+        if not poisoned:  # the first batch: every competitor of the start; its lowest is made NaN
+            poisoned.append(states[int(np.argmin(found))].copy())
+            found = np.where(np.arange(len(found)) == np.argmin(found), np.nan, found)
+        return found
+
+    monkeypatch.setattr(calc, "_energies", first_batch_with_a_nan)
+    energy = atoms.get_potential_energy()
+    assert poisoned and energy < energies.max() - 1e-3  # it moved downhill
+
+
 @pytest.mark.parametrize("exchanges", [False, True])
 def test_default_spin_md_holds_the_exhaustive_minimum_at_every_step(dps, exchanges):
     """Default settings (certificate on): along a short 900 K trajectory the moments the calculator
