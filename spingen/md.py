@@ -367,9 +367,11 @@ class SpinModelCalculator(Calculator):
     def _adopt_start(self, atoms) -> None:
         """Moments to start from: the `moments` argument (once), else the atoms' initial moments if
         a magnetic ion has a nonzero one, else none (the first evaluation searches cold). A new start
-        begins a new certificate: the old references and remembered states speak of other geometries."""
+        begins a new certificate: the old references and remembered states speak of other geometries (and a
+        move left unsettled by a failed evaluation is dropped)."""
         if self.certificate is not None:
             self.certificate = self.new_certificate()
+        self._moved_from = self._step_model = None
         explicit = self._start is not None
         full = self._start if explicit else atoms.get_initial_magnetic_moments()
         self._start = None
