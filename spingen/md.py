@@ -27,6 +27,7 @@ the moments are optimized at every frame step it reports to its observers.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -42,6 +43,7 @@ from spingen.spin.model import SymmetrizedModel
 from spingen.spin.search import SEARCH_KEYS, SearchResult, search_ground_state, sector_ground_states
 
 DEFAULT_CERTIFICATE = CertificateSettings()
+log = logging.getLogger("spingen")
 
 
 class NonFiniteError(RuntimeError):
@@ -185,7 +187,7 @@ class SpinModelCalculator(Calculator):
         self.lowest_here = False
         cold = self.moments is None
         if cold:  # no start: a cold search first
-            self.optimize(atoms)
+            self._warn_if_runs_disagree(self.optimize(atoms))
         if (search_now and not cold) or (cold and self.certificate is not None):
             # evaluate here first (NaN is reported as such); certificate and search reuse it. After a cold search
             # every competitor of its result is evaluated and a lower one descended to (the search's polish skips
@@ -197,6 +199,17 @@ class SpinModelCalculator(Calculator):
         self._evaluate(atoms)
         settled = self._settle_move(atoms)
         self.lowest_here = settled and (search_now or cold)
+
+    @staticmethod
+    def _warn_if_runs_disagree(result: SearchResult) -> None:
+        """A cold search of several runs whose lowest state only one run reached: the landscape has basins the
+        runs end in by chance, and the start may sit in a higher one that no later step's moves leave."""
+        if result.n_runs > 1 and result.runs_at_best < 2:
+            above = sorted(1000.0 * (e - result.best_energy) for e in result.run_energies)[1:]
+            log.warning("cold spin search: 1 of its %d runs reached its lowest state (the others %s meV per cell "
+                        "higher), so the start moments may not be the ground state; give them (initial_magmoms of "
+                        "the start structure) or raise the search's cold_runs (model_devi_spin_search)",
+                        result.n_runs, ", ".join(f"{e:.1f}" for e in above))
 
     def _reoptimize(self, atoms, searched: bool = False) -> bool:
         """The re-optimizing step after the evaluation at the current moments: certified, checked against

@@ -151,6 +151,27 @@ def test_a_cold_search_is_descended_from_over_every_competitor(dps, seed):
     assert descents > 0 and energy < searched_energy - SAME_ENERGY
 
 
+def test_a_cold_start_whose_runs_disagree_is_reported(dps, caplog):
+    """A cold search of several runs that end in different states warns that the start may
+    not be the ground state and names what to give (each run cut to 2 evaluations here); one whose runs agree
+    does not."""
+    from spingen.md import SpinModelCalculator
+
+    warnings = []
+    for search in ({"enumerate_limit": 0, "cold_runs": 3, "population": 2, "max_evaluations": 6},
+                   {"enumerate_limit": 0, "cold_runs": 3}):
+        atoms = cell16(seed=4)
+        atoms.calc = SpinModelCalculator(dps, MAGNITUDES, encoding=SPIN.encoding, drive=0, search=search, seed=1)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="spingen"):
+            atoms.get_potential_energy()
+        result = atoms.calc.last_search
+        warnings.append([r.getMessage() for r in caplog.records if "cold spin search" in r.getMessage()])
+        assert result.n_runs == 3 and (result.runs_at_best < 2) == bool(warnings[-1])
+    assert warnings[0] and "initial_magmoms" in warnings[0][0] and "cold_runs" in warnings[0][0]
+    assert not warnings[1]
+
+
 def test_a_search_step_hands_its_own_evaluation_to_the_search(dps):
     """Re-optimizing steps evaluate the current moments once (energy, forces, -dE/dS), the search
     takes that for free, and the step evaluates again only if the moments moved."""

@@ -232,6 +232,9 @@ def test_large_cold_searches_keep_the_best_of_independent_runs():
         explicit = search_ground_state(model, levels, seed=seed, cold_runs=3, **short)
         assert (explicit.best_energy, explicit.n_evaluations) == (best.best_energy, best.n_evaluations)
         assert (best.n_runs, one.n_runs) == (3, 1)
+        assert len(best.run_energies) == 3 and min(best.run_energies) == best.best_energy
+        assert best.runs_at_best == sum(e <= best.best_energy + 1e-6 for e in best.run_energies) >= 1
+        assert one.run_energies == () and one.runs_at_best == 1
     assert max(gains) > 1e-3
     start = np.ones(27)
     warm = [search_ground_state(model, levels, seed=0, start=start, cold_runs=k, **short).n_evaluations for k in (1, 3)]

@@ -75,6 +75,7 @@ class SearchSettings:
 SEARCH_KEYS = tuple(f.name for f in fields(SearchSettings))  # the search's knobs
 LARGE_CELL = 16  # magnetic ions above which one cold GA run often ends in another basin (27 Ni: 4 of 16 runs
 LARGE_COLD_RUNS = 3  # > 100 meV/cell above the best seen; docs/benchmarks/spin_md.md, "The first search decides")
+SAME_RUN_ENERGY = 1e-6  # eV: two runs whose best energies are this close reached the same state
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,14 @@ class SearchResult:
     n_generations: int = 0  # summed over the runs of a best-of-runs cold search
     surrogate: PairSurrogate | None = field(default=None, repr=False, compare=False)
     n_runs: int = 1  # independent GA runs of a cold search (cold_runs) it is the best of
+    run_energies: tuple[float, ...] = ()  # the best energy of each of those runs (several runs only)
+
+    @property
+    def runs_at_best(self) -> int:
+        """How many of the independent runs reached the best energy (1 for a single run)."""
+        if not self.run_energies:
+            return 1
+        return int(np.sum(np.asarray(self.run_energies) <= self.best_energy + SAME_RUN_ENERGY))
 
 
 def search_ground_state(model: EnergyModel, levels: MomentLevels, *, start: np.ndarray | None = None,
@@ -169,7 +178,8 @@ def _best_of(results: list[SearchResult], n_lowest: int) -> SearchResult:
     lowest = sorted(seen.values(), key=lambda state: state[1])[:n_lowest]
     winner = min(results, key=lambda r: r.best_energy)
     return SearchResult(lowest[0][0], lowest[0][1], sum(r.n_evaluations for r in results), lowest, "genetic",
-                        sum(r.n_generations for r in results), winner.surrogate, len(results))
+                        sum(r.n_generations for r in results), winner.surrogate, len(results),
+                        tuple(float(r.best_energy) for r in results))
 
 
 def sector_windows(levels: MomentLevels, ground: np.ndarray, max_sectors: int) -> list[tuple[float, float]]:

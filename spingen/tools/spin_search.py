@@ -173,7 +173,7 @@ def run(models: Sequence[str], structure: str, moments: Sequence[str], *, magnet
     print("levels      " + "; ".join(f"{el} x{counts[el]}: +-{', +-'.join(_fmt(v) for v in sorted(magnitudes[el]))}"
                                       for el in magnitudes)
           + (f"; total moment {nupdown}" if nupdown is not None else "") + " (global sign fixed)", file=out)
-    runs = f" (the best of {result.n_runs} runs)" if result.n_runs > 1 else ""
+    runs = f" (the best of {result.n_runs} runs, {result.runs_at_best} reached it)" if result.n_runs > 1 else ""
     print(f"search      {result.method}{runs}; {result.n_evaluations} evaluations of {levels.n_configurations} "
           f"configurations ({100.0 * result.n_evaluations / levels.n_configurations:.3g}%)", file=out)
     print_states(result, model, symbols, background, symmetrize, out, output)
