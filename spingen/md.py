@@ -205,7 +205,7 @@ class SpinModelCalculator(Calculator):
         """A cold search of several runs whose lowest state only one run reached: the landscape has basins the
         runs end in by chance, and the start may sit in a higher one that no later step's moves leave."""
         if result.n_runs > 1 and result.runs_at_best < 2:
-            above = sorted(1000.0 * (e - result.best_energy) for e in result.run_energies)[1:]
+            above = sorted(1000.0 * (e - result.best_energy) for e in result.run_energies if np.isfinite(e))[1:]
             log.warning("cold spin search: 1 of its %d runs reached its lowest state (the others %s meV per cell "
                         "higher), so the start moments may not be the ground state; give them (initial_magmoms of "
                         "the start structure) or raise the search's cold_runs (model_devi_spin_search)",

@@ -670,6 +670,29 @@ def test_a_resumed_state_takes_its_remembered_references_alone():
     assert np.all(models[2].evaluate(pool[left])[0] - energy > 0)
 
 
+def test_a_resumed_state_is_not_forgotten_and_skips_gaps_carried_with_a_coupling():
+    """With room for one remembered state, resuming it after holding another still recalls its references (the
+    state left takes the room afterwards); a remembered gap carried with a pair's coupling (COUPLED) is not taken
+    back without that coupling (no gap: named)."""
+    symbols = ["Ni"] * 8
+    levels = MomentLevels({"Ni": [1.0]}, symbols)
+    pos, cell = triangular_layers(2, 2, 2)
+    model = AnalyticSpinModel(pos, cell, symbols, {"Ni": {1.0: 0.0}}, EXCHANGE)
+    a = search_ground_state(model, levels, enumerate_limit=10**6).best_moments
+    b = competitors(levels, a)[0]
+    cert = GroundStateCertificate(levels, CertificateSettings(margin=0.0, remembered_states=1))
+    for state in (a, b):
+        energy, grad = (x[0] for x in model.evaluate(state, gradient=True))
+        pool = competitors(levels, state)
+        cert.set_reference(state, energy, grad, pool, model.evaluate(pool)[0])
+        if state is a:
+            cert.carried[0] = COUPLED  # as if a move had carried this gap with a pair's coupling
+    pool = competitors(levels, a)
+    assert cert.resume(a, pool)
+    assert np.isnan(cert.gaps[0]) and np.all(np.isfinite(cert.gaps[1:]))
+    assert list(cert.memory) == [cert._key(b)]
+
+
 def test_a_certificate_absorbs_the_errors_another_one_measured():
     """Two certificates of one model along one trajectory (an explore member's two descents): the kept one
     takes the larger error of each kind and way, and the way the larger errors favour."""

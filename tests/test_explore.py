@@ -399,6 +399,27 @@ def test_member_states_follow_the_trajectory_certified_frame_to_frame(dps, excha
         assert np.mean(evaluated[1:]) < pool_size, evaluated
 
 
+def test_members_without_a_certificate_check_every_competitor_at_every_frame(dps):
+    """certify None: a member checks every competitor of its start at every frame (no remembered state resumed)."""
+    from spingen.md import SpinModelCalculator, run_md
+    from spingen.tasks.explore import MemberStates, spin_disagreement
+
+    atoms = cell16(seed=4)
+    calc = SpinModelCalculator(dps, MAGNITUDES, encoding=SPIN.encoding, drive=0, spin_opt_freq=1, seed=2,
+                               certify=None)
+    members = MemberStates(calc)
+    made = recording_energy_models(calc)
+    evaluated = []
+
+    def frame(step, a):
+        made.clear()
+        spin_disagreement(calc, a, members)
+        evaluated.append(sum(n for models, n in made if models == [dps[1]]))
+
+    run_md(atoms, calc, "nvt", 900, nsteps=6, dt_fs=2.0, trj_freq=2, seed=4, observers=[frame])
+    assert len(evaluated) == 4 and min(evaluated) >= len(calc.competitors(members.held[1]))
+
+
 def test_a_member_in_a_local_minimum_returns_to_a_lower_state_it_visited(dps, monkeypatch):
     """A member whose own state of the frame before is a local minimum of its landscape stays there while the
     driving moments lie above it; a lower state it visited at the frames before is checked at every frame and

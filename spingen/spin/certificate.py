@@ -438,15 +438,19 @@ class GroundStateCertificate:
     def resume(self, moments: np.ndarray, competitors: np.ndarray) -> bool:
         """Hold `moments` again, a remembered state (not a move from S0): its `competitors` take their remembered
         references aged by the geometries since, those without one no gap (to_check names them). False where
-        the state is not remembered (the caller evaluates every competitor)."""
-        if self._key(moments) not in self.memory:
+        the state is not remembered (the caller evaluates every competitor). A remembered gap carried with a pair's
+        coupling (COUPLED, SCALED) is not taken: without that coupling its allowance would not size it."""
+        key = self._key(moments)
+        past = self.memory.pop(key, None)
+        if past is None:
             return False
-        self._remember()
+        self._remember()  # the state left; `past` is kept apart, so no limit forgets it
+        self.memory[key] = past
         self._set_competitors(moments, competitors)
         n = len(self.competitors)
         self.gaps, self.minus_grads = np.full(n, np.nan), np.zeros((n, self.levels.n_magnetic))
         self.ages, self.slack, self.carried = np.zeros(n, dtype=int), np.zeros(n), np.full(n, EVALUATED)
-        self._recall()
+        self._recall(skip=(COUPLED, SCALED))
         return True
 
     def release(self) -> None:
@@ -696,9 +700,9 @@ class GroundStateCertificate:
         while len(self.memory) > self.settings.remembered_states:
             self.memory.pop(next(iter(self.memory)))
 
-    def _recall(self) -> None:
+    def _recall(self, skip: tuple[int, ...] = ()) -> None:
         """Back at a remembered S0: each competitor whose remembered reference (aged by the geometries since)
-        allows less than its carried gap takes it."""
+        allows less than its carried gap takes it, except references carried in one of the ways `skip` names."""
         past = self.memory.pop(self._key(self.moments), None)
         if past is None:
             return
@@ -710,7 +714,7 @@ class GroundStateCertificate:
         kinds = self.kinds[now]
         carried = self._uncertainty(kinds, self.ages[now], self.slack[now])
         better = (~(self._uncertainty(kinds, ages, past.slack[then]) >= carried) | np.isnan(self.gaps[now])) \
-            & np.isfinite(past.gaps[then])
+            & np.isfinite(past.gaps[then]) & ~np.isin(past.carried[then], skip)
         now, then, ages = now[better], then[better], ages[better]
         self.gaps[now], self.minus_grads[now] = past.gaps[then], past.minus_grads[then]
         self.ages[now], self.slack[now], self.carried[now] = ages, past.slack[then], past.carried[then]
@@ -785,7 +789,12 @@ class GroundStateCertificate:
 
     @staticmethod
     def _key(moments: np.ndarray) -> bytes:
-        return (np.round(np.asarray(moments, dtype=float), 6) + 0.0).tobytes()  # + 0.0: -0.0 is 0.0
+        return state_key(moments)
+
+
+def state_key(moments: np.ndarray) -> bytes:
+    """A configuration's key in a dict of states (moments rounded to 1e-6 uB)."""
+    return (np.round(np.asarray(moments, dtype=float), 6) + 0.0).tobytes()  # + 0.0: -0.0 is 0.0
 
 
 def _running_max(kept: float, errors: np.ndarray, memory: float) -> float:

@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from spingen.layout import DEVI_FILE
-from spingen.spin.certificate import SAME_ENERGY
+from spingen.spin.certificate import SAME_ENERGY, state_key
 from spingen.tasks.lock import exclusive_task
 
 TASK_FILE = "task.json"
@@ -167,7 +167,7 @@ class MemberStates:
         self.models = [calc.energy_model(atoms, [dp]) for dp in calc.models]  # this geometry's, for every batch
         drive = np.asarray(calc.moments, dtype=float)
         # per member: configuration -> energy evaluated at this geometry, the driving moments' given
-        self.seen = [{_key(drive): float(energy)} for energy in energies]
+        self.seen = [{state_key(drive): float(energy)} for energy in energies]
         held = calc.drive if calc.drive != "mean" and calc.lowest_here else None
         found = []
         for k in range(len(calc.models)):
@@ -187,7 +187,7 @@ class MemberStates:
     def _energies(self, k: int, configurations: np.ndarray) -> np.ndarray:
         """Member k's energies of configurations at this geometry, none evaluated twice here."""
         seen = self.seen[k]
-        keys = [_key(row) for row in configurations]
+        keys = [state_key(row) for row in configurations]
         new = [i for i, key in enumerate(keys) if key not in seen]
         if new:
             seen.update(zip([keys[i] for i in new], self.models[k].evaluate(configurations[new])[0]))
@@ -255,7 +255,9 @@ class MemberStates:
         """(energy, state, cert) at the end of member k's certified descent from start (energy, -dE/dS
         there); NaN energy where a member's energies are not finite. counted: cert has seen this geometry."""
         calc, levels, model = self.calc, self.calc.levels, self.models[k]
-        if cert.holds_for(start) or (not counted and cert.resume(start, calc.competitors(start))):
+        pool = calc.competitors(start)
+        resumable = not counted and calc.certify is not None  # without a certificate: every competitor, every frame
+        if cert.holds_for(start) or (resumable and cert.resume(start, pool)):
             # the exchanges' gaps follow their anchors' (spingen.spin.certificate); a state it visited before
             # is resumed from the references it left there
             indices = cert.to_check(minus_grad, partial(calc.anchor_gaps, model, start))
@@ -264,8 +266,7 @@ class MemberStates:
                 cert.tick()
             indices = None
         for _ in range(levels.n_magnetic * max(levels.n_values)):  # more moves than a descent makes
-            if indices is None:
-                pool = calc.competitors(start)
+            if indices is None:  # (only at the start: a move names what to check)
                 pool_energies = self._energies(k, pool)
             else:
                 pool, pool_energies = cert.check(indices, energy, minus_grad, lambda states: self._energies(k, states))
@@ -283,11 +284,6 @@ class MemberStates:
                                    partial(calc.anchor_gaps, model, start))
         cert.release()  # still moving: the next frame evaluates every competitor
         return float(energy), start, cert
-
-
-def _key(moments: np.ndarray) -> bytes:
-    """A configuration's key among the energies evaluated at one geometry."""
-    return (np.round(np.asarray(moments, dtype=float), 6) + 0.0).tobytes()  # + 0.0: -0.0 is 0.0
 
 
 def spin_disagreement(calc, atoms, members: MemberStates | None = None) -> tuple[float, float, np.ndarray | None]:
