@@ -320,6 +320,24 @@ def recording_energy_models(calc) -> list[tuple[list, int]]:
     return made
 
 
+def member_frames(atoms, calc, members, member, nsteps: int) -> list[tuple]:
+    """NVT MD at 900 K with a spin-disagreement frame every 2 steps: per frame (geometry, driving moments, the
+    members' states, configurations `member` evaluated)."""
+    from spingen.md import run_md
+    from spingen.tasks.explore import spin_disagreement
+
+    made = recording_energy_models(calc)
+    frames = []
+
+    def frame(step, a):
+        made.clear()
+        states = spin_disagreement(calc, a, members)[2]
+        frames.append((a.copy(), calc.moments.copy(), states, sum(n for models, n in made if models == [member])))
+
+    run_md(atoms, calc, "nvt", 900, nsteps=nsteps, dt_fs=2.0, trj_freq=2, seed=4, observers=[frame])
+    return frames
+
+
 def test_members_check_the_driving_states_and_go_downhill_only_when_they_disagree(dps):
     """Spin disagreement: the driving model that re-optimized here is not evaluated again; a member that
     finds a competitor of the driving moments lower goes downhill from it and ends on its own exhaustive
@@ -365,24 +383,16 @@ def test_member_states_follow_the_trajectory_certified_frame_to_frame(dps, excha
     certificate) and not above the driving moments, and after the first frame a member evaluates fewer
     configurations than one check of every competitor. The same states with the exchanges as the two-ion
     competitors, their gaps following their anchors under each member."""
-    from spingen.md import DEFAULT_CERTIFICATE, SpinModelCalculator, run_md
+    from spingen.md import DEFAULT_CERTIFICATE, SpinModelCalculator
     from spingen.spin.certificate import PAIRED
-    from spingen.tasks.explore import MemberStates, spin_disagreement
+    from spingen.tasks.explore import MemberStates
 
     atoms = cell16(seed=4)
     certify = {"pair_limit": 0, "exchange_limit": 100} if exchanges else DEFAULT_CERTIFICATE
     calc = SpinModelCalculator(dps, MAGNITUDES, encoding=SPIN.encoding, drive=0, spin_opt_freq=1, seed=2,
                                certify=certify)
     members = MemberStates(calc)
-    made = recording_energy_models(calc)
-    frames = []
-
-    def frame(step, a):
-        made.clear()
-        states = spin_disagreement(calc, a, members)[2]
-        frames.append((a.copy(), calc.moments.copy(), states, sum(n for models, n in made if models == [dps[1]])))
-
-    run_md(atoms, calc, "nvt", 900, nsteps=12, dt_fs=2.0, trj_freq=2, seed=4, observers=[frame])
+    frames = member_frames(atoms, calc, members, dps[1], nsteps=12)
     pool_size = len(calc.competitors(calc.moments))
     full = np.zeros(len(atoms))
     for geometry, driving, states, _ in frames:
@@ -401,22 +411,14 @@ def test_member_states_follow_the_trajectory_certified_frame_to_frame(dps, excha
 
 def test_members_without_a_certificate_check_every_competitor_at_every_frame(dps):
     """certify None: a member checks every competitor of its start at every frame (no remembered state resumed)."""
-    from spingen.md import SpinModelCalculator, run_md
-    from spingen.tasks.explore import MemberStates, spin_disagreement
+    from spingen.md import SpinModelCalculator
+    from spingen.tasks.explore import MemberStates
 
     atoms = cell16(seed=4)
     calc = SpinModelCalculator(dps, MAGNITUDES, encoding=SPIN.encoding, drive=0, spin_opt_freq=1, seed=2,
                                certify=None)
     members = MemberStates(calc)
-    made = recording_energy_models(calc)
-    evaluated = []
-
-    def frame(step, a):
-        made.clear()
-        spin_disagreement(calc, a, members)
-        evaluated.append(sum(n for models, n in made if models == [dps[1]]))
-
-    run_md(atoms, calc, "nvt", 900, nsteps=6, dt_fs=2.0, trj_freq=2, seed=4, observers=[frame])
+    evaluated = [n for *_, n in member_frames(atoms, calc, members, dps[1], nsteps=6)]
     assert len(evaluated) == 4 and min(evaluated) >= len(calc.competitors(members.held[1]))
 
 

@@ -445,7 +445,7 @@ class GroundStateCertificate:
         if past is None:
             return False
         self._remember()  # the state left; `past` is kept apart, so no limit forgets it
-        self.memory[key] = past
+        self.memory.setdefault(key, past)  # (references just remembered of the same state are the fresher)
         self._set_competitors(moments, competitors)
         n = len(self.competitors)
         self.gaps, self.minus_grads = np.full(n, np.nan), np.zeros((n, self.levels.n_magnetic))
