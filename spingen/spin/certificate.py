@@ -438,8 +438,7 @@ class GroundStateCertificate:
     def resume(self, moments: np.ndarray, competitors: np.ndarray) -> bool:
         """Hold `moments` again, a remembered state (not a move from S0): its `competitors` take their remembered
         references aged by the geometries since, those without one no gap (to_check names them). False where
-        the state is not remembered (the caller evaluates every competitor). A remembered gap carried with a pair's
-        coupling (COUPLED, SCALED) is not taken: without that coupling its allowance would not size it."""
+        the state is not remembered (the caller evaluates every competitor)."""
         key = self._key(moments)
         past = self.memory.pop(key, None)
         if past is None:
@@ -450,7 +449,7 @@ class GroundStateCertificate:
         n = len(self.competitors)
         self.gaps, self.minus_grads = np.full(n, np.nan), np.zeros((n, self.levels.n_magnetic))
         self.ages, self.slack, self.carried = np.zeros(n, dtype=int), np.zeros(n), np.full(n, EVALUATED)
-        self._recall(skip=(COUPLED, SCALED))
+        self._recall()
         return True
 
     def release(self) -> None:
@@ -700,9 +699,10 @@ class GroundStateCertificate:
         while len(self.memory) > self.settings.remembered_states:
             self.memory.pop(next(iter(self.memory)))
 
-    def _recall(self, skip: tuple[int, ...] = ()) -> None:
+    def _recall(self) -> None:
         """Back at a remembered S0: each competitor whose remembered reference (aged by the geometries since)
-        allows less than its carried gap takes it, except references carried in one of the ways `skip` names."""
+        allows less than its carried gap takes it; not a gap a move carried with a pair's coupling (COUPLED,
+        SCALED): its allowance sized that coupling, which is not remembered."""
         past = self.memory.pop(self._key(self.moments), None)
         if past is None:
             return
@@ -714,7 +714,7 @@ class GroundStateCertificate:
         kinds = self.kinds[now]
         carried = self._uncertainty(kinds, self.ages[now], self.slack[now])
         better = (~(self._uncertainty(kinds, ages, past.slack[then]) >= carried) | np.isnan(self.gaps[now])) \
-            & np.isfinite(past.gaps[then]) & ~np.isin(past.carried[then], skip)
+            & np.isfinite(past.gaps[then]) & ~np.isin(past.carried[then], (COUPLED, SCALED))
         now, then, ages = now[better], then[better], ages[better]
         self.gaps[now], self.minus_grads[now] = past.gaps[then], past.minus_grads[then]
         self.ages[now], self.slack[now], self.carried[now] = ages, past.slack[then], past.carried[then]
