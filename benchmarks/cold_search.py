@@ -39,6 +39,7 @@ SETTINGS = {
     "before: spin forces, population 16, patience 15": {"use_gradient": True, "population": 16, "patience": 15},
     "energy only, population 16, patience 15": {"use_gradient": False, "population": 16, "patience": 15},
     "long: population 32, patience 40": {"population": 32, "patience": 40},
+    "8 runs per cold search": {"cold_runs": 8},
 }
 
 

@@ -92,7 +92,8 @@ J_ij S_i S_j; erred 3 meV on that model).
 The moments of a near-degenerate landscape go back and forth between a few states. The certificate
 remembers the references of the last states it left (remembered_states): back at one of them, its
 competitors take their remembered references, aged by the geometries since, where those allow less
-than the carried gaps; a move across the gauge sector back to a state held a few steps before then
+than the carried gaps (not a gap a move carried with a pair's coupling, whose allowance sized that
+coupling); a move across the gauge sector back to a state held a few steps before then
 evaluates only what the allowance names, not every competitor of the other sector. A caller that jumps
 back to a remembered state, no move away (an explore member returning to a state it visited),
 `resume`s it: its competitors take their remembered references alone.
