@@ -23,6 +23,7 @@ from spingen.spin.certificate import (
     competitors,
     n_pair_moves,
     pair_moves,
+    state_key,
 )
 
 SYMBOLS8 = ["Ni", "Co", "Mn", "Ni", "Co", "Mn", "Ni", "Co"]
@@ -690,7 +691,7 @@ def test_a_resumed_state_is_not_forgotten_and_skips_gaps_carried_with_a_coupling
     pool = competitors(levels, a)
     assert cert.resume(a, pool)
     assert np.isnan(cert.gaps[0]) and np.all(np.isfinite(cert.gaps[1:]))
-    assert list(cert.memory) == [cert._key(b)]
+    assert list(cert.memory) == [state_key(b)]
 
 
 def test_a_certificate_absorbs_the_errors_another_one_measured():

@@ -333,7 +333,7 @@ class GroundStateCertificate:
             for end, ion in enumerate(np.flatnonzero(changed[c])):
                 state = moments.copy()
                 state[ion] = competitors[c, ion]
-                key = self._key(state)
+                key = state_key(state)
                 if key not in found:
                     found[key] = len(states)
                     states.append(state)
@@ -440,7 +440,7 @@ class GroundStateCertificate:
         """Hold `moments` again, a remembered state (not a move from S0): its `competitors` take their remembered
         references aged by the geometries since, those without one no gap (to_check names them). False where
         the state is not remembered (the caller evaluates every competitor)."""
-        key = self._key(moments)
+        key = state_key(moments)
         past = self.memory.pop(key, None)
         if past is None:
             return False
@@ -629,8 +629,8 @@ class GroundStateCertificate:
         values = list(zip(np.concatenate([[0.0], self.predicted_gaps(minus_grad_before)]),
                           np.concatenate([[0], self.ages]), np.concatenate([[0.0], slack]),
                           np.concatenate([[EVALUATED], self.carried])))
-        known = {self._key(-c): v for c, v in zip(states, values)} if symmetric else {}
-        known.update({self._key(c): v for c, v in zip(states, values)})
+        known = {state_key(-c): v for c, v in zip(states, values)} if symmetric else {}
+        known.update({state_key(c): v for c, v in zip(states, values)})
         moments = np.asarray(moments, dtype=float)
         competitors = np.asarray(competitors, dtype=float).reshape(-1, self.levels.n_magnetic)
         moved = self._cluster_gap(moments, old, known, symmetric)  # exact: `moments` is one of S0's competitors
@@ -692,9 +692,9 @@ class GroundStateCertificate:
         """Keep the held moments' references (the oldest remembered state is forgotten beyond the limit)."""
         if self.moments is None or not self.settings.remembered_states:
             return
-        key = self._key(self.moments)
+        key = state_key(self.moments)
         self.memory.pop(key, None)
-        self.memory[key] = _Remembered(self.clock, {self._key(c): i for i, c in enumerate(self.competitors)},
+        self.memory[key] = _Remembered(self.clock, {state_key(c): i for i, c in enumerate(self.competitors)},
                                        self.gaps.copy(), self.minus_grads.copy(), self.ages.copy(), self.slack.copy(),
                                        self.carried.copy())
         while len(self.memory) > self.settings.remembered_states:
@@ -704,10 +704,10 @@ class GroundStateCertificate:
         """Back at a remembered S0: each competitor whose remembered reference (aged by the geometries since)
         allows less than its carried gap takes it; not a gap a move carried with a pair's coupling (COUPLED,
         SCALED): its allowance sized that coupling, which is not remembered."""
-        past = self.memory.pop(self._key(self.moments), None)
+        past = self.memory.pop(state_key(self.moments), None)
         if past is None:
             return
-        found = [(i, past.index[k]) for i, k in enumerate(map(self._key, self.competitors)) if k in past.index]
+        found = [(i, past.index[k]) for i, k in enumerate(map(state_key, self.competitors)) if k in past.index]
         if not found:
             return
         now, then = (np.array(column) for column in zip(*found))
@@ -725,8 +725,8 @@ class GroundStateCertificate:
         """(E(state) - E(S0), the oldest age it rests on, the allowance it adds, how it was carried): S0's own
         gap for S0 and its competitors, else the expansion in S0's single- and two-ion gaps within S0's gauge
         sector; NaN when a gap it needs is not known or the expansion would cross into another sector."""
-        if self._key(state) in known:
-            return known[self._key(state)]
+        if state_key(state) in known:
+            return known[state_key(state)]
         if self.gauge is not None:  # expand within the gauge sector, where the energy is smooth
             base, state = old * self.sectors(old)[0], state * self.sectors(state)[0]
         else:
@@ -738,7 +738,7 @@ class GroundStateCertificate:
             row[ions[list(subset)]] = state[ions[list(subset)]]
         if np.any(self.sectors(partial) != self.sectors(base)[0]):
             return np.nan, 0, 0.0, EVALUATED
-        used = [known.get(self._key(p)) for p in partial]
+        used = [known.get(state_key(p)) for p in partial]
         if any(u is None for u in used):
             return np.nan, 0, 0.0, EVALUATED
         single = [u[0] for u in used[:len(ions)]]
@@ -773,7 +773,7 @@ class GroundStateCertificate:
         sectors = self.sectors(np.stack([old, moments, shifted, state]))
         if sectors[1] != sectors[0] or sectors[3] != sectors[2]:
             return np.nan, 0, 0.0, EVALUATED  # each pair in one gauge sector, where the energy is smooth
-        same = known.get(self._key(shifted))
+        same = known.get(state_key(shifted))
         if same is None:
             return np.nan, 0, 0.0, EVALUATED
         gap = moved[0] + same[0]
@@ -788,9 +788,6 @@ class GroundStateCertificate:
         slack = same[2] + moved[2] + (np.inf if error is None else error)
         return gap, max(same[1], moved[1]), float(slack), how
 
-    @staticmethod
-    def _key(moments: np.ndarray) -> bytes:
-        return state_key(moments)
 
 
 def state_key(moments: np.ndarray) -> bytes:

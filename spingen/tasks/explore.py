@@ -255,9 +255,10 @@ class MemberStates:
         """(energy, state, cert) at the end of member k's certified descent from start (energy, -dE/dS
         there); NaN energy where a member's energies are not finite. counted: cert has seen this geometry."""
         calc, levels, model = self.calc, self.calc.levels, self.models[k]
-        pool = calc.competitors(start)
+        held = cert.holds_for(start)
+        pool = None if held else calc.competitors(start)
         resumable = not counted and calc.certify is not None  # without a certificate: every competitor, every frame
-        if cert.holds_for(start) or (resumable and cert.resume(start, pool)):
+        if held or (resumable and cert.resume(start, pool)):
             # the exchanges' gaps follow their anchors' (spingen.spin.certificate); a state it visited before
             # is resumed from the references it left there
             indices = cert.to_check(minus_grad, partial(calc.anchor_gaps, model, start))
