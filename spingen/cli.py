@@ -258,8 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--batch-size", type=int, help="most configurations per model call (default: about 1024 "
                         "atoms, real and virtual, per call)")
     search.add_argument("--max-evaluations", type=int, help="stop the search after this many evaluations")
-    search.add_argument("--cold-runs", type=int, help="independent genetic runs, the lowest kept (default: 3 above "
-                        "16 searched ions without --max-evaluations, else 1)")
+    search.add_argument("--cold-runs", type=int, help="independent genetic runs, the lowest kept (default: above 16 "
+                        "searched ions without --max-evaluations 3, then more until two reach the lowest state, "
+                        "at most 8; else 1)")
     search.add_argument("--symmetrize", action="store_true",
                         help="search E_sym(S) = (E(S) + E(-S)) / 2 (models trained with spin/flip_symmetry none)")
     search.add_argument("-o", "--output", help="write the MAGMOM lines here (default: print them)")

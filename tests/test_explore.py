@@ -908,6 +908,7 @@ def test_stage_runs_through_dpdispatcher_and_resumes_after_a_kill(tmp_path, mode
     ({"fp_task_max_total": 0}, "fp_task_max_total"),
     ({"fp_spin_only_share": 1.5}, "fp_spin_only_share"),
     ({"model_devi_spin_search": {"cold_runs": 0}}, "model_devi_spin_search/cold_runs"),
+    ({"model_devi_spin_search": {"max_cold_runs": 0}}, "model_devi_spin_search/max_cold_runs"),
     ({"model_devi_spin_search": {"population": 1}}, "model_devi_spin_search/population"),
     ({"model_devi_spin_certify": {"margin": -0.1}}, "model_devi_spin_certify"),
     ({"model_devi_spin_certify": {"max_age": 0}}, "model_devi_spin_certify"),

@@ -47,8 +47,10 @@ class SearchSettings:
     cluster_rate: float = 0.3  # share of mutations that reverse a cluster (coupled under the surrogate, or a
     # domain of the model's nearest-neighbour graph)
     domain_reversals: bool = True  # reverse domains of the model's nearest-neighbour graph (EnergyModel.neighbours)
-    cold_runs: int | None = None  # independent GA runs of a cold search, the lowest kept; None: LARGE_COLD_RUNS
-    # above LARGE_CELL magnetic ions without max_evaluations, else 1
+    cold_runs: int | None = None  # independent GA runs of a cold search, the lowest kept; None: above LARGE_CELL
+    # magnetic ions without max_evaluations LARGE_COLD_RUNS, then one more at a time until two runs reach the
+    # lowest state or max_cold_runs ran; else 1
+    max_cold_runs: int = 8  # the most runs such a default cold search of a large cell makes
     oversample: int = 8  # offspring generated per population member before screening
     explore: float = 0.25  # share of each generation evaluated without regard to screening
     screen_sigmas: float = 3.0  # screening rules out only what is worse by this many errors
@@ -62,7 +64,7 @@ class SearchSettings:
 
     def __post_init__(self) -> None:
         for name in ("population", "max_generations", "patience", "warm_patience", "n_lowest", "cold_runs",
-                     "tournament_size", "oversample", "polish_batch", "chunk_size"):
+                     "max_cold_runs", "tournament_size", "oversample", "polish_batch", "chunk_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.population is not None and self.population < 2:
@@ -73,8 +75,8 @@ class SearchSettings:
 
 
 SEARCH_KEYS = tuple(f.name for f in fields(SearchSettings))  # the search's knobs
-LARGE_CELL = 16  # magnetic ions above which one cold GA run often ends in another basin (27 Ni: 4 of 16 runs
-LARGE_COLD_RUNS = 3  # > 100 meV/cell above the best seen; docs/benchmarks/spin_md.md, "The first search decides")
+LARGE_CELL = 16  # magnetic ions above which one cold GA run often ends in another basin (27 Ni: 57 of 80 runs
+LARGE_COLD_RUNS = 3  # > 5 meV/cell above the best seen; docs/benchmarks/spin_md.md, "Cold runs until two agree")
 SAME_RUN_ENERGY = 1e-6  # eV: two runs whose best energies are this close reached the same state
 
 
@@ -93,7 +95,7 @@ class SearchResult:
     method: str  # "enumeration" | "genetic"
     n_generations: int = 0  # summed over the runs of a best-of-runs cold search
     surrogate: PairSurrogate | None = field(default=None, repr=False, compare=False)
-    n_runs: int = 1  # independent GA runs of a cold search (cold_runs) it is the best of
+    n_runs: int = 1  # independent GA runs of a cold search (cold_runs, max_cold_runs) it is the best of
     run_energies: tuple[float, ...] = ()  # the best energy of each of those runs (several runs only)
 
     @property
@@ -116,8 +118,9 @@ def search_ground_state(model: EnergyModel, levels: MomentLevels, *, start: np.n
     (mu + lambda) elitism, greedy polish of every new best (single-ion moves and exchanges). Stops
     after `patience` generations without a new best (`warm_patience` with a start), max_generations
     or max_evaluations. A cold search (no start, no prior) runs cold_runs independent GAs and keeps
-    the lowest (default: 3 above 16 magnetic ions without max_evaluations, where one run often
-    settles in another basin; else 1); n_evaluations and n_generations are then summed over the runs.
+    the lowest (default: above 16 magnetic ions without max_evaluations, where one run often settles in
+    another basin, 3 runs, then one more at a time until two runs reach the lowest state or
+    max_cold_runs ran; else 1); n_evaluations and n_generations are then summed over the runs.
     start: moments (n_magnetic,) or (k, n_magnetic), snapped to the levels; prior: the result
     for a nearby geometry (its lowest configurations start too, its surrogate seeds the fit).
     known: evaluations already made at this geometry, (moments (k, n_magnetic), energies (k,),
@@ -134,10 +137,11 @@ def search_ground_state(model: EnergyModel, levels: MomentLevels, *, start: np.n
     if s.max_evaluations is None or levels.n_configurations <= s.max_evaluations:
         if levels.n_configurations <= s.enumerate_limit:
             return _enumerate(model, levels, s.n_lowest, s.chunk_size)
-    large = levels.n_magnetic > LARGE_CELL and s.max_evaluations is None
-    runs = (s.cold_runs or (LARGE_COLD_RUNS if large else 1)) if cold else 1
+    runs, most = _cold_runs(s, levels) if cold else (1, 1)
     results: list[SearchResult] = []
-    for run in range(runs):  # with max_evaluations, each run gets an equal part of what is left
+    for run in range(most):  # with max_evaluations (runs == most), each run gets an equal part of what is left
+        if run >= runs and _best_of(results, s.n_lowest).runs_at_best >= 2:
+            break
         budget = (None if s.max_evaluations is None
                   else (s.max_evaluations - sum(r.n_evaluations for r in results)) // (runs - run))
         if budget is not None and budget < 1:
@@ -145,6 +149,15 @@ def search_ground_state(model: EnergyModel, levels: MomentLevels, *, start: np.n
         rng = np.random.default_rng(seed if run == 0 else [seed, run])  # run 0 draws what a single run draws
         results.append(_genetic(model, levels, start, prior, known, rng, replace(s, max_evaluations=budget)))
     return results[0] if len(results) == 1 else _best_of(results, s.n_lowest)
+
+
+def _cold_runs(s: SearchSettings, levels: MomentLevels) -> tuple[int, int]:
+    """(runs a cold search makes, the most it makes while fewer than two of them reach its lowest state)."""
+    if s.cold_runs:
+        return s.cold_runs, s.cold_runs
+    if levels.n_magnetic > LARGE_CELL and s.max_evaluations is None:
+        return min(LARGE_COLD_RUNS, s.max_cold_runs), s.max_cold_runs
+    return 1, 1
 
 
 def _genetic(model: EnergyModel, levels: MomentLevels, start: np.ndarray | None, prior: SearchResult | None,
