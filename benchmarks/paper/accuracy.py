@@ -123,7 +123,7 @@ def prepare(name: str, root: Path, train_system: Path, spin_on: bool, eta: float
 
     spin = SpinSettings(spin_on, magnetic, eta, offset, "auto", 0.05, symmetry)
     folder = root / name
-    staging = root / f".{name}.new"
+    staging = root / f".{name}.new.{os.getpid()}"  # benchmarks run side by side stage apart
     if staging.exists():
         shutil.rmtree(staging)
     written = write_training_data([train_system], staging / "data", type_map, spin)
