@@ -208,8 +208,8 @@ class SpinModelCalculator(Calculator):
             above = sorted(1000.0 * (e - result.best_energy) for e in result.run_energies if np.isfinite(e))[1:]
             log.warning("cold spin search: 1 of its %d runs reached its lowest state (the others %s meV per cell "
                         "higher), so the start moments may not be the ground state; give them (initial_magmoms of "
-                        "the start structure) or raise the search's cold_runs or max_cold_runs (model_devi_spin_search)",
-                        result.n_runs, ", ".join(f"{e:.1f}" for e in above))
+                        "the start structure) or raise the search's max_cold_runs, or set cold_runs above %d "
+                        "(model_devi_spin_search)", result.n_runs, ", ".join(f"{e:.1f}" for e in above), result.n_runs)
 
     def _reoptimize(self, atoms, searched: bool = False) -> bool:
         """The re-optimizing step after the evaluation at the current moments: certified, checked against

@@ -168,7 +168,8 @@ def test_a_cold_start_whose_runs_disagree_is_reported(dps, caplog):
         result = atoms.calc.last_search
         warnings.append([r.getMessage() for r in caplog.records if "cold spin search" in r.getMessage()])
         assert result.n_runs == 3 and (result.runs_at_best < 2) == bool(warnings[-1])
-    assert warnings[0] and "initial_magmoms" in warnings[0][0] and "cold_runs" in warnings[0][0]
+    assert warnings[0] and "initial_magmoms" in warnings[0][0] and "max_cold_runs" in warnings[0][0]
+    assert "cold_runs above 3" in warnings[0][0]
     assert not warnings[1]
 
 

@@ -252,6 +252,9 @@ def test_large_cold_searches_keep_the_best_of_independent_runs():
     first = search_ground_state(rec, levels, seed=0, max_evaluations=100, cold_runs=1, **short)
     assert split.n_evaluations <= 300 and all(np.array_equal(a, b) for a, b in zip(rec.seen, budgeted.seen))
     assert split.n_evaluations > first.n_evaluations
+    assert search_ground_state(model, levels, seed=0, max_evaluations=300, **short).n_runs == 1
+    assert search_ground_state(model, levels, seed=3, max_cold_runs=2, **short).n_runs == 2  # fewer than 3 allowed
+    assert search_ground_state(model, levels, seed=3, cold_runs=4, max_cold_runs=8, **short).n_runs == 4  # exactly
     small = search_ground_state(model8(3), MomentLevels(MAGS8, SYMBOLS8), seed=0, enumerate_limit=0, **short)
     assert small.n_evaluations == search_ground_state(model8(3), MomentLevels(MAGS8, SYMBOLS8), seed=0,
                                                       enumerate_limit=0, cold_runs=1, **short).n_evaluations

@@ -50,7 +50,8 @@ class SearchSettings:
     cold_runs: int | None = None  # independent GA runs of a cold search, the lowest kept; None: above LARGE_CELL
     # magnetic ions without max_evaluations LARGE_COLD_RUNS, then one more at a time until two runs reach the
     # lowest state or max_cold_runs ran; else 1
-    max_cold_runs: int = 8  # the most runs such a default cold search of a large cell makes
+    max_cold_runs: int | None = None  # the most runs such a default cold search of a large cell makes; None:
+    # LARGE_MAX_COLD_RUNS
     oversample: int = 8  # offspring generated per population member before screening
     explore: float = 0.25  # share of each generation evaluated without regard to screening
     screen_sigmas: float = 3.0  # screening rules out only what is worse by this many errors
@@ -77,6 +78,7 @@ class SearchSettings:
 SEARCH_KEYS = tuple(f.name for f in fields(SearchSettings))  # the search's knobs
 LARGE_CELL = 16  # magnetic ions above which one cold GA run often ends in another basin (27 Ni: 57 of 80 runs
 LARGE_COLD_RUNS = 3  # > 5 meV/cell above the best seen; docs/benchmarks/spin_md.md, "Cold runs until two agree")
+LARGE_MAX_COLD_RUNS = 8
 SAME_RUN_ENERGY = 1e-6  # eV: two runs whose best energies are this close reached the same state
 
 
@@ -142,8 +144,8 @@ def search_ground_state(model: EnergyModel, levels: MomentLevels, *, start: np.n
     for run in range(most):  # with max_evaluations (runs == most), each run gets an equal part of what is left
         if run >= runs and _best_of(results, s.n_lowest).runs_at_best >= 2:
             break
-        budget = (None if s.max_evaluations is None
-                  else (s.max_evaluations - sum(r.n_evaluations for r in results)) // (runs - run))
+        budget = (None if s.max_evaluations is None  # (with a budget every run is made: runs == most)
+                  else (s.max_evaluations - sum(r.n_evaluations for r in results)) // (most - run))
         if budget is not None and budget < 1:
             break
         rng = np.random.default_rng(seed if run == 0 else [seed, run])  # run 0 draws what a single run draws
@@ -156,7 +158,8 @@ def _cold_runs(s: SearchSettings, levels: MomentLevels) -> tuple[int, int]:
     if s.cold_runs:
         return s.cold_runs, s.cold_runs
     if levels.n_magnetic > LARGE_CELL and s.max_evaluations is None:
-        return min(LARGE_COLD_RUNS, s.max_cold_runs), s.max_cold_runs
+        most = s.max_cold_runs or LARGE_MAX_COLD_RUNS
+        return min(LARGE_COLD_RUNS, most), most
     return 1, 1
 
 
