@@ -78,7 +78,7 @@ class SearchSettings:
 SEARCH_KEYS = tuple(f.name for f in fields(SearchSettings))  # the search's knobs
 LARGE_CELL = 16  # magnetic ions above which one cold GA run often ends in another basin (27 Ni: 57 of 80 runs
 LARGE_COLD_RUNS = 3  # > 5 meV/cell above the best seen; docs/benchmarks/spin_md.md, "Cold runs until two agree")
-LARGE_MAX_COLD_RUNS = 8
+LARGE_MAX_COLD_RUNS = 8  # and then more, one at a time, up to this many while no two reach the lowest state
 SAME_RUN_ENERGY = 1e-6  # eV: two runs whose best energies are this close reached the same state
 
 
@@ -144,7 +144,7 @@ def search_ground_state(model: EnergyModel, levels: MomentLevels, *, start: np.n
     for run in range(most):  # with max_evaluations (runs == most), each run gets an equal part of what is left
         if run >= runs and _best_of(results, s.n_lowest).runs_at_best >= 2:
             break
-        budget = (None if s.max_evaluations is None  # (with a budget every run is made: runs == most)
+        budget = (None if s.max_evaluations is None
                   else (s.max_evaluations - sum(r.n_evaluations for r in results)) // (most - run))
         if budget is not None and budget < 1:
             break
