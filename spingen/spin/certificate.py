@@ -789,7 +789,6 @@ class GroundStateCertificate:
         return gap, max(same[1], moved[1]), float(slack), how
 
 
-
 def state_key(moments: np.ndarray) -> bytes:
     """A configuration's key in a dict of states (moments rounded to 1e-6 uB)."""
     return (np.round(np.asarray(moments, dtype=float), 6) + 0.0).tobytes()  # + 0.0: -0.0 is 0.0
